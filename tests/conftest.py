@@ -1,0 +1,56 @@
+"""Shared fixtures: a small generated demo dataset and a tiny proxy built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_generator_settings(records: int = 240, per_type: int = 4, seed: int = 3) -> dict:
+    settings = yaml.safe_load((REPO / "resources/demo/generator.yaml").read_text())
+    settings["seed"] = seed
+    settings["train"]["records"] = records
+    settings["test"]["per_type"] = per_type
+    return settings
+
+
+@pytest.fixture(scope="session")
+def small_demo(tmp_path_factory) -> dict:
+    """A generated demo dataset of 240 training records: paths to its annotations and images."""
+    from xmas.demo import generate
+    from xmas.stage import StageStats
+
+    root = tmp_path_factory.mktemp("demo")
+    paths = {"train": root / "train.json", "test": root / "test.json", "images": root / "images"}
+    generate(small_generator_settings(), paths["train"], paths["test"], paths["images"], StageStats("test"))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def small_examples(small_demo, tmp_path_factory) -> Path:
+    from xmas.io import write_parquet
+    from xmas.prepare import prepare
+    from xmas.stage import StageStats
+
+    out = tmp_path_factory.mktemp("data") / "examples.parquet"
+    write_parquet(prepare(small_demo["train"], small_demo["images"], 1, True, 2, StageStats("test")), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(small_demo, small_examples, tmp_path_factory) -> Path:
+    """Checkpoint 0 of the demo-tiny proxy for the small dataset."""
+    from xmas.proxy import init_proxy, load_presets
+    from xmas.stage import StageStats
+
+    out = tmp_path_factory.mktemp("proxy") / "checkpoint-0"
+    init_proxy("demo-tiny", load_presets(), small_examples, small_demo["train"], out, 0, StageStats("test"))
+    return out

@@ -1,0 +1,103 @@
+"""Trajectory shards: sharding, resumable part files, and the merge's completeness check."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from xmas import trajectory
+from xmas.errors import XmasError
+from xmas.merge import merge
+from xmas.stage import StageStats
+from xmas.trajectory import extract_shard, shard_slice, usable_image_examples
+
+SETTINGS = {"layers": None, "head_reduce": "sum", "layer_reduce": "sum", "batch_size": 8, "chunk_size": 16,
+            "top_k": 5, "max_length": None}
+
+
+def test_shards_partition_the_usable_image_examples(small_examples):
+    usable = usable_image_examples(small_examples)
+    shards = [shard_slice(usable, s, 3) for s in range(3)]
+    assert pd.concat(shards).uid.tolist() == usable.uid.tolist()
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(XmasError, match="--shard must be in 0..2"):
+        shard_slice(usable, 3, 3)
+
+
+def run_shard(tiny_checkpoint, small_demo, shard, out, stats=None, settings=SETTINGS):
+    stats = stats or StageStats("t")
+    extract_shard(tiny_checkpoint, 1, shard, small_demo["train"], small_demo["images"], out, settings, stats)
+    return stats
+
+
+@pytest.fixture(scope="module")
+def shard(small_examples):
+    return shard_slice(usable_image_examples(small_examples), 0, 4)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiny_checkpoint, small_demo, shard, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "shard-0.parquet"
+    run_shard(tiny_checkpoint, small_demo, shard, out)
+    return pq.read_table(out).to_pandas()
+
+
+def test_shard_file_has_one_row_per_example(clean_run, shard):
+    assert clean_run.uid.tolist() == shard.uid.tolist()
+    assert (clean_run.checkpoint == 1).all()
+    assert list(clean_run.columns) == ["uid", "checkpoint", "sv1", "sv2", "sv3", "sv4", "sv5"]
+    assert (clean_run.sv1 > 0).all() and (clean_run.sv1 >= clean_run.sv2).all()
+
+
+def test_a_crashed_shard_resumes_without_recomputing_finished_rows(
+        tiny_checkpoint, small_demo, shard, clean_run, tmp_path, monkeypatch):
+    out = tmp_path / "shard-0.parquet"
+    real_extract, calls = trajectory.extract_chunk, []
+
+    def crash_on_third_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(trajectory, "extract_chunk", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(tiny_checkpoint, small_demo, shard, out)
+    assert not out.exists()
+    assert sorted(p.name for p in out.with_name(out.name + ".parts").glob("part-*")) == ["part-00000.parquet",
+                                                                                         "part-00001.parquet"]
+    monkeypatch.setattr(trajectory, "extract_chunk", real_extract)
+    stats = run_shard(tiny_checkpoint, small_demo, shard, out)
+    assert stats.counts["resumed_rows"] == 32
+    assert stats.counts["computed_rows"] == len(shard) - 32
+    pd.testing.assert_frame_equal(pq.read_table(out).to_pandas(), clean_run)
+    assert not out.with_name(out.name + ".parts").exists()
+
+
+def test_parts_from_other_settings_are_not_reused(tiny_checkpoint, small_demo, shard, tmp_path, monkeypatch):
+    out = tmp_path / "shard-0.parquet"
+    parts = out.with_name(out.name + ".parts")
+    monkeypatch.setattr(trajectory, "extract_chunk", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "top_k": 3})
+    (parts / "part-00000.parquet").write_bytes(b"stale")  # as if left by a run with top_k 3
+    monkeypatch.undo()
+    stats = run_shard(tiny_checkpoint, small_demo, shard, out)
+    assert stats.counts["resumed_rows"] == 0 and stats.counts["computed_rows"] == len(shard)
+
+
+def test_merge_names_missing_examples_and_their_shards(tiny_checkpoint, small_demo, small_examples, tmp_path):
+    usable = usable_image_examples(small_examples)
+    files = []
+    for s in range(2):
+        files.append(tmp_path / f"shard-{s}.parquet")
+        run_shard(tiny_checkpoint, small_demo, shard_slice(usable, s, 2), files[-1])
+    merged = merge(files, small_examples, 1, 2, StageStats("t")).to_pandas()
+    assert merged.uid.tolist() == usable.uid.tolist()
+    with pytest.raises(XmasError) as caught:
+        merge(files[:1], small_examples, 1, 2, StageStats("t"))
+    message = str(caught.value)
+    assert "checkpoint 1" in message and "shards [1]" in message and shard_slice(usable, 1, 2).uid.iloc[0] in message
+    with pytest.raises(XmasError, match="checkpoint 2: .* missing"):
+        merge(files, small_examples, 2, 2, StageStats("t"))

@@ -1,0 +1,34 @@
+# Data: the generated demo dataset, then validation into results/data/examples.parquet.
+
+
+rule demo_data:
+    input:
+        settings=DATASET.get("demo", "resources/demo/generator.yaml"),
+    output:
+        train="results/demo/train.json",
+        test="results/demo/test.json",
+        images=directory("results/demo/images"),
+    log:
+        log="logs/demo_data.log",
+        stats="logs/stats/demo_data.json",
+    shell:
+        "xmas demo-data --settings {input.settings} --train-json {output.train} --test-json {output.test}"
+        " --image-root {output.images} --stats {log.stats} 2> {log.log}"
+
+
+rule prepare:
+    input:
+        annotations=ANNOTATIONS,
+        images=IMAGE_INPUT,
+    output:
+        EXAMPLES,
+    params:
+        image_root=IMAGE_ROOT,
+        options=flags(DATASET, "check_images", "max_images"),
+    threads: 2
+    log:
+        log="logs/prepare.log",
+        stats="logs/stats/prepare.json",
+    shell:
+        "xmas prepare --annotations {input.annotations} --image-root {params.image_root} --out {output}"
+        " {params.options} --workers {threads} --stats {log.stats} 2> {log.log}"

@@ -1,0 +1,44 @@
+# The proxy: checkpoint 0 from a preset or model, then a chain of training segments 1..C.
+# Each segment resumes from the previous checkpoint, so trajectory jobs of checkpoint c can
+# start while segment c+1 trains.
+
+
+rule proxy_init:
+    input:
+        examples=EXAMPLES,
+        annotations=ANNOTATIONS,
+    output:
+        directory(checkpoint_dir(0)),
+    params:
+        proxy=config["proxy"],
+        seed=TRAINING["seed"],
+    log:
+        log="logs/proxy/checkpoint-0.log",
+        stats="logs/stats/proxy/checkpoint-0.json",
+    shell:
+        "xmas proxy-init --proxy {params.proxy} --examples {input.examples} --annotations {input.annotations}"
+        " --out {output} --seed {params.seed} --stats {log.stats} 2> {log.log}"
+
+
+rule train_segment:
+    input:
+        previous=lambda w: checkpoint_dir(int(w.checkpoint) - 1),
+        examples=EXAMPLES,
+        annotations=ANNOTATIONS,
+        images=IMAGE_INPUT,
+    output:
+        directory(checkpoint_dir("{checkpoint}")),
+    params:
+        image_root=IMAGE_ROOT,
+        checkpoints=CHECKPOINTS,
+        options=flags(TRAINING, "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
+                      "max_grad_norm", "max_length", "freeze_vision_tower", "seed"),
+    threads: TRAINING["threads"]
+    log:
+        log="logs/proxy/checkpoint-{checkpoint}.log",
+        stats="logs/stats/proxy/checkpoint-{checkpoint}.json",
+    shell:
+        "xmas train-segment --checkpoint {wildcards.checkpoint} --checkpoints {params.checkpoints}"
+        " --previous {input.previous} --out {output} --examples {input.examples}"
+        " --annotations {input.annotations} --image-root {params.image_root} {params.options}"
+        " --threads {threads} --stats {log.stats} 2> {log.log}"

@@ -1,0 +1,46 @@
+# Trajectories: one job per (checkpoint, shard), then a merge that checks completeness.
+
+
+rule trajectory:
+    input:
+        model=checkpoint_dir("{checkpoint}"),
+        examples=EXAMPLES,
+        annotations=ANNOTATIONS,
+        images=IMAGE_INPUT,
+    output:
+        "results/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
+    params:
+        image_root=IMAGE_ROOT,
+        shards=SHARDS,
+        options=flags(TRAJECTORY, "top_k", "layers", "head_reduce", "layer_reduce", "batch_size",
+                      "chunk_size", "max_length"),
+    threads: TRAJECTORY["threads"]
+    log:
+        log="logs/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
+        stats="logs/stats/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",
+    shell:
+        "xmas trajectory --model {input.model} --checkpoint {wildcards.checkpoint} --shard {wildcards.shard}"
+        " --shards {params.shards} --examples {input.examples} --annotations {input.annotations}"
+        " --image-root {params.image_root} --out {output} {params.options} --threads {threads}"
+        " --stats {log.stats} 2> {log.log}"
+
+
+rule merge:
+    input:
+        shards=expand(
+            "results/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
+            checkpoint=range(1, CHECKPOINTS + 1),
+            shard=range(SHARDS),
+        ),
+        examples=EXAMPLES,
+    output:
+        "results/trajectories.parquet",
+    params:
+        checkpoints=CHECKPOINTS,
+        shards=SHARDS,
+    log:
+        log="logs/merge.log",
+        stats="logs/stats/merge.json",
+    shell:
+        "xmas merge {input.shards} --examples {input.examples} --checkpoints {params.checkpoints}"
+        " --shards {params.shards} --out {output} --stats {log.stats} 2> {log.log}"

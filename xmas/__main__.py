@@ -1,0 +1,3 @@
+from xmas.cli import main
+
+raise SystemExit(main())

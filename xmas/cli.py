@@ -1,0 +1,90 @@
+"""``xmas <stage>``: every workflow rule is one call of one of these stages."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import importlib
+import sys
+import textwrap
+
+from xmas import __version__
+from xmas.errors import XmasError
+from xmas.stage import setup_logging
+
+# stage name -> (module, one-line summary, example). Modules import lazily: torch is slow to load.
+STAGES = {
+    "demo-data": ("xmas.demo", "generate the embedded demo dataset",
+                  "xmas demo-data --settings resources/demo/generator.yaml --train-json results/demo/train.json "
+                  "--test-json results/demo/test.json --image-root results/demo/images"),
+    "prepare": ("xmas.prepare", "validate the annotations, write results/data/examples.parquet",
+                "xmas prepare --annotations data/llava.json --image-root data/images --out results/data/examples.parquet"),
+    "proxy-init": ("xmas.proxy", "build the proxy (checkpoint 0) from a preset or a model path",
+                   "xmas proxy-init --proxy demo-tiny --examples results/data/examples.parquet "
+                   "--annotations results/demo/train.json --out results/proxy/checkpoint-0"),
+    "train-segment": ("xmas.train", "train the proxy from checkpoint c-1 to checkpoint c",
+                      "xmas train-segment --checkpoint 1 --checkpoints 5 --previous results/proxy/checkpoint-0 "
+                      "--out results/proxy/checkpoint-1 --examples results/data/examples.parquet "
+                      "--annotations results/demo/train.json --image-root results/demo/images"),
+    "trajectory": ("xmas.trajectory", "top-k singular values of text-to-image attention, one shard of one checkpoint",
+                   "xmas trajectory --model results/proxy/checkpoint-1 --checkpoint 1 --shard 0 --shards 2 "
+                   "--examples results/data/examples.parquet --annotations results/demo/train.json "
+                   "--image-root results/demo/images --out results/trajectories/checkpoint-1/shard-0.parquet"),
+    "merge": ("xmas.merge", "merge the shards into results/trajectories.parquet, checking completeness",
+              "xmas merge --examples results/data/examples.parquet --checkpoints 5 --out results/trajectories.parquet "
+              "results/trajectories/checkpoint-*/shard-*.parquet"),
+    "cluster": ("xmas.cluster", "stability and k-means clusters of the trajectories",
+                "xmas cluster --examples results/data/examples.parquet --trajectories results/trajectories.parquet "
+                "--out results/selection/clusters.parquet"),
+    "sample": ("xmas.sample", "pick a subset for a budget (xmas balanced sampling or a baseline)",
+               "xmas sample --method xmas --budget 0.5 --examples results/data/examples.parquet "
+               "--clusters results/selection/clusters.parquet --annotations results/demo/train.json "
+               "--out results/subset_0.5.json"),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    parser = argparse.ArgumentParser(
+        prog="xmas",
+        description="XMAS data selection for vision-language instruction tuning. Each stage is one step of the "
+        "Snakemake workflow; run `snakemake results/subset_0.5.json` for the whole pipeline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `xmas <stage> --help` for a stage's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"xmas {__version__}")
+    subparsers = parser.add_subparsers(dest="stage", metavar="<stage>")
+    stage_parsers = {}
+    for name, (_, summary, example) in STAGES.items():
+        stage_parsers[name] = subparsers.add_parser(
+            name,
+            help=summary,
+            description=summary[0].upper() + summary[1:] + ".",
+            epilog="example:\n" + textwrap.indent(textwrap.fill(example, 100, subsequent_indent="    "), "  "),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        stage_parsers[name].add_argument("--stats", help="write the stage's counts (in, out, excluded) as JSON here")
+        stage_parsers[name].add_argument("--verbose", action="store_true", help="debug logging")
+    return parser, stage_parsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not sys.stderr.isatty():  # log files (Snakemake, Slurm) get no carriage-return progress bars
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    parser, stage_parsers = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    name = argv[0] if argv and argv[0] in STAGES else None
+    if name is not None:
+        module = importlib.import_module(STAGES[name][0])
+        module.add_arguments(stage_parsers[name])
+    args = parser.parse_args(argv)
+    if args.stage is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose)
+    try:
+        module.run(args)
+    except XmasError as error:
+        logging.getLogger("xmas").error("%s failed: %s", args.stage, error)
+        return 1
+    return 0

@@ -1,0 +1,107 @@
+"""Stability and k-means clusters of the trajectories (``results/selection/clusters.parquet``).
+
+The trajectory of an example is its feature over checkpoints 1..C (default: the sum of its
+top-k singular values); stability is Σ_t |x(t) − x(t−1)|, lower meaning more stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xmas.errors import XmasError
+from xmas.io import write_parquet
+from xmas.stage import StageStats
+
+FEATURES = ("sum_topk", "sv1", "all")
+TEXT_ONLY = -1
+
+
+def trajectory_tensor(trajectories: pd.DataFrame, uids: list[str]) -> np.ndarray:
+    """(examples, checkpoints, k) array in the order of ``uids``."""
+    value_columns = sorted((c for c in trajectories.columns if c.startswith("sv")), key=lambda c: int(c[2:]))
+    wide = trajectories.pivot(index="uid", columns="checkpoint", values=value_columns)
+    missing = set(uids) - set(wide.index)
+    if missing:
+        raise XmasError(f"trajectories lack {len(missing)} usable image examples, e.g. {sorted(missing)[:5]}")
+    wide = wide.loc[uids]
+    array = np.stack([wide[column].to_numpy() for column in value_columns], axis=-1)  # (n, C, k)
+    if np.isnan(array).any():
+        raise XmasError("trajectories have gaps: some (example, checkpoint) pairs have no value")
+    return array.astype(np.float32)
+
+
+def feature_of(values: np.ndarray, feature: str) -> np.ndarray:
+    """(examples, checkpoints, dims) feature per checkpoint."""
+    if feature == "sum_topk":
+        return values.sum(axis=2, keepdims=True)
+    if feature == "sv1":
+        return values[:, :, :1]
+    if feature == "all":
+        return values
+    raise XmasError(f"feature must be one of {FEATURES}, got {feature!r}")
+
+
+def stability(features: np.ndarray) -> np.ndarray:
+    return np.abs(np.diff(features.astype(np.float64), axis=1)).sum(axis=(1, 2))
+
+
+def default_clusters(n: int) -> int:
+    """About √n clusters, at most 1000 (the paper's K for LLaVA-665k)."""
+    return max(1, min(1000, round(math.sqrt(n))))
+
+
+def kmeans(points: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # one thread: the same input gives the same clusters, bit for bit
+    points = np.ascontiguousarray(points, dtype=np.float32)
+    model = faiss.Kmeans(points.shape[1], k, niter=iterations, seed=seed, verbose=False, min_points_per_centroid=1)
+    model.train(points)
+    _, labels = model.index.search(points, 1)
+    return labels[:, 0].astype(np.int32)
+
+
+def cluster(examples: Path, trajectories: Path, settings: dict, stats: StageStats) -> pd.DataFrame:
+    table = pd.read_parquet(examples, columns=["uid", "index", "has_image", "status"])
+    usable = table[table.status == "ok"].sort_values("index")
+    images = usable[usable.has_image]
+    features = feature_of(trajectory_tensor(pd.read_parquet(trajectories), list(images.uid)), settings["feature"])
+    k = settings["clusters"]
+    k = default_clusters(len(images)) if k == "auto" else min(int(k), len(images))
+    labels = kmeans(features.reshape(len(images), -1), k, settings["iterations"], settings["seed"]) if len(images) else []
+    result = usable[["uid"]].assign(cluster=np.int32(TEXT_ONLY), stability=np.nan)
+    result.loc[usable.has_image.to_numpy(), "cluster"] = labels
+    result.loc[usable.has_image.to_numpy(), "stability"] = stability(features)
+    sizes = np.bincount(labels, minlength=k) if len(images) else np.array([0])
+    stats.add("in", len(table))
+    stats.add("image_examples", len(images))
+    stats.add("text_only", len(usable) - len(images))
+    stats.add("out", len(result))
+    stats.set("clusters", k)
+    stats.set("cluster_size", {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())})
+    return result.astype({"cluster": "int32", "stability": "float64"})
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--examples", required=True, type=Path, help="examples.parquet from `xmas prepare`")
+    parser.add_argument("--trajectories", required=True, type=Path, help="merged trajectories parquet")
+    parser.add_argument("--out", required=True, type=Path, help="clusters parquet to write")
+    parser.add_argument("--clusters", default="auto", help="K for k-means, or 'auto' (≈√n, at most 1000)")
+    parser.add_argument("--feature", choices=FEATURES, default="sum_topk",
+                        help="per-checkpoint feature: sum of the top-k values (paper), the top one, or all k")
+    parser.add_argument("--iterations", type=int, default=20, help="k-means iterations")
+    parser.add_argument("--seed", type=int, default=0, help="k-means seed")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.clusters != "auto" and not (args.clusters.isdigit() and int(args.clusters) > 0):
+        raise XmasError(f"--clusters must be a positive integer or 'auto', got {args.clusters!r}")
+    stats = StageStats("cluster")
+    settings = {"clusters": args.clusters, "feature": args.feature, "iterations": args.iterations, "seed": args.seed}
+    write_parquet(cluster(args.examples, args.trajectories, settings, stats), args.out)
+    stats.finish(args.stats)

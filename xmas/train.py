@@ -1,0 +1,150 @@
+"""One segment of proxy training: resume from the previous checkpoint, train to checkpoint c, save.
+
+The step schedule, learning-rate schedule and data order are functions of the settings and
+the global step alone, and the optimizer and scheduler state travel in every checkpoint, so a
+chain of segments gives the same weights as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmas.encoding import ConversationEncoder
+from xmas.errors import XmasError
+from xmas.io import atomic_path
+from xmas.proxy import load_checkpoint, training_records
+from xmas.stage import StageStats, progress
+
+STATE_FILE = "training_state.pt"
+SCHEDULE_KEYS = ("records", "epochs", "batch_size", "checkpoints", "seed", "learning_rate", "weight_decay",
+                 "warmup_ratio", "max_grad_norm", "freeze_vision_tower", "max_length")
+
+
+def steps_per_epoch(records: int, batch_size: int) -> int:
+    return math.ceil(records / batch_size)
+
+
+def checkpoint_step(checkpoint: int, settings: dict) -> int:
+    """The global step at which checkpoint ``checkpoint`` (1..C) is written; C is the last step."""
+    total = settings["epochs"] * steps_per_epoch(settings["records"], settings["batch_size"])
+    return round(checkpoint * total / settings["checkpoints"])
+
+
+def batch_indices(step: int, settings: dict) -> np.ndarray:
+    """Record positions of global step ``step``: a seeded permutation per epoch, cut into batches."""
+    per_epoch = steps_per_epoch(settings["records"], settings["batch_size"])
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([settings["seed"], epoch]).permutation(settings["records"])
+    return order[offset * settings["batch_size"] : (offset + 1) * settings["batch_size"]]
+
+
+def trainable_parameters(model, freeze_vision_tower: bool) -> list[torch.nn.Parameter]:
+    vision = getattr(getattr(model, "model", model), "vision_tower", None)
+    if freeze_vision_tower and vision is not None:
+        vision.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model, settings: dict, total_steps: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    parameters = trainable_parameters(model, settings["freeze_vision_tower"])
+    optimizer = torch.optim.AdamW(parameters, lr=settings["learning_rate"], weight_decay=settings["weight_decay"])
+    warmup = math.ceil(settings["warmup_ratio"] * total_steps)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def load_state(previous: Path, settings: dict) -> dict | None:
+    """The previous segment's training state, checked against the current settings (None at checkpoint 0)."""
+    path = previous / STATE_FILE
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    changed = {key: (state["settings"].get(key), settings[key]) for key in SCHEDULE_KEYS
+               if state["settings"].get(key) != settings[key]}
+    if changed:
+        detail = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise XmasError(f"{previous} was trained with other settings ({detail}); "
+                        "delete the proxy checkpoints to train again from checkpoint 0")
+    return state
+
+
+def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, examples: Path, annotations: Path,
+                  image_root: Path, stats: StageStats) -> None:
+    records = training_records(examples, annotations)
+    settings = {**settings, "records": len(records)}
+    if not records:
+        raise XmasError(f"{examples}: no usable records to train on")
+    model, processor = load_checkpoint(previous)
+    encoder = ConversationEncoder(processor, image_root, settings["max_length"])
+    total = checkpoint_step(settings["checkpoints"], settings)
+    start, stop = 0, checkpoint_step(checkpoint, settings)
+    optimizer, scheduler = make_optimizer(model, settings, total)
+    state = load_state(previous, settings)
+    if state is not None:
+        start = state["step"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    if start > stop:
+        raise XmasError(f"{previous} is at step {start}, past checkpoint {checkpoint} (step {stop})")
+    model.train()
+    losses = []
+    for step in progress(range(start, stop), total=stop - start, desc=f"train to checkpoint {checkpoint}", unit="step"):
+        batch = encoder([records[i] for i in batch_indices(step, settings)])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), settings["max_grad_norm"])
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(round(loss.item(), 6))
+    stats.add("steps", stop - start)
+    stats.add("records", len(records))
+    stats.set("step", stop)
+    stats.set("total_steps", total)
+    stats.set("mean_loss", round(float(np.mean(losses)), 6) if losses else None)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        torch.save({"step": stop, "settings": settings, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict()}, tmp / STATE_FILE)
+        (tmp / "training_log.json").write_text(json.dumps({"first_step": start, "losses": losses}) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--previous", required=True, type=Path, help="checkpoint to resume from (checkpoint-{c-1})")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (checkpoint-{c})")
+    parser.add_argument("--checkpoint", required=True, type=int, help="c: which checkpoint this segment ends at (1..C)")
+    parser.add_argument("--checkpoints", required=True, type=int, help="C: number of checkpoints over the whole run")
+    parser.add_argument("--examples", required=True, type=Path, help="examples.parquet from `xmas prepare`")
+    parser.add_argument("--annotations", required=True, type=Path, help="the source annotation JSON")
+    parser.add_argument("--image-root", required=True, type=Path, help="folder the image paths are relative to")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--warmup-ratio", type=float, default=0.03)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--max-length", type=int, default=None, help="truncate longer conversations (tokens)")
+    parser.add_argument("--freeze-vision-tower", action=argparse.BooleanOptionalAction, default=True,
+                        help="train only projector and language model, as in the paper (default on)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> None:
+    if not 1 <= args.checkpoint <= args.checkpoints:
+        raise XmasError(f"--checkpoint must be in 1..{args.checkpoints}, got {args.checkpoint}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    stats = StageStats(f"train-segment {args.checkpoint}")
+    settings = {key: getattr(args, key) for key in SCHEDULE_KEYS if key != "records"}
+    train_segment(args.previous, args.out, args.checkpoint, settings, args.examples, args.annotations,
+                  args.image_root, stats)
+    stats.finish(args.stats)
