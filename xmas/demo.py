@@ -120,9 +120,10 @@ class Example:
             if position == 0 and image is not None:
                 prompt = f"<image>\n{prompt}" if image_first else f"{prompt}\n<image>"
             conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
-        record = {"id": record_id, "conversations": conversations, "question_type": self.question_type}
-        if image is not None:
-            record = {"id": record_id, "image": image, **{k: v for k, v in record.items() if k != "id"}}
+        record = {"id": record_id, "image": image, "conversations": conversations,
+                  "question_type": self.question_type}
+        if image is None:
+            del record["image"]
         return record
 
 
