@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +57,41 @@ def tiny_checkpoint(small_demo, small_examples, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("proxy") / "checkpoint-0"
     init_proxy("demo-tiny", load_presets(), small_examples, small_demo["train"], out, 0, StageStats("test"))
     return out
+
+
+TARGETS = ["results/subset_0.5.json", "results/random/subset_0.5.json"]
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow/Snakefile"),
+               "--directory", str(workdir), *args]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def reduced_project(root: Path) -> Path:
+    """A project folder whose config/config.yaml is the demo, scaled down to run in about a minute."""
+    (root / "config").mkdir(parents=True)
+    (root / "generator.yaml").write_text(yaml.safe_dump(small_generator_settings(records=300)))
+    config = yaml.safe_load((REPO / "config/config.yaml").read_text())
+    config["dataset"]["demo"] = str(root / "generator.yaml")
+    config["training"].update(checkpoints=3, epochs=1, threads=1)
+    config["trajectory"].update(shards=2, chunk_size=64)
+    (root / "config/config.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    """Jobs per rule from the "Job stats" table that `snakemake -n` prints."""
+    table = dry_run_output.split("Job stats:")[1]
+    return {name: int(n) for name, n in re.findall(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+@pytest.fixture(scope="session")
+def workflow_run(tmp_path_factory) -> Path:
+    """The reduced demo, run once through Snakemake for the XMAS and random subsets."""
+    project = reduced_project(tmp_path_factory.mktemp("run1"))
+    snakemake(project, "--cores", "2", *TARGETS)
+    return project

@@ -66,3 +66,62 @@ def test_demo_examples_table(small_examples):
     table = pd.read_parquet(small_examples)
     assert list(table.columns[:7]) == ["uid", "index", "has_image", "image", "source", "status", "reason"]
     assert table.uid.is_unique and (table.status == "ok").all()
+
+
+def test_every_exclusion_reason_is_recorded_and_nothing_is_dropped(tmp_path):
+    from corpus import bad_records, write_bad_images
+
+    write_bad_images(tmp_path / "images")
+    bad = bad_records()
+    good = {"id": "good", "image": "bad/ok.png", "conversations": turns("<image> q", "a")}
+    records = [good, *[record for record, _ in bad], good]
+    examples = prepare(write(tmp_path / "d.json", records), tmp_path / "images", 1, True, 2, StageStats("t"))
+    assert len(examples) == len(records) and list(examples["index"]) == list(range(len(records)))
+    assert list(examples.reason.fillna("ok")) == ["ok", *[reason for _, reason in bad], "ok"]
+    assert examples.uid.iloc[-1] == "good#2" and examples.uid.is_unique
+    assert examples.loc[examples.status == "excluded", "detail"].notna().all()
+    mismatch = {"id": "m", "image": ["a.png", "b.png"], "conversations": turns("<image> one", "a")}
+    with_two = prepare(write(tmp_path / "m.json", [mismatch]), tmp_path, 2, False, 1, StageStats("t"))
+    assert with_two.reason.tolist() == ["image_tag_count_mismatch"]
+
+
+def test_vision_flan_task_names_become_the_source(tmp_path):
+    (tmp_path / "VQA-E").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "VQA-E" / "1.jpg")
+    records = [{"id": "7", "task_name": "VQA-E+image_question_answer", "image": "VQA-E/1.jpg",
+                "conversations": turns("<image>\nWhat is it?", "a dog")}] * 3
+    examples = prepare(write(tmp_path / "flan.json", records), tmp_path, 1, True, 1, StageStats("t"))
+    assert examples.source.tolist() == ["VQA-E+image_question_answer"] * 3
+    assert examples.uid.tolist() == ["7", "7#2", "7#3"]  # Vision-Flan repeats ids within a task
+
+
+def test_many_repeats_of_one_id_stay_unique_and_stable():
+    uids = unique_uids([{"id": "same"}] * 5000)
+    assert uids[:3] == ["same", "same#2", "same#3"] and uids[-1] == "same#5000" and len(set(uids)) == 5000
+
+
+def test_rows_record_each_records_bytes_so_stages_can_seek(tmp_path):
+    from xmas.annotations import SourceRecords
+
+    records = [{"id": "a", "conversations": turns("héllo", "wörld")}, {"id": "b", "conversations": turns("q", "a")},
+               {"id": "a", "conversations": turns("again", "yes")}]
+    path = write(tmp_path / "d.json", records)
+    examples = prepare(path, tmp_path, 1, False, 1, StageStats("t"))
+    data = path.read_bytes()
+    for row, record in zip(examples.itertuples(), records):
+        assert json.loads(data[row.offset : row.offset + row.length]) == record
+    with SourceRecords(path, examples.iloc[[2, 0]]) as reader:
+        assert reader[:] == [records[2], records[0]]
+        assert reader.raw(1) == data[examples.offset[0] : examples.offset[0] + examples.length[0]]
+    path.write_text(json.dumps(records[1:], indent=1))  # the file changes after prepare
+    with SourceRecords(path, examples) as reader, pytest.raises(XmasError, match="changed after `xmas prepare`"):
+        reader[2]
+
+
+def test_the_benchmark_generates_a_file_and_times_prepare(tmp_path, capsys):
+    from xmas.bench import main
+
+    assert main(["prepare", "--records", "300", "--file", str(tmp_path / "b.json")]) == 0
+    assert len(json.loads((tmp_path / "b.json").read_text())) == 300
+    out = capsys.readouterr().out
+    assert "prepare: 300 records in" in out and "peak memory" in out and "target: <= 60 s and <= 4 GB: met" in out

@@ -117,3 +117,28 @@ def test_xmas_needs_clusters(small_selection):
     examples, _ = small_selection
     with pytest.raises(XmasError, match="needs --clusters"):
         sample("xmas", "0.5", examples, None, 3, 0, StageStats("t"))
+
+
+@pytest.mark.parametrize("tamper", ["drop", "duplicate", "unexplained", "select_excluded", "wrong_reason", "move"])
+def test_accounting_fails_loudly_when_a_record_is_not_accounted_for(small_selection, tamper):
+    from xmas.sample import check_accounting
+
+    examples_path, clusters = small_selection
+    examples = pd.read_parquet(examples_path)
+    manifest = sample("xmas", "0.5", examples_path, clusters, 3, 0, StageStats("t"))
+    check_accounting(manifest, examples)  # the untouched manifest passes
+    unselected = manifest.index[~manifest.selected & ~manifest.reason.str.startswith("excluded:")][0]
+    if tamper == "drop":
+        manifest = manifest.drop(index=0)
+    elif tamper == "duplicate":
+        manifest = pd.concat([manifest, manifest.iloc[[0]]])
+    elif tamper == "unexplained":
+        manifest.loc[unselected, "reason"] = pd.NA
+    elif tamper == "select_excluded":
+        manifest.loc[12, ["selected", "reason"]] = [True, pd.NA]
+    elif tamper == "wrong_reason":
+        manifest.loc[12, "reason"] = "excluded:image_unreadable"
+    elif tamper == "move":
+        manifest.loc[0, "index"] = 5
+    with pytest.raises(XmasError, match="accounting failed"):
+        check_accounting(manifest, examples)

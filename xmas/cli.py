@@ -18,6 +18,8 @@ STAGES = {
     "demo-data": ("xmas.demo", "generate the embedded demo dataset",
                   "xmas demo-data --settings resources/demo/generator.yaml --train-json results/demo/train.json "
                   "--test-json results/demo/test.json --image-root results/demo/images"),
+    "download": ("xmas.download", "download a real dataset (llava665k, visionflan): resumable, verified, unpacked",
+                 "xmas download --dataset llava665k --dest data/llava665k --report data/llava665k/download.json"),
     "prepare": ("xmas.prepare", "validate the annotations, write results/data/examples.parquet",
                 "xmas prepare --annotations data/llava.json --image-root data/images --out results/data/examples.parquet"),
     "proxy-init": ("xmas.proxy", "build the proxy (checkpoint 0) from a preset or a model path",
@@ -41,6 +43,10 @@ STAGES = {
                "xmas sample --method xmas --budget 0.5 --examples results/data/examples.parquet "
                "--clusters results/selection/clusters.parquet --annotations results/demo/train.json "
                "--out results/subset_0.5.json"),
+    "report": ("xmas.report", "write the HTML report: trajectories, clusters, stability, composition, settings",
+               "xmas report --examples results/data/examples.parquet --annotations results/demo/train.json "
+               "--clusters results/selection/clusters.parquet --trajectories results/trajectories.parquet "
+               "--manifest xmas 0.5 results/subset_0.5.manifest.parquet --out results/report.html"),
 }
 
 

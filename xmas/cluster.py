@@ -15,7 +15,7 @@ import pandas as pd
 
 from xmas.errors import XmasError
 from xmas.io import write_parquet
-from xmas.stage import StageStats
+from xmas.stage import StageStats, add_input_arguments
 
 FEATURES = ("sum_topk", "sv1", "all")
 TEXT_ONLY = -1
@@ -88,7 +88,7 @@ def cluster(examples: Path, trajectories: Path, settings: dict, stats: StageStat
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--examples", required=True, type=Path, help="examples.parquet from `xmas prepare`")
+    add_input_arguments(parser, "examples")
     parser.add_argument("--trajectories", required=True, type=Path, help="merged trajectories parquet")
     parser.add_argument("--out", required=True, type=Path, help="clusters parquet to write")
     parser.add_argument("--clusters", default="auto", help="K for k-means, or 'auto' (≈√n, at most 1000)")

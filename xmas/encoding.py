@@ -19,8 +19,10 @@ IGNORE_INDEX = -100
 
 
 class ConversationEncoder:
-    def __init__(self, processor, image_root: str | Path | None, max_length: int | None = None):
+    def __init__(self, processor, image_root: str | Path | None, max_length: int | None = None,
+                 device: torch.device | str = "cpu"):
         self.processor = processor
+        self.device = torch.device(device)
         self.tokenizer = processor.tokenizer
         self.image_root = Path(image_root) if image_root is not None else None
         self.max_length = max_length
@@ -84,4 +86,4 @@ class ConversationEncoder:
                 keep = torch.tensor(mask[:length], dtype=torch.bool)
                 labels[row, :length] = torch.where(keep, batch["input_ids"][row, :length], IGNORE_INDEX)
             batch["labels"] = labels
-        return dict(batch)
+        return {name: tensor.to(self.device) for name, tensor in batch.items()}

@@ -7,14 +7,12 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from xmas.errors import XmasError
 
 
 @contextlib.contextmanager
@@ -57,16 +55,29 @@ def write_records(records: list[dict], path: str | Path) -> None:
         out.write("]\n")
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """Read a LLaVA-format annotation file, failing with file, line and column on bad JSON."""
-    path = Path(path)
-    if not path.is_file():
-        raise XmasError(f"{path}: annotation file not found")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise XmasError(f"{path}: not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}") from None
-    if not isinstance(data, list):
-        raise XmasError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
-    return data
+def write_raw_records(raw_records: Iterable[bytes], path: str | Path) -> int:
+    """Write a JSON list of records given as their exact source bytes, streamed; returns how many.
+
+    The records are not re-encoded, so each one is byte for byte what the source file holds.
+    """
+    written = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as out:
+        out.write(b"[\n")
+        for raw in raw_records:
+            if written:
+                out.write(b",\n")
+            out.write(raw)
+            written += 1
+        out.write(b"\n]\n")
+    return written
+
+
+def read_records(path: str | Path) -> list:
+    """Read a whole LLaVA-format annotation file, failing with file, line and column on bad JSON.
+
+    For small files (the demo, tests); stages that may meet 665k records stream with
+    :func:`xmas.annotations.iter_spans` or seek with :class:`xmas.annotations.SourceRecords`.
+    """
+    from xmas.annotations import read_all
+
+    return read_all(path)

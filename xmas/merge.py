@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from xmas.errors import XmasError
 from xmas.io import write_parquet
-from xmas.stage import StageStats
+from xmas.stage import StageStats, add_input_arguments
 from xmas.trajectory import shard_slice, usable_image_examples
 
 SHOWN = 10
@@ -64,7 +64,7 @@ def merge(inputs: list[Path], examples: Path, checkpoints: int, shards: int, sta
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", type=Path, help="shard files (results/trajectories/checkpoint-*/shard-*.parquet)")
-    parser.add_argument("--examples", required=True, type=Path, help="examples.parquet from `xmas prepare`")
+    add_input_arguments(parser, "examples")
     parser.add_argument("--checkpoints", required=True, type=int, help="C: checkpoints every example must have")
     parser.add_argument("--shards", required=True, type=int, help="shards per checkpoint")
     parser.add_argument("--out", required=True, type=Path, help="merged trajectories parquet")

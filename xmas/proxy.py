@@ -10,14 +10,14 @@ import argparse
 import re
 from pathlib import Path
 
-import pandas as pd
 import torch
 import yaml
 
+from xmas.annotations import SPAN_COLUMNS, SourceRecords, read_examples
 from xmas.errors import XmasError
-from xmas.io import atomic_path, read_records
+from xmas.io import atomic_path
 from xmas.records import IMAGE_TAG
-from xmas.stage import StageStats
+from xmas.stage import StageStats, add_input_arguments
 
 DEFAULT_PRESETS = Path(__file__).resolve().parents[1] / "resources" / "proxy_presets.yaml"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TAG]
@@ -87,6 +87,11 @@ def build_from_config(preset: dict, records: list[dict], seed: int):
     return model, processor
 
 
+def compute_device() -> torch.device:
+    """The first visible GPU when torch sees one, else the CPU (also under a GPU grant without a driver)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     """Model and processor from a checkpoint folder (or, for ``proxy-init``, a Hugging Face id)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -100,11 +105,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
     return model, AutoProcessor.from_pretrained(path)
 
 
-def training_records(examples: Path, annotations: Path) -> list[dict]:
-    """The usable records (status ok) in source order."""
-    table = pd.read_parquet(examples, columns=["index", "status"])
-    records = read_records(annotations)
-    return [records[i] for i in table.loc[table.status == "ok", "index"]]
+def training_records(examples: Path, annotations: Path) -> SourceRecords:
+    """The usable records (status ok) in source order, read from the file as they are used."""
+    table = read_examples(examples, ["uid", "index", "status", *SPAN_COLUMNS])
+    return SourceRecords(annotations, table[table.status == "ok"])
 
 
 def init_proxy(proxy: str, presets: dict, examples: Path, annotations: Path, out: Path, seed: int,
@@ -113,7 +117,7 @@ def init_proxy(proxy: str, presets: dict, examples: Path, annotations: Path, out
     if spec["kind"] == "from-config":
         records = training_records(examples, annotations)
         model, processor = build_from_config(spec, records, seed)
-        stats.add("tokenizer_corpus_records", len(records))
+        stats.add("in", len(records))
     elif spec["kind"] == "pretrained":
         model, processor = load_checkpoint(spec["path"])
     else:
@@ -130,8 +134,7 @@ def init_proxy(proxy: str, presets: dict, examples: Path, annotations: Path, out
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--proxy", required=True, help="preset name, local model folder, or Hugging Face model id")
     parser.add_argument("--presets", type=Path, default=DEFAULT_PRESETS, help="proxy presets YAML")
-    parser.add_argument("--examples", required=True, type=Path, help="examples.parquet from `xmas prepare`")
-    parser.add_argument("--annotations", required=True, type=Path, help="the source annotation JSON")
+    add_input_arguments(parser, "examples", "annotations")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (checkpoint-0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
 

@@ -21,6 +21,20 @@ class InvalidRecord(ValueError):
         self.detail = detail
 
 
+def record_id(record: object, index: int) -> str:
+    """The record's own ``id`` (string or integer), else ``record-<index>``: the base of its uid."""
+    raw = record.get("id") if isinstance(record, dict) else None
+    if isinstance(raw, (str, int)) and not isinstance(raw, bool) and str(raw):
+        return str(raw)
+    return f"record-{index}"
+
+
+def matches_uid(record: object, index: int, uid: str) -> bool:
+    """Whether ``uid`` was given to this record: its id, or its id with a ``#n`` duplicate suffix."""
+    base = record_id(record, index)
+    return uid == base or uid.startswith(base + "#")
+
+
 def image_paths(record: dict) -> list[str]:
     image = record.get("image")
     if image is None or image == "":

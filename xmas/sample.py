@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from xmas.annotations import SPAN_COLUMNS, SourceRecords, read_examples
 from xmas.cluster import TEXT_ONLY
 from xmas.errors import XmasError
-from xmas.io import read_records, write_parquet, write_records
-from xmas.stage import StageStats, log
+from xmas.io import write_parquet, write_raw_records
+from xmas.stage import StageStats, add_input_arguments, log
 
 METHODS = ("xmas", "random")
 MANIFEST_COLUMNS = ["uid", "index", "cluster", "stability", "selected", "reason"]
@@ -90,16 +91,42 @@ def manifest_of(examples: pd.DataFrame, decided: pd.DataFrame) -> pd.DataFrame:
 
 
 def check_accounting(manifest: pd.DataFrame, examples: pd.DataFrame) -> None:
-    """Source records = selected + not selected + excluded, by uid; fail loudly otherwise."""
+    """Source records = selected + not selected + excluded, by uid; fail loudly otherwise.
+
+    Every uid of ``examples`` is in the manifest exactly once, at its source index; records that
+    prepare excluded carry ``excluded:<their reason>`` and are never selected; every other unselected
+    record has a reason.
+    """
     problems = []
     if manifest.uid.duplicated().any():
         problems.append(f"uids listed twice: {manifest.uid[manifest.uid.duplicated()].head().tolist()}")
     if set(manifest.uid) != set(examples.uid):
         lost = sorted(set(examples.uid) - set(manifest.uid))[:5]
-        problems.append(f"records missing from the manifest: {lost}")
-    unexplained = manifest[~manifest.selected & manifest.reason.isna()]
+        extra = sorted(set(manifest.uid) - set(examples.uid))[:5]
+        problems.append(f"records missing from the manifest: {lost}; listed but not in the source: {extra}")
+    listed = manifest[["uid", "index", "selected", "reason"]].rename(
+        columns={"index": "listed_index", "reason": "listed_reason"})
+    joined = examples[["uid", "index", "status", "reason"]].merge(listed, on="uid")
+    moved = joined.uid[joined["index"] != joined.listed_index]
+    if len(moved):
+        problems.append(f"records listed at another source index: {moved.head().tolist()}")
+    expected = ["" if status == "ok" else f"excluded:{reason}" for status, reason in zip(joined.status, joined.reason)]
+    marked = [r if isinstance(r, str) and r.startswith("excluded:") else "" for r in joined.listed_reason]
+    mismatched = [uid for uid, want, got in zip(joined.uid, expected, marked) if want != got]
+    if mismatched:
+        problems.append(f"records whose exclusion differs from prepare's: {mismatched[:5]}")
+    wrongly_selected = joined.uid[joined.selected & (joined.status != "ok")]
+    if len(wrongly_selected):
+        problems.append(f"excluded records selected: {wrongly_selected.head().tolist()}")
+    unexplained = manifest.uid[~manifest.selected & manifest.reason.isna()]
     if len(unexplained):
-        problems.append(f"unselected records without a reason: {unexplained.uid.head().tolist()}")
+        problems.append(f"unselected records without a reason: {unexplained.head().tolist()}")
+    is_excluded = manifest.reason.fillna("").str.startswith("excluded:")
+    selected, excluded = int(manifest.selected.sum()), int(is_excluded.sum())
+    not_selected = int((~manifest.selected & ~is_excluded).sum())
+    if selected + not_selected + excluded != len(examples):
+        problems.append(f"{len(examples)} source records, but {selected} selected + {not_selected} not selected "
+                        f"+ {excluded} excluded")
     if problems:
         raise XmasError("accounting failed: " + "; ".join(problems))
 
@@ -134,6 +161,7 @@ def sample(method: str, budget: str, examples_path: Path, clusters_path: Path | 
     stats.add("valid", len(valid))
     stats.add("target", target)
     stats.add("selected", selected)
+    stats.add("out", selected)
     stats.add("not_selected", int((~manifest.selected).sum()) - int((examples.status != "ok").sum()))
     for reason, n in examples.reason.dropna().value_counts().sort_index().items():
         stats.exclude(reason, int(n))
@@ -142,12 +170,19 @@ def sample(method: str, budget: str, examples_path: Path, clusters_path: Path | 
     return manifest
 
 
+def write_subset(annotations: Path, examples: Path, manifest: pd.DataFrame, out: Path) -> int:
+    """The selected records, copied byte for byte from the annotation file in source order; returns how many."""
+    spans = read_examples(examples, ["uid", "index", *SPAN_COLUMNS])
+    chosen = spans[spans.uid.isin(manifest.uid[manifest.selected])].sort_values("index")
+    with SourceRecords(annotations, chosen) as records:
+        return write_raw_records((records.raw(position) for position in range(len(records))), out)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="xmas", help="selection method (default xmas)")
     parser.add_argument("--budget", required=True, help="fraction of the usable records to select, in (0, 1]")
-    parser.add_argument("--examples", required=True, type=Path, help="examples.parquet from `xmas prepare`")
+    add_input_arguments(parser, "examples", "annotations")
     parser.add_argument("--clusters", type=Path, help="clusters.parquet from `xmas cluster` (needed by xmas)")
-    parser.add_argument("--annotations", required=True, type=Path, help="the source annotation JSON")
     parser.add_argument("--out", required=True, type=Path, help="subset JSON to write (LLaVA format)")
     parser.add_argument("--manifest", type=Path, help="manifest parquet (default: <out>.manifest.parquet)")
     parser.add_argument("--min-cluster-size", type=int, default=3, help="skip smaller clusters (paper: 3)")
@@ -157,10 +192,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     stats = StageStats(f"sample {args.method} {args.budget}")
     manifest = sample(args.method, args.budget, args.examples, args.clusters, args.min_cluster_size, args.seed, stats)
-    records = read_records(args.annotations)
-    if len(records) != len(manifest):
-        raise XmasError(f"{args.annotations} has {len(records)} records but {args.examples} lists {len(manifest)}; "
-                        "run prepare again")
-    write_records([records[i] for i in manifest.loc[manifest.selected, "index"]], args.out)
+    written = write_subset(args.annotations, args.examples, manifest, args.out)
+    selected = int(manifest.selected.sum())
+    if written != selected:
+        raise XmasError(f"accounting failed: {args.out} holds {written} records but the manifest selects {selected}")
     write_parquet(manifest, args.manifest or args.out.with_suffix(".manifest.parquet"))
     stats.finish(args.stats)

@@ -16,6 +16,20 @@ T = TypeVar("T")
 log = logging.getLogger("xmas")
 
 
+INPUT_ARGUMENTS = {
+    "examples": ("--examples", "examples.parquet from `xmas prepare`"),
+    "annotations": ("--annotations", "the source annotation JSON (LLaVA format)"),
+    "image_root": ("--image-root", "folder the records' image paths are relative to"),
+}
+
+
+def add_input_arguments(parser, *names: str) -> None:
+    """The required inputs most stages share, with one wording everywhere."""
+    for name in names:
+        flag, help_text = INPUT_ARGUMENTS[name]
+        parser.add_argument(flag, required=True, type=Path, help=help_text)
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,

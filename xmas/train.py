@@ -18,8 +18,8 @@ import torch
 from xmas.encoding import ConversationEncoder
 from xmas.errors import XmasError
 from xmas.io import atomic_path
-from xmas.proxy import load_checkpoint, training_records
-from xmas.stage import StageStats, progress
+from xmas.proxy import compute_device, load_checkpoint, training_records
+from xmas.stage import StageStats, add_input_arguments, progress
 
 STATE_FILE = "training_state.pt"
 SCHEDULE_KEYS = ("records", "epochs", "batch_size", "checkpoints", "seed", "learning_rate", "weight_decay",
@@ -81,8 +81,10 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
     settings = {**settings, "records": len(records)}
     if not records:
         raise XmasError(f"{examples}: no usable records to train on")
+    device = compute_device()
     model, processor = load_checkpoint(previous)
-    encoder = ConversationEncoder(processor, image_root, settings["max_length"])
+    model.to(device)
+    encoder = ConversationEncoder(processor, image_root, settings["max_length"], device)
     total = checkpoint_step(settings["checkpoints"], settings)
     start, stop = 0, checkpoint_step(checkpoint, settings)
     optimizer, scheduler = make_optimizer(model, settings, total)
@@ -105,7 +107,7 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
         optimizer.zero_grad(set_to_none=True)
         losses.append(round(loss.item(), 6))
     stats.add("steps", stop - start)
-    stats.add("records", len(records))
+    stats.add("in", len(records))
     stats.set("step", stop)
     stats.set("total_steps", total)
     stats.set("mean_loss", round(float(np.mean(losses)), 6) if losses else None)
@@ -122,9 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (checkpoint-{c})")
     parser.add_argument("--checkpoint", required=True, type=int, help="c: which checkpoint this segment ends at (1..C)")
     parser.add_argument("--checkpoints", required=True, type=int, help="C: number of checkpoints over the whole run")
-    parser.add_argument("--examples", required=True, type=Path, help="examples.parquet from `xmas prepare`")
-    parser.add_argument("--annotations", required=True, type=Path, help="the source annotation JSON")
-    parser.add_argument("--image-root", required=True, type=Path, help="folder the image paths are relative to")
+    add_input_arguments(parser, "examples", "annotations", "image_root")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1e-3)

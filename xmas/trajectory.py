@@ -18,12 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from xmas.annotations import SPAN_COLUMNS, SourceRecords, read_examples
 from xmas.attention import CrossModalAttention, top_singular_values
 from xmas.encoding import ConversationEncoder
 from xmas.errors import XmasError
-from xmas.io import read_records, write_json, write_parquet
-from xmas.proxy import load_checkpoint
-from xmas.stage import StageStats, progress
+from xmas.io import write_json, write_parquet
+from xmas.proxy import compute_device, load_checkpoint
+from xmas.stage import StageStats, add_input_arguments, progress
 
 
 def trajectory_schema(top_k: int) -> pa.Schema:
@@ -32,7 +33,7 @@ def trajectory_schema(top_k: int) -> pa.Schema:
 
 
 def usable_image_examples(examples: Path) -> pd.DataFrame:
-    table = pd.read_parquet(examples, columns=["uid", "index", "has_image", "status"])
+    table = read_examples(examples, ["uid", "index", "has_image", "status", *SPAN_COLUMNS])
     return table[(table.status == "ok") & table.has_image].sort_values("index")
 
 
@@ -74,7 +75,7 @@ def extract_chunk(attention: CrossModalAttention, encoder: ConversationEncoder, 
     values = []
     for start in range(0, len(records), batch_size):
         blocks, _ = attention.blocks(encoder(records[start : start + batch_size], with_labels=False))
-        values.append(top_singular_values(blocks, top_k).numpy())
+        values.append(top_singular_values(blocks, top_k).cpu().numpy())
     return np.concatenate(values).astype(np.float32)
 
 
@@ -88,14 +89,14 @@ def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annota
     stats.add("in", len(shard))
     stats.add("resumed_rows", len(shard) - sum(len(chunk) for _, chunk in todo))
     if todo:
-        records = read_records(annotations)
+        device = compute_device()
         model, processor = load_checkpoint(model_path)
-        model.eval()
+        model.to(device).eval()
         attention = CrossModalAttention(model, settings["layers"], settings["head_reduce"], settings["layer_reduce"])
-        encoder = ConversationEncoder(processor, image_root, settings["max_length"])
+        encoder = ConversationEncoder(processor, image_root, settings["max_length"], device)
         for n, chunk in progress(todo, total=len(todo), desc=f"checkpoint {checkpoint} chunks", unit="chunk"):
-            values = extract_chunk(attention, encoder, [records[i] for i in chunk["index"]],
-                                   settings["batch_size"], top_k)
+            with SourceRecords(annotations, chunk) as records:
+                values = extract_chunk(attention, encoder, records[:], settings["batch_size"], top_k)
             frame = pd.DataFrame({"uid": chunk["uid"].to_numpy(), "checkpoint": np.int32(checkpoint)})
             for k in range(top_k):
                 frame[f"sv{k + 1}"] = values[:, k]
@@ -114,9 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=int, help="checkpoint number written into the rows")
     parser.add_argument("--shard", required=True, type=int, help="which shard (0-based)")
     parser.add_argument("--shards", required=True, type=int, help="number of shards")
-    parser.add_argument("--examples", required=True, type=Path, help="examples.parquet from `xmas prepare`")
-    parser.add_argument("--annotations", required=True, type=Path, help="the source annotation JSON")
-    parser.add_argument("--image-root", required=True, type=Path, help="folder the image paths are relative to")
+    add_input_arguments(parser, "examples", "annotations", "image_root")
     parser.add_argument("--out", required=True, type=Path, help="shard parquet to write")
     parser.add_argument("--top-k", type=int, default=5, help="singular values kept per checkpoint (default 5)")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated decoder layers, e.g. 0,5,11")

@@ -1,6 +1,8 @@
 # Paths, wildcard constraints and the helpers that turn config sections into CLI flags.
 from pathlib import Path
 
+import yaml
+
 DATASET = config["dataset"]
 TRAINING = config["training"]
 TRAJECTORY = config["trajectory"]
@@ -8,9 +10,33 @@ SELECTION = config["selection"]
 
 CHECKPOINTS = TRAINING["checkpoints"]
 SHARDS = TRAJECTORY["shards"]
-USE_DEMO = "annotations" not in DATASET
 
-if USE_DEMO:
+# Where the data comes from, by precedence: a dataset to download (dataset.download), your own
+# files (dataset.annotations), else the generated demo (config/config.yaml always sets its key).
+DOWNLOAD = DATASET.get("download")
+USE_DEMO = DOWNLOAD is None and "annotations" not in DATASET
+
+
+def download_manifest(dataset):
+    """resources/datasets/<name>.yaml for a shipped dataset, else the manifest file named."""
+    if dataset.endswith((".yaml", ".yml")):
+        return dataset
+    return str(Path(workflow.basedir).parent / "resources" / "datasets" / f"{dataset}.yaml")
+
+
+if DOWNLOAD is not None:
+    DOWNLOAD_MANIFEST = download_manifest(DOWNLOAD)
+    if not Path(DOWNLOAD_MANIFEST).is_file():
+        raise WorkflowError(f"config dataset.download: no manifest {DOWNLOAD_MANIFEST}")
+    _manifest = yaml.safe_load(Path(DOWNLOAD_MANIFEST).read_text())
+    DATA_FOLDER = f"{DATASET.get('data_dir', 'data')}/{_manifest['name']}"
+    ANNOTATIONS = f"{DATA_FOLDER}/{_manifest['annotations']}"
+    IMAGE_ROOT = f"{DATA_FOLDER}/{_manifest['image_root']}"
+    DOWNLOAD_REPORT = f"{DATA_FOLDER}/download.json"
+    # The download job unpacks the images but does not declare them as output (Snakemake would
+    # delete tens of GB before rerunning it); jobs that read images wait for its report instead.
+    IMAGE_INPUT = [DOWNLOAD_REPORT]
+elif USE_DEMO:
     ANNOTATIONS = "results/demo/train.json"
     IMAGE_ROOT = "results/demo/images"
     # The generated images are a rule output, so jobs that read them must wait for it.
@@ -50,9 +76,19 @@ def checkpoint_dir(c):
     return f"results/proxy/checkpoint-{c}"
 
 
+def methods_and_budgets():
+    return [(method, budget) for method in SELECTION_METHODS for budget in SELECTION["budgets"]]
+
+
+def subset_json(method, budget):
+    """results/subset_{budget}.json for XMAS, results/{method}/subset_{budget}.json for baselines."""
+    prefix = "" if method == "xmas" else f"{method}/"
+    return f"results/{prefix}subset_{budget}.json"
+
+
+def subset_manifest(method, budget):
+    return subset_json(method, budget).replace(".json", ".manifest.parquet")
+
+
 def all_subsets():
-    return expand(
-        "results/{prefix}subset_{budget}.json",
-        prefix=["" if method == "xmas" else f"{method}/" for method in SELECTION_METHODS],
-        budget=SELECTION["budgets"],
-    )
+    return [subset_json(method, budget) for method, budget in methods_and_budgets()]

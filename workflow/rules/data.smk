@@ -1,4 +1,24 @@
-# Data: the generated demo dataset, then validation into results/data/examples.parquet.
+# Data: a real dataset downloaded (dataset.download) or the generated demo dataset, then
+# validation into results/data/examples.parquet.
+
+
+if DOWNLOAD is not None:
+
+    rule download:
+        output:
+            annotations=ANNOTATIONS,
+            report=DOWNLOAD_REPORT,
+        params:
+            manifest=DOWNLOAD_MANIFEST,
+            dest=DATA_FOLDER,
+        # Compute nodes of many clusters have no internet access; the submit host usually has.
+        localrule: True
+        log:
+            log="logs/download.log",
+            stats="logs/stats/download.json",
+        shell:
+            "xmas download --dataset {params.manifest} --dest {params.dest} --report {output.report}"
+            " --stats {log.stats} 2> {log.log}"
 
 
 rule demo_data:

@@ -34,6 +34,8 @@ rule train_segment:
         options=flags(TRAINING, "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
                       "max_grad_norm", "max_length", "freeze_vision_tower", "seed"),
     threads: TRAINING["threads"]
+    resources:
+        gpu=TRAINING["gpus"],
     log:
         log="logs/proxy/checkpoint-{checkpoint}.log",
         stats="logs/stats/proxy/checkpoint-{checkpoint}.json",

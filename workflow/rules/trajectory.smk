@@ -15,6 +15,8 @@ rule trajectory:
         options=flags(TRAJECTORY, "top_k", "layers", "head_reduce", "layer_reduce", "batch_size",
                       "chunk_size", "max_length"),
     threads: TRAJECTORY["threads"]
+    resources:
+        gpu=TRAJECTORY["gpus"],
     log:
         log="logs/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
         stats="logs/stats/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",

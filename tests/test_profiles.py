@@ -1,0 +1,97 @@
+"""The paper's configs and the execution profiles, through `snakemake -n`: the plan without the data."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from conftest import REPO, job_counts, snakemake
+
+PAPER_CONFIGS = {"llava665k": "results/subset_0.5.json", "visionflan": "results/subset_0.1.json"}
+GPU_RULES = {"train_segment", "trajectory"}
+
+
+def load(path):
+    return yaml.safe_load((REPO / path).read_text())
+
+
+def project_with_the_demo_config(root):
+    """A project folder like the repository root: the Snakefile reads config/config.yaml first."""
+    (root / "config").mkdir()
+    (root / "config/config.yaml").write_text((REPO / "config/config.yaml").read_text()
+                                             .replace("resources/", f"{REPO}/resources/"))
+    return root
+
+
+def test_llava665k_plan_is_printed_without_the_data_in_seconds(tmp_path):
+    project = project_with_the_demo_config(tmp_path)
+    start = time.monotonic()
+    # The target goes first: --configfile takes every argument after it as a config file.
+    result = snakemake(project, "-n", "results/subset_0.5.json", "--configfile", str(REPO / "config/llava665k.yaml"))
+    seconds = time.monotonic() - start
+    assert job_counts(result.stdout) == {"download": 1, "prepare": 1, "proxy_init": 1, "train_segment": 5,
+                                         "trajectory": 40, "merge": 1, "cluster": 1, "sample_xmas": 1, "total": 51}
+    assert seconds <= 10, f"the dry run took {seconds:.1f} s"
+    assert not (project / "data").exists()
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_config_plans_one_job_per_checkpoint_and_shard(name, tmp_path):
+    config = load(f"config/{name}.yaml")
+    checkpoints, shards = config["training"]["checkpoints"], config["trajectory"]["shards"]
+    counts = job_counts(snakemake(project_with_the_demo_config(tmp_path), "-n", PAPER_CONFIGS[name],
+                                  "--configfile", str(REPO / f"config/{name}.yaml")).stdout)
+    assert counts["train_segment"] == checkpoints and counts["trajectory"] == checkpoints * shards
+    assert counts["download"] == counts["prepare"] == counts["merge"] == counts["cluster"] == 1
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
+def test_paper_config_overrides_every_demo_setting(name):
+    """The demo config is read first, so a key the paper config leaves out would keep its demo value."""
+    demo, paper = load("config/config.yaml"), load(f"config/{name}.yaml")
+    for section in ("training", "trajectory", "selection"):
+        assert set(demo[section]) <= set(paper[section]), (section, set(demo[section]) - set(paper[section]))
+    assert paper["dataset"]["download"] == name and paper["proxy"] == "tinyllava-stablelm2-clip336"
+    assert paper["selection"]["clusters"] == 1000 and paper["trajectory"]["top_k"] == 5
+    validate(paper, str(REPO / "workflow/schemas/config.schema.yaml"))
+
+
+def planned_resources(dry_run_output: str) -> dict[str, dict[str, str]]:
+    """The resources `snakemake -n` prints for one job of each rule."""
+    jobs = re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", dry_run_output, re.MULTILINE)
+    return {rule: dict(item.split("=", 1) for item in resources.split(", ")) for rule, resources in jobs}
+
+
+def test_slurm_profile_takes_account_and_partitions_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SBATCH_ACCOUNT", "lab42")
+    monkeypatch.setenv("SBATCH_PARTITION", "cpu")
+    monkeypatch.setenv("XMAS_GPU_PARTITION", "a100")
+    result = snakemake(project_with_the_demo_config(tmp_path), "-n", "--profile", str(REPO / "profiles/slurm"),
+                       "results/subset_0.5.json", "--configfile", str(REPO / "config/llava665k.yaml"))
+    resources = planned_resources(result.stdout)
+    assert set(resources) >= GPU_RULES | {"prepare", "cluster", "sample_xmas"}
+    for rule, job in resources.items():
+        assert job["slurm_account"] == "lab42", rule
+        assert job["slurm_partition"] == ("a100" if rule in GPU_RULES else "cpu"), rule
+        assert job.get("gpu", "0") == ("1" if rule in GPU_RULES else "0"), rule
+        assert int(job["runtime"]) >= 120 and int(job["mem_mb"]) >= 8000, rule
+
+
+def test_slurm_profile_without_account_or_partition_leaves_them_to_the_cluster(tmp_path, monkeypatch):
+    for variable in ("SBATCH_ACCOUNT", "SBATCH_PARTITION", "XMAS_GPU_PARTITION"):
+        monkeypatch.delenv(variable, raising=False)
+    result = snakemake(project_with_the_demo_config(tmp_path), "-n", "--profile", str(REPO / "profiles/slurm"),
+                       "results/subset_0.5.json")
+    for rule, job in planned_resources(result.stdout).items():
+        assert "slurm_account" not in job and "slurm_partition" not in job, rule
+        assert job.get("gpu", "0") == "0", rule  # the demo config asks for no GPUs
+
+
+def test_local_profile_plans_the_demo(tmp_path):
+    result = snakemake(project_with_the_demo_config(tmp_path), "--profile", str(REPO / "profiles/local"), "-n",
+                       "results/subset_0.5.json")
+    assert job_counts(result.stdout)["trajectory"] == 10

@@ -1,0 +1,27 @@
+# The report: one self-contained HTML page about the selection and the run.
+import json
+
+
+rule report:
+    input:
+        examples=EXAMPLES,
+        annotations=ANNOTATIONS,
+        clusters="results/selection/clusters.parquet",
+        trajectories="results/trajectories.parquet",
+        manifests=[subset_manifest(method, budget) for method, budget in methods_and_budgets()],
+    output:
+        "results/report.html",
+    params:
+        manifests=" ".join(
+            f"--manifest {method} {budget} {subset_manifest(method, budget)}"
+            for method, budget in methods_and_budgets()
+        ),
+        run_config=json.dumps(config, sort_keys=True),
+    log:
+        log="logs/report.log",
+        stats="logs/stats/report.json",
+    shell:
+        "xmas report --examples {input.examples} --annotations {input.annotations}"
+        " --clusters {input.clusters} --trajectories {input.trajectories} {params.manifests}"
+        " --run-config {params.run_config:q} --stats-dir logs/stats --out {output}"
+        " --stats {log.stats} 2> {log.log}"
