@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
+from xmas.annotations import read_all
 from xmas.attention import CrossModalAttention, Positions, top_singular_values
 from xmas.encoding import ConversationEncoder
 from xmas.errors import XmasError
-from xmas.io import read_records
 from xmas.proxy import load_checkpoint
 
 
@@ -28,7 +28,7 @@ def model_and_encoder(tiny_checkpoint, small_demo):
 @pytest.fixture(scope="module")
 def mixed_records(small_demo):
     """Image records of different lengths (one- and two-turn, tag before and after the question)."""
-    records = [r for r in read_records(small_demo["train"]) if r.get("image")]
+    records = [r for r in read_all(small_demo["train"]) if r.get("image")]
     two_turn = [r for r in records if len(r["conversations"]) > 2][:2]
     tag_last = [r for r in records if r["conversations"][0]["value"].endswith("<image>")][:1]
     one_turn = [r for r in records if len(r["conversations"]) == 2][:2]

@@ -8,8 +8,8 @@ import filecmp
 import yaml
 
 from conftest import REPO
+from xmas.annotations import read_all
 from xmas.demo import IMAGE_TYPES, TYPES, generate
-from xmas.io import read_records
 from xmas.stage import StageStats
 
 
@@ -17,7 +17,7 @@ def test_default_settings_meet_the_demo_contract(tmp_path):
     settings = yaml.safe_load((REPO / "resources/demo/generator.yaml").read_text())
     paths = {"train": tmp_path / "train.json", "test": tmp_path / "test.json", "images": tmp_path / "images"}
     generate(settings, paths["train"], paths["test"], paths["images"], StageStats("t"))
-    train, test = read_records(paths["train"]), read_records(paths["test"])
+    train, test = read_all(paths["train"]), read_all(paths["test"])
     assert len(train) >= 2000
     types = collections.Counter(r["question_type"] for r in train)
     assert set(types) == set(TYPES) and len(IMAGE_TYPES) >= 4
@@ -38,5 +38,5 @@ def test_generation_is_byte_identical(tmp_path, small_demo):
     generate(small_generator_settings(), again["train"], again["test"], again["images"], StageStats("t"))
     assert filecmp.cmp(again["train"], small_demo["train"], shallow=False)
     assert filecmp.cmp(again["test"], small_demo["test"], shallow=False)
-    some_image = read_records(again["train"])[0].get("image") or read_records(again["train"])[1]["image"]
+    some_image = read_all(again["train"])[0].get("image") or read_all(again["train"])[1]["image"]
     assert filecmp.cmp(again["images"] / some_image, small_demo["images"] / some_image, shallow=False)

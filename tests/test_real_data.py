@@ -21,8 +21,8 @@ import yaml
 from conftest import REPO, small_generator_settings
 from corpus import bad_records, write_bad_images
 from loopback import FileServer
+from xmas.annotations import read_all
 from xmas.demo import generate
-from xmas.io import read_records
 from xmas.stage import StageStats
 
 TARGETS = ["results/subset_0.5.json", "results/random/subset_0.5.json"]
@@ -72,7 +72,7 @@ def messy_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("messy")
     generate(small_generator_settings(records=200), root / "train.json", root / "test.json", root / "images",
              StageStats("test"))
-    good = read_records(root / "train.json")
+    good = read_all(root / "train.json")
     write_bad_images(root / "images")
     bad = bad_records()
     records = [*good, *good[:3], *[record for record, _ in bad]]

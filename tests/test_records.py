@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from xmas.annotations import read_all
 from xmas.encoding import IGNORE_INDEX, ConversationEncoder
-from xmas.io import read_records
 from xmas.proxy import load_checkpoint
 from xmas.records import InvalidRecord, check_conversation, to_messages
 
@@ -57,7 +57,7 @@ def test_valid_record_returns_its_image():
 def test_labels_cover_exactly_the_assistant_turns(tiny_checkpoint, small_demo):
     model, processor = load_checkpoint(tiny_checkpoint)
     encoder = ConversationEncoder(processor, small_demo["images"])
-    records = read_records(small_demo["train"])
+    records = read_all(small_demo["train"])
     two_turn = next(r for r in records if len(r["conversations"]) == 4)
     text_only = next(r for r in records if "image" not in r)
     batch = encoder([two_turn, text_only])

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from conftest import REPO, TARGETS, job_counts, reduced_project, snakemake
-from xmas.io import read_records
+from xmas.annotations import read_all
 
 
 def test_dry_run_of_the_reduced_demo(tmp_path):
@@ -29,7 +29,7 @@ def test_dry_run_of_the_shipped_demo_lists_one_job_per_checkpoint_and_shard(tmp_
 def test_subset_has_the_exact_budget_and_unchanged_records(workflow_run):
     examples = pd.read_parquet(workflow_run / "results/data/examples.parquet")
     n_valid = int((examples.status == "ok").sum())
-    source = read_records(workflow_run / "results/demo/train.json")
+    source = read_all(workflow_run / "results/demo/train.json")
     for target in TARGETS:
         subset = json.loads((workflow_run / target).read_text())
         manifest = pd.read_parquet(workflow_run / target.replace(".json", ".manifest.parquet"))

@@ -70,14 +70,3 @@ def write_raw_records(raw_records: Iterable[bytes], path: str | Path) -> int:
             written += 1
         out.write(b"\n]\n")
     return written
-
-
-def read_records(path: str | Path) -> list:
-    """Read a whole LLaVA-format annotation file, failing with file, line and column on bad JSON.
-
-    For small files (the demo, tests); stages that may meet 665k records stream with
-    :func:`xmas.annotations.iter_spans` or seek with :class:`xmas.annotations.SourceRecords`.
-    """
-    from xmas.annotations import read_all
-
-    return read_all(path)
