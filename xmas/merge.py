@@ -21,8 +21,7 @@ from xmas.trajectory import shard_slice, usable_image_examples
 SHOWN = 10
 
 
-def check_complete(table: pd.DataFrame, examples: Path, checkpoints: int, shards: int) -> None:
-    usable = usable_image_examples(examples)
+def check_complete(table: pd.DataFrame, usable: pd.DataFrame, checkpoints: int, shards: int) -> None:
     shard_of = {uid: s for s in range(shards) for uid in shard_slice(usable, s, shards).uid}
     wanted = set(shard_of)
     problems = []
@@ -51,9 +50,10 @@ def merge(inputs: list[Path], examples: Path, checkpoints: int, shards: int, sta
     if len(schemas) > 1:
         raise XmasError("shard files disagree on columns (different top_k?): " + ", ".join(map(str, inputs)))
     merged = pa.concat_tables(tables)
-    check_complete(merged.select(["uid", "checkpoint"]).to_pandas(), examples, checkpoints, shards)
     frame = merged.to_pandas()
-    order = pd.read_parquet(examples, columns=["uid", "index"]).set_index("uid")["index"]
+    usable = usable_image_examples(examples)
+    check_complete(frame, usable, checkpoints, shards)
+    order = usable.set_index("uid")["index"]
     frame = frame.assign(_order=frame.uid.map(order)).sort_values(["_order", "checkpoint"]).drop(columns="_order")
     stats.add("in", merged.num_rows)
     stats.add("files", len(inputs))

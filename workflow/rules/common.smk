@@ -1,7 +1,8 @@
 # Paths, wildcard constraints and the helpers that turn config sections into CLI flags.
 from pathlib import Path
 
-import yaml
+from xmas.download import load_manifest, resolve_manifest
+from xmas.errors import XmasError
 
 DATASET = config["dataset"]
 TRAINING = config["training"]
@@ -17,21 +18,15 @@ DOWNLOAD = DATASET.get("download")
 USE_DEMO = DOWNLOAD is None and "annotations" not in DATASET
 
 
-def download_manifest(dataset):
-    """resources/datasets/<name>.yaml for a shipped dataset, else the manifest file named."""
-    if dataset.endswith((".yaml", ".yml")):
-        return dataset
-    return str(Path(workflow.basedir).parent / "resources" / "datasets" / f"{dataset}.yaml")
-
-
 if DOWNLOAD is not None:
-    DOWNLOAD_MANIFEST = download_manifest(DOWNLOAD)
-    if not Path(DOWNLOAD_MANIFEST).is_file():
-        raise WorkflowError(f"config dataset.download: no manifest {DOWNLOAD_MANIFEST}")
-    _manifest = yaml.safe_load(Path(DOWNLOAD_MANIFEST).read_text())
-    DATA_FOLDER = f"{DATASET.get('data_dir', 'data')}/{_manifest['name']}"
-    ANNOTATIONS = f"{DATA_FOLDER}/{_manifest['annotations']}"
-    IMAGE_ROOT = f"{DATA_FOLDER}/{_manifest['image_root']}"
+    try:
+        DOWNLOAD_MANIFEST = str(resolve_manifest(DOWNLOAD))
+        _manifest = load_manifest(DOWNLOAD_MANIFEST)
+    except XmasError as error:
+        raise WorkflowError(f"config dataset.download: {error}")
+    DATA_FOLDER = f"{DATASET.get('data_dir', 'data')}/{_manifest.name}"
+    ANNOTATIONS = f"{DATA_FOLDER}/{_manifest.annotations}"
+    IMAGE_ROOT = f"{DATA_FOLDER}/{_manifest.image_root}"
     DOWNLOAD_REPORT = f"{DATA_FOLDER}/download.json"
     # The download job unpacks the images but does not declare them as output (Snakemake would
     # delete tens of GB before rerunning it); jobs that read images wait for its report instead.
