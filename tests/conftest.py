@@ -74,11 +74,15 @@ def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.Compl
 def reduced_project(root: Path) -> Path:
     """A project folder whose config/config.yaml is the demo, scaled down to run in about a minute."""
     (root / "config").mkdir(parents=True)
-    (root / "generator.yaml").write_text(yaml.safe_dump(small_generator_settings(records=300)))
+    (root / "generator.yaml").write_text(yaml.safe_dump(small_generator_settings(records=300, per_type=10)))
     config = yaml.safe_load((REPO / "config/config.yaml").read_text())
     config["dataset"]["demo"] = str(root / "generator.yaml")
     config["training"].update(checkpoints=3, epochs=1, threads=1)
     config["trajectory"].update(shards=2, chunk_size=64)
+    config["selection"]["budgets"] = [0.5]
+    # Enough for the small target to learn the answer priors, so that ARP is defined.
+    config["target"].update(epochs=4, learning_rate=1e-3, projector_learning_rate=1e-3)
+    config["evaluation"]["seeds"] = [0]
     (root / "config/config.yaml").write_text(yaml.safe_dump(config))
     return root
 

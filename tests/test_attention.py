@@ -114,3 +114,19 @@ def test_vision_tower_keeps_sdpa(model_and_encoder):
     CrossModalAttention(model)
     assert model.config.text_config._attn_implementation == "xmas_capture"
     assert model.config.vision_config._attn_implementation == "sdpa"
+
+
+def test_half_precision_weights_keep_float32_capture(model_and_encoder, mixed_records):
+    model, encoder = model_and_encoder
+    batch = encoder(mixed_records, with_labels=False)
+    full, positions = CrossModalAttention(copy.deepcopy(model)).blocks(batch)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    blocks, _ = CrossModalAttention(half).blocks({**batch, "pixel_values": batch["pixel_values"].to(torch.bfloat16)})
+    assert blocks.dtype == torch.float32
+    # bf16 carries 8 significant bits through 4 layers of large random weights: close, not equal
+    assert torch.linalg.norm(blocks - full) / torch.linalg.norm(full) <= 0.1
+
+
+def test_flash_output_needs_cuda(model_and_encoder):
+    with pytest.raises(XmasError, match="flash_attention_2 needs the model on a CUDA device"):
+        CrossModalAttention(copy.deepcopy(model_and_encoder[0]), output="flash_attention_2")

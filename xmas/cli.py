@@ -43,6 +43,15 @@ STAGES = {
                "xmas sample --method xmas --budget 0.5 --examples results/data/examples.parquet "
                "--clusters results/selection/clusters.parquet --annotations results/demo/train.json "
                "--out results/subset_0.5.json"),
+    "finetune": ("xmas.finetune", "fine-tune the target model on a subset (LoRA or all weights)",
+                 "xmas finetune --base results/target/base --subset results/subset_0.5.json "
+                 "--image-root results/demo/images --out results/target/xmas/0.5/seed-0 --lora-r 0"),
+    "evaluate": ("xmas.evaluate", "score a fine-tuned target: demo test split or the paper's benchmarks (lmms-eval)",
+                 "xmas evaluate --model results/target/xmas/0.5/seed-0 --suite demo --test results/demo/test.json "
+                 "--image-root results/demo/images --out results/eval/runs/xmas/0.5/seed-0.tsv"),
+    "summarize": ("xmas.summary", "collect the evaluation runs into results/eval/summary.tsv with ARP",
+                  "xmas summarize --run xmas 0.5 0 results/eval/runs/xmas/0.5/seed-0.tsv "
+                  "--run full 1 0 results/eval/runs/full/1/seed-0.tsv --out results/eval/summary.tsv"),
     "report": ("xmas.report", "write the HTML report: trajectories, clusters, stability, composition, settings",
                "xmas report --examples results/data/examples.parquet --annotations results/demo/train.json "
                "--clusters results/selection/clusters.parquet --trajectories results/trajectories.parquet "

@@ -1,13 +1,15 @@
 """Stability and k-means clusters of the trajectories (``results/selection/clusters.parquet``).
 
 The trajectory of an example is its feature over checkpoints 1..C (default: the sum of its
-top-k singular values); stability is Σ_t |x(t) − x(t−1)|, lower meaning more stable.
+top-k singular values; for the loss baseline, its loss); stability is Σ_t |x(t) − x(t−1)|,
+lower meaning more stable.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +23,19 @@ FEATURES = ("sum_topk", "sv1", "all")
 TEXT_ONLY = -1
 
 
+def value_columns_of(trajectories: pd.DataFrame) -> list[str]:
+    """``sv1``..``svK`` in order (attention trajectories) or ``loss`` (the loss baseline's)."""
+    singular_values = sorted((c for c in trajectories.columns if re.fullmatch(r"sv\d+", c)), key=lambda c: int(c[2:]))
+    if singular_values:
+        return singular_values
+    if "loss" in trajectories.columns:
+        return ["loss"]
+    raise XmasError(f"trajectories have no value columns (sv1..svK or loss): {', '.join(trajectories.columns)}")
+
+
 def trajectory_tensor(trajectories: pd.DataFrame, uids: list[str]) -> np.ndarray:
-    """(examples, checkpoints, k) array in the order of ``uids``."""
-    value_columns = sorted((c for c in trajectories.columns if c.startswith("sv")), key=lambda c: int(c[2:]))
+    """(examples, checkpoints, k) array in the order of ``uids``: k singular values, or k = 1 loss."""
+    value_columns = value_columns_of(trajectories)
     wide = trajectories.pivot(index="uid", columns="checkpoint", values=value_columns)
     missing = set(uids) - set(wide.index)
     if missing:

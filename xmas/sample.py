@@ -2,8 +2,11 @@
 
 ``xmas``: balanced sampling over the trajectory clusters (text-only records form one more
 group), visiting groups from the smallest; inside an image cluster the most stable examples
-win. ``random``: a uniform draw of the same size. Both write the selected source records
-unchanged, in source order, and a manifest with one row per source record.
+win. Baselines: ``loss``, the same on clusters of per-example loss trajectories;
+``cluster-random``, XMAS's clusters and quotas with a random draw inside each cluster (isolates
+the stability rule); ``random``, a uniform draw of the same size; ``full``, every usable record
+(the reference a subset is measured against). All write the selected source records unchanged,
+in source order, and a manifest with one row per source record.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from xmas.errors import XmasError
 from xmas.io import write_parquet, write_raw_records
 from xmas.stage import StageStats, add_input_arguments, log
 
-METHODS = ("xmas", "random")
+METHODS = ("xmas", "loss", "cluster-random", "random", "full")
+CLUSTERED_METHODS = ("xmas", "loss", "cluster-random")
 MANIFEST_COLUMNS = ["uid", "index", "cluster", "stability", "selected", "reason"]
 
 
@@ -54,8 +58,13 @@ def seeded_draw(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
 
 
-def xmas_select(valid: pd.DataFrame, target: int, min_cluster_size: int, seed: int) -> pd.DataFrame:
-    """``valid``: uid, index, cluster, stability for usable records. Adds ``selected`` and ``reason``."""
+def xmas_select(valid: pd.DataFrame, target: int, min_cluster_size: int, seed: int,
+                inside_clusters: str = "stability") -> pd.DataFrame:
+    """``valid``: uid, index, cluster, stability for usable records. Adds ``selected`` and ``reason``.
+
+    ``inside_clusters``: ``stability`` keeps a cluster's most stable examples (XMAS), ``random``
+    draws them (the cluster-random baseline).
+    """
     valid = valid.sort_values("index").assign(selected=False, reason=None)
     sizes = valid.cluster.value_counts().to_dict()
     small = {c for c, n in sizes.items() if c != TEXT_ONLY and n < min_cluster_size}
@@ -66,6 +75,9 @@ def xmas_select(valid: pd.DataFrame, target: int, min_cluster_size: int, seed: i
         if group == TEXT_ONLY:
             chosen = members.index[seeded_draw(len(members), quota, seed)]
             valid.loc[members.index, "reason"] = "text_not_drawn"
+        elif inside_clusters == "random":
+            chosen = members.index[seeded_draw(len(members), quota, seed + 1 + int(group))]
+            valid.loc[members.index, "reason"] = "cluster_quota_filled"
         else:
             chosen = members.sort_values(["stability", "index"], kind="stable").index[:quota]
             valid.loc[members.index, "reason"] = "cluster_quota_filled"
@@ -78,6 +90,10 @@ def random_select(valid: pd.DataFrame, target: int, seed: int) -> pd.DataFrame:
     chosen = valid.index[seeded_draw(len(valid), target, seed)]
     valid.loc[chosen, ["selected", "reason"]] = [True, None]
     return valid
+
+
+def select_all(valid: pd.DataFrame) -> pd.DataFrame:
+    return valid.sort_values("index").assign(selected=True, reason=None)
 
 
 def manifest_of(examples: pd.DataFrame, decided: pd.DataFrame) -> pd.DataFrame:
@@ -140,14 +156,19 @@ def sample(method: str, budget: str, examples_path: Path, clusters_path: Path | 
     else:
         valid = valid.assign(cluster=pd.NA, stability=np.nan)
     target = budget_size(budget, len(valid))
-    if method == "xmas":
+    if method in CLUSTERED_METHODS:
         if clusters_path is None:
-            raise XmasError("method xmas needs --clusters")
+            raise XmasError(f"method {method} needs --clusters")
         if valid.cluster.isna().any():
             raise XmasError(f"{clusters_path} has no cluster for {int(valid.cluster.isna().sum())} usable records")
-        decided = xmas_select(valid, target, min_cluster_size, seed)
+        inside = "random" if method == "cluster-random" else "stability"
+        decided = xmas_select(valid, target, min_cluster_size, seed, inside)
     elif method == "random":
         decided = random_select(valid, target, seed)
+    elif method == "full":
+        if target != len(valid):
+            raise XmasError(f"method full selects every usable record: its budget must be 1, got {budget!r}")
+        decided = select_all(valid)
     else:
         raise XmasError(f"method must be one of {METHODS}, got {method!r}")
     manifest = manifest_of(examples, decided)
@@ -182,7 +203,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=METHODS, default="xmas", help="selection method (default xmas)")
     parser.add_argument("--budget", required=True, help="fraction of the usable records to select, in (0, 1]")
     add_input_arguments(parser, "examples", "annotations")
-    parser.add_argument("--clusters", type=Path, help="clusters.parquet from `xmas cluster` (needed by xmas)")
+    parser.add_argument("--clusters", type=Path,
+                        help="clusters.parquet from `xmas cluster` (needed by xmas, loss and cluster-random)")
     parser.add_argument("--out", required=True, type=Path, help="subset JSON to write (LLaVA format)")
     parser.add_argument("--manifest", type=Path, help="manifest parquet (default: <out>.manifest.parquet)")
     parser.add_argument("--min-cluster-size", type=int, default=3, help="skip smaller clusters (paper: 3)")

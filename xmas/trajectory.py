@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +21,16 @@ import torch
 
 from xmas.annotations import SPAN_COLUMNS, SourceRecords, read_examples
 from xmas.attention import CrossModalAttention, top_singular_values
-from xmas.encoding import ConversationEncoder
+from xmas.encoding import IGNORE_INDEX, ConversationEncoder
+from xmas.engine import DTYPES, attention_implementation, compute_device, resolve_dtype
 from xmas.errors import XmasError
 from xmas.io import write_json, write_parquet
-from xmas.proxy import compute_device, load_checkpoint
+from xmas.proxy import load_checkpoint
 from xmas.stage import StageStats, add_input_arguments, progress
 
 
-def trajectory_schema(top_k: int) -> pa.Schema:
-    return pa.schema([("uid", pa.string()), ("checkpoint", pa.int32()),
-                      *[(f"sv{i}", pa.float32()) for i in range(1, top_k + 1)]])
+def trajectory_schema(columns: list[str]) -> pa.Schema:
+    return pa.schema([("uid", pa.string()), ("checkpoint", pa.int32()), *[(name, pa.float32()) for name in columns]])
 
 
 def usable_image_examples(examples: Path) -> pd.DataFrame:
@@ -70,44 +71,139 @@ def reset_stale_parts(parts: Path, current: dict) -> None:
         write_json(current, marker)
 
 
-def extract_chunk(attention: CrossModalAttention, encoder: ConversationEncoder, records: list[dict],
-                  batch_size: int, top_k: int) -> np.ndarray:
-    values = []
-    for start in range(0, len(records), batch_size):
-        blocks, _ = attention.blocks(encoder(records[start : start + batch_size], with_labels=False))
-        values.append(top_singular_values(blocks, top_k).cpu().numpy())
-    return np.concatenate(values).astype(np.float32)
+def token_length(encoder: ConversationEncoder, record: dict) -> int:
+    """Tokens of the record's chat-template text before image expansion (every record here has one image)."""
+    text, _ = encoder.render(record)
+    return len(encoder.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def batch_positions(lengths: list[int] | None, count: int, batch_size: int) -> list[np.ndarray]:
+    """Positions of each batch: in order, or (given lengths) sorted by length so batches pad little.
+
+    The sort is stable, so equal lengths keep source order and the grouping is deterministic.
+    """
+    order = np.arange(count) if lengths is None else np.argsort(np.asarray(lengths), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, count, batch_size)]
+
+
+def run_batches(records: list[dict], batches: list[np.ndarray],
+                compute: Callable[[list[dict]], np.ndarray]) -> np.ndarray:
+    """``compute`` on each batch of records, its rows put back at the records' positions."""
+    values = None
+    for positions in batches:
+        rows = compute([records[i] for i in positions])
+        if values is None:
+            values = np.zeros((len(records), *rows.shape[1:]), dtype=np.float32)
+        values[positions] = rows
+    return values if values is not None else np.zeros((0,), dtype=np.float32)
+
+
+def singular_value_columns(top_k: int) -> list[str]:
+    return [f"sv{k}" for k in range(1, top_k + 1)]
+
+
+class SingularValues:
+    """The attention signal: top-k singular values of each record's text-to-image attention block."""
+
+    def __init__(self, attention: CrossModalAttention, encoder: ConversationEncoder, top_k: int):
+        self.attention, self.encoder, self.top_k = attention, encoder, top_k
+        self.columns = singular_value_columns(top_k)
+
+    def __call__(self, records: list[dict]) -> np.ndarray:
+        blocks, _ = self.attention.blocks(self.encoder(records, with_labels=False))
+        return top_singular_values(blocks, self.top_k).cpu().numpy()
+
+
+class ExampleLoss:
+    """The loss baseline's signal: each record's mean token loss over its assistant turns (0 if none is left).
+
+    The language-model head runs on the labelled positions only, so a large vocabulary costs little.
+    """
+
+    columns = ["loss"]
+
+    def __init__(self, model, encoder: ConversationEncoder):
+        self.model, self.encoder = model, encoder
+
+    @torch.no_grad()
+    def __call__(self, records: list[dict]) -> np.ndarray:
+        batch = self.encoder(records, with_labels=True)
+        labels = batch.pop("labels")
+        hidden = self.model.model(**batch).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        counted = targets != IGNORE_INDEX
+        logits = self.model.lm_head(hidden[counted]).float()
+        token_loss = torch.nn.functional.cross_entropy(logits, targets[counted], reduction="none")
+        rows = torch.arange(len(records), device=labels.device)[:, None].expand_as(targets)[counted]
+        total = torch.zeros(len(records), device=labels.device).index_add_(0, rows, token_loss)
+        return (total / counted.sum(dim=1).clamp(min=1)).cpu().numpy()[:, None]
+
+
+def extract_chunk(signal, encoder: ConversationEncoder, records: list[dict], batch_size: int,
+                  group_by_length: bool = False) -> np.ndarray:
+    """The signal of every record, in the records' order whatever the batching."""
+    lengths = [token_length(encoder, record) for record in records] if group_by_length else None
+    return run_batches(records, batch_positions(lengths, len(records), batch_size), signal)
+
+
+def load_signal(model_path: Path, image_root: Path, settings: dict, device: torch.device):
+    """The checkpoint in the extraction dtype, wrapped as the signal the settings ask for."""
+    dtype = resolve_dtype(settings.get("dtype", "float32"))
+    model, processor = load_checkpoint(model_path, dtype=dtype)
+    model.to(device).eval()
+    encoder = ConversationEncoder(processor, image_root, settings["max_length"], device)
+    if settings.get("signal", "attention") == "loss":
+        return ExampleLoss(model, encoder), encoder
+    output = capture_output(settings.get("attn_implementation", "auto"), device, dtype)
+    attention = CrossModalAttention(model, settings["layers"], settings["head_reduce"], settings["layer_reduce"],
+                                    output=output)
+    return SingularValues(attention, encoder, settings["top_k"]), encoder
+
+
+def capture_output(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """sdpa or flash_attention_2 for the layer outputs (the captured probabilities never use either)."""
+    if requested == "eager":
+        raise XmasError("trajectory attn_implementation eager: the capture replaces eager attention; "
+                        "use auto, sdpa or flash_attention_2")
+    chosen = attention_implementation(requested, device)
+    if chosen == "flash_attention_2" and requested == "auto" and dtype == torch.float32:
+        return "sdpa"  # flash-attn computes in half precision only; float32 weights keep SDPA
+    return chosen
 
 
 def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annotations: Path, image_root: Path,
                   out: Path, settings: dict, stats: StageStats) -> None:
     parts = out.with_name(out.name + ".parts")
     reset_stale_parts(parts, fingerprint(model_path, checkpoint, shard, settings))
-    chunk_size, top_k = settings["chunk_size"], settings["top_k"]
+    chunk_size = settings["chunk_size"]
     chunks = [shard.iloc[i : i + chunk_size] for i in range(0, len(shard), chunk_size)]
     todo = [(n, chunk) for n, chunk in enumerate(chunks) if not (parts / f"part-{n:05d}.parquet").exists()]
     stats.add("in", len(shard))
     stats.add("resumed_rows", len(shard) - sum(len(chunk) for _, chunk in todo))
+    columns = signal_columns(settings)
     if todo:
-        device = compute_device()
-        model, processor = load_checkpoint(model_path)
-        model.to(device).eval()
-        attention = CrossModalAttention(model, settings["layers"], settings["head_reduce"], settings["layer_reduce"])
-        encoder = ConversationEncoder(processor, image_root, settings["max_length"], device)
+        signal, encoder = load_signal(model_path, image_root, settings, compute_device())
         for n, chunk in progress(todo, total=len(todo), desc=f"checkpoint {checkpoint} chunks", unit="chunk"):
             with SourceRecords(annotations, chunk) as records:
-                values = extract_chunk(attention, encoder, records[:], settings["batch_size"], top_k)
+                values = extract_chunk(signal, encoder, records[:], settings["batch_size"],
+                                       settings.get("group_by_length", False))
             frame = pd.DataFrame({"uid": chunk["uid"].to_numpy(), "checkpoint": np.int32(checkpoint)})
-            for k in range(top_k):
-                frame[f"sv{k + 1}"] = values[:, k]
-            write_parquet(pa.Table.from_pandas(frame, schema=trajectory_schema(top_k), preserve_index=False),
+            for position, column in enumerate(columns):
+                frame[column] = values[:, position]
+            write_parquet(pa.Table.from_pandas(frame, schema=trajectory_schema(columns), preserve_index=False),
                           parts / f"part-{n:05d}.parquet")
             stats.add("computed_rows", len(chunk))
     tables = [pq.read_table(parts / f"part-{n:05d}.parquet") for n in range(len(chunks))]
-    merged = pa.concat_tables(tables) if tables else trajectory_schema(top_k).empty_table()
+    merged = pa.concat_tables(tables) if tables else trajectory_schema(columns).empty_table()
     write_parquet(merged, out)
     stats.add("out", merged.num_rows)
     shutil.rmtree(parts)
+
+
+def signal_columns(settings: dict) -> list[str]:
+    if settings.get("signal", "attention") == "loss":
+        return ExampleLoss.columns
+    return singular_value_columns(settings["top_k"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +213,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", required=True, type=int, help="number of shards")
     add_input_arguments(parser, "examples", "annotations", "image_root")
     parser.add_argument("--out", required=True, type=Path, help="shard parquet to write")
+    parser.add_argument("--signal", choices=("attention", "loss"), default="attention",
+                        help="attention: top-k singular values of the text-to-image attention (XMAS); "
+                        "loss: each example's mean loss on its answers (the loss baseline)")
     parser.add_argument("--top-k", type=int, default=5, help="singular values kept per checkpoint (default 5)")
     parser.add_argument("--layers", default="all", help="'all' or comma-separated decoder layers, e.g. 0,5,11")
     parser.add_argument("--head-reduce", choices=("sum", "mean"), default="sum", help="how heads combine")
@@ -124,6 +223,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=256, help="examples per resumable part file")
     parser.add_argument("--max-length", type=int, default=None, help="truncate longer conversations (tokens)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="model weights (the captured softmax and SVD stay float32); bfloat16 on GPUs")
+    parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                        help="batch examples of similar length within each chunk (results keep source order)")
+    parser.add_argument("--attn-implementation", choices=("auto", "sdpa", "flash_attention_2"), default="auto",
+                        help="attention for the layer outputs: auto is flash-attn 2 on CUDA in half precision "
+                        "when installed, else SDPA")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -131,9 +237,10 @@ def run(args: argparse.Namespace) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     stats = StageStats(f"trajectory checkpoint {args.checkpoint} shard {args.shard}")
-    settings = {"layers": parse_layers(args.layers), "head_reduce": args.head_reduce, "layer_reduce": args.layer_reduce,
+    settings = {"signal": args.signal, "layers": parse_layers(args.layers), "head_reduce": args.head_reduce, "layer_reduce": args.layer_reduce,
                 "batch_size": args.batch_size, "chunk_size": args.chunk_size, "top_k": args.top_k,
-                "max_length": args.max_length}
+                "max_length": args.max_length, "dtype": args.dtype, "group_by_length": args.group_by_length,
+                "attn_implementation": args.attn_implementation}
     shard = shard_slice(usable_image_examples(args.examples), args.shard, args.shards)
     extract_shard(args.model, args.checkpoint, shard, args.annotations, args.image_root, args.out, settings, stats)
     stats.finish(args.stats)

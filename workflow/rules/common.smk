@@ -8,6 +8,8 @@ DATASET = config["dataset"]
 TRAINING = config["training"]
 TRAJECTORY = config["trajectory"]
 SELECTION = config["selection"]
+TARGET = config["target"]
+EVALUATION = config["evaluation"]
 
 CHECKPOINTS = TRAINING["checkpoints"]
 SHARDS = TRAJECTORY["shards"]
@@ -44,13 +46,21 @@ else:
     IMAGE_INPUT = []
 
 EXAMPLES = "results/data/examples.parquet"
-SELECTION_METHODS = ["xmas", "random"]
+SELECTION_METHODS = SELECTION["methods"]
+# Baselines whose subset changes with the seed; evaluation draws one subset per seed for them.
+SEEDED_METHODS = ("random", "cluster-random")
+# The reference every subset is measured against: all usable records, trained and evaluated alike.
+FULL = ("full", "1")
+TARGET_BASE = "results/target/base"
+TARGET_PRESETS = TARGET.get("presets", str(Path(workflow.basedir).parent / "resources/target_presets.yaml"))
 
 
 wildcard_constraints:
     budget=r"(0?\.\d*[1-9]\d*|1(\.0*)?)",
     checkpoint=r"[1-9]\d*",
     shard=r"\d+",
+    seed=r"\d+",
+    method=r"[a-z][a-z-]*",
 
 
 def flags(section, *keys):
@@ -75,10 +85,14 @@ def methods_and_budgets():
     return [(method, budget) for method in SELECTION_METHODS for budget in SELECTION["budgets"]]
 
 
-def subset_json(method, budget):
-    """results/subset_{budget}.json for XMAS, results/{method}/subset_{budget}.json for baselines."""
-    prefix = "" if method == "xmas" else f"{method}/"
-    return f"results/{prefix}subset_{budget}.json"
+def subset_json(method, budget, seed=None):
+    """results/subset_{budget}.json for XMAS, results/{method}/subset_{budget}.json for baselines,
+    and results/{method}/seed-{seed}/subset_{budget}.json for a seeded baseline's other seeds."""
+    if method == "xmas":
+        return f"results/subset_{budget}.json"
+    if method in SEEDED_METHODS and seed is not None and int(seed) != SELECTION["seed"]:
+        return f"results/{method}/seed-{seed}/subset_{budget}.json"
+    return f"results/{method}/subset_{budget}.json"
 
 
 def subset_manifest(method, budget):
@@ -87,3 +101,27 @@ def subset_manifest(method, budget):
 
 def all_subsets():
     return [subset_json(method, budget) for method, budget in methods_and_budgets()]
+
+
+def evaluation_runs():
+    """(method, budget, seed) of every target fine-tune: each method and budget, and the full set, per seed."""
+    pairs = [*methods_and_budgets(), FULL]
+    return [(method, budget, seed) for method, budget in pairs for seed in EVALUATION["seeds"]]
+
+
+def target_dir(method, budget, seed):
+    return f"results/target/{method}/{budget}/seed-{seed}"
+
+
+def scores_tsv(method, budget, seed):
+    return f"results/eval/runs/{method}/{budget}/seed-{seed}.tsv"
+
+
+EVAL_SUMMARY = "results/eval/summary.tsv"
+
+
+def launcher(gpus):
+    """The command that starts a stage: `xmas` on up to one GPU, torchrun with one process per GPU beyond."""
+    from xmas.engine import launcher_prefix
+
+    return " ".join(launcher_prefix(gpus))

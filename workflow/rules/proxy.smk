@@ -32,7 +32,9 @@ rule train_segment:
         image_root=IMAGE_ROOT,
         checkpoints=CHECKPOINTS,
         options=flags(TRAINING, "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
-                      "max_grad_norm", "max_length", "freeze_vision_tower", "seed"),
+                      "max_grad_norm", "max_length", "freeze_vision_tower", "seed", "micro_batch_size",
+                      "precision", "gradient_checkpointing", "attn_implementation", "deepspeed"),
+        launch=launcher(TRAINING["gpus"]),
     threads: TRAINING["threads"]
     resources:
         gpu=TRAINING["gpus"],
@@ -40,7 +42,7 @@ rule train_segment:
         log="logs/proxy/checkpoint-{checkpoint}.log",
         stats="logs/stats/proxy/checkpoint-{checkpoint}.json",
     shell:
-        "xmas train-segment --checkpoint {wildcards.checkpoint} --checkpoints {params.checkpoints}"
+        "{params.launch} train-segment --checkpoint {wildcards.checkpoint} --checkpoints {params.checkpoints}"
         " --previous {input.previous} --out {output} --examples {input.examples}"
         " --annotations {input.annotations} --image-root {params.image_root} {params.options}"
         " --threads {threads} --stats {log.stats} 2> {log.log}"

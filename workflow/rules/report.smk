@@ -1,4 +1,4 @@
-# The report: one self-contained HTML page about the selection and the run.
+# The report: one self-contained HTML page about the selection, its evaluation and the run.
 import json
 
 
@@ -9,6 +9,7 @@ rule report:
         clusters="results/selection/clusters.parquet",
         trajectories="results/trajectories.parquet",
         manifests=[subset_manifest(method, budget) for method, budget in methods_and_budgets()],
+        eval_summary=EVAL_SUMMARY,
     output:
         "results/report.html",
     params:
@@ -23,5 +24,6 @@ rule report:
     shell:
         "xmas report --examples {input.examples} --annotations {input.annotations}"
         " --clusters {input.clusters} --trajectories {input.trajectories} {params.manifests}"
+        " --eval-summary {input.eval_summary}"
         " --run-config {params.run_config:q} --stats-dir logs/stats --out {output}"
         " --stats {log.stats} 2> {log.log}"

@@ -1,4 +1,5 @@
-# Trajectories: one job per (checkpoint, shard), then a merge that checks completeness.
+# Trajectories: one job per (checkpoint, shard), then a merge that checks completeness. The loss
+# baseline runs the same jobs with each example's training loss as the signal, under results/loss/.
 
 
 rule trajectory:
@@ -13,7 +14,7 @@ rule trajectory:
         image_root=IMAGE_ROOT,
         shards=SHARDS,
         options=flags(TRAJECTORY, "top_k", "layers", "head_reduce", "layer_reduce", "batch_size",
-                      "chunk_size", "max_length"),
+                      "chunk_size", "max_length", "dtype", "group_by_length", "attn_implementation"),
     threads: TRAJECTORY["threads"]
     resources:
         gpu=TRAJECTORY["gpus"],
@@ -25,6 +26,19 @@ rule trajectory:
         " --shards {params.shards} --examples {input.examples} --annotations {input.annotations}"
         " --image-root {params.image_root} --out {output} {params.options} --threads {threads}"
         " --stats {log.stats} 2> {log.log}"
+
+
+use rule trajectory as trajectory_loss with:
+    output:
+        "results/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
+    params:
+        image_root=IMAGE_ROOT,
+        shards=SHARDS,
+        options="--signal loss " + flags(TRAJECTORY, "batch_size", "chunk_size", "max_length", "dtype",
+                                         "group_by_length", "attn_implementation"),
+    log:
+        log="logs/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
+        stats="logs/stats/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",
 
 
 rule merge:
@@ -46,3 +60,18 @@ rule merge:
     shell:
         "xmas merge {input.shards} --examples {input.examples} --checkpoints {params.checkpoints}"
         " --shards {params.shards} --out {output} --stats {log.stats} 2> {log.log}"
+
+
+use rule merge as merge_loss with:
+    input:
+        shards=expand(
+            "results/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
+            checkpoint=range(1, CHECKPOINTS + 1),
+            shard=range(SHARDS),
+        ),
+        examples=EXAMPLES,
+    output:
+        "results/loss/trajectories.parquet",
+    log:
+        log="logs/loss/merge.log",
+        stats="logs/stats/loss/merge.json",
