@@ -16,7 +16,8 @@ from xmas.stage import progress, setup_logging
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = REPO / "test-artifacts"
-DEMO_FIGURES = 5  # trajectories, stability, cluster quotas, composition by source and by question type
+# trajectories, stability, cluster quotas, composition by source and by question type, ARP vs budget
+DEMO_FIGURES = 6
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +55,7 @@ def test_every_figure_renders_in_chromium(report, browser):
     assert all(complete and width > 0 and height > 0 for complete, width, height in sizes), sizes
     headings = browser.execute_script("return Array.from(document.querySelectorAll('h3')).map(h => h.textContent);")
     assert "Subset composition by question type" in headings and "Counts per stage" in headings
+    assert "Average relative performance vs budget" in headings
     height = browser.execute_script("return document.body.scrollHeight;")
     browser.set_window_size(1200, height + 100)
     ARTIFACTS.mkdir(exist_ok=True)

@@ -28,7 +28,7 @@ INSTALL = "apt-get install munge slurmctld slurmd slurm-client"
 GPU_RULES = {"train_segment", "trajectory"}
 # One Slurm job per rule instance of the reduced demo (3 checkpoints x 2 shards).
 REDUCED_PLAN = {"demo_data": 1, "prepare": 1, "proxy_init": 1, "train_segment": 3, "trajectory": 6, "merge": 1,
-                "cluster": 1, "sample_xmas": 1, "sample_random": 1}
+                "cluster": 1, "sample_xmas": 1, "sample_unclustered": 1}
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
 pytestmark = pytest.mark.slow

@@ -85,7 +85,8 @@ def test_dry_run_of_the_loss_baseline_runs_its_own_trajectories(tmp_path):
 
 @pytest.mark.slow
 def test_evaluation_summary_of_the_reduced_demo(workflow_run):
-    result = snakemake(workflow_run, "--cores", "2", "results/eval/summary.tsv")
+    # --forcerun: the report may have built the summary already; the table must print again.
+    result = snakemake(workflow_run, "--cores", "2", "--forcerun", "summarize", "results/eval/summary.tsv")
     summary = pd.read_csv(workflow_run / "results/eval/summary.tsv", sep="\t", dtype={"budget": str})
     types = sorted({r["question_type"] for r in read_all(workflow_run / "results/demo/test.json")})
     runs = summary.groupby(["method", "budget", "seed"]).benchmark.apply(sorted)
