@@ -18,6 +18,16 @@ from xmas.records import to_messages
 IGNORE_INDEX = -100
 
 
+def record_images(records: list[dict], image_root: Path) -> list[Image.Image]:
+    """The RGB image of every record that has one, in record order (the processor's expected order)."""
+    images = []
+    for record in records:
+        if record.get("image"):
+            with Image.open(Path(image_root) / record["image"]) as image:
+                images.append(image.convert("RGB"))
+    return images
+
+
 class ConversationEncoder:
     def __init__(self, processor, image_root: str | Path | None, max_length: int | None = None,
                  device: torch.device | str = "cpu"):
@@ -66,13 +76,9 @@ class ConversationEncoder:
             position += 1
         return out
 
-    def load_image(self, path: str) -> Image.Image:
-        with Image.open(self.image_root / path) as image:
-            return image.convert("RGB")
-
     def __call__(self, records: list[dict], with_labels: bool = True) -> dict[str, torch.Tensor]:
         rendered = [self.render(record) for record in records]
-        images = [self.load_image(record["image"]) for record in records if record.get("image")]
+        images = record_images(records, self.image_root)
         batch = self.processor(
             text=[text for text, _ in rendered], images=images or None, return_tensors="pt",
             padding=True, truncation=self.max_length is not None, max_length=self.max_length,

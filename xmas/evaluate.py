@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from xmas.annotations import read_all
-from xmas.encoding import ConversationEncoder
+from xmas.encoding import record_images
 from xmas.errors import XmasError
 from xmas.finetune import load_target
 from xmas.io import atomic_path, write_parquet
@@ -55,7 +55,7 @@ class AnswerGenerator:
 
     def __init__(self, model, processor, image_root: Path, max_new_tokens: int, device: torch.device):
         self.model, self.processor, self.device = model, processor, device
-        self.images = ConversationEncoder(processor, image_root)
+        self.image_root = image_root
         self.max_new_tokens = max_new_tokens
         processor.tokenizer.padding_side = "left"
 
@@ -63,7 +63,7 @@ class AnswerGenerator:
     def __call__(self, prompts: list[list[dict]], records: list[dict]) -> list[str]:
         texts = [self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
                  for messages in prompts]
-        images = [self.images.load_image(record["image"]) for record in records if record.get("image")]
+        images = record_images(records, self.image_root)
         inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True).to(self.device)
         tokenizer = self.processor.tokenizer
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
