@@ -37,26 +37,49 @@ def small_demo(tmp_path_factory) -> dict:
     return paths
 
 
-@pytest.fixture(scope="session")
-def small_examples(small_demo, tmp_path_factory) -> Path:
-    from xmas.io import write_parquet
-    from xmas.prepare import prepare
-    from xmas.stage import StageStats
-
-    out = tmp_path_factory.mktemp("data") / "examples.parquet"
-    write_parquet(prepare(small_demo["train"], small_demo["images"], 1, True, 2, StageStats("test")), out)
-    return out
+DEMO_SETTINGS = {"conversation": None, "image_position": "front", "image_preprocessing": None, "max_length": None}
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(small_demo, small_examples, tmp_path_factory) -> Path:
+def tiny_checkpoint(small_demo, tmp_path_factory) -> Path:
     """Checkpoint 0 of the demo-tiny proxy for the small dataset."""
     from xmas.proxy import init_proxy, load_presets
     from xmas.stage import StageStats
 
     out = tmp_path_factory.mktemp("proxy") / "checkpoint-0"
-    init_proxy("demo-tiny", load_presets(), small_examples, small_demo["train"], out, 0, StageStats("test"))
+    init_proxy("demo-tiny", load_presets(), small_demo["train"], out, 0, DEMO_SETTINGS, {}, StageStats("test"))
     return out
+
+
+@pytest.fixture(scope="session")
+def small_examples(small_demo, tiny_checkpoint, tmp_path_factory) -> Path:
+    from xmas.io import write_parquet
+    from xmas.prepare import prepare
+    from xmas.stage import StageStats
+
+    out = tmp_path_factory.mktemp("data") / "examples.parquet"
+    table = prepare(small_demo["train"], small_demo["images"], 1, True, 2, StageStats("test"), tiny_checkpoint)
+    write_parquet(table, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_checkpoint, small_demo):
+    """The demo proxy's encoder, reading the small dataset's images."""
+    from xmas.encoding import ConversationEncoder
+
+    return ConversationEncoder.of_checkpoint(tiny_checkpoint, image_root=small_demo["images"])
+
+
+@pytest.fixture(scope="session")
+def standins(tmp_path_factory) -> dict:
+    """Every stand-in of a real model (xmas.standins), as ``model_paths``: Hub id -> local folder."""
+    from xmas.standins import STANDINS, write_standin
+
+    root = tmp_path_factory.mktemp("standins")
+    for name in STANDINS:
+        write_standin(name, root / name)
+    return {hub: str(root / name) for name, (hub, _) in STANDINS.items()}
 
 
 TARGETS = ["results/subset_0.5.json", "results/random/subset_0.5.json"]

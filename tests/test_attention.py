@@ -22,7 +22,7 @@ def model_and_encoder(tiny_checkpoint, small_demo):
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.2)
     model.eval()
-    return model, ConversationEncoder(processor, small_demo["images"])
+    return model, ConversationEncoder.of_checkpoint(tiny_checkpoint, processor, small_demo["images"])
 
 
 @pytest.fixture(scope="module")

@@ -44,7 +44,7 @@ def synthetic_inputs(tmp_path, groups=3, per_group=30, checkpoints=4):
 
 def test_clusters_recover_trajectory_shapes_and_are_reproducible(tmp_path):
     examples, trajectories = synthetic_inputs(tmp_path)
-    settings = {"clusters": 3, "feature": "sum_topk", "iterations": 20, "seed": 0}
+    settings = {"clusters": 3, "feature": "sum_topk", "iterations": 20, "seed": 0, "min_cluster_size": 3}
     result = cluster(examples, trajectories, settings, StageStats("t"))
     assert result.uid.tolist()[-2:] == ["t0", "t1"] and "x" not in set(result.uid)
     assert (result.cluster.iloc[-2:] == -1).all() and result.stability.iloc[-2:].isna().all()
@@ -53,3 +53,13 @@ def test_clusters_recover_trajectory_shapes_and_are_reproducible(tmp_path):
     assert images.cluster.nunique() == 3
     again = cluster(examples, trajectories, settings, StageStats("t"))
     pd.testing.assert_frame_equal(result, again)
+
+
+def test_more_clusters_than_the_examples_can_fill_are_capped(tmp_path, caplog):
+    """The paper's K = 1000 on a small dataset would leave every cluster below min_cluster_size."""
+    examples, trajectories = synthetic_inputs(tmp_path)  # 90 image examples
+    settings = {"clusters": 1000, "feature": "sum_topk", "iterations": 20, "seed": 0, "min_cluster_size": 3}
+    stats = StageStats("t")
+    result = cluster(examples, trajectories, settings, stats)
+    assert stats.as_dict()["clusters"] == 30 and result.cluster[result.cluster >= 0].nunique() <= 30
+    assert "1000 asked, but 90 image examples fill at most 30 clusters" in caplog.text

@@ -22,8 +22,7 @@ from xmas.stage import StageStats
 from xmas.train import train_segment
 
 SETTINGS = {"epochs": 1, "batch_size": 24, "checkpoints": 3, "seed": 0, "learning_rate": 2e-3,
-            "weight_decay": 0.0, "warmup_ratio": 0.1, "max_grad_norm": 1.0, "freeze_vision_tower": False,
-            "max_length": None}
+            "weight_decay": 0.0, "warmup_ratio": 0.1, "max_grad_norm": 1.0, "freeze_vision_tower": False}
 
 
 def test_dtype_names_from_config_and_cli():

@@ -21,7 +21,7 @@ from xmas.proxy import load_checkpoint
 from xmas.stage import StageStats
 
 SETTINGS = {"seed": 0, "epochs": 1, "batch_size": 8, "learning_rate": 1e-3, "projector_learning_rate": 1e-4,
-            "weight_decay": 0.0, "warmup_ratio": 0.0, "max_grad_norm": 1.0, "max_length": None, "lora_r": 4,
+            "weight_decay": 0.0, "warmup_ratio": 0.0, "max_grad_norm": 1.0, "lora_r": 4,
             "lora_alpha": 8, "lora_dropout": 0.0, "freeze_vision_tower": True, "micro_batch_size": None,
             "precision": "fp32", "gradient_checkpointing": False, "attn_implementation": "auto", "deepspeed": None}
 
@@ -75,7 +75,7 @@ def test_a_lora_run_saves_an_adapter_that_merges_into_the_same_model(tiny_checkp
     from peft import PeftModel
 
     unmerged = PeftModel.from_pretrained(load_checkpoint(tiny_checkpoint)[0], out).eval()
-    batch = ConversationEncoder(processor, small_demo["images"])(read_all(subset)[:4], with_labels=False)
+    batch = ConversationEncoder.of_checkpoint(out, processor, small_demo["images"])(read_all(subset)[:4], with_labels=False)
     with torch.no_grad():
         torch.testing.assert_close(merged.eval()(**batch).logits, unmerged(**batch).logits, rtol=1e-4, atol=1e-4)
 

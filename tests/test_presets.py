@@ -1,4 +1,4 @@
-"""Proxy presets: resolution, and the compose kind built from tiny pretrained parts saved locally (no downloads)."""
+"""Model presets: resolution, and the compose kind built from offline stand-ins of the real models."""
 
 from __future__ import annotations
 
@@ -6,119 +6,120 @@ import pytest
 import torch
 from PIL import Image
 
-from xmas.encoding import IGNORE_INDEX, ConversationEncoder
+from conftest import DEMO_SETTINGS
+from xmas.encoding import IGNORE_INDEX, ConversationEncoder, Encoding
 from xmas.errors import XmasError
-from xmas.proxy import load_checkpoint, load_presets, materialise, resolve
+from xmas.proxy import (RESOURCES, chat_template, init_proxy, load_checkpoint, load_presets, locate, materialise,
+                        resolve)
+from xmas.stage import StageStats
 
 PRESETS = load_presets()
-TEMPLATE = PRESETS["tinyllava-stablelm2-clip336"]["chat_template"]
+TARGETS = load_presets(RESOURCES / "target_presets.yaml")
 RECORD = {"id": "r1", "image": "red.png", "conversations": [
     {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "It is red."},
     {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]}
+VICUNA = "lmsys/vicuna-7b-v1.5"
+CLIP = "openai/clip-vit-large-patch14-336"
+PROJECTOR = "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5"
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory) -> dict:
-    """A tiny StableLM causal LM with a byte-level BPE tokenizer (no pad token) and a tiny CLIP vision model."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, PreTrainedTokenizerFast,
-                              StableLmConfig, StableLmForCausalLM)
-
-    root = tmp_path_factory.mktemp("parts")
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>"]
-    bpe.train_from_iterator(["What color is it? It is red. Sure? Yes."] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    llm = StableLmForCausalLM(StableLmConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4))
-    tokenizer.save_pretrained(root / "llm")
-    llm.save_pretrained(root / "llm")
-    vision = CLIPVisionModel(CLIPVisionConfig(image_size=28, patch_size=14, hidden_size=24, intermediate_size=48,
-                                              num_hidden_layers=2, num_attention_heads=2))
-    vision.save_pretrained(root / "vision")
-    CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}).save_pretrained(root / "vision")
-    projector = {"model.mm_projector.0.weight": torch.randn(32, 24), "model.mm_projector.0.bias": torch.randn(32),
-                 "model.mm_projector.2.weight": torch.randn(32, 32), "model.mm_projector.2.bias": torch.randn(32)}
-    torch.save(projector, root / "mm_projector.bin")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
     Image.new("RGB", (40, 30), (200, 10, 10)).save(root / "red.png")
-    return {"root": root, "llm": llm, "vision": vision, "projector": projector}
-
-
-def compose_spec(parts, **overrides) -> dict:
-    spec = {"name": "tiny-compose", "kind": "compose", "language_model": str(parts["root"] / "llm"),
-            "vision_model": str(parts["root"] / "vision"), "projector_weights": str(parts["root"] / "mm_projector.bin"),
-            "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "chat_template": TEMPLATE}
-    return {**spec, **overrides}
+    return root
 
 
 @pytest.fixture(scope="module")
-def composed(parts):
-    return materialise(compose_spec(parts), seed=0)
+def composed(standins):
+    model, processor = materialise(resolve("llava-1.5-7b", TARGETS), seed=0, paths=standins)
+    processor.chat_template = chat_template("vicuna_v1")
+    return model, processor
 
 
-def test_compose_carries_every_pretrained_part(parts, composed):
+def test_compose_carries_every_pretrained_part(standins, composed):
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
     model, _ = composed
-    llm_weights = parts["llm"].model.state_dict()
+    llm = LlamaForCausalLM.from_pretrained(standins[VICUNA], dtype=torch.float32)
+    llm_weights = llm.model.state_dict()
     for name, tensor in model.model.language_model.state_dict().items():
         if name != "embed_tokens.weight":
             torch.testing.assert_close(tensor, llm_weights[name], msg=name)
-    vocab = parts["llm"].config.vocab_size
+    vocab = llm.config.vocab_size
     torch.testing.assert_close(model.model.language_model.embed_tokens.weight[:vocab], llm_weights["embed_tokens.weight"])
+    vision = CLIPVisionModel.from_pretrained(standins[CLIP]).state_dict()
     for name, tensor in model.model.vision_tower.state_dict().items():
-        torch.testing.assert_close(tensor, parts["vision"].state_dict()[name], msg=name)
-    projector = model.model.multi_modal_projector
-    torch.testing.assert_close(projector.linear_1.weight, parts["projector"]["model.mm_projector.0.weight"])
-    torch.testing.assert_close(projector.linear_2.bias, parts["projector"]["model.mm_projector.2.bias"])
+        torch.testing.assert_close(tensor, vision[name], msg=name)
+    projector = torch.load(f"{standins[PROJECTOR]}/mm_projector.bin", weights_only=True)
+    torch.testing.assert_close(model.model.multi_modal_projector.linear_1.weight,
+                               projector["model.mm_projector.0.weight"].float())
+    torch.testing.assert_close(model.model.multi_modal_projector.linear_2.bias,
+                               projector["model.mm_projector.2.bias"].float())
     assert model.config.projector_hidden_act == "gelu" and model.config.vision_feature_layer == -2
 
 
-def test_compose_adds_image_and_pad_tokens(parts, composed):
+def test_compose_adds_the_image_token_and_vicunas_pad_token(composed):
     model, processor = composed
     tokenizer = processor.tokenizer
-    assert tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.pad_token == tokenizer.unk_token == "<unk>"  # as LLaVA sets it for Vicuna
     assert model.config.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
-    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer) > parts["llm"].config.vocab_size
-    assert model.config.image_seq_length == 4  # (28 / 14)^2 patches; the CLS token is dropped ("default")
+    assert model.get_input_embeddings().weight.shape[0] == len(tokenizer)
+    assert model.config.image_seq_length == 16  # (56 / 14)^2 patches; the CLS token is dropped ("default")
 
 
-def test_template_labels_cover_assistant_turns_only(parts, composed):
-    model, processor = composed
-    batch = ConversationEncoder(processor, parts["root"])([RECORD])
-    text = processor.tokenizer.decode(batch["input_ids"][0])
-    assert text.startswith("<|user|>\n" + "<image>" * 4 + "\nWhat color is it?<|endoftext|>\n<|assistant|>\n")
-    labelled = batch["labels"][0] != IGNORE_INDEX
-    assert processor.tokenizer.decode(batch["input_ids"][0][labelled]) == "It is red.<|endoftext|>\nYes.<|endoftext|>\n"
-    assert torch.isfinite(model(**batch).loss)
-
-
-def test_composed_proxy_saves_as_a_standard_checkpoint(parts, composed, tmp_path):
+def test_composed_target_saves_as_a_standard_checkpoint(composed, images, tmp_path):
     model, processor = composed
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
+    Encoding("front", 2048, 16).save(tmp_path)
     loaded, loaded_processor = load_checkpoint(tmp_path)
-    assert loaded_processor.chat_template == TEMPLATE and loaded.config.image_seq_length == 4
-    batch = ConversationEncoder(loaded_processor, parts["root"])([RECORD])
+    assert loaded_processor.chat_template == chat_template("vicuna_v1") and loaded.config.image_seq_length == 16
+    batch = ConversationEncoder.of_checkpoint(tmp_path, loaded_processor, images)([RECORD])
+    assert batch["labels"].ne(IGNORE_INDEX).any()
     torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
 
 
-def test_projector_weights_with_other_keys_are_refused(parts, tmp_path):
+def test_the_paper_presets_follow_their_recipes():
+    proxy = resolve("tinyllava-stablelm2-clip336", PRESETS)
+    assert proxy["kind"] == "compose" and proxy["language_model"] == "stabilityai/stablelm-2-zephyr-1_6b"
+    assert proxy["vision_model"] == CLIP and proxy["vision_feature_layer"] == -2
+    assert (proxy["conversation"], proxy["image_preprocessing"]) == ("phi", "crop")
+    target = resolve("llava-1.5-7b", TARGETS)
+    assert target["language_model"] == VICUNA and target["projector_weights"] == f"{PROJECTOR}/mm_projector.bin"
+    assert (target["conversation"], target["image_preprocessing"]) == ("vicuna_v1", "pad")
+    assert resolve("llava-interleave-qwen-0.5b", PRESETS)["path"] == "llava-hf/llava-interleave-qwen-0.5b-hf"
+
+
+def test_model_paths_find_repos_and_files_inside_them():
+    paths = {VICUNA: "/models/vicuna", PROJECTOR: "/models/projector"}
+    assert locate(VICUNA, paths) == "/models/vicuna"
+    assert locate(f"{PROJECTOR}/mm_projector.bin", paths) == "/models/projector/mm_projector.bin"
+    assert locate(CLIP, paths) == CLIP
+
+
+def test_projector_weights_with_other_keys_are_refused(standins, tmp_path):
     torch.save({"model.mm_projector.1.weight": torch.zeros(1)}, tmp_path / "bad.bin")
+    spec = {**resolve("llava-1.5-7b", TARGETS), "projector_weights": str(tmp_path / "bad.bin")}
     with pytest.raises(XmasError, match=r"bad\.bin: unexpected tensor 'model\.mm_projector\.1\.weight'"):
-        materialise(compose_spec(parts, projector_weights=str(tmp_path / "bad.bin")), seed=0)
+        materialise(spec, seed=0, paths=standins)
 
 
-def test_missing_model_names_the_key_and_value(parts):
+def test_missing_model_names_the_key_and_value(standins):
+    spec = resolve("llava-1.5-7b", TARGETS)
     with pytest.raises(XmasError, match=r"language_model '/nowhere/llm' cannot be loaded"):
-        materialise(compose_spec(parts, language_model="/nowhere/llm"), seed=0)
+        materialise({**spec, "language_model": "/nowhere/llm"}, seed=0, paths=standins)
     with pytest.raises(XmasError, match=r"vision_model 'no-such-owner/no-such-model' cannot be loaded"):
-        materialise(compose_spec(parts, vision_model="no-such-owner/no-such-model"), seed=0)
-    with pytest.raises(XmasError, match="needs 'chat_template'"):
-        materialise(compose_spec(parts, chat_template=None), seed=0)
+        materialise({**spec, "vision_model": "no-such-owner/no-such-model"}, seed=0, paths=standins)
+
+
+def test_a_composed_model_without_a_conversation_is_refused(standins, tmp_path):
+    (tmp_path / "train.json").write_text("[]")
+    with pytest.raises(XmasError, match="its processor has no chat template; name a conversation"):
+        init_proxy("llava-1.5-7b", TARGETS, tmp_path / "train.json", tmp_path / "out", 0,
+                   {**DEMO_SETTINGS, "conversation": "model"}, standins, StageStats("t"))
+    with pytest.raises(XmasError, match="conversation 'vicuna' is not one of demo, phi, vicuna_v1, zephyr"):
+        chat_template("vicuna")
 
 
 def test_resolution_precedence_preset_then_folder_then_hub_id(tmp_path, monkeypatch):
@@ -130,13 +131,6 @@ def test_resolution_precedence_preset_then_folder_then_hub_id(tmp_path, monkeypa
     assert resolve("llava-hf/llava-interleave-qwen-0.5b-hf", PRESETS)["kind"] == "pretrained"
     with pytest.raises(XmasError, match="'./missing' is neither a preset .*tinyllava-stablelm2-clip336"):
         resolve("./missing", PRESETS)
-
-
-def test_shipped_paper_preset_composes_stablelm2_and_clip336():
-    spec = resolve("tinyllava-stablelm2-clip336", PRESETS)
-    assert spec["kind"] == "compose" and spec["language_model"] == "stabilityai/stablelm-2-zephyr-1_6b"
-    assert spec["vision_model"] == "openai/clip-vit-large-patch14-336" and spec["vision_feature_layer"] == -2
-    assert resolve("llava-interleave-qwen-0.5b", PRESETS)["path"] == "llava-hf/llava-interleave-qwen-0.5b-hf"
 
 
 def test_unknown_kind_and_from_config_without_records_are_clear_errors():

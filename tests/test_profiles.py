@@ -49,9 +49,11 @@ def test_paper_config_plans_one_job_per_checkpoint_and_shard(name, tmp_path):
 def test_paper_config_overrides_every_demo_setting(name):
     """The demo config is read first, so a key the paper config leaves out would keep its demo value."""
     demo, paper = load("config/config.yaml"), load(f"config/{name}.yaml")
-    for section in ("training", "trajectory", "selection", "target", "evaluation"):
+    for section in ("proxy", "training", "trajectory", "selection", "target", "evaluation"):
         assert set(demo[section]) <= set(paper[section]), (section, set(demo[section]) - set(paper[section]))
-    assert paper["dataset"]["download"] == name and paper["proxy"] == "tinyllava-stablelm2-clip336"
+    assert paper["dataset"]["download"] == name and paper["proxy"]["model"] == "tinyllava-stablelm2-clip336"
+    assert (paper["proxy"]["conversation"], paper["target"]["conversation"]) == ("phi", "vicuna_v1")
+    assert (paper["proxy"]["image_preprocessing"], paper["target"]["image_preprocessing"]) == ("crop", "pad")
     assert paper["selection"]["clusters"] == 1000 and paper["trajectory"]["top_k"] == 5
     validate(paper, str(REPO / "workflow/schemas/config.schema.yaml"))
 

@@ -45,7 +45,7 @@ def test_console_script_lists_the_stages():
 def test_stage_error_is_one_clear_line(tmp_path, capfd):
     missing = tmp_path / "nope.json"
     code = main(["prepare", "--annotations", str(missing), "--image-root", str(tmp_path),
-                 "--out", str(tmp_path / "e.parquet")])
+                 "--model", str(tmp_path), "--out", str(tmp_path / "e.parquet")])
     err = capfd.readouterr().err
     assert code == 1 and f"prepare failed: {missing}: annotation file not found" in err and "Traceback" not in err
 
@@ -59,7 +59,8 @@ def test_shipped_config_is_valid_and_defaults_fill_in():
     config = schema_check(yaml.safe_load((REPO / "config/config.yaml").read_text()))
     assert config["training"]["checkpoints"] == 5 and config["trajectory"]["shards"] == 2
     minimal = schema_check({"dataset": {"annotations": "a.json", "image_root": "img"}})
-    assert minimal["selection"]["min_cluster_size"] == 3 and minimal["proxy"] == "demo-tiny"
+    assert minimal["selection"]["min_cluster_size"] == 3 and minimal["proxy"]["model"] == "demo-tiny"
+    assert minimal["proxy"]["image_position"] == "front" and minimal["model_paths"] == {}
 
 
 @pytest.mark.parametrize(("config", "named"), [

@@ -124,6 +124,7 @@ def test_a_malformed_annotation_file_stops_prepare_at_its_line_and_column(messy_
     work = project(tmp_path / "run", {"download": str(messy_dataset["root"] / "broken.yaml")})
     result = run_snakemake(work, "--cores", "1", "results/data/examples.parquet")
     assert result.returncode != 0
-    log = (work / "logs/prepare.log").read_text()
-    assert "prepare failed: data/broken/train.json: not valid JSON at line 3, column 13" in log
+    # The demo proxy learns its tokenizer from the records, so proxy-init reads the file first.
+    log = (work / "logs/proxy/checkpoint-0.log").read_text()
+    assert "proxy-init failed: data/broken/train.json: not valid JSON at line 3, column 13" in log
     assert "Traceback" not in log

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xmas.annotations import read_all
-from xmas.encoding import IGNORE_INDEX, ConversationEncoder
+from xmas.encoding import IGNORE_INDEX
 from xmas.proxy import load_checkpoint
 from xmas.records import InvalidRecord, check_conversation, to_messages
 
@@ -15,15 +15,21 @@ def turns(*values):
     return [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
 
 
-def test_image_tag_becomes_an_image_item_at_its_place():
-    record = {"conversations": turns("Look: <image> What is it?", "a cat", "And the colour?", "grey")}
+def test_the_image_moves_to_the_front_of_its_turn_as_llava_does():
+    record = {"conversations": turns("What is it?\n<image>", "a cat ", "And the colour? ", "grey")}
     messages = to_messages(record)
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
-    assert messages[0]["content"] == [{"type": "text", "text": "Look:"}, {"type": "image"},
-                                      {"type": "text", "text": "What is it?"}]
-    assert messages[1]["content"] == [{"type": "text", "text": "a cat"}]
-    tag_first = to_messages({"conversations": turns("<image>\nWhat is it?", "a cat")})
-    assert tag_first[0]["content"] == [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    # LLaVA: value.replace("<image>", "").strip(), then "<image>\n" + value; other turns untouched
+    assert messages[0]["content"] == [{"type": "image"}, {"type": "text", "text": "\nWhat is it?"}]
+    assert messages[1]["content"] == [{"type": "text", "text": "a cat "}]
+    assert messages[2]["content"] == [{"type": "text", "text": "And the colour? "}]
+    assert to_messages({"conversations": turns("<image>", "x")})[0]["content"] == [{"type": "image"}]
+
+
+def test_keep_leaves_the_image_where_the_record_has_it():
+    record = {"conversations": turns("Look: <image> What is it?", "a cat")}
+    assert to_messages(record, "keep")[0]["content"] == [
+        {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " What is it?"}]
 
 
 @pytest.mark.parametrize(
@@ -54,19 +60,18 @@ def test_valid_record_returns_its_image():
     assert check_conversation({"conversations": turns("q", "a")}, 1) == []
 
 
-def test_labels_cover_exactly_the_assistant_turns(tiny_checkpoint, small_demo):
+def test_labels_cover_exactly_the_assistant_turns(tiny_checkpoint, tiny_encoder, small_demo):
     model, processor = load_checkpoint(tiny_checkpoint)
-    encoder = ConversationEncoder(processor, small_demo["images"])
     records = read_all(small_demo["train"])
     two_turn = next(r for r in records if len(r["conversations"]) == 4)
     text_only = next(r for r in records if "image" not in r)
-    batch = encoder([two_turn, text_only])
+    batch = tiny_encoder([two_turn, text_only])
     tokenizer = processor.tokenizer
     for row, record in enumerate([two_turn, text_only]):
         labelled = batch["labels"][row][batch["labels"][row] != IGNORE_INDEX]
         expected = " ".join(f"{turn['value']} </s>" for turn in record["conversations"][1::2]).lower()
         assert tokenizer.decode(labelled) == expected
-    image_positions = batch["input_ids"] == encoder.image_token_id
+    image_positions = batch["input_ids"] == tiny_encoder.image_token_id
     assert image_positions[0].sum() == 64 and image_positions[1].sum() == 0
     assert torch.all(batch["labels"][image_positions] == IGNORE_INDEX)
     assert torch.all(batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX)

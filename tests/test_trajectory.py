@@ -15,7 +15,7 @@ from xmas.stage import StageStats
 from xmas.trajectory import extract_shard, shard_slice, usable_image_examples
 
 SETTINGS = {"layers": None, "head_reduce": "sum", "layer_reduce": "sum", "batch_size": 8, "chunk_size": 16,
-            "top_k": 5, "max_length": None}
+            "top_k": 5}
 
 
 def test_shards_partition_the_usable_image_examples(small_examples):
@@ -134,7 +134,7 @@ def test_the_loss_signal_is_each_examples_own_training_loss(tiny_checkpoint, sma
     losses = pq.read_table(out).to_pandas()
     assert list(losses.columns) == ["uid", "checkpoint", "loss"] and losses.uid.tolist() == shard.uid.tolist()
     model, processor = load_checkpoint(tiny_checkpoint)
-    encoder = ConversationEncoder(processor, small_demo["images"])
+    encoder = ConversationEncoder.of_checkpoint(tiny_checkpoint, processor, small_demo["images"])
     with SourceRecords(small_demo["train"], shard.iloc[:6]) as records, torch.no_grad():
         alone = [float(model(**encoder([record])).loss) for record in records]
     np.testing.assert_allclose(losses.loss.to_numpy()[:6], alone, rtol=1e-4)

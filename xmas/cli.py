@@ -20,11 +20,14 @@ STAGES = {
                   "--test-json results/demo/test.json --image-root results/demo/images"),
     "download": ("xmas.download", "download a real dataset (llava665k, visionflan): resumable, verified, unpacked",
                  "xmas download --dataset llava665k --dest data/llava665k --report data/llava665k/download.json"),
-    "prepare": ("xmas.prepare", "validate the annotations, write results/data/examples.parquet",
-                "xmas prepare --annotations data/llava.json --image-root data/images --out results/data/examples.parquet"),
-    "proxy-init": ("xmas.proxy", "build the proxy (checkpoint 0) from a preset or a model path",
-                   "xmas proxy-init --proxy demo-tiny --examples results/data/examples.parquet "
-                   "--annotations results/demo/train.json --out results/proxy/checkpoint-0"),
+    "standin": ("xmas.standins", "write an offline stand-in of a real model (tiny random weights, real file layout)",
+                "xmas standin --name vicuna-7b-v1.5 --out results/standins/vicuna-7b-v1.5"),
+    "proxy-init": ("xmas.proxy", "build a model's checkpoint 0 (proxy or target) from a preset or a model path",
+                   "xmas proxy-init --model demo-tiny --annotations results/demo/train.json "
+                   "--out results/proxy/checkpoint-0"),
+    "prepare": ("xmas.prepare", "validate the annotations against the proxy, write results/data/examples.parquet",
+                "xmas prepare --annotations data/llava.json --image-root data/images --model results/proxy/checkpoint-0 "
+                "--out results/data/examples.parquet"),
     "train-segment": ("xmas.train", "train the proxy from checkpoint c-1 to checkpoint c",
                       "xmas train-segment --checkpoint 1 --checkpoints 5 --previous results/proxy/checkpoint-0 "
                       "--out results/proxy/checkpoint-1 --examples results/data/examples.parquet "

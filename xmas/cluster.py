@@ -17,7 +17,7 @@ import pandas as pd
 
 from xmas.errors import XmasError
 from xmas.io import write_parquet
-from xmas.stage import StageStats, add_input_arguments
+from xmas.stage import StageStats, add_input_arguments, log
 
 FEATURES = ("sum_topk", "sv1", "all")
 TEXT_ONLY = -1
@@ -67,6 +67,17 @@ def default_clusters(n: int) -> int:
     return max(1, min(1000, round(math.sqrt(n))))
 
 
+def cluster_count(asked: str | int, examples: int, min_cluster_size: int) -> int:
+    """K for k-means: as asked (or about √n for 'auto'), but no more than the examples can fill to
+    ``min_cluster_size`` each, since sampling skips smaller clusters."""
+    k = default_clusters(examples) if asked == "auto" else int(asked)
+    fillable = max(1, examples // min_cluster_size)
+    if k > fillable:
+        log.warning("clusters: %s asked, but %d image examples fill at most %d clusters of min_cluster_size %d "
+                    "(sampling skips smaller ones); using %d", asked, examples, fillable, min_cluster_size, fillable)
+    return min(k, fillable)
+
+
 def kmeans(points: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray:
     import faiss
 
@@ -83,8 +94,7 @@ def cluster(examples: Path, trajectories: Path, settings: dict, stats: StageStat
     usable = table[table.status == "ok"].sort_values("index")
     images = usable[usable.has_image]
     features = feature_of(trajectory_tensor(pd.read_parquet(trajectories), list(images.uid)), settings["feature"])
-    k = settings["clusters"]
-    k = default_clusters(len(images)) if k == "auto" else min(int(k), len(images))
+    k = cluster_count(settings["clusters"], len(images), settings["min_cluster_size"])
     labels = kmeans(features.reshape(len(images), -1), k, settings["iterations"], settings["seed"]) if len(images) else []
     result = usable[["uid"]].assign(cluster=np.int32(TEXT_ONLY), stability=np.nan)
     result.loc[usable.has_image.to_numpy(), "cluster"] = labels
@@ -107,6 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature", choices=FEATURES, default="sum_topk",
                         help="per-checkpoint feature: sum of the top-k values (paper), the top one, or all k")
     parser.add_argument("--iterations", type=int, default=20, help="k-means iterations")
+    parser.add_argument("--min-cluster-size", type=int, default=3,
+                        help="the sampling's: K is capped so that clusters can reach it (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="k-means seed")
 
 
@@ -114,6 +126,7 @@ def run(args: argparse.Namespace) -> None:
     if args.clusters != "auto" and not (args.clusters.isdigit() and int(args.clusters) > 0):
         raise XmasError(f"--clusters must be a positive integer or 'auto', got {args.clusters!r}")
     stats = StageStats("cluster")
-    settings = {"clusters": args.clusters, "feature": args.feature, "iterations": args.iterations, "seed": args.seed}
+    settings = {"clusters": args.clusters, "feature": args.feature, "iterations": args.iterations, "seed": args.seed,
+                "min_cluster_size": args.min_cluster_size}
     write_parquet(cluster(args.examples, args.trajectories, settings, stats), args.out)
     stats.finish(args.stats)

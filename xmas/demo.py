@@ -14,6 +14,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from xmas.errors import XmasError
 from xmas.io import atomic_path, write_records
 from xmas.stage import StageStats, progress
 
@@ -194,8 +195,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-root", required=True, type=Path, help="folder the image paths are relative to")
 
 
+KINDS = ("shapes", "llava665k-like")
+
+
 def run(args: argparse.Namespace) -> None:
     stats = StageStats("demo-data")
     settings = yaml.safe_load(args.settings.read_text())
-    generate(settings, args.train_json, args.test_json, args.image_root, stats)
+    kind = settings.get("kind", "shapes")
+    if kind not in KINDS:
+        raise XmasError(f"{args.settings}: kind {kind!r} is not one of {', '.join(KINDS)}")
+    if kind == "llava665k-like":
+        from xmas import rehearsal
+
+        rehearsal.generate(settings, args.train_json, args.test_json, args.image_root, stats)
+    else:
+        generate(settings, args.train_json, args.test_json, args.image_root, stats)
     stats.finish(args.stats)

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from xmas.annotations import read_all
-from xmas.encoding import record_images
+from xmas.encoding import Encoding, record_images
 from xmas.errors import XmasError
 from xmas.finetune import load_target
 from xmas.io import atomic_path, write_parquet
@@ -38,7 +38,8 @@ def normalize_answer(text: str) -> str:
     return " ".join(NUMBER_WORDS.get(word, word) for word in words if word not in ARTICLES)
 
 
-def question_and_answer(record: dict, path: Path, position: int) -> tuple[list[dict], str, str]:
+def question_and_answer(record: dict, path: Path, position: int,
+                        image_position: str = "front") -> tuple[list[dict], str, str]:
     """The chat messages up to the last question, the reference answer, and the benchmark (question type)."""
     where = f"{path}: record {position} (id {record.get('id')!r})"
     turns = record.get("conversations")
@@ -47,7 +48,7 @@ def question_and_answer(record: dict, path: Path, position: int) -> tuple[list[d
     benchmark = record.get("question_type")
     if not isinstance(benchmark, str) or not benchmark:
         raise XmasError(f"{where}: field 'question_type' (the benchmark it counts toward) is missing")
-    return to_messages(record)[:-1], turns[-1]["value"], benchmark
+    return to_messages(record, image_position)[:-1], turns[-1]["value"], benchmark
 
 
 class AnswerGenerator:
@@ -74,7 +75,8 @@ class AnswerGenerator:
 def evaluate_demo(model_path: Path, test: Path, image_root: Path, batch_size: int, max_new_tokens: int,
                   stats: StageStats) -> tuple[pd.DataFrame, pd.DataFrame]:
     records = read_all(test)
-    questions = [question_and_answer(record, test, position) for position, record in enumerate(records)]
+    image_position = Encoding.load(model_path).image_position
+    questions = [question_and_answer(record, test, position, image_position) for position, record in enumerate(records)]
     device = compute_device()
     model, processor = load_target(model_path)
     model.to(device).eval()

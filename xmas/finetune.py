@@ -25,24 +25,48 @@ import pandas as pd
 import torch
 
 from xmas.annotations import SourceRecords, iter_spans
-from xmas.encoding import ConversationEncoder
+from xmas.encoding import ConversationEncoder, Encoding
 from xmas.engine import (ATTENTION_CHOICES, DEEPSPEED_PRESETS, PRECISIONS, attention_implementation,
                          context_from_environment, distributed, fit_steps, prepare_training, resolve_dtype)
 from xmas.errors import XmasError
 from xmas.io import atomic_path
 from xmas.proxy import load_checkpoint
 from xmas.records import record_id
-from xmas.stage import StageStats, progress
+from xmas.stage import StageStats, log, progress
 from xmas.train import micro_batches_for, quietly, steps_per_epoch
 
 PROJECTOR = "multi_modal_projector"
 RUN_FILE = "xmas_finetune.json"
 
 
-def subset_records(path: Path) -> SourceRecords:
-    """The records of a subset JSON, read on demand; one pass over the file records where each lies."""
+LENGTH_BATCH = 1024
+
+
+def subset_rows(path: Path) -> pd.DataFrame:
+    """Where each record of a subset JSON lies (one pass over the file), so records are read on demand."""
     rows = [(record_id(span.record, span.index), span.index, span.offset, span.length) for span in iter_spans(path)]
-    return SourceRecords(path, pd.DataFrame(rows, columns=["uid", "index", "offset", "length"]))
+    return pd.DataFrame(rows, columns=["uid", "index", "offset", "length"])
+
+
+def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStats) -> SourceRecords:
+    """The subset's records whose images fit in the target's ``max_length``.
+
+    ``prepare`` checked every record against the proxy; the target's tokenizer and image tokens may
+    differ, so a record that cannot be encoded whole for the target is left out here and named.
+    """
+    rows = subset_rows(subset)
+    fits = []
+    with SourceRecords(subset, rows) as records:
+        for start in progress(range(0, len(records), LENGTH_BATCH), total=-(-len(records) // LENGTH_BATCH),
+                              desc="count tokens", unit="batch"):
+            batch = records[start : start + LENGTH_BATCH]
+            for record, length in zip(batch, encoder.lengths(batch)):
+                fits.append(length.fits(encoder.encoding.max_length))
+                if not fits[-1]:
+                    log.warning("%s: record %r left out: its image ends at token %d, past the target's max_length %d",
+                                subset, record.get("id"), length.image_end, encoder.encoding.max_length)
+                    stats.exclude("image_cut_by_max_length")
+    return SourceRecords(subset, rows[fits])
 
 
 def language_model_linear_layers(model) -> list[str]:
@@ -116,14 +140,14 @@ def make_optimizer(model, settings: dict, total_steps: int):
 
 def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings: dict, stats: StageStats) -> None:
     """``epochs`` passes over the subset in seeded order (the proxy's batching and engine), then save."""
-    records = subset_records(subset)
+    records = fitting_records(subset, ConversationEncoder.of_checkpoint(base), stats)
     if not len(records):
-        raise XmasError(f"{subset}: the subset is empty; there is nothing to fine-tune on")
+        raise XmasError(f"{subset}: the subset has no records the target can train on; there is nothing to fine-tune")
     schedule = {**settings, "records": len(records)}
     total = settings["epochs"] * steps_per_epoch(len(records), settings["batch_size"])
     with distributed() as context, records:
         model, processor = prepare_model(base, settings, context.device)
-        encoder = ConversationEncoder(processor, image_root, settings["max_length"], context.device)
+        encoder = ConversationEncoder.of_checkpoint(base, processor, image_root, context.device)
         optimizer, scheduler = make_optimizer(model, settings, total)
         training = prepare_training(model, optimizer, scheduler, context, settings)
         model.train()
@@ -131,7 +155,7 @@ def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings: di
                            0, total, context, progress if context.is_main else quietly, desc="fine-tune")
         run = {"base": str(Path(base).resolve()), "subset": str(subset), "records": len(records),
                "settings": settings, "losses": losses}
-        save_target(training, processor, out, run, context)
+        save_target(training, processor, encoder.encoding, out, run, context)
     stats.add("in", len(records))
     stats.add("steps", total)
     stats.add("out", 1)
@@ -141,12 +165,13 @@ def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings: di
     stats.set("last_loss", losses[-1])
 
 
-def save_target(training, processor, out: Path, run: dict, context) -> None:
+def save_target(training, processor, encoding: Encoding, out: Path, run: dict, context) -> None:
     """Rank 0 writes the model (the adapter, for LoRA) and the processor; every rank joins ZeRO-3's gather."""
     with atomic_path(out) if context.is_main else contextlib.nullcontext(None) as tmp:
         training.save_model(tmp)
         if context.is_main:
             processor.save_pretrained(tmp)
+            encoding.save(tmp)
             (tmp / RUN_FILE).write_text(json.dumps(run) + "\n")
     context.barrier()
 
@@ -176,7 +201,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup-ratio", type=float, default=0.03)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--max-length", type=int, default=None, help="truncate longer conversations (tokens)")
     parser.add_argument("--lora-r", type=int, default=128, help="LoRA rank; 0 trains all weights (paper: 128)")
     parser.add_argument("--lora-alpha", type=int, default=256, help="paper: 256")
     parser.add_argument("--lora-dropout", type=float, default=0.05)
@@ -196,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SETTINGS = ("seed", "epochs", "batch_size", "learning_rate", "projector_learning_rate", "weight_decay",
-            "warmup_ratio", "max_grad_norm", "max_length", "lora_r", "lora_alpha", "lora_dropout",
+            "warmup_ratio", "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout",
             "freeze_vision_tower", "micro_batch_size", "precision", "gradient_checkpointing",
             "attn_implementation", "deepspeed")
 

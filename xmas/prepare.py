@@ -1,5 +1,10 @@
 """Validate every source record and write ``results/data/examples.parquet``.
 
+A record is ``ok`` when every later stage can encode it: its structure is valid, its image is a
+readable file, and (counted with the proxy's tokenizer, chat template and image tokens, as
+checkpoint 0 holds them) its image fits within ``max_length`` with text after it. Longer text
+is cut at the end, as LLaVA does; ``tokens`` records each record's full length.
+
 Nothing is dropped: a record that cannot be used stays in the table with ``status=excluded``
 and a ``reason`` code, so the final manifest accounts for every source record. The annotation
 file is streamed, one record at a time; each row keeps the record's byte ``offset`` and
@@ -18,13 +23,15 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from xmas.annotations import iter_spans
+from xmas.annotations import SourceRecords, iter_spans
+from xmas.encoding import ConversationEncoder
 from xmas.io import write_parquet
 from xmas.records import InvalidRecord, check_conversation, record_id
 from xmas.stage import StageStats, progress
 
 COLUMNS = ["uid", "index", "has_image", "image", "source", "status", "reason", "detail", "offset", "length"]
 IMAGE_BATCH = 4096
+TOKEN_BATCH = 1024
 
 
 class UniqueIds:
@@ -135,10 +142,56 @@ def check_image_files(examples: pd.DataFrame, image_root: Path, decode: bool, wo
     examples.loc[bad, "detail"] = found.map(lambda image: problems[image][1])
 
 
+def record_lengths(encoder, records: list[dict]) -> list:
+    """Token lengths of a batch; a record the tokenizer or template cannot take gets its error instead."""
+    try:
+        return encoder.lengths(records)
+    except Exception:  # noqa: BLE001 - find the records at fault, one by one
+        lengths = []
+        for record in records:
+            try:
+                lengths += encoder.lengths([record])
+            except Exception as error:  # noqa: BLE001 - any failure means the record cannot be encoded
+                lengths.append(f"{type(error).__name__}: {error}")
+        return lengths
+
+
+def check_lengths(examples: pd.DataFrame, annotations: Path, model: Path, stats: StageStats) -> None:
+    """Count every usable record's tokens with the proxy; exclude those whose image would be cut."""
+    encoder = ConversationEncoder.of_checkpoint(model)
+    max_length = encoder.encoding.max_length
+    usable = examples.index[examples.status == "ok"]
+    tokens = pd.Series(pd.NA, index=examples.index, dtype="Int64")
+    batches = [usable[i : i + TOKEN_BATCH] for i in range(0, len(usable), TOKEN_BATCH)]
+    with SourceRecords(annotations, examples.loc[usable]) as records:
+        done = 0
+        for batch in progress(batches, total=len(batches), desc="count tokens", unit="batch"):
+            for row, length in zip(batch, record_lengths(encoder, records[done : done + len(batch)])):
+                if isinstance(length, str):
+                    exclude(examples, row, "not_encodable", length)
+                    continue
+                tokens[row] = length.tokens
+                if not length.fits(max_length):
+                    exclude(examples, row, "image_cut_by_max_length",
+                            f"the image ends at token {length.image_end}; max_length {max_length} leaves no text after it")
+                elif length.tokens > max_length:
+                    stats.add("truncated")
+            done += len(batch)
+    examples["tokens"] = tokens
+    stats.set("max_length", max_length)
+
+
+def exclude(examples: pd.DataFrame, row, reason: str, detail: str) -> None:
+    examples.loc[row, ["status", "reason", "detail"]] = ["excluded", reason, detail]
+
+
 def prepare(annotations: Path, image_root: Path, max_images: int, check_images: bool, workers: int,
-            stats: StageStats) -> pd.DataFrame:
+            stats: StageStats, model: Path | None = None) -> pd.DataFrame:
+    """The examples table; ``model`` (checkpoint 0 of the proxy) adds the token-length check."""
     examples = validate(Path(annotations), max_images)
     check_image_files(examples, Path(image_root), check_images, workers)
+    if model is not None:
+        check_lengths(examples, Path(annotations), Path(model), stats)
     stats.add("in", len(examples))
     ok = examples[examples.status == "ok"]
     stats.add("ok", len(ok))
@@ -153,6 +206,8 @@ def prepare(annotations: Path, image_root: Path, max_images: int, check_images: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", required=True, type=Path, help="LLaVA-format JSON list of records")
     parser.add_argument("--image-root", required=True, type=Path, help="folder the records' image paths are relative to")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="the proxy's checkpoint 0: its tokenizer, chat template and image tokens count lengths")
     parser.add_argument("--out", required=True, type=Path, help="examples.parquet to write")
     parser.add_argument("--max-images", type=int, default=1, help="images per record the proxy supports (default 1)")
     parser.add_argument("--check-images", action=argparse.BooleanOptionalAction, default=True,
@@ -163,7 +218,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     stats = StageStats("prepare")
-    examples = prepare(args.annotations, args.image_root, args.max_images, args.check_images, args.workers, stats)
+    examples = prepare(args.annotations, args.image_root, args.max_images, args.check_images, args.workers, stats,
+                       args.model)
     write_parquet(examples, args.out)
     stats.add("out", len(examples))
     stats.finish(args.stats)

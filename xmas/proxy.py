@@ -20,19 +20,38 @@ from pathlib import Path
 import torch
 import yaml
 
-from xmas.annotations import SPAN_COLUMNS, SourceRecords, read_examples
+from xmas.annotations import SPAN_COLUMNS, SourceRecords, iter_spans, read_examples
+from xmas.encoding import Encoding, image_tokens_of
 from xmas.engine import compute_device  # noqa: F401  (re-exported: stages import it from here)
 from xmas.errors import XmasError
 from xmas.io import atomic_path
-from xmas.records import IMAGE_TAG
-from xmas.stage import StageStats, add_input_arguments
+from xmas.records import IMAGE_POSITIONS, IMAGE_TAG, InvalidRecord, check_conversation
+from xmas.stage import StageStats, add_input_arguments, progress
 
-DEFAULT_PRESETS = Path(__file__).resolve().parents[1] / "resources" / "proxy_presets.yaml"
+RESOURCES = Path(__file__).resolve().parents[1] / "resources"
+DEFAULT_PRESETS = RESOURCES / "proxy_presets.yaml"
+CONVERSATIONS = RESOURCES / "conversations.yaml"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TAG]
+# The conversation "model" keeps the chat template a ready model's processor brings.
+OWN_TEMPLATE = "model"
+IMAGE_PREPROCESSING = ("pad", "square", "crop")
 
 
 def load_presets(path: Path = DEFAULT_PRESETS) -> dict:
     return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def load_conversations(path: Path = CONVERSATIONS) -> dict:
+    return yaml.safe_load(Path(path).read_text()) or {}
+
+
+def chat_template(name: str, conversations: dict | None = None) -> str:
+    """The Jinja chat template of a named conversation format (resources/conversations.yaml)."""
+    conversations = load_conversations() if conversations is None else conversations
+    if name not in conversations:
+        raise XmasError(f"conversation {name!r} is not one of {', '.join(sorted(conversations))} "
+                        f"({CONVERSATIONS.name}), nor {OWN_TEMPLATE!r} (the model's own chat template)")
+    return conversations[name]["chat_template"]
 
 
 def resolve(proxy: str, presets: dict) -> dict:
@@ -62,25 +81,37 @@ def train_tokenizer(texts: list[str]):
     )
 
 
-def corpus(records: list[dict], chat_template: str) -> list[str]:
-    words_of_template = " ".join(re.findall(r"[A-Za-z]+:", chat_template))
-    texts = [turn["value"].replace(IMAGE_TAG, " ") for record in records for turn in record["conversations"]]
-    return [words_of_template, *texts]
+def conversation_texts(annotations: Path) -> list[str]:
+    """The turns of every record with a well-formed conversation: what a from-config tokenizer learns."""
+    texts = []
+    for span in progress(iter_spans(annotations), desc="read the conversations", unit="rec"):
+        try:
+            if not isinstance(span.record, dict):
+                continue
+            check_conversation(span.record, max_images=1 << 30)
+        except InvalidRecord:
+            continue
+        texts += [turn["value"].replace(IMAGE_TAG, " ") for turn in span.record["conversations"]]
+    return texts
 
 
-def build_from_config(preset: dict, records: list[dict], seed: int):
+def words_of_template(template: str) -> str:
+    """The words a chat template writes (role names, a system line), so the tokenizer knows them."""
+    return " ".join(re.findall(r"[A-Za-z]+", template))
+
+
+def build_from_config(preset: dict, texts: list[str], template: str, seed: int):
     """Random-init LLaVA-architecture model + locally trained tokenizer + processor with chat template."""
     from transformers import (CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tokenizer = train_tokenizer(corpus(records, preset["chat_template"]))
+    tokenizer = train_tokenizer([words_of_template(template), *texts])
     size, patch = preset["image_size"], preset["patch_size"]
     image_tokens = (size // patch) ** 2
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor = LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=preset["chat_template"],
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template,
     )
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=size, patch_size=patch, **preset["vision"]),
@@ -167,9 +198,16 @@ def projector_state(location: str, key: str = "projector_weights") -> dict[str, 
 
 def load_vision_tower(model, name: str) -> None:
     """Pretrained weights into the vision tower (the class Llava built from the vision config)."""
+    from transformers.utils import logging as transformers_logging
+
     tower = model.model.vision_tower
-    with hub_errors("vision_model", name):
-        pretrained = type(tower).from_pretrained(name, dtype=torch.float32)
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()  # a full CLIP checkpoint's text tower is expectedly left out
+    try:
+        with hub_errors("vision_model", name):
+            pretrained = type(tower).from_pretrained(name, dtype=torch.float32)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     tower.load_state_dict(pretrained.state_dict())
 
 
@@ -181,21 +219,33 @@ def vision_config_of(name: str):
     return getattr(config, "vision_config", config)  # a full CLIP/SigLIP checkpoint holds both towers
 
 
-def compose(spec: dict, seed: int):
+def locate(name: str, paths: dict[str, str]) -> str:
+    """Where to load a Hub repo (or ``owner/repo/file``) from: its local copy when ``paths`` has one."""
+    if name in paths:
+        return paths[name]
+    parts = name.split("/")
+    repo = "/".join(parts[:2])
+    if len(parts) > 2 and repo in paths:
+        return str(Path(paths[repo], *parts[2:]))
+    return name
+
+
+def compose(spec: dict, seed: int, paths: dict[str, str]):
     """A LLaVA-architecture model from a pretrained LLM, a pretrained vision tower and a 2-layer GELU MLP."""
     from transformers import (AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    for key in ("language_model", "vision_model", "chat_template"):
+    for key in ("language_model", "vision_model"):
         if not spec.get(key):
-            raise XmasError(f"proxy preset {spec['name']!r} (kind compose) needs {key!r}")
-    with hub_errors("language_model", spec["language_model"]):
-        tokenizer = AutoTokenizer.from_pretrained(spec["language_model"])
-        llm = AutoModelForCausalLM.from_pretrained(spec["language_model"], dtype=torch.float32)
+            raise XmasError(f"preset {spec['name']!r} (kind compose) needs {key!r}")
+    language_model, vision_model = locate(spec["language_model"], paths), locate(spec["vision_model"], paths)
+    with hub_errors("language_model", language_model):
+        tokenizer = AutoTokenizer.from_pretrained(language_model)
+        llm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32)
     add_image_token(tokenizer)
-    vision_config = vision_config_of(spec["vision_model"])
-    with hub_errors("vision_model", spec["vision_model"]):
-        image_processor = AutoImageProcessor.from_pretrained(spec["vision_model"])
+    vision_config = vision_config_of(vision_model)
+    with hub_errors("vision_model", vision_model):
+        image_processor = AutoImageProcessor.from_pretrained(vision_model)
     strategy = spec.get("vision_feature_select_strategy", "default")
     config = LlavaConfig(
         vision_config=vision_config, text_config=llm.config, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TAG),
@@ -208,16 +258,16 @@ def compose(spec: dict, seed: int):
     model.lm_head.load_state_dict(llm.get_output_embeddings().state_dict())
     if getattr(llm.config, "tie_word_embeddings", False):
         model.tie_weights()
-    load_vision_tower(model, spec["vision_model"])
+    load_vision_tower(model, vision_model)
     if spec.get("projector_weights"):
-        model.model.multi_modal_projector.load_state_dict(projector_state(spec["projector_weights"]))
+        model.model.multi_modal_projector.load_state_dict(projector_state(locate(spec["projector_weights"], paths)))
     model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     extra_tokens = image_extra_tokens(model.model.vision_tower)
     model.config.image_seq_length = image_tokens(vision_config, extra_tokens, strategy)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
-                               num_additional_image_tokens=extra_tokens, chat_template=spec["chat_template"])
+                               num_additional_image_tokens=extra_tokens)
     return model, processor
 
 
@@ -232,29 +282,67 @@ def image_tokens(vision_config, extra_tokens: int, strategy: str) -> int:
     return patches + extra_tokens - (1 if strategy == "default" and extra_tokens else 0)
 
 
-def pretrained(spec: dict):
-    """A ready Llava-family model (local folder or Hub id); the preset may give it a chat template."""
-    model, processor = load_checkpoint(spec["path"])
-    if spec.get("chat_template"):
-        processor.chat_template = spec["chat_template"]
-    return model, processor
+def pretrained(spec: dict, paths: dict[str, str]):
+    """A ready Llava-family model (local folder or Hub id)."""
+    return load_checkpoint(locate(spec["path"], paths))
 
 
 KINDS = ("from-config", "compose", "pretrained")
 
 
-def materialise(spec: dict, seed: int, records: list[dict] | None = None):
-    """Model and processor for a resolved spec (see :func:`resolve`); ``records`` feed from-config tokenizers."""
+def materialise(spec: dict, seed: int, template: str | None = None, texts: list[str] | None = None,
+                paths: dict[str, str] | None = None):
+    """Model and processor for a resolved spec (see :func:`resolve`).
+
+    from-config presets train their tokenizer on ``texts`` and the words of ``template``; ``paths``
+    maps Hub ids to local copies.
+    """
     kind = spec.get("kind")
     if kind == "from-config":
-        if records is None:
-            raise XmasError(f"preset {spec['name']!r} (kind from-config) trains its tokenizer on the records; none given")
-        return build_from_config(spec, records, seed)
+        if texts is None or template is None:
+            raise XmasError(f"preset {spec['name']!r} (kind from-config) trains its tokenizer on the records "
+                            "and its conversation's words; both are needed")
+        return build_from_config(spec, texts, template, seed)
     if kind == "compose":
-        return compose(spec, seed)
+        return compose(spec, seed, paths or {})
     if kind == "pretrained":
-        return pretrained(spec)
+        return pretrained(spec, paths or {})
     raise XmasError(f"preset {spec['name']!r} has unknown kind {kind!r} ({', '.join(KINDS)})")
+
+
+def image_processor_for(image_processor, preprocessing: str):
+    """The model's image processor set to LLaVA's ``pad`` (a mean-colour square), TinyLLaVA's
+    ``square`` (resized to a square, nothing cut) or ``crop`` (its own: resize, centre crop)."""
+    from transformers import LlavaImageProcessorPil
+
+    if preprocessing not in IMAGE_PREPROCESSING:
+        raise XmasError(f"image_preprocessing must be one of {', '.join(IMAGE_PREPROCESSING)}, got {preprocessing!r}")
+    if preprocessing == "crop":
+        return image_processor
+    settings = image_processor.to_dict()
+    side = settings.get("crop_size") if settings.get("do_center_crop") else settings.get("size")
+    side = (side or {}).get("height") or (side or {}).get("shortest_edge")
+    if not side or settings.get("image_mean") is None:
+        raise XmasError(f"image_preprocessing {preprocessing!r} needs a CLIP-style image processor (size, mean "
+                        f"colour); {type(image_processor).__name__} is not one: use crop")
+    kept = {key: settings[key] for key in ("image_mean", "image_std", "resample", "do_rescale", "rescale_factor",
+                                           "do_normalize", "do_convert_rgb") if key in settings}
+    # Resizing the padded (or squashed) square to side x side is what resize-and-crop does to a square.
+    return LlavaImageProcessorPil(**kept, do_pad=preprocessing == "pad", size={"height": side, "width": side},
+                                  do_center_crop=False)
+
+
+def conventions_of(spec: dict, settings: dict) -> tuple[str | None, str]:
+    """The chat template (None: the model's own) and the image preprocessing a model is set up with:
+    the config's when it names them, else the preset's."""
+    conversation = settings.get("conversation") or spec.get("conversation") or OWN_TEMPLATE
+    preprocessing = settings.get("image_preprocessing") or spec.get("image_preprocessing") or "crop"
+    return (None if conversation == OWN_TEMPLATE else chat_template(conversation)), preprocessing
+
+
+def context_length(model) -> int:
+    config = getattr(model.config, "text_config", model.config)
+    return int(config.max_position_embeddings)
 
 
 def training_records(examples: Path, annotations: Path) -> SourceRecords:
@@ -263,31 +351,69 @@ def training_records(examples: Path, annotations: Path) -> SourceRecords:
     return SourceRecords(annotations, table[table.status == "ok"])
 
 
-def init_proxy(proxy: str, presets: dict, examples: Path, annotations: Path, out: Path, seed: int,
-               stats: StageStats) -> None:
+def init_proxy(proxy: str, presets: dict, annotations: Path, out: Path, seed: int, settings: dict,
+               paths: dict[str, str], stats: StageStats) -> Encoding:
+    """Checkpoint 0: the model, its processor set to the conventions, and the :class:`Encoding`."""
     spec = resolve(proxy, presets)
-    records = training_records(examples, annotations) if spec.get("kind") == "from-config" else None
-    model, processor = materialise(spec, seed, records)
-    if records is not None:
-        stats.add("in", len(records))
+    template, preprocessing = conventions_of(spec, settings)
+    texts = conversation_texts(annotations) if spec.get("kind") == "from-config" else None
+    model, processor = materialise(spec, seed, template, texts, paths)
+    if template is not None:
+        processor.chat_template = template
     if getattr(processor, "chat_template", None) is None:
-        raise XmasError(f"proxy {proxy!r}: its processor has no chat template; set one in the preset")
+        raise XmasError(f"model {proxy!r}: its processor has no chat template; name a conversation "
+                        f"({', '.join(sorted(load_conversations()))})")
+    processor.image_processor = image_processor_for(processor.image_processor, preprocessing)
+    encoding = Encoding(settings["image_position"], settings.get("max_length") or context_length(model),
+                        image_tokens_of(processor))
+    if texts is not None:
+        stats.add("in", len(texts))
     stats.set("parameters", sum(p.numel() for p in model.parameters()))
-    stats.set("proxy", spec["name"])
+    stats.set("model", spec["name"])
+    stats.set("encoding", {**vars(encoding), "image_preprocessing": preprocessing})
     with atomic_path(out) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
+        encoding.save(tmp)
+    return encoding
+
+
+def model_paths(pairs: list[str]) -> dict[str, str]:
+    mapping = {}
+    for pair in pairs:
+        name, separator, folder = pair.partition("=")
+        if not separator or not name or not folder:
+            raise XmasError(f"--model-path wants HUB_ID=FOLDER, got {pair!r}")
+        mapping[name] = folder
+    return mapping
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--proxy", required=True, help="preset name, local model folder, or Hugging Face model id")
-    parser.add_argument("--presets", type=Path, default=DEFAULT_PRESETS, help="proxy presets YAML")
-    add_input_arguments(parser, "examples", "annotations")
+    parser.add_argument("--model", required=True, help="preset name, local model folder, or Hugging Face model id")
+    parser.add_argument("--presets", type=Path, default=DEFAULT_PRESETS, help="model presets YAML")
+    add_input_arguments(parser, "annotations")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (checkpoint-0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
+    parser.add_argument("--conversation", default=None,
+                        help=f"chat format: {', '.join(sorted(load_conversations()))} ({CONVERSATIONS.name}), or "
+                        f"{OWN_TEMPLATE!r} for the model's own chat template (default: the preset's)")
+    parser.add_argument("--image-position", choices=IMAGE_POSITIONS, default="front",
+                        help="front: move the image to the front of its turn, as LLaVA and TinyLLaVA do (default); "
+                        "keep: leave it where the record has it")
+    parser.add_argument("--image-preprocessing", choices=IMAGE_PREPROCESSING, default=None,
+                        help="pad: to a square with the mean colour (LLaVA-1.5); square: resize to a square "
+                        "(TinyLLaVA); crop: the vision model's own resize and centre crop (default: the preset's)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per conversation, images expanded; longer ones are cut at the end "
+                        "(default: the language model's context length)")
+    parser.add_argument("--model-path", action="append", default=[], metavar="HUB_ID=FOLDER",
+                        help="load this Hugging Face repo from a local copy (repeatable)")
 
 
 def run(args: argparse.Namespace) -> None:
     stats = StageStats("proxy-init")
-    init_proxy(args.proxy, load_presets(args.presets), args.examples, args.annotations, args.out, args.seed, stats)
+    settings = {"conversation": args.conversation, "image_position": args.image_position,
+                "image_preprocessing": args.image_preprocessing, "max_length": args.max_length}
+    init_proxy(args.model, load_presets(args.presets), args.annotations, args.out, args.seed, settings,
+               model_paths(args.model_path), stats)
     stats.finish(args.stats)

@@ -84,16 +84,33 @@ def check_relative_path(path: str) -> None:
         raise InvalidRecord("image_path_unsafe", f"image path {path!r} is absolute or leaves the image root")
 
 
-def to_messages(record: dict) -> list[dict]:
-    """Map LLaVA turns to chat messages; ``<image>`` becomes an image item at its place."""
+IMAGE_POSITIONS = ("front", "keep")
+
+
+def to_messages(record: dict, image_position: str = "front") -> list[dict]:
+    """Map LLaVA turns to chat messages, the text of every turn unchanged but for the image.
+
+    ``front`` moves the image to the front of its turn as LLaVA and TinyLLaVA do before training
+    (``<image>`` + newline + the rest of the turn, stripped); ``keep`` leaves it where the record
+    puts it. Chat templates render the items in order, the image as ``<image>``.
+    """
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(f"image_position must be one of {IMAGE_POSITIONS}, got {image_position!r}")
     messages = []
     for turn in record["conversations"]:
-        content = []
-        pieces = turn["value"].split(IMAGE_TAG)
-        for position, piece in enumerate(pieces):
-            if position > 0:
-                content.append({"type": "image"})
-            if piece.strip():
-                content.append({"type": "text", "text": piece.strip()})
+        value = turn["value"]
+        if IMAGE_TAG not in value:
+            content = [{"type": "text", "text": value}]
+        elif image_position == "front":
+            rest = value.replace(IMAGE_TAG, "").strip()
+            images = [{"type": "image"}] * value.count(IMAGE_TAG)
+            content = [*images, {"type": "text", "text": "\n" + rest}] if rest else images
+        else:
+            content = []
+            for position, piece in enumerate(value.split(IMAGE_TAG)):
+                if position > 0:
+                    content.append({"type": "image"})
+                if piece:
+                    content.append({"type": "text", "text": piece})
         messages.append({"role": ROLES[turn["from"]], "content": content})
     return messages

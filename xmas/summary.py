@@ -44,8 +44,8 @@ def reference_scores(runs: pd.DataFrame) -> pd.Series:
     if zero:
         log.warning("left out of ARP: the full-data runs score 0 on %s", ", ".join(zero))
     if len(zero) == len(reference):
-        raise XmasError("the full-data runs score 0 on every benchmark: ARP (relative to them) is undefined; "
-                        "the target learned nothing, train it longer (target.epochs)")
+        log.warning("the full-data runs score 0 on every benchmark: ARP (relative to them) is undefined and left "
+                    "empty; the target learned nothing, train it longer (target.epochs)")
     return reference[reference > 0]
 
 
@@ -58,7 +58,7 @@ def with_arp(runs: pd.DataFrame) -> pd.DataFrame:
             raise XmasError(f"run {' '.join(map(str, key))} has no score for {', '.join(lacking)}")
     relative = runs.benchmark.map(reference)
     runs = runs.assign(relative=100 * runs.score / relative)
-    arp = runs.dropna(subset=["relative"]).groupby(keys).relative.mean().rename("ARP").round(4)
+    arp = runs.groupby(keys).relative.mean().rename("ARP").round(4)  # NaN where no benchmark counts
     return runs.drop(columns="relative").merge(arp.reset_index(), on=keys)[COLUMNS]
 
 
@@ -81,7 +81,8 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def mean_and_spread(grouped) -> pd.Series:
     stats = grouped.agg(["mean", "std"])
-    return stats.apply(lambda row: f"{row['mean']:.1f} ± {0 if pd.isna(row['std']) else row['std']:.1f}", axis=1)
+    return stats.apply(lambda row: "n/a" if pd.isna(row["mean"]) else
+                       f"{row['mean']:.1f} ± {0 if pd.isna(row['std']) else row['std']:.1f}", axis=1)
 
 
 def summarize(runs: list[tuple[str, str, str, Path]], stats: StageStats) -> pd.DataFrame:

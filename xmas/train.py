@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xmas.encoding import ConversationEncoder
+from xmas.encoding import ConversationEncoder, Encoding
 from xmas.engine import (ATTENTION_CHOICES, DEEPSPEED_PRESETS, PRECISIONS, Distributed, MicroBatch,
                          attention_implementation, context_from_environment, distributed, fit_steps, prepare_training, rank_micro_batches)
 from xmas.errors import XmasError
@@ -30,7 +30,7 @@ from xmas.stage import StageStats, add_input_arguments, progress
 
 STATE_FILE = "training_state.pt"
 SCHEDULE_KEYS = ("records", "epochs", "batch_size", "checkpoints", "seed", "learning_rate", "weight_decay",
-                 "warmup_ratio", "max_grad_norm", "freeze_vision_tower", "max_length")
+                 "warmup_ratio", "max_grad_norm", "freeze_vision_tower")
 # How the steps run, not what they compute: these may change between segments (DeepSpeed aside,
 # whose optimizer state is kept in its own format).
 ENGINE_KEYS = ("micro_batch_size", "precision", "gradient_checkpointing", "attn_implementation", "deepspeed")
@@ -113,7 +113,7 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
         raise XmasError(f"{examples}: no usable records to train on")
     with distributed() as context:
         model, processor = load_model(previous, settings, context.device)
-        encoder = ConversationEncoder(processor, image_root, settings["max_length"], context.device)
+        encoder = ConversationEncoder.of_checkpoint(previous, processor, image_root, context.device)
         total = checkpoint_step(settings["checkpoints"], settings)
         start, stop = 0, checkpoint_step(checkpoint, settings)
         optimizer, scheduler = make_optimizer(model, settings, total)
@@ -128,7 +128,7 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
         losses = fit_steps(training, lambda step: micro_batches_for(step, records, encoder, settings, context),
                            start, stop, context, progress if context.is_main else quietly,
                            desc=f"train to checkpoint {checkpoint}")
-        save_segment(training, processor, out, {"step": stop, "settings": settings}, start, losses, context)
+        save_segment(training, processor, encoder.encoding, out, {"step": stop, "settings": settings}, start, losses, context)
     stats.add("steps", stop - start)
     stats.add("in", len(records))
     stats.set("step", stop)
@@ -137,7 +137,7 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
     stats.set("mean_loss", round(float(np.mean(losses)), 6) if losses else None)
 
 
-def save_segment(training, processor, out: Path, state: dict, start: int, losses: list[float],
+def save_segment(training, processor, encoding: Encoding, out: Path, state: dict, start: int, losses: list[float],
                  context: Distributed) -> None:
     """Every rank takes part in gathering sharded state; rank 0 alone writes, then renames atomically."""
     shared = out.with_name(f".{out.name}.rank-shared")  # DeepSpeed writes its shards from every rank
@@ -150,6 +150,7 @@ def save_segment(training, processor, out: Path, state: dict, start: int, losses
         context.barrier()
         if context.is_main:
             processor.save_pretrained(tmp)
+            encoding.save(tmp)
             for item in shared.iterdir() if shared.exists() else []:
                 shutil.move(str(item), tmp / item.name)
             torch.save({**state, **extra_state}, tmp / STATE_FILE)
@@ -171,7 +172,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=0.0)
     parser.add_argument("--warmup-ratio", type=float, default=0.03)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--max-length", type=int, default=None, help="truncate longer conversations (tokens)")
     parser.add_argument("--freeze-vision-tower", action=argparse.BooleanOptionalAction, default=True,
                         help="train only projector and language model, as in the paper (default on)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order")

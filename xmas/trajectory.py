@@ -34,7 +34,7 @@ def trajectory_schema(columns: list[str]) -> pa.Schema:
 
 
 def usable_image_examples(examples: Path) -> pd.DataFrame:
-    table = read_examples(examples, ["uid", "index", "has_image", "status", *SPAN_COLUMNS])
+    table = read_examples(examples, ["uid", "index", "has_image", "status", "tokens", *SPAN_COLUMNS])
     return table[(table.status == "ok") & table.has_image].sort_values("index")
 
 
@@ -69,12 +69,6 @@ def reset_stale_parts(parts: Path, current: dict) -> None:
     if not parts.exists():
         parts.mkdir(parents=True)
         write_json(current, marker)
-
-
-def token_length(encoder: ConversationEncoder, record: dict) -> int:
-    """Tokens of the record's chat-template text before image expansion (every record here has one image)."""
-    text, _ = encoder.render(record)
-    return len(encoder.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def batch_positions(lengths: list[int] | None, count: int, batch_size: int) -> list[np.ndarray]:
@@ -139,10 +133,8 @@ class ExampleLoss:
         return (total / counted.sum(dim=1).clamp(min=1)).cpu().numpy()[:, None]
 
 
-def extract_chunk(signal, encoder: ConversationEncoder, records: list[dict], batch_size: int,
-                  group_by_length: bool = False) -> np.ndarray:
-    """The signal of every record, in the records' order whatever the batching."""
-    lengths = [token_length(encoder, record) for record in records] if group_by_length else None
+def extract_chunk(signal, records: list[dict], batch_size: int, lengths: list[int] | None = None) -> np.ndarray:
+    """The signal of every record, in the records' order whatever the batching (grouped by ``lengths``)."""
     return run_batches(records, batch_positions(lengths, len(records), batch_size), signal)
 
 
@@ -151,13 +143,13 @@ def load_signal(model_path: Path, image_root: Path, settings: dict, device: torc
     dtype = resolve_dtype(settings.get("dtype", "float32"))
     model, processor = load_checkpoint(model_path, dtype=dtype)
     model.to(device).eval()
-    encoder = ConversationEncoder(processor, image_root, settings["max_length"], device)
+    encoder = ConversationEncoder.of_checkpoint(model_path, processor, image_root, device)
     if settings.get("signal", "attention") == "loss":
-        return ExampleLoss(model, encoder), encoder
+        return ExampleLoss(model, encoder)
     output = capture_output(settings.get("attn_implementation", "auto"), device, dtype)
     attention = CrossModalAttention(model, settings["layers"], settings["head_reduce"], settings["layer_reduce"],
                                     output=output)
-    return SingularValues(attention, encoder, settings["top_k"]), encoder
+    return SingularValues(attention, encoder, settings["top_k"])
 
 
 def capture_output(requested: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -182,11 +174,11 @@ def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annota
     stats.add("resumed_rows", len(shard) - sum(len(chunk) for _, chunk in todo))
     columns = signal_columns(settings)
     if todo:
-        signal, encoder = load_signal(model_path, image_root, settings, compute_device())
+        signal = load_signal(model_path, image_root, settings, compute_device())
         for n, chunk in progress(todo, total=len(todo), desc=f"checkpoint {checkpoint} chunks", unit="chunk"):
+            lengths = chunk["tokens"].tolist() if settings.get("group_by_length", False) else None
             with SourceRecords(annotations, chunk) as records:
-                values = extract_chunk(signal, encoder, records[:], settings["batch_size"],
-                                       settings.get("group_by_length", False))
+                values = extract_chunk(signal, records[:], settings["batch_size"], lengths)
             frame = pd.DataFrame({"uid": chunk["uid"].to_numpy(), "checkpoint": np.int32(checkpoint)})
             for position, column in enumerate(columns):
                 frame[column] = values[:, position]
@@ -222,7 +214,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer-reduce", choices=("sum", "mean"), default="sum", help="how layers combine")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--chunk-size", type=int, default=256, help="examples per resumable part file")
-    parser.add_argument("--max-length", type=int, default=None, help="truncate longer conversations (tokens)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="model weights (the captured softmax and SVD stay float32); bfloat16 on GPUs")
     parser.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
@@ -239,7 +230,7 @@ def run(args: argparse.Namespace) -> None:
     stats = StageStats(f"trajectory checkpoint {args.checkpoint} shard {args.shard}")
     settings = {"signal": args.signal, "layers": parse_layers(args.layers), "head_reduce": args.head_reduce, "layer_reduce": args.layer_reduce,
                 "batch_size": args.batch_size, "chunk_size": args.chunk_size, "top_k": args.top_k,
-                "max_length": args.max_length, "dtype": args.dtype, "group_by_length": args.group_by_length,
+                "dtype": args.dtype, "group_by_length": args.group_by_length,
                 "attn_implementation": args.attn_implementation}
     shard = shard_slice(usable_image_examples(args.examples), args.shard, args.shards)
     extract_shard(args.model, args.checkpoint, shard, args.annotations, args.image_root, args.out, settings, stats)

@@ -1,10 +1,13 @@
 # Paths, wildcard constraints and the helpers that turn config sections into CLI flags.
 from pathlib import Path
 
+import yaml
+
 from xmas.download import load_manifest, resolve_manifest
 from xmas.errors import XmasError
 
 DATASET = config["dataset"]
+PROXY = config["proxy"]
 TRAINING = config["training"]
 TRAJECTORY = config["trajectory"]
 SELECTION = config["selection"]
@@ -52,7 +55,12 @@ SEEDED_METHODS = ("random", "cluster-random")
 # The reference every subset is measured against: all usable records, trained and evaluated alike.
 FULL = ("full", "1")
 TARGET_BASE = "results/target/base"
-TARGET_PRESETS = TARGET.get("presets", str(Path(workflow.basedir).parent / "resources/target_presets.yaml"))
+RESOURCES = Path(workflow.basedir).parent / "resources"
+PROXY_PRESETS = str(RESOURCES / "proxy_presets.yaml")
+TARGET_PRESETS = TARGET.get("presets", str(RESOURCES / "target_presets.yaml"))
+# Local copies of Hub repos (config model_paths); the rehearsal's are stand-ins the workflow writes.
+MODEL_PATHS = config["model_paths"]
+STANDINS = "results/standins"
 
 
 wildcard_constraints:
@@ -75,6 +83,23 @@ def flags(section, *keys):
         elif value is not None:
             rendered.append(f"{flag} {value}")
     return " ".join(rendered)
+
+
+def model_path_flags():
+    return " ".join(f"--model-path {name}={folder}" for name, folder in MODEL_PATHS.items())
+
+
+def local_copies(model, presets):
+    """The local folders (config model_paths) of the Hub repos a model preset, folder or id loads."""
+    spec = (yaml.safe_load(Path(presets).read_text()) or {}).get(model, {"path": model})
+    names = [spec.get(key) for key in ("language_model", "vision_model", "path", "projector_weights")]
+    repos = {"/".join(name.split("/")[:2]) for name in names if name} | set(filter(None, names))
+    return sorted(MODEL_PATHS[repo] for repo in repos if repo in MODEL_PATHS)
+
+
+def init_options(section):
+    """How checkpoint 0 encodes records (proxy or target section): conversation, image, max length."""
+    return flags(section, "conversation", "image_position", "image_preprocessing", "max_length")
 
 
 def checkpoint_dir(c):

@@ -1,5 +1,6 @@
 # Data: a real dataset downloaded (dataset.download) or the generated demo dataset, then
-# validation into results/data/examples.parquet.
+# validation into results/data/examples.parquet (against the proxy's checkpoint 0, whose tokenizer,
+# chat template and image tokens decide whether a record fits).
 
 
 if DOWNLOAD is not None:
@@ -40,6 +41,7 @@ rule prepare:
     input:
         annotations=ANNOTATIONS,
         images=IMAGE_INPUT,
+        model=checkpoint_dir(0),
     output:
         EXAMPLES,
     params:
@@ -50,5 +52,6 @@ rule prepare:
         log="logs/prepare.log",
         stats="logs/stats/prepare.json",
     shell:
-        "xmas prepare --annotations {input.annotations} --image-root {params.image_root} --out {output}"
+        "xmas prepare --annotations {input.annotations} --image-root {params.image_root} --model {input.model}"
+        " --out {output}"
         " {params.options} --workers {threads} --stats {log.stats} 2> {log.log}"

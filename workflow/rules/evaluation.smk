@@ -4,20 +4,22 @@
 
 rule target_init:
     input:
-        examples=EXAMPLES,
         annotations=ANNOTATIONS,
+        models=local_copies(TARGET["model"], TARGET_PRESETS),
     output:
         directory(TARGET_BASE),
     params:
         model=TARGET["model"],
         presets=TARGET_PRESETS,
         seed=TARGET["seed"],
+        options=init_options(TARGET),
+        model_paths=model_path_flags(),
     log:
         log="logs/target/base.log",
         stats="logs/stats/target/base.json",
     shell:
-        "xmas proxy-init --proxy {params.model} --presets {params.presets} --examples {input.examples}"
-        " --annotations {input.annotations} --out {output} --seed {params.seed} --stats {log.stats} 2> {log.log}"
+        "xmas proxy-init --model {params.model} --presets {params.presets} --annotations {input.annotations}"
+        " --out {output} --seed {params.seed} {params.options} {params.model_paths} --stats {log.stats} 2> {log.log}"
 
 
 rule finetune_target:
@@ -31,7 +33,7 @@ rule finetune_target:
         image_root=IMAGE_ROOT,
         launch=launcher(TARGET["gpus"]),
         options=flags(TARGET, "epochs", "batch_size", "learning_rate", "projector_learning_rate", "weight_decay",
-                      "warmup_ratio", "max_grad_norm", "max_length", "lora_r", "lora_alpha", "lora_dropout",
+                      "warmup_ratio", "max_grad_norm", "lora_r", "lora_alpha", "lora_dropout",
                       "freeze_vision_tower", "micro_batch_size", "precision", "gradient_checkpointing",
                       "attn_implementation", "deepspeed"),
     threads: TARGET["threads"]

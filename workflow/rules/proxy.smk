@@ -3,21 +3,35 @@
 # start while segment c+1 trains.
 
 
+rule standin_model:
+    output:
+        directory(f"{STANDINS}/{{name}}"),
+    log:
+        log="logs/standins/{name}.log",
+        stats="logs/stats/standins/{name}.json",
+    shell:
+        "xmas standin --name {wildcards.name} --out {output} --stats {log.stats} 2> {log.log}"
+
+
 rule proxy_init:
     input:
-        examples=EXAMPLES,
         annotations=ANNOTATIONS,
+        models=local_copies(PROXY["model"], PROXY_PRESETS),
     output:
         directory(checkpoint_dir(0)),
     params:
-        proxy=config["proxy"],
+        model=PROXY["model"],
+        presets=PROXY_PRESETS,
         seed=TRAINING["seed"],
+        options=init_options(PROXY),
+        model_paths=model_path_flags(),
     log:
         log="logs/proxy/checkpoint-0.log",
         stats="logs/stats/proxy/checkpoint-0.json",
     shell:
-        "xmas proxy-init --proxy {params.proxy} --examples {input.examples} --annotations {input.annotations}"
-        " --out {output} --seed {params.seed} --stats {log.stats} 2> {log.log}"
+        "xmas proxy-init --model {params.model} --presets {params.presets} --annotations {input.annotations}"
+        " --out {output} --seed {params.seed} {params.options} {params.model_paths}"
+        " --stats {log.stats} 2> {log.log}"
 
 
 rule train_segment:
@@ -32,7 +46,7 @@ rule train_segment:
         image_root=IMAGE_ROOT,
         checkpoints=CHECKPOINTS,
         options=flags(TRAINING, "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
-                      "max_grad_norm", "max_length", "freeze_vision_tower", "seed", "micro_batch_size",
+                      "max_grad_norm", "freeze_vision_tower", "seed", "micro_batch_size",
                       "precision", "gradient_checkpointing", "attn_implementation", "deepspeed"),
         launch=launcher(TRAINING["gpus"]),
     threads: TRAINING["threads"]

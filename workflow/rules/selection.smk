@@ -14,7 +14,7 @@ rule cluster:
     output:
         "results/selection/clusters.parquet",
     params:
-        options=flags(SELECTION, "clusters", "feature", "seed"),
+        options=flags(SELECTION, "clusters", "feature", "seed", "min_cluster_size"),
         iterations=SELECTION["kmeans_iterations"],
     log:
         log="logs/cluster.log",
@@ -32,7 +32,7 @@ use rule cluster as cluster_loss with:
         "results/loss/selection/clusters.parquet",
     params:
         # One loss per checkpoint: the feature is the loss itself.
-        options=flags(SELECTION, "clusters", "seed"),
+        options=flags(SELECTION, "clusters", "seed", "min_cluster_size"),
         iterations=SELECTION["kmeans_iterations"],
     log:
         log="logs/loss/cluster.log",

@@ -14,7 +14,7 @@ rule trajectory:
         image_root=IMAGE_ROOT,
         shards=SHARDS,
         options=flags(TRAJECTORY, "top_k", "layers", "head_reduce", "layer_reduce", "batch_size",
-                      "chunk_size", "max_length", "dtype", "group_by_length", "attn_implementation"),
+                      "chunk_size", "dtype", "group_by_length", "attn_implementation"),
     threads: TRAJECTORY["threads"]
     resources:
         gpu=TRAJECTORY["gpus"],
@@ -34,8 +34,8 @@ use rule trajectory as trajectory_loss with:
     params:
         image_root=IMAGE_ROOT,
         shards=SHARDS,
-        options="--signal loss " + flags(TRAJECTORY, "batch_size", "chunk_size", "max_length", "dtype",
-                                         "group_by_length", "attn_implementation"),
+        options="--signal loss " + flags(TRAJECTORY, "batch_size", "chunk_size", "dtype", "group_by_length",
+                                         "attn_implementation"),
     log:
         log="logs/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
         stats="logs/stats/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",
