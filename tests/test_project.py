@@ -1,17 +1,17 @@
-"""Project plumbing: dependency lists in step, CLI help, config schema."""
+"""Project plumbing: dependency lists in step, the CLI, one hop from a rule to its stage module and test."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 import yaml
-from snakemake.utils import validate
+
+from xmas.cli import STAGES, main
 
 from conftest import REPO
-from xmas.cli import STAGES, main
 
 
 def test_environment_yml_installs_what_pyproject_declares():
@@ -50,27 +50,31 @@ def test_stage_error_is_one_clear_line(tmp_path, capfd):
     assert code == 1 and f"prepare failed: {missing}: annotation file not found" in err and "Traceback" not in err
 
 
-def schema_check(config):
-    validate(config, str(REPO / "workflow/schemas/config.schema.yaml"))
-    return config
+def rule_names() -> set[str]:
+    """The workflow's rules (``rule x:`` and ``use rule y as x``)."""
+    import re
+
+    text = "\n".join(path.read_text() for path in (REPO / "workflow/rules").glob("*.smk"))
+    return set(re.findall(r"^\s*rule (\w+):", text, re.MULTILINE)) | set(re.findall(r" as (\w+) with:", text))
 
 
-def test_shipped_config_is_valid_and_defaults_fill_in():
-    config = schema_check(yaml.safe_load((REPO / "config/config.yaml").read_text()))
-    assert config["training"]["checkpoints"] == 5 and config["trajectory"]["shards"] == 2
-    minimal = schema_check({"dataset": {"annotations": "a.json", "image_root": "img"}})
-    assert minimal["selection"]["min_cluster_size"] == 3 and minimal["proxy"]["model"] == "demo-tiny"
-    assert minimal["proxy"]["image_position"] == "front" and minimal["model_paths"] == {}
+def test_every_rule_is_one_stage_with_its_module_and_its_test():
+    """A rule's stage is `xmas <rule>` in xmas/stages/<rule>.py, tested in tests/stages/test_<rule>.py;
+    `use rule ... as` variants (the loss baseline's) and the copy of XMAS's subset reuse another's."""
+    variants = {"trajectory_loss", "merge_loss", "cluster_loss", "main_subset"}
+    stages = {name.replace("-", "_") for name in STAGES}
+    assert rule_names() - variants - {"all"} == stages
+    for stage in stages:
+        assert (REPO / f"xmas/stages/{stage}.py").is_file(), stage
+        assert (REPO / f"tests/stages/test_{stage}.py").is_file(), stage
 
 
-@pytest.mark.parametrize(("config", "named"), [
-    ({"training": {"checkpoints": 1}}, "checkpoints"),
-    ({"selection": {"feature": "svd"}}, "svd"),
-    ({"trajectory": {"head_reduce": "max"}}, "max"),
-    ({"training": {"epoch": 3}}, "epoch"),
-    ({"dataset": {"annotations": "a.json"}}, "image_root"),
-])
-def test_config_errors_name_the_key_or_value(config, named):
-    with pytest.raises(Exception) as caught:
-        schema_check(config)
-    assert named in str(caught.value)
+def test_no_stage_imports_another_stage():
+    """Stages share code through xmas/data, xmas/models and xmas/training, never through each other."""
+    import ast
+
+    for module in (REPO / "xmas/stages").glob("*.py"):
+        tree = ast.parse(module.read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert not {name for name in imported if name.startswith("xmas.stages")}, module.name

@@ -3,63 +3,72 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
-import importlib
 import sys
 import textwrap
 
 from xmas import __version__
 from xmas.errors import XmasError
-from xmas.stage import setup_logging
+from xmas.progress import setup_logging
 
-# stage name -> (module, one-line summary, example). Modules import lazily: torch is slow to load.
+# One stage per workflow rule, named like it: `xmas train-segment` is rule train_segment, in
+# xmas/stages/train_segment.py. Stage -> (one-line summary, example). Modules import lazily: torch is
+# slow to load.
 STAGES = {
-    "demo-data": ("xmas.demo", "generate the embedded demo dataset",
-                  "xmas demo-data --settings resources/demo/generator.yaml --train-json results/demo/train.json "
+    "demo-data": ("generate a dataset to run on: the demo's shape scenes, or a small LLaVA-665k-shaped set",
+                  "xmas demo-data --settings shapes --train-json results/demo/train.json "
                   "--test-json results/demo/test.json --image-root results/demo/images"),
-    "download": ("xmas.download", "download a real dataset (llava665k, visionflan): resumable, verified, unpacked",
+    "download": ("download a real dataset (llava665k, visionflan): resumable, verified, unpacked",
                  "xmas download --dataset llava665k --dest data/llava665k --report data/llava665k/download.json"),
-    "standin": ("xmas.standins", "write an offline stand-in of a real model (tiny random weights, real file layout)",
-                "xmas standin --name vicuna-7b-v1.5 --out results/standins/vicuna-7b-v1.5"),
-    "proxy-init": ("xmas.proxy", "build a model's checkpoint 0 (proxy or target) from a preset or a model path",
+    "standin-model": ("write an offline stand-in of a real model (tiny random weights, the real files' layout)",
+                      "xmas standin-model --name vicuna-7b-v1.5 --out results/standins/vicuna-7b-v1.5"),
+    "proxy-init": ("build the proxy's checkpoint 0 from a preset, a model folder or a Hugging Face id",
                    "xmas proxy-init --model demo-tiny --annotations results/demo/train.json "
                    "--out results/proxy/checkpoint-0"),
-    "prepare": ("xmas.prepare", "validate the annotations against the proxy, write results/data/examples.parquet",
-                "xmas prepare --annotations data/llava.json --image-root data/images --model results/proxy/checkpoint-0 "
-                "--out results/data/examples.parquet"),
-    "train-segment": ("xmas.train", "train the proxy from checkpoint c-1 to checkpoint c",
+    "prepare": ("validate the annotations against the proxy, write results/data/examples.parquet",
+                "xmas prepare --annotations data/llava.json --image-root data/images "
+                "--model results/proxy/checkpoint-0 --out results/data/examples.parquet"),
+    "train-segment": ("train the proxy from checkpoint c-1 to checkpoint c",
                       "xmas train-segment --checkpoint 1 --checkpoints 5 --previous results/proxy/checkpoint-0 "
                       "--out results/proxy/checkpoint-1 --examples results/data/examples.parquet "
                       "--annotations results/demo/train.json --image-root results/demo/images"),
-    "trajectory": ("xmas.trajectory", "top-k singular values of text-to-image attention, one shard of one checkpoint",
+    "trajectory": ("top-k singular values of text-to-image attention, one shard of one checkpoint",
                    "xmas trajectory --model results/proxy/checkpoint-1 --checkpoint 1 --shard 0 --shards 2 "
                    "--examples results/data/examples.parquet --annotations results/demo/train.json "
                    "--image-root results/demo/images --out results/trajectories/checkpoint-1/shard-0.parquet"),
-    "merge": ("xmas.merge", "merge the shards into results/trajectories.parquet, checking completeness",
-              "xmas merge --examples results/data/examples.parquet --checkpoints 5 --out results/trajectories.parquet "
-              "results/trajectories/checkpoint-*/shard-*.parquet"),
-    "cluster": ("xmas.cluster", "stability and k-means clusters of the trajectories",
+    "merge": ("merge the shards into results/trajectories.parquet, checking completeness",
+              "xmas merge --examples results/data/examples.parquet --checkpoints 5 --shards 2 "
+              "--out results/trajectories.parquet results/trajectories/checkpoint-*/shard-*.parquet"),
+    "cluster": ("stability and k-means clusters of the trajectories",
                 "xmas cluster --examples results/data/examples.parquet --trajectories results/trajectories.parquet "
                 "--out results/selection/clusters.parquet"),
-    "sample": ("xmas.sample", "pick a subset for a budget (xmas balanced sampling or a baseline)",
+    "sample": ("pick a subset for a budget (xmas balanced sampling or a baseline)",
                "xmas sample --method xmas --budget 0.5 --examples results/data/examples.parquet "
                "--clusters results/selection/clusters.parquet --annotations results/demo/train.json "
-               "--out results/subset_0.5.json"),
-    "finetune": ("xmas.finetune", "fine-tune the target model on a subset (LoRA or all weights)",
-                 "xmas finetune --base results/target/base --subset results/subset_0.5.json "
-                 "--image-root results/demo/images --out results/target/xmas/0.5/seed-0 --lora-r 0"),
-    "evaluate": ("xmas.evaluate", "score a fine-tuned target: demo test split or the paper's benchmarks (lmms-eval)",
+               "--out results/xmas/seed-0/subset_0.5.json"),
+    "target-init": ("build the target's checkpoint 0 from a preset, a model folder or a Hugging Face id",
+                    "xmas target-init --model demo-target --annotations results/demo/train.json "
+                    "--out results/target/base"),
+    "finetune-target": ("fine-tune the target model on a subset (LoRA or all weights)",
+                        "xmas finetune-target --base results/target/base --subset results/xmas/seed-0/subset_0.5.json "
+                        "--image-root results/demo/images --out results/target/xmas/0.5/seed-0"),
+    "evaluate": ("score a fine-tuned target: a held-out split by exact match, or the paper's benchmarks (lmms-eval)",
                  "xmas evaluate --model results/target/xmas/0.5/seed-0 --suite demo --test results/demo/test.json "
                  "--image-root results/demo/images --out results/eval/runs/xmas/0.5/seed-0.tsv"),
-    "summarize": ("xmas.summary", "collect the evaluation runs into results/eval/summary.tsv with ARP",
+    "summarize": ("collect the evaluation runs into results/eval/summary.tsv with ARP",
                   "xmas summarize --run xmas 0.5 0 results/eval/runs/xmas/0.5/seed-0.tsv "
                   "--run full 1 0 results/eval/runs/full/1/seed-0.tsv --out results/eval/summary.tsv"),
-    "report": ("xmas.report", "write the HTML report: trajectories, clusters, stability, composition, settings",
+    "report": ("write the HTML report: trajectories, clusters, stability, composition, settings",
                "xmas report --examples results/data/examples.parquet --annotations results/demo/train.json "
                "--clusters results/selection/clusters.parquet --trajectories results/trajectories.parquet "
-               "--manifest xmas 0.5 results/subset_0.5.manifest.parquet --out results/report.html"),
+               "--manifest xmas 0.5 results/xmas/seed-0/subset_0.5.manifest.parquet --out results/report.html"),
 }
+
+
+def stage_module(name: str) -> str:
+    return f"xmas.stages.{name.replace('-', '_')}"
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
@@ -73,7 +82,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     parser.add_argument("--version", action="version", version=f"xmas {__version__}")
     subparsers = parser.add_subparsers(dest="stage", metavar="<stage>")
     stage_parsers = {}
-    for name, (_, summary, example) in STAGES.items():
+    for name, (summary, example) in STAGES.items():
         stage_parsers[name] = subparsers.add_parser(
             name,
             help=summary,
@@ -93,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     name = argv[0] if argv and argv[0] in STAGES else None
     if name is not None:
-        module = importlib.import_module(STAGES[name][0])
+        module = importlib.import_module(stage_module(name))
         module.add_arguments(stage_parsers[name])
     args = parser.parse_args(argv)
     if args.stage is None:

@@ -1,10 +1,23 @@
-# Paths, wildcard constraints and the helpers that turn config sections into CLI flags.
+# Paths, wildcard constraints and the helpers rules share. Settings reach each stage as options
+# generated from the config schema (xmas.settings.stage_flags). Nothing here imports torch.
+#
+# `snakemake --lint` findings left on purpose:
+# - "Specify a conda environment or container for each rule": every rule runs one `xmas` stage from
+#   the one environment the README installs (torch, transformers, faiss); an environment per rule
+#   would build that stack once per rule, and could not install this package from the checkout.
+# - "Param image_root is a prefix of input or output file but hardcoded": IMAGE_ROOT is the dataset's
+#   image folder, an input for the demo (IMAGE_INPUT) and vouched for by the download's report for
+#   real data; rules read images from it by name, as LLaVA's own training code does.
 from pathlib import Path
 
 import yaml
 
-from xmas.download import load_manifest, resolve_manifest
+from xmas.data.demo import settings_file
+from xmas.data.download import load_manifest, resolve_manifest
 from xmas.errors import XmasError
+from xmas.resources import resource
+from xmas.settings import stage_flags
+from xmas.training.launch import launcher_prefix
 
 DATASET = config["dataset"]
 PROXY = config["proxy"]
@@ -18,10 +31,11 @@ CHECKPOINTS = TRAINING["checkpoints"]
 SHARDS = TRAJECTORY["shards"]
 
 # Where the data comes from, by precedence: a dataset to download (dataset.download), your own
-# files (dataset.annotations), else the generated demo (config/config.yaml always sets its key).
+# files (dataset.annotations), else a generated dataset (dataset.demo).
 DOWNLOAD = DATASET.get("download")
-USE_DEMO = DOWNLOAD is None and "annotations" not in DATASET
-
+GENERATED = DOWNLOAD is None and "annotations" not in DATASET
+# A shipped generator by name, else the user's settings file.
+DEMO_SETTINGS = str(settings_file(DATASET["demo"]))
 
 if DOWNLOAD is not None:
     try:
@@ -29,38 +43,36 @@ if DOWNLOAD is not None:
         _manifest = load_manifest(DOWNLOAD_MANIFEST)
     except XmasError as error:
         raise WorkflowError(f"config dataset.download: {error}")
-    DATA_FOLDER = f"{DATASET.get('data_dir', 'data')}/{_manifest.name}"
+    DATA_FOLDER = f"{DATASET['data_dir']}/{_manifest.name}"
     ANNOTATIONS = f"{DATA_FOLDER}/{_manifest.annotations}"
     IMAGE_ROOT = f"{DATA_FOLDER}/{_manifest.image_root}"
     DOWNLOAD_REPORT = f"{DATA_FOLDER}/download.json"
     # The download job unpacks the images but does not declare them as output (Snakemake would
     # delete tens of GB before rerunning it); jobs that read images wait for its report instead.
     IMAGE_INPUT = [DOWNLOAD_REPORT]
-elif USE_DEMO:
+elif GENERATED:
     ANNOTATIONS = "results/demo/train.json"
     IMAGE_ROOT = "results/demo/images"
     # The generated images are a rule output, so jobs that read them must wait for it.
     IMAGE_INPUT = [IMAGE_ROOT]
 else:
-    if "image_root" not in DATASET:
-        raise WorkflowError("config dataset.annotations is set but dataset.image_root is not")
     ANNOTATIONS = DATASET["annotations"]
     IMAGE_ROOT = DATASET["image_root"]
     IMAGE_INPUT = []
 
 EXAMPLES = "results/data/examples.parquet"
+CLUSTERS = "results/selection/clusters.parquet"
 SELECTION_METHODS = SELECTION["methods"]
 # Baselines whose subset changes with the seed; evaluation draws one subset per seed for them.
 SEEDED_METHODS = ("random", "cluster-random")
 # The reference every subset is measured against: all usable records, trained and evaluated alike.
 FULL = ("full", "1")
 TARGET_BASE = "results/target/base"
-RESOURCES = Path(workflow.basedir).parent / "resources"
-PROXY_PRESETS = str(RESOURCES / "proxy_presets.yaml")
-TARGET_PRESETS = TARGET.get("presets", str(RESOURCES / "target_presets.yaml"))
-# Local copies of Hub repos (config model_paths); the rehearsal's are stand-ins the workflow writes.
+PROXY_PRESETS = PROXY["presets"] or str(resource("proxy_presets.yaml"))
+TARGET_PRESETS = TARGET["presets"] or str(resource("target_presets.yaml"))
 MODEL_PATHS = config["model_paths"]
 STANDINS = "results/standins"
+EVAL_SUMMARY = "results/eval/summary.tsv"
 
 
 wildcard_constraints:
@@ -71,35 +83,28 @@ wildcard_constraints:
     method=r"[a-z][a-z-]*",
 
 
-def flags(section, *keys):
-    """`--key value` for each key of a config section; booleans become --key / --no-key."""
-    rendered = []
-    for key in keys:
-        value, flag = section[key], "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            rendered.append(flag if value else f"--no-{key.replace('_', '-')}")
-        elif isinstance(value, list):
-            rendered.append(f"{flag} {','.join(map(str, value))}")
-        elif value is not None:
-            rendered.append(f"{flag} {value}")
-    return " ".join(rendered)
+def flags(stage):
+    """The config's values of a stage's settings, as its options."""
+    return stage_flags(config, stage)
 
 
-def model_path_flags():
-    return " ".join(f"--model-path {name}={folder}" for name, folder in MODEL_PATHS.items())
+def launcher(gpus):
+    """`xmas` on up to one GPU, torchrun with one process per GPU beyond."""
+    return " ".join(launcher_prefix(gpus))
+
+
+def hub_repo(name):
+    """`owner/repo` of a Hub id or of a file in a repo (`owner/repo/path/file`)."""
+    owner, _, rest = name.partition("/")
+    return f"{owner}/{rest.partition('/')[0]}"
 
 
 def local_copies(model, presets):
     """The local folders (config model_paths) of the Hub repos a model preset, folder or id loads."""
     spec = (yaml.safe_load(Path(presets).read_text()) or {}).get(model, {"path": model})
     names = [spec.get(key) for key in ("language_model", "vision_model", "path", "projector_weights")]
-    repos = {"/".join(name.split("/")[:2]) for name in names if name} | set(filter(None, names))
+    repos = {hub_repo(name) for name in names if name} | set(filter(None, names))
     return sorted(MODEL_PATHS[repo] for repo in repos if repo in MODEL_PATHS)
-
-
-def init_options(section):
-    """How checkpoint 0 encodes records (proxy or target section): conversation, image, max length."""
-    return flags(section, "conversation", "image_position", "image_preprocessing", "max_length")
 
 
 def checkpoint_dir(c):
@@ -111,13 +116,10 @@ def methods_and_budgets():
 
 
 def subset_json(method, budget, seed=None):
-    """results/subset_{budget}.json for XMAS, results/{method}/subset_{budget}.json for baselines,
-    and results/{method}/seed-{seed}/subset_{budget}.json for a seeded baseline's other seeds."""
-    if method == "xmas":
-        return f"results/subset_{budget}.json"
-    if method in SEEDED_METHODS and seed is not None and int(seed) != SELECTION["seed"]:
-        return f"results/{method}/seed-{seed}/subset_{budget}.json"
-    return f"results/{method}/subset_{budget}.json"
+    """results/{method}/seed-{seed}/subset_{budget}.json. Only seeded baselines draw one subset per
+    evaluation seed; the others are fixed by selection.seed."""
+    seed = seed if method in SEEDED_METHODS and seed is not None else SELECTION["seed"]
+    return f"results/{method}/seed-{seed}/subset_{budget}.json"
 
 
 def subset_manifest(method, budget):
@@ -126,6 +128,22 @@ def subset_manifest(method, budget):
 
 def all_subsets():
     return [subset_json(method, budget) for method, budget in methods_and_budgets()]
+
+
+def clusters_of(method):
+    """The clusters a method samples from: the loss baseline has its own; random and full none."""
+    return {"loss": "results/loss/selection/clusters.parquet", "xmas": CLUSTERS, "cluster-random": CLUSTERS}.get(method)
+
+
+def sample_inputs(method):
+    inputs = {"examples": EXAMPLES, "annotations": ANNOTATIONS}
+    if clusters_of(method):
+        inputs["clusters"] = clusters_of(method)
+    return inputs
+
+
+def clusters_option(method):
+    return f"--clusters {clusters_of(method)}" if clusters_of(method) else ""
 
 
 def evaluation_runs():
@@ -142,11 +160,26 @@ def scores_tsv(method, budget, seed):
     return f"results/eval/runs/{method}/{budget}/seed-{seed}.tsv"
 
 
-EVAL_SUMMARY = "results/eval/summary.tsv"
+def evaluation_test():
+    """The held-out split the demo suite scores: evaluation.test, else the generated dataset's.
+    Checked when an evaluation is in the DAG, so a selection-only run never trips over it."""
+    if "test" in EVALUATION:
+        return EVALUATION["test"], EVALUATION["test_image_root"]
+    if not GENERATED:
+        raise WorkflowError(
+            "config evaluation.suite is 'demo' but the data is not generated: set evaluation.test and"
+            " evaluation.test_image_root (a held-out LLaVA-format file whose records carry question_type)"
+            " or evaluation.suite: lmms-eval"
+        )
+    return "results/demo/test.json", "results/demo/images"
 
 
-def launcher(gpus):
-    """The command that starts a stage: `xmas` on up to one GPU, torchrun with one process per GPU beyond."""
-    from xmas.engine import launcher_prefix
+def evaluation_inputs(method, budget, seed):
+    inputs = {"model": target_dir(method, budget, seed)}
+    if EVALUATION["suite"] == "demo":
+        inputs["test"], inputs["test_images"] = evaluation_test()
+    return inputs
 
-    return " ".join(launcher_prefix(gpus))
+
+def test_options(input):
+    return f"--test {input.test} --image-root {input.test_images}" if "test" in input.keys() else ""

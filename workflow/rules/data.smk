@@ -1,4 +1,4 @@
-# Data: a real dataset downloaded (dataset.download) or the generated demo dataset, then
+# Data: a real dataset downloaded (dataset.download) or a generated one (dataset.demo), then
 # validation into results/data/examples.parquet (against the proxy's checkpoint 0, whose tokenizer,
 # chat template and image tokens decide whether a record fits).
 
@@ -9,14 +9,14 @@ if DOWNLOAD is not None:
         output:
             annotations=ANNOTATIONS,
             report=DOWNLOAD_REPORT,
-        params:
-            manifest=DOWNLOAD_MANIFEST,
-            dest=DATA_FOLDER,
-        # Compute nodes of many clusters have no internet access; the submit host usually has.
-        localrule: True
         log:
             log="logs/download.log",
             stats="logs/stats/download.json",
+        # Compute nodes of many clusters have no internet access; the submit host usually has.
+        localrule: True
+        params:
+            manifest=DOWNLOAD_MANIFEST,
+            dest=DATA_FOLDER,
         shell:
             "xmas download --dataset {params.manifest} --dest {params.dest} --report {output.report}"
             " --stats {log.stats} 2> {log.log}"
@@ -24,7 +24,7 @@ if DOWNLOAD is not None:
 
 rule demo_data:
     input:
-        settings=DATASET.get("demo", "resources/demo/generator.yaml"),
+        settings=DEMO_SETTINGS,
     output:
         train="results/demo/train.json",
         test="results/demo/test.json",
@@ -44,14 +44,13 @@ rule prepare:
         model=checkpoint_dir(0),
     output:
         EXAMPLES,
-    params:
-        image_root=IMAGE_ROOT,
-        options=flags(DATASET, "check_images", "max_images"),
-    threads: 2
     log:
         log="logs/prepare.log",
         stats="logs/stats/prepare.json",
+    threads: 2
+    params:
+        image_root=IMAGE_ROOT,
+        options=flags("prepare"),
     shell:
         "xmas prepare --annotations {input.annotations} --image-root {params.image_root} --model {input.model}"
-        " --out {output}"
-        " {params.options} --workers {threads} --stats {log.stats} 2> {log.log}"
+        " --out {output} {params.options} --workers {threads} --stats {log.stats} 2> {log.log}"

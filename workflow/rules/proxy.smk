@@ -1,6 +1,7 @@
-# The proxy: checkpoint 0 from a preset or model, then a chain of training segments 1..C.
-# Each segment resumes from the previous checkpoint, so trajectory jobs of checkpoint c can
-# start while segment c+1 trains.
+# The proxy: checkpoint 0 from a preset or model, then a chain of training segments 1..C. Each
+# segment resumes from the previous checkpoint, so trajectory jobs of checkpoint c can start
+# while segment c+1 trains. Stand-ins of real models (config model_paths of the rehearsal) are
+# written here too.
 
 
 rule standin_model:
@@ -10,7 +11,7 @@ rule standin_model:
         log="logs/standins/{name}.log",
         stats="logs/stats/standins/{name}.json",
     shell:
-        "xmas standin --name {wildcards.name} --out {output} --stats {log.stats} 2> {log.log}"
+        "xmas standin-model --name {wildcards.name} --out {output} --stats {log.stats} 2> {log.log}"
 
 
 rule proxy_init:
@@ -19,18 +20,13 @@ rule proxy_init:
         models=local_copies(PROXY["model"], PROXY_PRESETS),
     output:
         directory(checkpoint_dir(0)),
-    params:
-        model=PROXY["model"],
-        presets=PROXY_PRESETS,
-        seed=TRAINING["seed"],
-        options=init_options(PROXY),
-        model_paths=model_path_flags(),
     log:
         log="logs/proxy/checkpoint-0.log",
         stats="logs/stats/proxy/checkpoint-0.json",
+    params:
+        options=flags("proxy-init"),
     shell:
-        "xmas proxy-init --model {params.model} --presets {params.presets} --annotations {input.annotations}"
-        " --out {output} --seed {params.seed} {params.options} {params.model_paths}"
+        "xmas proxy-init --annotations {input.annotations} --out {output} {params.options}"
         " --stats {log.stats} 2> {log.log}"
 
 
@@ -42,21 +38,17 @@ rule train_segment:
         images=IMAGE_INPUT,
     output:
         directory(checkpoint_dir("{checkpoint}")),
-    params:
-        image_root=IMAGE_ROOT,
-        checkpoints=CHECKPOINTS,
-        options=flags(TRAINING, "epochs", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
-                      "max_grad_norm", "freeze_vision_tower", "seed", "micro_batch_size",
-                      "precision", "gradient_checkpointing", "attn_implementation", "deepspeed"),
-        launch=launcher(TRAINING["gpus"]),
-    threads: TRAINING["threads"]
-    resources:
-        gpu=TRAINING["gpus"],
     log:
         log="logs/proxy/checkpoint-{checkpoint}.log",
         stats="logs/stats/proxy/checkpoint-{checkpoint}.json",
+    threads: TRAINING["threads"]
+    resources:
+        gpu=TRAINING["gpus"],
+    params:
+        image_root=IMAGE_ROOT,
+        options=flags("train-segment"),
+        launch=launcher(TRAINING["gpus"]),
     shell:
-        "{params.launch} train-segment --checkpoint {wildcards.checkpoint} --checkpoints {params.checkpoints}"
-        " --previous {input.previous} --out {output} --examples {input.examples}"
-        " --annotations {input.annotations} --image-root {params.image_root} {params.options}"
-        " --threads {threads} --stats {log.stats} 2> {log.log}"
+        "{params.launch} train-segment --checkpoint {wildcards.checkpoint} --previous {input.previous}"
+        " --out {output} --examples {input.examples} --annotations {input.annotations}"
+        " --image-root {params.image_root} {params.options} --threads {threads} --stats {log.stats} 2> {log.log}"

@@ -6,21 +6,21 @@ rule report:
     input:
         examples=EXAMPLES,
         annotations=ANNOTATIONS,
-        clusters="results/selection/clusters.parquet",
+        clusters=CLUSTERS,
         trajectories="results/trajectories.parquet",
         manifests=[subset_manifest(method, budget) for method, budget in methods_and_budgets()],
         eval_summary=EVAL_SUMMARY,
     output:
         "results/report.html",
+    log:
+        log="logs/report.log",
+        stats="logs/stats/report.json",
     params:
         manifests=" ".join(
             f"--manifest {method} {budget} {subset_manifest(method, budget)}"
             for method, budget in methods_and_budgets()
         ),
         run_config=json.dumps(config, sort_keys=True),
-    log:
-        log="logs/report.log",
-        stats="logs/stats/report.json",
     shell:
         "xmas report --examples {input.examples} --annotations {input.annotations}"
         " --clusters {input.clusters} --trajectories {input.trajectories} {params.manifests}"

@@ -1,10 +1,7 @@
-# Selection: clusters and stability, then a subset per budget for XMAS and each baseline:
-# loss (clusters of loss trajectories), cluster-random (XMAS clusters, random inside), random,
-# and full (every usable record: the reference of the evaluation).
-
-
-def clusters_of(method):
-    return "results/loss/selection/clusters.parquet" if method == "loss" else "results/selection/clusters.parquet"
+# Selection: clusters and stability, then a subset per method, budget and seed, every one at
+# results/{method}/seed-{seed}/subset_{budget}.json with its manifest: xmas; loss (clusters of loss
+# trajectories); cluster-random (XMAS clusters, random inside); random; full (every usable record,
+# the reference of the evaluation). results/subset_{budget}.json is XMAS's subset of selection.seed.
 
 
 rule cluster:
@@ -12,16 +9,15 @@ rule cluster:
         examples=EXAMPLES,
         trajectories="results/trajectories.parquet",
     output:
-        "results/selection/clusters.parquet",
-    params:
-        options=flags(SELECTION, "clusters", "feature", "seed", "min_cluster_size"),
-        iterations=SELECTION["kmeans_iterations"],
+        CLUSTERS,
     log:
         log="logs/cluster.log",
         stats="logs/stats/cluster.json",
+    params:
+        options=flags("cluster"),
     shell:
         "xmas cluster --examples {input.examples} --trajectories {input.trajectories} --out {output}"
-        " {params.options} --iterations {params.iterations} --stats {log.stats} 2> {log.log}"
+        " {params.options} --stats {log.stats} 2> {log.log}"
 
 
 use rule cluster as cluster_loss with:
@@ -29,94 +25,39 @@ use rule cluster as cluster_loss with:
         examples=EXAMPLES,
         trajectories="results/loss/trajectories.parquet",
     output:
-        "results/loss/selection/clusters.parquet",
-    params:
-        # One loss per checkpoint: the feature is the loss itself.
-        options=flags(SELECTION, "clusters", "seed", "min_cluster_size"),
-        iterations=SELECTION["kmeans_iterations"],
+        clusters_of("loss"),
     log:
         log="logs/loss/cluster.log",
         stats="logs/stats/loss/cluster.json",
 
 
-rule sample_xmas:
+rule sample:
     input:
-        examples=EXAMPLES,
-        clusters="results/selection/clusters.parquet",
-        annotations=ANNOTATIONS,
+        unpack(lambda w: sample_inputs(w.method)),
+    output:
+        subset="results/{method}/seed-{seed}/subset_{budget}.json",
+        manifest="results/{method}/seed-{seed}/subset_{budget}.manifest.parquet",
+    log:
+        log="logs/sample/{method}/seed-{seed}/{budget}.log",
+        stats="logs/stats/sample/{method}/seed-{seed}/{budget}.json",
+    params:
+        clusters=lambda w: clusters_option(w.method),
+        options=flags("sample"),
+    shell:
+        "xmas sample --method {wildcards.method} --budget {wildcards.budget} --seed {wildcards.seed}"
+        " --examples {input.examples} --annotations {input.annotations} {params.clusters}"
+        " --out {output.subset} --manifest {output.manifest} {params.options} --stats {log.stats} 2> {log.log}"
+
+
+rule main_subset:
+    input:
+        subset=lambda w: subset_json("xmas", w.budget),
+        manifest=lambda w: subset_manifest("xmas", w.budget),
     output:
         subset="results/subset_{budget}.json",
         manifest="results/subset_{budget}.manifest.parquet",
-    params:
-        method="xmas",
-        options=flags(SELECTION, "min_cluster_size", "seed"),
     log:
-        log="logs/sample/xmas_{budget}.log",
-        stats="logs/stats/sample/xmas_{budget}.json",
+        "logs/main_subset/{budget}.log",
+    localrule: True
     shell:
-        "xmas sample --method {params.method} --budget {wildcards.budget} --examples {input.examples}"
-        " --clusters {input.clusters} --annotations {input.annotations} --out {output.subset}"
-        " --manifest {output.manifest} {params.options} --stats {log.stats} 2> {log.log}"
-
-
-use rule sample_xmas as sample_clustered_baseline with:
-    input:
-        examples=EXAMPLES,
-        clusters=lambda w: clusters_of(w.method),
-        annotations=ANNOTATIONS,
-    output:
-        subset="results/{method}/subset_{budget}.json",
-        manifest="results/{method}/subset_{budget}.manifest.parquet",
-    wildcard_constraints:
-        method="loss|cluster-random",
-    params:
-        method=lambda w: w.method,
-        options=flags(SELECTION, "min_cluster_size", "seed"),
-    log:
-        log="logs/sample/{method}_{budget}.log",
-        stats="logs/stats/sample/{method}_{budget}.json",
-
-
-use rule sample_xmas as sample_cluster_random_seed with:
-    output:
-        subset="results/cluster-random/seed-{seed}/subset_{budget}.json",
-        manifest="results/cluster-random/seed-{seed}/subset_{budget}.manifest.parquet",
-    params:
-        method="cluster-random",
-        options=lambda w: f"{flags(SELECTION, 'min_cluster_size')} --seed {w.seed}",
-    log:
-        log="logs/sample/cluster-random_{budget}_seed-{seed}.log",
-        stats="logs/stats/sample/cluster-random_{budget}_seed-{seed}.json",
-
-
-rule sample_unclustered:
-    input:
-        examples=EXAMPLES,
-        annotations=ANNOTATIONS,
-    output:
-        subset="results/{method}/subset_{budget}.json",
-        manifest="results/{method}/subset_{budget}.manifest.parquet",
-    wildcard_constraints:
-        method="random|full",
-    params:
-        method=lambda w: w.method,
-        seed=SELECTION["seed"],
-    log:
-        log="logs/sample/{method}_{budget}.log",
-        stats="logs/stats/sample/{method}_{budget}.json",
-    shell:
-        "xmas sample --method {params.method} --budget {wildcards.budget} --examples {input.examples}"
-        " --annotations {input.annotations} --out {output.subset} --manifest {output.manifest}"
-        " --seed {params.seed} --stats {log.stats} 2> {log.log}"
-
-
-use rule sample_unclustered as sample_random_seed with:
-    output:
-        subset="results/random/seed-{seed}/subset_{budget}.json",
-        manifest="results/random/seed-{seed}/subset_{budget}.manifest.parquet",
-    params:
-        method="random",
-        seed=lambda w: w.seed,
-    log:
-        log="logs/sample/random_{budget}_seed-{seed}.log",
-        stats="logs/stats/sample/random_{budget}_seed-{seed}.json",
+        "(cp {input.subset} {output.subset} && cp {input.manifest} {output.manifest}) 2> {log}"

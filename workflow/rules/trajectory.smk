@@ -10,35 +10,33 @@ rule trajectory:
         images=IMAGE_INPUT,
     output:
         "results/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
-    params:
-        image_root=IMAGE_ROOT,
-        shards=SHARDS,
-        options=flags(TRAJECTORY, "top_k", "layers", "head_reduce", "layer_reduce", "batch_size",
-                      "chunk_size", "dtype", "group_by_length", "attn_implementation"),
-    threads: TRAJECTORY["threads"]
-    resources:
-        gpu=TRAJECTORY["gpus"],
     log:
         log="logs/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
         stats="logs/stats/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",
+    threads: TRAJECTORY["threads"]
+    resources:
+        gpu=TRAJECTORY["gpus"],
+    params:
+        image_root=IMAGE_ROOT,
+        signal="attention",
+        options=flags("trajectory"),
     shell:
         "xmas trajectory --model {input.model} --checkpoint {wildcards.checkpoint} --shard {wildcards.shard}"
-        " --shards {params.shards} --examples {input.examples} --annotations {input.annotations}"
-        " --image-root {params.image_root} --out {output} {params.options} --threads {threads}"
+        " --examples {input.examples} --annotations {input.annotations} --image-root {params.image_root}"
+        " --out {output} --signal {params.signal} {params.options} --threads {threads}"
         " --stats {log.stats} 2> {log.log}"
 
 
 use rule trajectory as trajectory_loss with:
     output:
         "results/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
-    params:
-        image_root=IMAGE_ROOT,
-        shards=SHARDS,
-        options="--signal loss " + flags(TRAJECTORY, "batch_size", "chunk_size", "dtype", "group_by_length",
-                                         "attn_implementation"),
     log:
         log="logs/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
         stats="logs/stats/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",
+    params:
+        image_root=IMAGE_ROOT,
+        signal="loss",
+        options=flags("trajectory"),
 
 
 rule merge:
@@ -51,15 +49,14 @@ rule merge:
         examples=EXAMPLES,
     output:
         "results/trajectories.parquet",
-    params:
-        checkpoints=CHECKPOINTS,
-        shards=SHARDS,
     log:
         log="logs/merge.log",
         stats="logs/stats/merge.json",
+    params:
+        options=flags("merge"),
     shell:
-        "xmas merge {input.shards} --examples {input.examples} --checkpoints {params.checkpoints}"
-        " --shards {params.shards} --out {output} --stats {log.stats} 2> {log.log}"
+        "xmas merge {input.shards} --examples {input.examples} {params.options} --out {output}"
+        " --stats {log.stats} 2> {log.log}"
 
 
 use rule merge as merge_loss with:

@@ -1,0 +1,98 @@
+"""The HTML report: built by the workflow, every figure renders in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pandas as pd
+import pytest
+
+from xmas.progress import progress, setup_logging
+from xmas.stages.report import arp_curves, stage_counts
+
+from conftest import REPO, snakemake
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = REPO / "test-artifacts"
+# trajectories, stability, cluster quotas, composition by source and by question type, ARP vs budget
+DEMO_FIGURES = 6
+
+
+@pytest.fixture(scope="module")
+def report(workflow_run):
+    snakemake(workflow_run, "--cores", "2", "results/report.html")
+    return workflow_run / "results/report.html"
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("XMAS_REQUIRE_BROWSER"):
+            pytest.fail("XMAS_REQUIRE_BROWSER is set but chromium / chromedriver are not installed")
+        pytest.skip("needs Debian's chromium and chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1200,900"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+@pytest.mark.slow
+def test_every_figure_renders_in_chromium(report, browser):
+    browser.get(report.as_uri())
+    sizes = browser.execute_script(
+        "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
+    assert len(sizes) == DEMO_FIGURES
+    assert all(complete and width > 0 and height > 0 for complete, width, height in sizes), sizes
+    headings = browser.execute_script("return Array.from(document.querySelectorAll('h3')).map(h => h.textContent);")
+    assert "Subset composition by question type" in headings and "Counts per stage" in headings
+    assert "Average relative performance vs budget" in headings
+    height = browser.execute_script("return document.body.scrollHeight;")
+    browser.set_window_size(1200, height + 100)
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "report.png"))
+
+
+@pytest.mark.slow
+def test_report_is_self_contained_and_shows_the_run(report):
+    page = report.read_text()
+    assert "<img" in page and 'src="http' not in page and "<script" not in page
+    assert page.count("data:image/png;base64,") == DEMO_FIGURES
+    assert '"checkpoints": 3' in page  # the run's configuration
+    assert "train-segment 3" in page and "trajectory checkpoint 3 shard 1" in page  # counts per stage
+
+
+def test_arp_figure_and_table_from_an_evaluation_summary():
+    summary = pd.DataFrame({
+        "method": ["xmas"] * 4 + ["random"] * 4, "budget": [0.1, 0.1, 0.5, 0.5] * 2, "seed": [0, 1] * 4,
+        "benchmark": ["demo"] * 8, "score": [0.5] * 8, "ARP": [95.0, 96.0, 99.0, 100.0, 93.0, 94.0, 98.0, 99.0]})
+    figure = arp_curves(summary)
+    assert figure.png.startswith(b"\x89PNG") and "relative performance" in figure.title
+
+
+def test_stage_counts_table(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/x.json").write_text(json.dumps({"stage": "prepare", "seconds": 1.5, "counts": {"in": 3, "out": 3,
+                                                   "ok": 2}, "excluded_total": 1}))
+    table = stage_counts(tmp_path)
+    assert table.to_dict("records") == [{"stage": "prepare", "seconds": 1.5, "in": 3, "out": 3, "excluded": 1,
+                                         "other counts": "ok=2"}]
+
+
+def test_progress_in_a_log_file_is_a_line_every_tenth(capfd):
+    assert not sys.stderr.isatty()
+    setup_logging()
+    assert list(progress(range(50), total=50, desc="work", unit="item")) == list(range(50))
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert len(lines) == 10 and "\r" not in "".join(lines)
+    assert "work: 5/50 item (10%" in lines[0] and "work: 50/50 item (100%" in lines[-1]

@@ -1,0 +1,74 @@
+"""Segmented proxy training: resumable, and the chain equals one uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xmas.errors import XmasError
+from xmas.models.checkpoints import load_checkpoint
+from xmas.progress import StageStats
+from xmas.settings import defaults
+from xmas.stages.train_segment import checkpoint_step, train_segment
+
+SETTINGS = {**defaults("train-segment"), "epochs": 1, "batch_size": 24, "checkpoints": 3, "learning_rate": 2e-3,
+            "warmup_ratio": 0.1}
+
+
+def train(previous, out, checkpoint, small_demo, small_examples, **overrides):
+    train_segment(previous, out, checkpoint, {**SETTINGS, **overrides}, small_examples, small_demo["train"],
+                  small_demo["images"], StageStats("t"))
+
+
+def weights(checkpoint):
+    return load_file(checkpoint / "model.safetensors")
+
+
+def test_checkpoints_are_spread_over_the_steps():
+    settings = {**SETTINGS, "records": 100, "batch_size": 32, "epochs": 2}
+    assert [checkpoint_step(c, settings) for c in (1, 2, 3)] == [3, 5, 8]
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_checkpoint, small_demo, small_examples, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    previous = tiny_checkpoint
+    for c in (1, 2, 3):
+        train(previous, root / f"checkpoint-{c}", c, small_demo, small_examples)
+        previous = root / f"checkpoint-{c}"
+    return root
+
+
+def test_chain_of_segments_equals_one_uninterrupted_run(chain, tiny_checkpoint, small_demo, small_examples, tmp_path):
+    train(tiny_checkpoint, tmp_path / "straight", 3, small_demo, small_examples)
+    chained, straight = weights(chain / "checkpoint-3"), weights(tmp_path / "straight")
+    assert chained.keys() == straight.keys()
+    for name in chained:
+        torch.testing.assert_close(chained[name], straight[name], rtol=1e-5, atol=1e-6, msg=name)
+    initial = weights(tiny_checkpoint)
+    assert any(not torch.equal(initial[name], chained[name]) for name in initial), "training changed nothing"
+
+
+def test_checkpoints_are_standard_hf_folders_with_state(chain):
+    model, processor = load_checkpoint(chain / "checkpoint-2")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and processor.chat_template
+    state = torch.load(chain / "checkpoint-2" / "training_state.pt", weights_only=False)
+    assert state["step"] == 7  # round(2 * 10 / 3): 240 records / 24 per batch = 10 steps
+    log = json.loads((chain / "checkpoint-2" / "training_log.json").read_text())
+    assert log["first_step"] == 3 and len(log["losses"]) == 4
+
+
+def test_resuming_with_other_settings_is_refused(chain, small_demo, small_examples, tmp_path):
+    with pytest.raises(XmasError, match=r"learning_rate: 0\.002 -> 0\.01"):
+        train(chain / "checkpoint-1", tmp_path / "c2", 2, small_demo, small_examples, learning_rate=1e-2)
+
+
+def test_frozen_vision_tower_does_not_change(tiny_checkpoint, small_demo, small_examples, tmp_path):
+    train(tiny_checkpoint, tmp_path / "frozen", 1, small_demo, small_examples, freeze_vision_tower=True)
+    before, after = weights(tiny_checkpoint), weights(tmp_path / "frozen")
+    vision = [name for name in before if "vision_tower" in name]
+    assert vision and all(torch.equal(before[n], after[n]) for n in vision)
+    assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)

@@ -1,0 +1,137 @@
+"""Rule trajectory: sharding, resumable part files, length grouping, the attention and loss signals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from xmas.data.examples import shard_slice, usable_image_examples
+from xmas.errors import XmasError
+from xmas.progress import StageStats
+from xmas.stages import trajectory
+from xmas.stages.trajectory import extract_shard
+
+SETTINGS = {"layers": None, "head_reduce": "sum", "layer_reduce": "sum", "batch_size": 8, "chunk_size": 16,
+            "top_k": 5}
+
+
+def test_shards_partition_the_usable_image_examples(small_examples):
+    usable = usable_image_examples(small_examples)
+    shards = [shard_slice(usable, s, 3) for s in range(3)]
+    assert pd.concat(shards).uid.tolist() == usable.uid.tolist()
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(XmasError, match="--shard must be in 0..2"):
+        shard_slice(usable, 3, 3)
+
+
+def run_shard(tiny_checkpoint, small_demo, shard, out, stats=None, settings=SETTINGS):
+    stats = stats or StageStats("t")
+    extract_shard(tiny_checkpoint, 1, shard, small_demo["train"], small_demo["images"], out, settings, stats)
+    return stats
+
+
+@pytest.fixture(scope="module")
+def shard(small_examples):
+    return shard_slice(usable_image_examples(small_examples), 0, 4)
+
+
+@pytest.fixture(scope="module")
+def clean_run(tiny_checkpoint, small_demo, shard, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clean") / "shard-0.parquet"
+    run_shard(tiny_checkpoint, small_demo, shard, out)
+    return pq.read_table(out).to_pandas()
+
+
+def test_shard_file_has_one_row_per_example(clean_run, shard):
+    assert clean_run.uid.tolist() == shard.uid.tolist()
+    assert (clean_run.checkpoint == 1).all()
+    assert list(clean_run.columns) == ["uid", "checkpoint", "sv1", "sv2", "sv3", "sv4", "sv5"]
+    assert (clean_run.sv1 > 0).all() and (clean_run.sv1 >= clean_run.sv2).all()
+
+
+def test_a_crashed_shard_resumes_without_recomputing_finished_rows(
+        tiny_checkpoint, small_demo, shard, clean_run, tmp_path, monkeypatch):
+    out = tmp_path / "shard-0.parquet"
+    real_extract, calls = trajectory.extract_chunk, []
+
+    def crash_on_third_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(trajectory, "extract_chunk", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(tiny_checkpoint, small_demo, shard, out)
+    assert not out.exists()
+    assert sorted(p.name for p in out.with_name(out.name + ".parts").glob("part-*")) == ["part-00000.parquet",
+                                                                                         "part-00001.parquet"]
+    monkeypatch.setattr(trajectory, "extract_chunk", real_extract)
+    stats = run_shard(tiny_checkpoint, small_demo, shard, out)
+    assert stats.counts["resumed_rows"] == 32
+    assert stats.counts["computed_rows"] == len(shard) - 32
+    pd.testing.assert_frame_equal(pq.read_table(out).to_pandas(), clean_run)
+    assert not out.with_name(out.name + ".parts").exists()
+
+
+def test_parts_from_other_settings_are_not_reused(tiny_checkpoint, small_demo, shard, tmp_path, monkeypatch):
+    out = tmp_path / "shard-0.parquet"
+    parts = out.with_name(out.name + ".parts")
+    monkeypatch.setattr(trajectory, "extract_chunk", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "top_k": 3})
+    (parts / "part-00000.parquet").write_bytes(b"stale")  # as if left by a run with top_k 3
+    monkeypatch.undo()
+    stats = run_shard(tiny_checkpoint, small_demo, shard, out)
+    assert stats.counts["resumed_rows"] == 0 and stats.counts["computed_rows"] == len(shard)
+
+
+def test_batches_grouped_by_length_restore_source_order():
+    batches = trajectory.batch_positions([5, 1, 4, 1, 3], 5, 2)
+    assert [b.tolist() for b in batches] == [[1, 3], [4, 2], [0]]
+    values = trajectory.run_batches(list(range(5)), batches, lambda rows: np.array([[r * 10.0] for r in rows]))
+    assert values[:, 0].tolist() == [0, 10, 20, 30, 40]
+
+
+def test_length_grouping_and_half_precision_keep_results(tiny_checkpoint, small_demo, shard, clean_run, tmp_path):
+    out = tmp_path / "grouped.parquet"
+    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "group_by_length": True})
+    grouped = pq.read_table(out).to_pandas()
+    assert grouped.uid.tolist() == clean_run.uid.tolist()
+    columns = [f"sv{k}" for k in range(1, 6)]
+    np.testing.assert_allclose(grouped[columns].to_numpy(), clean_run[columns].to_numpy(), rtol=1e-4, atol=1e-6)
+    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "dtype": "bfloat16"})
+    half = pq.read_table(out).to_pandas()
+    np.testing.assert_allclose(half[columns].to_numpy(), clean_run[columns].to_numpy(), rtol=0.1, atol=1e-3)
+
+
+def test_the_loss_signal_is_each_examples_own_training_loss(tiny_checkpoint, small_demo, shard, tmp_path):
+    from xmas.data.annotations import SourceRecords
+    from xmas.models.checkpoints import load_checkpoint
+    from xmas.models.encoding import ConversationEncoder
+
+    out = tmp_path / "loss.parquet"
+    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "signal": "loss", "group_by_length": True})
+    losses = pq.read_table(out).to_pandas()
+    assert list(losses.columns) == ["uid", "checkpoint", "loss"] and losses.uid.tolist() == shard.uid.tolist()
+    model, processor = load_checkpoint(tiny_checkpoint)
+    encoder = ConversationEncoder.of_checkpoint(tiny_checkpoint, processor, small_demo["images"])
+    with SourceRecords(small_demo["train"], shard.iloc[:6]) as records, torch.no_grad():
+        alone = [float(model(**encoder([record])).loss) for record in records]
+    np.testing.assert_allclose(losses.loss.to_numpy()[:6], alone, rtol=1e-4)
+    assert losses.loss.nunique() > 1
+
+
+def test_the_loss_trajectories_cluster_on_their_single_column(tmp_path, small_examples):
+    from xmas.stages.cluster import stability, trajectory_tensor
+
+    usable = usable_image_examples(small_examples)
+    uids = usable.uid.tolist()[:4]
+    frame = pd.DataFrame({"uid": uids * 3, "checkpoint": np.repeat([1, 2, 3], 4),
+                          "loss": [2.0, 2.0, 1.0, 3.0, 1.0, 2.0, 1.0, 1.0, 0.5, 2.0, 1.0, 2.0]})
+    tensor = trajectory_tensor(frame, uids)
+    assert tensor.shape == (4, 3, 1)
+    np.testing.assert_allclose(stability(tensor), [1.5, 0.0, 0.0, 3.0])

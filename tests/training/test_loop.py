@@ -1,0 +1,88 @@
+"""The training loop: every rank and micro-batch of a global step, one process or several."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from xmas.progress import StageStats
+from xmas.settings import defaults
+from xmas.stages.train_segment import train_segment
+from xmas.training.launch import launch_command
+from xmas.training.loop import batch_indices, make_optimizer, rank_micro_batches
+
+SETTINGS = {**defaults("train-segment"), "epochs": 1, "batch_size": 24, "checkpoints": 3, "learning_rate": 2e-3,
+            "warmup_ratio": 0.1}
+
+
+@pytest.mark.parametrize(("schedule", "halfway", "end"), [("cosine", 0.5, 0.0), ("linear", 0.5, 0.0),
+                                                          ("constant", 1.0, 1.0)])
+def test_the_learning_rate_follows_the_schedule_after_the_warmup(schedule, halfway, end):
+    settings = {**SETTINGS, "learning_rate": 1.0, "warmup_ratio": 0.0, "lr_schedule": schedule}
+    optimizer, scheduler = make_optimizer(torch.nn.Linear(2, 2), settings, total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 1.0 and rates[5] == pytest.approx(halfway) and scheduler.get_last_lr()[0] == pytest.approx(end)
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    settings = {"records": 100, "batch_size": 32, "seed": 0}
+    for epoch in range(2):
+        seen = np.concatenate([batch_indices(step, settings) for step in range(4 * epoch, 4 * epoch + 4)])
+        assert sorted(seen) == list(range(100))  # every record once per epoch
+    assert not np.array_equal(batch_indices(0, settings), batch_indices(4, settings))  # reshuffled per epoch
+
+
+def test_rank_shares_cover_the_batch_with_equal_call_counts():
+    indices = np.arange(10, 23)  # 13 examples over 4 ranks in micro-batches of 2
+    shares = [rank_micro_batches(indices, rank, 4, 2) for rank in range(4)]
+    assert {len(share) for share in shares} == {2}  # every rank makes the same number of calls
+    assert sorted(np.concatenate([m for share in shares for m in share]).tolist()) == indices.tolist()
+    small = [rank_micro_batches(np.arange(3), rank, 4, None) for rank in range(4)]
+    assert [len(share[0]) for share in small] == [1, 1, 1, 0]  # the last rank runs a weight-0 filler
+
+
+def single_process(previous, out, small_demo, small_examples, **overrides):
+    train_segment(previous, out, 1, {**SETTINGS, **overrides}, small_examples, small_demo["train"],
+                  small_demo["images"], StageStats("t"))
+    return load_file(out / "model.safetensors")
+
+
+def test_micro_batches_give_the_same_step_as_whole_batches(tiny_checkpoint, small_demo, small_examples, tmp_path):
+    whole = single_process(tiny_checkpoint, tmp_path / "whole", small_demo, small_examples)
+    accumulated = single_process(tiny_checkpoint, tmp_path / "micro", small_demo, small_examples, micro_batch_size=7)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, small_examples, tmp_path):
+    """torchrun with 2 CPU processes (gloo), each on its half of every batch, equals one process."""
+    out = tmp_path / "ddp"
+    stage = ["train-segment", "--checkpoint", "1", "--checkpoints", "3", "--previous", str(tiny_checkpoint),
+             "--out", str(out), "--examples", str(small_examples), "--annotations", str(small_demo["train"]),
+             "--image-root", str(small_demo["images"]), "--epochs", "1", "--batch-size", "24",
+             "--learning-rate", "2e-3",
+             "--warmup-ratio", "0.1", "--no-freeze-vision-tower", "--threads", "1", "--stats", str(tmp_path / "s.json")]
+    command = launch_command(2, stage)
+    command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]  # torchrun of this interpreter
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((tmp_path / "s.json").read_text())["processes"] == 2
+    together = single_process(tiny_checkpoint, tmp_path / "one", small_demo, small_examples)
+    distributed = load_file(out / "model.safetensors")
+    assert distributed.keys() == together.keys()
+    for name in together:
+        torch.testing.assert_close(distributed[name], together[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert json.loads((out / "training_log.json").read_text())["losses"] == pytest.approx(
+        json.loads((tmp_path / "one" / "training_log.json").read_text())["losses"], rel=1e-5)

@@ -1,0 +1,414 @@
+"""Benchmarks: ``python tools/bench.py <name> ...``; each prints what it measured.
+
+``prepare``: generate a LLaVA-format file the size of LLaVA-665k (text-only records, so no image
+is checked) and time ``xmas prepare`` on it in a child process: wall seconds and peak memory
+(the child's maximum resident set size). Its token counting uses the paper's proxy as
+``proxy-init`` builds it (TinyLLaVA, composed from offline stand-ins of StableLM-2-Zephyr and
+CLIP: the tokenizer class and chat template count tokens as the real ones do), or ``--model``.
+Target: at most 60 s and 4 GB.
+
+``trajectory``: the cost of trajectory extraction against its floor and the naive way. A
+LLaVA-architecture model is built from configs (random weights), and the same length-grouped
+batches of generated examples (one image each, text lengths drawn from a range) run through
+(a) a plain forward with SDPA (flash-attn 2 on CUDA in half precision when installed), (b) our
+extraction (:class:`xmas.models.attention.CrossModalAttention` + top-k SVD) and (c) the eager
+``output_attentions=True`` reference (float32, every layer's full attention matrix, then the
+same sum, block and SVD). It checks that (b) and (c) agree and prints examples/s and peak memory
+of each, ending with ``extraction_vs_eager=<ratio> overhead_vs_forward=<ratio> agree=<max rel
+diff>`` (time of (c) / time of (b), time of (b) / time of (a), the largest relative difference
+of an example's block). Shapes: ``tiny`` (a few seconds) and ``paper`` (a StableLM-2-1.6B-sized
+LM: 24 layers, hidden 2048, 32 heads, vocabulary 100352 + a CLIP ViT-L/14-336-sized vision
+tower: 576 image tokens; text lengths 64-512). On a CPU, ``paper`` is reduced to ``paper-cpu``
+so it runs in a couple of minutes: the paper's widths, head counts, image tokens and text
+lengths, but 2 of the 24 LM layers, 2 of the 24 vision layers and 4 examples in batches of 2;
+``--text-layers``, ``--vision-layers``, ``--examples`` and ``--batch-size`` override it. Peak
+memory is ``torch.cuda.max_memory_allocated`` growth on CUDA, and on a CPU the growth of the
+process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs`` before each mode)
+over its resident set when the mode starts.
+
+To add a benchmark, write ``add_<name>(subparsers)`` that registers its parser with
+``set_defaults(run=...)`` and list it in ``BENCHMARKS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WORDS = ("the a image shows what is of in on and to with man woman dog cat car street table food people "
+         "color red blue green white black two three left right top bottom behind near large small sitting "
+         "standing holding wearing playing looking building sign tree sky water field room window door light "
+         "question answer describe explain why how many where which code function python list value return "
+         "error file data model train write story poem summary example number because however therefore").split()
+NON_ASCII = ["café", "naïve", "Zürich", "東京", "данные", "😀", "señor", "über"]
+
+
+def sentence_pool(rng: random.Random, size: int = 4000) -> list[str]:
+    return [" ".join(rng.choices(WORDS, k=rng.randint(6, 24))).capitalize() + "." for _ in range(size)]
+
+
+def generated_record(index: int, rng: random.Random, pool: list[str], non_ascii: float) -> dict:
+    """A ShareGPT-like text-only record of LLaVA-665k: 1-5 exchanges, about 1.5 KB of JSON on average."""
+    turns = []
+    for _ in range(rng.choice((1, 1, 1, 2, 3, 5))):
+        question = " ".join(rng.choices(pool, k=rng.randint(1, 3)))
+        answer = " ".join(rng.choices(pool, k=rng.randint(1, 8)))
+        if rng.random() < non_ascii:
+            answer += " " + rng.choice(NON_ASCII)
+        turns += [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+    return {"id": f"{rng.getrandbits(40):010x}_{index % 7}", "model": "", "conversations": turns}
+
+
+def generate(path: Path, records: int, seed: int, non_ascii: float, indent: int | None) -> None:
+    """A JSON list written record by record (never all in memory), formatted as ``json.dump`` would."""
+    rng = random.Random(seed)
+    pool = sentence_pool(rng)
+    encoder = json.JSONEncoder(ensure_ascii=False, indent=indent or None)
+    pad = "\n" + " " * indent if indent else "\n"
+    with open(path, "w", encoding="utf-8") as out:
+        out.write("[")
+        for index in range(records):
+            text = encoder.encode(generated_record(index, rng, pool, non_ascii))
+            out.write(("," if index else "") + pad + (text.replace("\n", pad) if indent else text))
+        out.write("\n]\n")
+
+
+def measure(command: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak resident memory (bytes) of a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.monotonic()
+    subprocess.run(command, check=True)
+    seconds = time.monotonic() - start
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak_kib < before:  # ru_maxrss is the maximum over all children waited for
+        peak_kib = before
+    return seconds, peak_kib * 1024
+
+
+def paper_proxy(work: Path, annotations: Path) -> Path:
+    """Checkpoint 0 of the paper's proxy preset, composed from the stand-ins of its parts."""
+    from xmas.models.presets import init_model, load_presets
+    from xmas.models.standins import STANDINS, write_standin
+    from xmas.progress import StageStats
+
+    paths = {}
+    for name in ("stablelm-2-zephyr-1_6b", "clip-vit-large-patch14-336"):
+        write_standin(name, work / name)
+        paths[STANDINS[name][0]] = str(work / name)
+    settings = {"conversation": "phi", "image_position": "front", "image_preprocessing": None, "max_length": 2048}
+    init_model("tinyllava-stablelm2-clip336", load_presets(), annotations, work / "checkpoint-0", 0, settings, paths,
+               StageStats("proxy-init"))
+    return work / "checkpoint-0"
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    work = Path(tempfile.mkdtemp(prefix="xmas-bench-"))
+    annotations = args.file or work / "annotations.json"
+    if args.file is None or not annotations.exists():
+        start = time.monotonic()
+        generate(annotations, args.records, args.seed, args.non_ascii, args.indent)
+        print(f"generated {args.records} records, {annotations.stat().st_size / 1e9:.2f} GB, in "
+              f"{time.monotonic() - start:.0f}s: {annotations}", flush=True)
+    out = work / "examples.parquet"
+    model = args.model or paper_proxy(work, annotations)
+    command = [sys.executable, "-m", "xmas", "prepare", "--annotations", str(annotations), "--image-root", str(work),
+               "--model", str(model), "--out", str(out), "--no-check-images", "--stats", str(work / "prepare.json")]
+    seconds, peak = measure(command)
+    counts = json.loads((work / "prepare.json").read_text())["counts"]
+    met = seconds <= args.max_seconds and peak <= args.max_gb * 1e9
+    print(f"prepare: {counts['in']} records in {seconds:.1f} s wall, peak memory {peak / 1e9:.2f} GB "
+          f"({counts['in'] / seconds:,.0f} records/s)")
+    print(f"target: <= {args.max_seconds:g} s and <= {args.max_gb:g} GB: {'met' if met else 'NOT met'}")
+    if args.keep:
+        print(f"kept in {work}")
+    else:
+        shutil.rmtree(work)  # a --file of your own lies outside it and stays
+    return 0 if met else 1
+
+
+def add_prepare(subparsers) -> None:
+    parser = subparsers.add_parser("prepare", help="time `xmas prepare` on a generated 665k-record file",
+                                   description=run_prepare.__doc__ or __doc__)
+    parser.add_argument("--records", type=int, default=665_000, help="records to generate (default 665,000)")
+    parser.add_argument("--file", type=Path, help="annotation file to use; generated there if it does not exist")
+    parser.add_argument("--model", type=Path, help="the proxy's checkpoint 0 that counts tokens (default: the "
+                        "paper's proxy composed from stand-ins)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (generated file, examples.parquet)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--non-ascii", type=float, default=0.01, help="share of records with non-ASCII text")
+    parser.add_argument("--indent", type=int, default=4, help="JSON indentation of the file (0: one record a line)")
+    parser.add_argument("--max-seconds", type=float, default=60.0, help="target wall time")
+    parser.add_argument("--max-gb", type=float, default=4.0, help="target peak memory")
+    parser.set_defaults(run=run_prepare)
+
+
+SHAPES = {
+    "tiny": {"text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+                      "num_key_value_heads": 8, "vocab_size": 1000},
+             "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                        "num_attention_heads": 4, "image_size": 112, "patch_size": 14},
+             "text_lengths": (16, 64), "examples": 8, "batch_size": 4},
+    "paper": {"text": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
+                       "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 100352},
+              "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                         "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
+              "text_lengths": (64, 512), "examples": 64, "batch_size": 8},
+}
+PAPER_CPU = {"text_layers": 2, "vision_layers": 2, "examples": 4, "batch_size": 2}
+PROMPT_TOKENS = 4  # text before the image (a BOS and a role marker in a real template)
+
+
+def bench_shape(args: argparse.Namespace, on_cuda: bool) -> tuple[str, dict]:
+    """The shape's settings with the command line's overrides; ``paper`` on a CPU is reduced."""
+    shape = {key: dict(value) if isinstance(value, dict) else value for key, value in SHAPES[args.shape].items()}
+    name = args.shape
+    reduction = PAPER_CPU if args.shape == "paper" and not on_cuda else {}
+    if reduction:
+        name = "paper-cpu"
+    text_layers = args.text_layers or reduction.get("text_layers")
+    vision_layers = args.vision_layers or reduction.get("vision_layers")
+    if text_layers:
+        shape["text"]["num_hidden_layers"] = text_layers
+    if vision_layers:
+        shape["vision"]["num_hidden_layers"] = vision_layers
+    shape["examples"] = args.examples or reduction.get("examples", shape["examples"])
+    shape["batch_size"] = args.batch_size or reduction.get("batch_size", shape["batch_size"])
+    return name, shape
+
+
+def build_bench_model(shape: dict, seed: int):
+    """A Llava model (StableLM-2 language model, CLIP vision tower) from configs, random weights."""
+    import torch
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, StableLmConfig
+
+    vocab = shape["text"]["vocab_size"]
+    vision = CLIPVisionConfig(**shape["vision"])
+    config = LlavaConfig(
+        vision_config=vision, image_token_index=vocab - 1, vision_feature_layer=-2,
+        vision_feature_select_strategy="default", image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        text_config=StableLmConfig(max_position_embeddings=4096, pad_token_id=0, **shape["text"]),
+    )
+    torch.manual_seed(seed)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+def bench_batches(model, shape: dict, seed: int) -> list[dict]:
+    """Generated examples (prompt, image tokens, text), sorted by length and cut into right-padded batches."""
+    import torch
+
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    low, high = shape["text_lengths"]
+    lengths = sorted(torch.randint(low, high + 1, (shape["examples"],), generator=generator).tolist())
+    size = config.vision_config.image_size
+    batches = []
+    for start in range(0, len(lengths), shape["batch_size"]):
+        part = lengths[start : start + shape["batch_size"]]
+        width = PROMPT_TOKENS + config.image_seq_length + max(part)
+        input_ids = torch.zeros(len(part), width, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, text in enumerate(part):
+            real = PROMPT_TOKENS + config.image_seq_length + text
+            input_ids[row, :real] = torch.randint(1, config.image_token_id, (real,), generator=generator)
+            input_ids[row, PROMPT_TOKENS : PROMPT_TOKENS + config.image_seq_length] = config.image_token_id
+            attention_mask[row, :real] = 1
+        pixel_values = torch.randn(len(part), 3, size, size, generator=generator)
+        batches.append({"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values})
+    return batches
+
+
+class PeakMemory:
+    """Peak memory growth of one mode: CUDA allocator peak, or peak RSS (VmHWM) after a reset on a CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.method = ("torch.cuda.max_memory_allocated growth" if device.type == "cuda"
+                       else "peak RSS growth (VmHWM reset via /proc/self/clear_refs)")
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(f"/proc/self/status has no {field}")
+
+    def start(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = self._status("VmRSS")
+
+    def peak(self) -> int:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return self._status("VmHWM") - self.base
+
+
+def eager_blocks(model, batch: dict):
+    """The naive reference: every layer's full attention matrix, summed over heads and layers, then the block."""
+    import torch
+
+    from xmas.models.attention import Positions
+
+    attentions = model(**batch, output_attentions=True, logits_to_keep=1).attentions
+    total = sum(layer.float().sum(dim=1) for layer in attentions)
+    positions = Positions.find(batch["input_ids"], batch["attention_mask"], model.config.image_token_id)
+    rows = positions.rows[:, :, None].expand(-1, -1, total.shape[-1])
+    block = total.gather(1, rows).gather(2, positions.cols[:, None, :].expand(-1, rows.shape[1], -1))
+    valid = positions.row_valid[:, :, None] & positions.col_valid[:, None, :]
+    return torch.where(valid, block, 0.0)
+
+
+def measure_modes(modes: dict, batches_of: dict, memory: PeakMemory, repeats: int) -> dict:
+    """Seconds, peak memory and outputs of each mode; modes take turns on every batch.
+
+    Taking turns (after one warm-up batch each) exposes all modes alike to other load on the
+    machine; with ``repeats`` > 1 each batch's time is the fastest of its runs.
+    """
+    import torch
+
+    results = {name: {"seconds": 0.0, "peak": 0, "outputs": []} for name in modes}
+    with torch.no_grad():
+        for name, run in modes.items():
+            run(batches_of[name][0])
+        for position in range(len(next(iter(batches_of.values())))):
+            for name, run in modes.items():
+                batch, times = batches_of[name][position], []
+                for _ in range(repeats):
+                    memory.start()
+                    start = time.monotonic()
+                    output = run(batch)
+                    if memory.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    times.append(time.monotonic() - start)
+                    results[name]["peak"] = max(results[name]["peak"], memory.peak())
+                results[name]["seconds"] += min(times)
+                results[name]["outputs"].append(output)
+    return results
+
+
+def report_mode(name: str, result: dict, examples: int) -> None:
+    seconds = result["seconds"]
+    print(f"{name}: {examples} examples in {seconds:.2f} s, {examples / seconds:.3f} examples/s, "
+          f"peak memory +{result['peak'] / 2**30:.2f} GiB", flush=True)
+
+
+def max_relative_difference(ours: list, reference: list) -> float:
+    import torch
+
+    worst = 0.0
+    for got, expected in zip(ours, reference):
+        for row in range(len(got)):
+            scale = torch.linalg.norm(expected[row]).clamp(min=1e-30)
+            worst = max(worst, float(torch.linalg.norm(got[row].float() - expected[row]) / scale))
+    return worst
+
+
+def run_trajectory(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from xmas.models.attention import IMPLEMENTATION, CrossModalAttention, capture_output, top_singular_values
+    from xmas.training.engine import attention_implementation, compute_device, resolve_dtype
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = compute_device()
+    name, shape = bench_shape(args, device.type == "cuda")
+    dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    reference = build_bench_model(shape, args.seed).to(device)
+    model = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
+    batches = [{key: value.to(device) for key, value in batch.items()}
+               for batch in bench_batches(reference, shape, args.seed)]
+    half_batches = [{**batch, "pixel_values": batch["pixel_values"].to(dtype)} for batch in batches]
+    text, vision = shape["text"], shape["vision"]
+    print(f"shape {name}: LM {text['num_hidden_layers']} layers, hidden {text['hidden_size']}, "
+          f"{text['num_attention_heads']} heads; vision {vision['num_hidden_layers']} layers, hidden "
+          f"{vision['hidden_size']}, {reference.config.image_seq_length} image tokens; text lengths "
+          f"{shape['text_lengths'][0]}-{shape['text_lengths'][1]}; {shape['examples']} examples in batches of "
+          f"{shape['batch_size']}; device {device}, weights {str(dtype).removeprefix('torch.')} "
+          f"(eager reference float32), {torch.get_num_threads()} threads", flush=True)
+    memory = PeakMemory(device)
+    print(f"peak memory: {memory.method}; modes take turns on each batch after one warm-up batch each", flush=True)
+    forward_attention = attention_implementation("auto", device) if dtype != torch.float32 else "sdpa"
+    capture = CrossModalAttention(model, output=capture_output("auto", device, dtype))
+
+    # Each mode sets its attention first: in float32, (a), (b) and (c) share one model.
+    def plain(batch):
+        model.set_attn_implementation({"text_config": forward_attention, "vision_config": "sdpa"})
+        return model(**batch, logits_to_keep=1)
+
+    def extract(batch):
+        model.set_attn_implementation({"text_config": IMPLEMENTATION, "vision_config": "sdpa"})
+        blocks, _ = capture.blocks(batch)
+        return blocks, top_singular_values(blocks, 5)
+
+    def eager(batch):
+        reference.set_attn_implementation("eager")  # the naive way: eager everywhere, vision tower included
+        blocks = eager_blocks(reference, batch)
+        return blocks, top_singular_values(blocks, 5)
+
+    names = {"plain": f"(a) plain forward, {forward_attention}", "extract": "(b) extraction",
+             "eager": "(c) eager output_attentions=True"}
+    results = measure_modes({"plain": plain, "extract": extract, "eager": eager},
+                            {"plain": half_batches, "extract": half_batches, "eager": batches}, memory, args.repeats)
+    for key, label in names.items():
+        report_mode(label, results[key], shape["examples"])
+    agree = max_relative_difference([b for b, _ in results["extract"]["outputs"]],
+                                    [b for b, _ in results["eager"]["outputs"]])
+    seconds = {key: result["seconds"] for key, result in results.items()}
+    print(f"extraction_vs_eager={seconds['eager'] / seconds['extract']:.2f} "
+          f"overhead_vs_forward={seconds['extract'] / seconds['plain']:.2f} agree={agree:.2e}")
+    return 0
+
+
+def add_trajectory(subparsers) -> None:
+    parser = subparsers.add_parser("trajectory",
+                                   help="trajectory extraction vs a plain forward and the eager reference",
+                                   description=run_trajectory.__doc__ or __doc__)
+    parser.add_argument("--shape", choices=tuple(SHAPES), default="tiny",
+                        help="tiny, or paper (on a CPU reduced to paper-cpu unless overridden)")
+    parser.add_argument("--examples", type=int, help="examples to run (paper: 64; paper-cpu: 4)")
+    parser.add_argument("--batch-size", type=int, help="examples per batch (paper: 8; paper-cpu: 2)")
+    parser.add_argument("--text-layers", type=int, help="LM decoder layers (paper: 24; paper-cpu: 2)")
+    parser.add_argument("--vision-layers", type=int, help="vision tower layers, at least 2 (paper: 24; paper-cpu: 2)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="weights of (a) and (b); default bfloat16 on CUDA, float32 on a CPU")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each batch per mode; the fastest counts")
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run_trajectory)
+
+
+BENCHMARKS = [add_prepare, add_trajectory]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="benchmark", metavar="<benchmark>", required=True)
+    for add in BENCHMARKS:
+        add(subparsers)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

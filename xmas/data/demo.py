@@ -1,0 +1,193 @@
+"""The embedded demo dataset: rendered shape scenes with questions, LLaVA format, built-in redundancy.
+
+Deterministic for a given settings file: the same seed writes the same bytes. Every record
+carries ``question_type`` for analysis only; selection never reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from xmas.io import atomic_path, write_records
+from xmas.progress import StageStats, progress
+from xmas.resources import resource
+
+# Generator settings the package ships (xmas/resources/demo/): config dataset.demo names one or a file.
+SHIPPED = ("shapes", "rehearsal")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
+SHAPES = ("circle", "square", "triangle")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
+                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
+IMAGE_TYPES = ("color", "shape", "position", "count")
+TYPES = (*IMAGE_TYPES, "text")
+TEMPLATES = {
+    "color": ("What color is the {shape}?", "Which color does the {shape} have?", "Tell me the color of the {shape}."),
+    "shape": ("What shape is the {color} object?", "Which shape is {color}?", "Name the shape of the {color} object."),
+    "position": ("Is the {color} {shape} on the left or the right?", "On which side is the {color} {shape}?"),
+    "count": ("How many objects are there?", "How many shapes can you see?", "Count the objects in the image."),
+    "text": ("What is {a} plus {b}?", "Add {a} and {b}. What do you get?"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    x: int
+    y: int
+    radius: int
+
+    @property
+    def side(self) -> str:
+        return "left" if self.x < 32 else "right"
+
+
+def random_scene(rng: np.random.Generator, size: int, n_objects: int) -> list[Shape]:
+    """Objects with distinct shapes and distinct colours, so every question has one answer."""
+    kinds = rng.choice(SHAPES, n_objects, replace=False)
+    colors = rng.choice(list(COLORS), n_objects, replace=False)
+    placed: list[Shape] = []
+    for kind, color in zip(kinds, colors):
+        for _ in range(100):
+            radius = int(rng.integers(7, 12))
+            x, y = (int(v) for v in rng.integers(radius + 1, size - radius - 1, 2))
+            if abs(x - size // 2) < 4:
+                continue  # keep left/right unambiguous
+            if all((x - o.x) ** 2 + (y - o.y) ** 2 > (radius + o.radius + 2) ** 2 for o in placed):
+                placed.append(Shape(str(kind), str(color), x, y, radius))
+                break
+    return placed
+
+
+def jitter(scene: list[Shape], rng: np.random.Generator, size: int) -> list[Shape]:
+    """A near-duplicate: each object moved by up to 2 px, staying on its side of the image."""
+    moved = []
+    for obj in scene:
+        x = int(np.clip(obj.x + rng.integers(-2, 3), obj.radius + 1, size - obj.radius - 2))
+        y = int(np.clip(obj.y + rng.integers(-2, 3), obj.radius + 1, size - obj.radius - 2))
+        if (x < size // 2) != (obj.x < size // 2):
+            x = obj.x
+        moved.append(dataclasses.replace(obj, x=x, y=y))
+    return moved
+
+
+def render(scene: list[Shape], size: int, rng: np.random.Generator) -> Image.Image:
+    shade = int(rng.integers(225, 246))
+    image = Image.new("RGB", (size, size), (shade, shade, shade))
+    draw = ImageDraw.Draw(image)
+    for obj in scene:
+        fill = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLORS[obj.color])
+        box = (obj.x - obj.radius, obj.y - obj.radius, obj.x + obj.radius, obj.y + obj.radius)
+        if obj.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif obj.kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(obj.x, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
+    return image
+
+
+def question(kind: str, scene: list[Shape], rng: np.random.Generator) -> tuple[str, str]:
+    """A question of ``kind`` about ``scene`` and its one-word answer."""
+    template = str(rng.choice(TEMPLATES[kind]))
+    if kind == "text":
+        a, b = (int(v) for v in rng.integers(0, 10, 2))
+        return template.format(a=NUMBER_WORDS[a], b=NUMBER_WORDS[b]), NUMBER_WORDS[a + b]
+    if kind == "count":
+        return template, NUMBER_WORDS[len(scene)]
+    obj = scene[int(rng.integers(len(scene)))]
+    answer = {"color": obj.color, "shape": obj.kind, "position": obj.side}[kind]
+    return template.format(shape=obj.kind, color=obj.color), answer
+
+
+def scene_for(kind: str, rng: np.random.Generator, size: int) -> list[Shape]:
+    n_objects = int(rng.integers(1, 4)) if kind in ("count", "shape") else int(rng.integers(1, 3))
+    return random_scene(rng, size, n_objects)
+
+
+@dataclasses.dataclass
+class Example:
+    question_type: str
+    turns: list[tuple[str, str]]
+    scene: list[Shape] | None
+
+    def record(self, record_id: str, image: str | None, image_first: bool) -> dict:
+        conversations = []
+        for position, (prompt, answer) in enumerate(self.turns):
+            if position == 0 and image is not None:
+                prompt = f"<image>\n{prompt}" if image_first else f"{prompt}\n<image>"
+            conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+        record = {"id": record_id, "image": image, "conversations": conversations,
+                  "question_type": self.question_type}
+        if image is None:
+            del record["image"]
+        return record
+
+
+def make_example(kind: str, rng: np.random.Generator, size: int, second_turn_fraction: float) -> Example:
+    if kind == "text":
+        return Example(kind, [question(kind, [], rng)], None)
+    scene = scene_for(kind, rng, size)
+    turns = [question(kind, scene, rng)]
+    if rng.random() < second_turn_fraction:
+        other = str(rng.choice([t for t in IMAGE_TYPES if t != kind]))
+        turns.append(question(other, scene, rng))
+    return Example(kind, turns, scene)
+
+
+def train_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
+    size, spec = settings["image_size"], settings["train"]
+    weights = spec["type_weights"]
+    counts = {kind: int(round(spec["records"] * weights[kind])) for kind in TYPES}
+    dominant = max(counts, key=counts.get)
+    examples: list[Example] = []
+    duplicated = int(counts[dominant] * spec["duplicate_fraction"])
+    low, high = spec["duplicate_group_size"]
+    while duplicated > 0:
+        base = make_example(dominant, rng, size, 0.0)
+        copies = min(int(rng.integers(low, high + 1)), duplicated)
+        examples += [Example(dominant, base.turns, jitter(base.scene, rng, size)) for _ in range(copies)]
+        duplicated -= copies
+    counts[dominant] -= int(counts[dominant] * spec["duplicate_fraction"])
+    for kind in TYPES:
+        examples += [make_example(kind, rng, size, spec["second_turn_fraction"]) for _ in range(counts[kind])]
+    return [examples[i] for i in rng.permutation(len(examples))]
+
+
+def test_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
+    """A held-out split with the same number of single-turn records of every type."""
+    size, per_type = settings["image_size"], settings["test"]["per_type"]
+    return [make_example(kind, rng, size, 0.0) for kind in TYPES for _ in range(per_type)]
+
+
+def write_split(name: str, examples: list[Example], images: Path, size: int, rng, stats: StageStats) -> list[dict]:
+    (images / "shapes" / name).mkdir(parents=True, exist_ok=True)
+    records = []
+    for number, example in enumerate(progress(examples, total=len(examples), desc=f"render {name}", unit="img")):
+        image = None
+        if example.scene is not None:
+            image = f"shapes/{name}/{number:06d}.png"
+            render(example.scene, size, rng).save(images / image, format="PNG")
+        records.append(example.record(f"demo-{name}-{number:06d}", image, image_first=rng.random() < 0.8))
+        stats.add(f"{name}_{example.question_type}")
+    return records
+
+
+def generate(settings: dict, train_json: Path, test_json: Path, image_root: Path, stats: StageStats) -> None:
+    rng = np.random.default_rng(settings["seed"])
+    train, test = train_examples(settings, rng), test_examples(settings, rng)
+    with atomic_path(image_root) as images:
+        train_records = write_split("train", train, images, settings["image_size"], rng, stats)
+        test_records = write_split("test", test, images, settings["image_size"], rng, stats)
+    write_records(train_records, train_json)
+    write_records(test_records, test_json)
+    stats.add("out", len(train_records) + len(test_records))
+
+
+def settings_file(name: str) -> Path:
+    """A shipped generator's settings by name, else a settings file of the user's."""
+    return resource("demo", f"{name}.yaml") if name in SHIPPED else Path(name)

@@ -1,0 +1,45 @@
+"""``results/data/examples.parquet``, the table ``prepare`` writes: one row per source record, with
+its status, its byte span in the annotation file and its token count. What later stages read of it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xmas.data.annotations import SPAN_COLUMNS, SourceRecords
+from xmas.errors import XmasError
+
+# The cluster of text-only records in clusters.parquet: they have no trajectory.
+TEXT_ONLY = -1
+
+
+def read_examples(path: str | Path, columns: list[str]) -> pd.DataFrame:
+    """Columns of ``examples.parquet``; they must be there (written by this version of ``prepare``)."""
+    table = pd.read_parquet(path)
+    missing = [column for column in columns if column not in table.columns]
+    if missing:
+        raise XmasError(f"{path} has no column(s) {', '.join(missing)}: it was written by an older "
+                        "`xmas prepare`; run prepare again")
+    return table[columns]
+
+
+def usable_records(examples: Path, annotations: Path) -> SourceRecords:
+    """The usable records (status ok) in source order, read from the file as they are used."""
+    table = read_examples(examples, ["uid", "index", "status", *SPAN_COLUMNS])
+    return SourceRecords(annotations, table[table.status == "ok"])
+
+
+def usable_image_examples(examples: Path) -> pd.DataFrame:
+    """The usable records with an image, in source order: the ones with a trajectory."""
+    table = read_examples(examples, ["uid", "index", "has_image", "status", "tokens", *SPAN_COLUMNS])
+    return table[(table.status == "ok") & table.has_image].sort_values("index")
+
+
+def shard_slice(usable: pd.DataFrame, shard: int, shards: int) -> pd.DataFrame:
+    """Block ``shard`` of ``shards`` contiguous blocks of the usable image examples (source order)."""
+    if not 0 <= shard < shards:
+        raise XmasError(f"--shard must be in 0..{shards - 1}, got {shard}")
+    bounds = np.linspace(0, len(usable), shards + 1).round().astype(int)
+    return usable.iloc[bounds[shard] : bounds[shard + 1]]

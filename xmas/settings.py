@@ -1,0 +1,178 @@
+"""Every setting of the workflow, from one place: ``xmas/resources/config.schema.yaml``.
+
+The schema gives each setting its type, bounds, default and description. The workflow validates
+its config against it (filling in the defaults), and every stage's options come from it too: a
+property tagged ``x-stages: [stage, ...]`` is a ``--flag`` of those stages, with the schema's type,
+default and description (:func:`add_settings`), and the workflow passes the config's value for
+it (:func:`stage_flags`). Adding a setting is one schema entry plus the code that uses it.
+
+This module imports no torch: the Snakefile uses it to build the DAG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import shlex
+
+import yaml
+
+from xmas.resources import resource
+
+SCHEMA = resource("config.schema.yaml")
+TYPES = {"integer": int, "number": float, "string": str}
+
+
+@functools.cache
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA.read_text())
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    section: str | None  # None for a top-level setting
+    key: str
+    spec: dict
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}" if self.section else self.key
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def default(self):
+        return self.spec.get("default")
+
+    @property
+    def stages(self) -> list[str]:
+        return self.spec.get("x-stages", [])
+
+
+def all_settings() -> list[Setting]:
+    """Every setting of the schema, in its order: top-level ones and those of each section."""
+    found = []
+    for key, spec in load_schema()["properties"].items():
+        if spec.get("type") == "object" and "properties" in spec:
+            found += [Setting(key, name, item) for name, item in spec["properties"].items()]
+        else:
+            found.append(Setting(None, key, spec))
+    return found
+
+
+def stage_settings(stage: str) -> list[Setting]:
+    return [setting for setting in all_settings() if stage in setting.stages]
+
+
+def defaults(stage: str) -> dict:
+    """A stage's settings at their schema defaults."""
+    return {setting.key: setting.default for setting in stage_settings(stage)}
+
+
+def value_type(spec: dict):
+    """The Python type of a flag's value; settings with alternatives (``auto`` or a number, a preset
+    or a file, ...) arrive as text and their stage reads them."""
+    kinds = spec.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else [kind for kind in kinds or [] if kind != "null"]
+    return TYPES.get(kinds[0], str) if len(kinds) == 1 else str
+
+
+def comma_list(item_type):
+    def parse(text: str) -> list:
+        return [item_type(part) for part in text.split(",") if part]
+    parse.__name__ = f"comma-separated {item_type.__name__}"
+    return parse
+
+
+def key_values(text: str) -> tuple[str, str]:
+    name, separator, value = text.partition("=")
+    if not separator or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
+def help_of(setting: Setting) -> str:
+    text = setting.spec.get("description", "").strip()
+    default = setting.default
+    if default is None or default == {}:
+        shown = "none"
+    else:
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+    return f"{text} (default: {shown}; config {setting.name})" if text else f"(default: {shown}; config {setting.name})"
+
+
+def add_settings(parser: argparse.ArgumentParser, stage: str) -> None:
+    """The stage's settings as options, typed, defaulted and described by the schema."""
+    group = parser.add_argument_group("settings (config keys; defaults from the workflow's config schema)")
+    for setting in stage_settings(stage):
+        spec, options = setting.spec, {"default": setting.default, "help": help_of(setting)}
+        if spec.get("type") == "boolean":
+            options["action"] = argparse.BooleanOptionalAction
+        elif spec.get("type") == "object":
+            options.update(type=key_values, nargs="*", metavar="NAME=VALUE")
+            options["default"] = dict(options["default"] or {})
+        elif spec.get("type") == "array":
+            options["type"] = comma_list(value_type(spec.get("items", {})))
+        elif "enum" in spec:
+            options["choices"] = [choice for choice in spec["enum"] if choice is not None]
+        else:
+            options["type"] = value_type(spec)
+        group.add_argument(setting.flag, dest=setting.key, **options)
+
+
+def settings_of(args: argparse.Namespace, stage: str) -> dict:
+    """The stage's settings from its parsed options."""
+    values = {}
+    for setting in stage_settings(stage):
+        value = getattr(args, setting.key)
+        values[setting.key] = dict(value) if setting.spec.get("type") == "object" else value
+    return values
+
+
+def render(setting: Setting, value) -> list[str]:
+    if value is None or value == {}:
+        return []
+    if isinstance(value, bool):
+        return [setting.flag if value else "--no-" + setting.flag[2:]]
+    if isinstance(value, dict):
+        return [setting.flag, *(f"{name}={item}" for name, item in value.items())]
+    if isinstance(value, list):
+        return [setting.flag, ",".join(map(str, value))]
+    return [setting.flag, str(value)]
+
+
+def stage_flags(config: dict, stage: str) -> str:
+    """The options that pass a (validated) config's values of a stage's settings to it, shell-quoted."""
+    words = []
+    for setting in stage_settings(stage):
+        scope = config.get(setting.section, {}) if setting.section else config
+        words += render(setting, scope.get(setting.key, setting.default))
+    return shlex.join(words)
+
+
+def reference_markdown() -> str:
+    """``docs/configuration.md``: every setting with its default, its stages and its meaning."""
+    schema = load_schema()
+    lines = ["# Configuration reference", "",
+             "Generated from `xmas/resources/config.schema.yaml` by `python tools/docs.py`; a test fails when it is",
+             "stale. Defaults are the demo's; `config/llava665k.yaml` and `config/visionflan.yaml` set what the",
+             "paper changes. A setting marked with stages is also an option of those `xmas` stages.", ""]
+    sections: dict[str | None, list[Setting]] = {}
+    for setting in all_settings():
+        sections.setdefault(setting.section, []).append(setting)
+    for section, settings in sections.items():
+        description = " ".join(schema["properties"][section].get("description", "").split()) if section else ""
+        lines += [f"## `{section}`" if section else "## Top level", ""]
+        if description:
+            lines += [description, ""]
+        lines += ["| setting | default | stages | meaning |", "| --- | --- | --- | --- |"]
+        for setting in settings:
+            meaning = " ".join(setting.spec.get("description", "").split()).replace("|", "\\|")
+            stages = ", ".join(f"`{stage}`" for stage in setting.stages) or "workflow"
+            default = yaml.safe_dump(setting.default, default_flow_style=True).strip().removesuffix("...").strip()
+            lines.append(f"| `{setting.name}` | `{default}` | {stages} | {meaning} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""Rule ``evaluate``: score a fine-tuned target: one row (benchmark, score) per benchmark, written as a TSV.
+
+``--suite demo``: the demo's held-out split, one benchmark per question type. The target answers
+each question by greedy generation and scores by normalized exact match (accuracy in %).
+``--suite lmms-eval``: the paper's benchmarks through lmms-eval (see ``xmas.evaluation.lmms_eval``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from xmas.data.annotations import read_all
+from xmas.data.records import to_messages
+from xmas.errors import XmasError
+from xmas.io import atomic_path, write_parquet
+from xmas.models.checkpoints import load_target
+from xmas.models.encoding import Encoding, record_images
+from xmas.progress import StageStats, add_threads_argument, progress, use_threads
+from xmas.settings import add_settings
+from xmas.training.engine import compute_device
+
+SUITES = ("demo", "lmms-eval")
+NUMBER_WORDS = {word: str(n) for n, word in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+ARTICLES = {"a", "an", "the"}
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no punctuation or articles, numbers as digits: 'The Two.' and '2' match."""
+    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
+    return " ".join(NUMBER_WORDS.get(word, word) for word in words if word not in ARTICLES)
+
+
+def question_and_answer(record: dict, path: Path, position: int,
+                        image_position: str = "front") -> tuple[list[dict], str, str]:
+    """The chat messages up to the last question, the reference answer, and the benchmark (question type)."""
+    where = f"{path}: record {position} (id {record.get('id')!r})"
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or len(turns) < 2 or turns[-1].get("from") != "gpt":
+        raise XmasError(f"{where}: field 'conversations' must end with the reference answer (a 'gpt' turn)")
+    benchmark = record.get("question_type")
+    if not isinstance(benchmark, str) or not benchmark:
+        raise XmasError(f"{where}: field 'question_type' (the benchmark it counts toward) is missing")
+    return to_messages(record, image_position)[:-1], turns[-1]["value"], benchmark
+
+
+class AnswerGenerator:
+    """Greedy answers for a batch of questions, with the processor's chat template and left padding."""
+
+    def __init__(self, model, processor, image_root: Path, max_new_tokens: int, device: torch.device):
+        self.model, self.processor, self.device = model, processor, device
+        self.image_root = image_root
+        self.max_new_tokens = max_new_tokens
+        processor.tokenizer.padding_side = "left"
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[dict]], records: list[dict]) -> list[str]:
+        texts = [self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                 for messages in prompts]
+        images = record_images(records, self.image_root)
+        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True).to(self.device)
+        tokenizer = self.processor.tokenizer
+        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate_demo(model_path: Path, test: Path, image_root: Path, batch_size: int, max_new_tokens: int,
+                  stats: StageStats) -> tuple[pd.DataFrame, pd.DataFrame]:
+    records = read_all(test)
+    image_position = Encoding.load(model_path).image_position
+    questions = [question_and_answer(record, test, position, image_position) for position, record in enumerate(records)]
+    device = compute_device()
+    model, processor = load_target(model_path)
+    model.to(device).eval()
+    generate = AnswerGenerator(model, processor, image_root, max_new_tokens, device)
+    answers = []
+    starts = range(0, len(records), batch_size)
+    for start in progress(starts, total=len(starts), desc="answer the test questions", unit="batch"):
+        batch = slice(start, start + batch_size)
+        answers += generate([messages for messages, _, _ in questions[batch]], records[batch])
+    predictions = pd.DataFrame({
+        "id": [str(record.get("id")) for record in records],
+        "benchmark": [benchmark for _, _, benchmark in questions],
+        "reference": [reference for _, reference, _ in questions],
+        "answer": answers,
+    })
+    predictions["correct"] = [normalize_answer(a) == normalize_answer(r)
+                              for a, r in zip(predictions.answer, predictions.reference)]
+    stats.add("in", len(records))
+    stats.add("correct", int(predictions.correct.sum()))
+    return accuracy_per_benchmark(predictions), predictions
+
+
+def accuracy_per_benchmark(predictions: pd.DataFrame) -> pd.DataFrame:
+    grouped = predictions.groupby("benchmark", sort=True).correct
+    return pd.DataFrame({"score": (100 * grouped.mean()).round(4), "n": grouped.size()}).reset_index()
+
+
+def evaluate_lmms(model_path: Path, benchmarks: list[str], work_dir: Path, gpus: int, batch_size: int,
+                  allow_judge: bool, stats: StageStats) -> pd.DataFrame:
+    """The paper's benchmarks through lmms-eval; a LoRA run is merged into a temporary full checkpoint first."""
+    from xmas.evaluation.lmms_eval import check_benchmarks, run_lmms_eval
+
+    benchmarks = check_benchmarks(benchmarks)
+    checkpoint = model_path
+    merged = work_dir / "merged-checkpoint"
+    if (model_path / "adapter_config.json").is_file():
+        model, processor = load_target(model_path, torch.bfloat16)
+        with atomic_path(merged) as tmp:
+            model.save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+        checkpoint = merged
+    try:
+        rows = run_lmms_eval(checkpoint, benchmarks, work_dir / "lmms-eval", gpus=gpus, batch_size=batch_size,
+                             allow_judge=allow_judge)
+    finally:
+        shutil.rmtree(merged, ignore_errors=True)
+    stats.add("in", len(benchmarks))
+    return pd.DataFrame(rows, columns=["benchmark", "score"])
+
+
+def write_scores(scores: pd.DataFrame, out: Path) -> None:
+    with atomic_path(out) as tmp:
+        scores.to_csv(tmp, sep="\t", index=False)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path,
+                        help="fine-tuned target folder (from `xmas finetune-target`)")
+    parser.add_argument("--out", required=True, type=Path, help="TSV to write: benchmark, score[, n]")
+    parser.add_argument("--test", type=Path, help="demo suite: held-out split (LLaVA format with question_type)")
+    parser.add_argument("--image-root", type=Path,
+                        help="demo suite: folder the test records' image paths are relative to")
+    parser.add_argument("--predictions", type=Path,
+                        help="demo suite: parquet of every answer (default: <out>.predictions.parquet)")
+    parser.add_argument("--work-dir", type=Path, help="lmms-eval suite: its outputs (default: <out> without .tsv)")
+    add_threads_argument(parser)
+    add_settings(parser, "evaluate")
+
+
+def run(args: argparse.Namespace) -> None:
+    use_threads(args.threads)
+    stats = StageStats(f"evaluate {args.model}")
+    if args.suite == "demo":
+        if args.test is None or args.image_root is None:
+            raise XmasError("--suite demo needs --test and --image-root")
+        scores, predictions = evaluate_demo(args.model, args.test, args.image_root, args.batch_size,
+                                            args.max_new_tokens, stats)
+        write_parquet(predictions, args.predictions or args.out.with_suffix(".predictions.parquet"))
+    else:
+        work_dir = args.work_dir or args.out.with_suffix("")
+        scores = evaluate_lmms(args.model, args.benchmarks, work_dir, args.gpus, args.batch_size, args.allow_judge,
+                               stats)
+    stats.add("out", len(scores))
+    write_scores(scores, args.out)
+    stats.finish(args.stats)

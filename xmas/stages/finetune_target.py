@@ -1,0 +1,173 @@
+"""Rule ``finetune_target``: fine-tune the target VLM on one subset, the measure of whether a subset
+is any good.
+
+The base target is checkpoint 0 of a target preset, built once by ``xmas target-init``. Every
+subset, budget and seed is fine-tuned from that same base with the same recipe, so the subsets are
+the only difference. Two recipes share this code path:
+
+- ``--lora-r 0``: every parameter is trained (the demo's tiny target, which starts from random
+  weights, trains its vision tower too: ``--no-freeze-vision-tower``).
+- ``--lora-r R``: the paper's recipe for LLaVA-1.5-7B. LoRA (rank R, alpha) on every linear layer
+  of the language model, the projector trained in full at its own learning rate, the vision tower
+  frozen. The run saves the adapter (with the projector); evaluation merges it
+  (:func:`xmas.models.checkpoints.load_target`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from xmas.data.annotations import SourceRecords, iter_spans
+from xmas.data.records import record_id
+from xmas.errors import XmasError
+from xmas.io import atomic_path
+from xmas.models.attention import language_model
+from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint
+from xmas.models.encoding import ConversationEncoder, Encoding
+from xmas.progress import StageStats, add_input_arguments, add_threads_argument, log, progress, use_threads
+from xmas.settings import add_settings, settings_of
+from xmas.training.engine import (
+    attention_implementation,
+    context_from_environment,
+    distributed,
+    prepare_training,
+    resolve_dtype,
+)
+from xmas.training.loop import (
+    PROJECTOR,
+    fit_steps,
+    freeze_vision_tower,
+    make_optimizer,
+    micro_batches_for,
+    steps_per_epoch,
+)
+
+LENGTH_BATCH = 1024
+
+
+def subset_rows(path: Path) -> pd.DataFrame:
+    """Where each record of a subset JSON lies (one pass over the file), so records are read on demand."""
+    rows = [(record_id(span.record, span.index), span.index, span.offset, span.length) for span in iter_spans(path)]
+    return pd.DataFrame(rows, columns=["uid", "index", "offset", "length"])
+
+
+def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStats) -> SourceRecords:
+    """The subset's records whose images fit in the target's ``max_length``.
+
+    ``prepare`` checked every record against the proxy; the target's tokenizer and image tokens may
+    differ, so a record that cannot be encoded whole for the target is left out here and named.
+    """
+    rows = subset_rows(subset)
+    fits = []
+    with SourceRecords(subset, rows) as records:
+        for start in progress(range(0, len(records), LENGTH_BATCH), total=-(-len(records) // LENGTH_BATCH),
+                              desc="count tokens", unit="batch"):
+            batch = records[start : start + LENGTH_BATCH]
+            for record, length in zip(batch, encoder.lengths(batch)):
+                fits.append(length.fits(encoder.encoding.max_length))
+                if not fits[-1]:
+                    log.warning("%s: record %r left out: its image ends at token %d, past the target's max_length %d",
+                                subset, record.get("id"), length.image_end, encoder.encoding.max_length)
+                    stats.exclude("image_cut_by_max_length")
+    return SourceRecords(subset, rows[fits])
+
+
+def language_model_linear_layers(model) -> list[str]:
+    """Names of the language model's linear layers: where LLaVA's recipe puts LoRA (not lm_head, projector, vision)."""
+    lm = language_model(model)
+    prefix = next(name for name, module in model.named_modules() if module is lm)
+    return sorted(f"{prefix}.{name}" for name, module in lm.named_modules() if isinstance(module, torch.nn.Linear))
+
+
+def with_lora(model, rank: int, alpha: int, dropout: float):
+    """A peft model: LoRA on the language model's linear layers, the projector trained in full."""
+    from peft import LoraConfig, get_peft_model
+
+    if not hasattr(getattr(model, "model", model), PROJECTOR):
+        raise XmasError(f"{type(model).__name__} has no {PROJECTOR}: LoRA fine-tuning expects a Llava-family model")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
+                        target_modules=language_model_linear_layers(model), modules_to_save=[PROJECTOR])
+    return get_peft_model(model, config)
+
+
+def prepare_model(base: Path, settings: dict, device: torch.device):
+    """The base target on ``device``, with LoRA when asked and the vision tower frozen when asked.
+
+    LoRA runs keep the frozen base weights in the run's half precision (a 7B model in float32 would
+    not fit); what trains (LoRA, projector) stays float32 under autocast. DeepSpeed casts itself.
+    """
+    half = settings["lora_r"] and settings["precision"] != "fp32" and not settings["deepspeed"]
+    implementation = attention_implementation(settings["attn_implementation"], device)
+    model, processor = load_checkpoint(base, resolve_dtype(settings["precision"]) if half else torch.float32,
+                                       attn_implementation=implementation)
+    torch.manual_seed(settings["seed"])  # LoRA's initialisation
+    if settings["lora_r"]:
+        model = with_lora(model, settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"])
+    if settings["freeze_vision_tower"]:
+        freeze_vision_tower(model)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model.to(device), processor
+
+
+def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings: dict, stats: StageStats) -> None:
+    """``epochs`` passes over the subset in seeded order (the proxy's batching and engine), then save."""
+    records = fitting_records(subset, ConversationEncoder.of_checkpoint(base), stats)
+    if not len(records):
+        raise XmasError(f"{subset}: the subset has no records the target can train on; there is nothing to fine-tune")
+    schedule = {**settings, "records": len(records)}
+    total = settings["epochs"] * steps_per_epoch(len(records), settings["batch_size"])
+    with distributed() as context, records:
+        model, processor = prepare_model(base, settings, context.device)
+        encoder = ConversationEncoder.of_checkpoint(base, processor, image_root, context.device)
+        optimizer, scheduler = make_optimizer(model, settings, total)
+        training = prepare_training(model, optimizer, scheduler, context, settings)
+        model.train()
+        losses = fit_steps(training, lambda step: micro_batches_for(step, records, encoder, schedule, context),
+                           0, total, context, desc="fine-tune")
+        run = {"base": str(Path(base).resolve()), "subset": str(subset), "records": len(records),
+               "settings": settings, "losses": losses}
+        save_target(training, processor, encoder.encoding, out, run, context)
+    stats.add("in", len(records))
+    stats.add("steps", total)
+    stats.add("out", 1)
+    stats.set("processes", context.world_size)
+    stats.set("trainable_parameters", sum(p.numel() for p in model.parameters() if p.requires_grad))
+    stats.set("first_loss", losses[0])
+    stats.set("last_loss", losses[-1])
+
+
+def save_target(training, processor, encoding: Encoding, out: Path, run: dict, context) -> None:
+    """Rank 0 writes the model (the adapter, for LoRA) and the processor; every rank joins ZeRO-3's gather."""
+    with atomic_path(out) if context.is_main else contextlib.nullcontext(None) as tmp:
+        training.save_model(tmp)
+        if context.is_main:
+            processor.save_pretrained(tmp)
+            encoding.save(tmp)
+            (tmp / FINETUNE_RUN_FILE).write_text(json.dumps(run) + "\n")
+    context.barrier()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, type=Path, help="the target's checkpoint 0 (from `xmas target-init`)")
+    parser.add_argument("--subset", required=True, type=Path, help="subset JSON (LLaVA format) to fine-tune on")
+    add_input_arguments(parser, "image_root")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write the fine-tuned target to")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data order and the LoRA initialisation")
+    add_threads_argument(parser)
+    add_settings(parser, "finetune-target")
+
+
+def run(args: argparse.Namespace) -> None:
+    use_threads(args.threads)
+    stats = StageStats(f"finetune-target {args.out}")
+    settings = {**settings_of(args, "finetune-target"), "seed": args.seed}
+    finetune(args.base, args.subset, args.image_root, args.out, settings, stats)
+    stats.finish(args.stats if context_from_environment().is_main else None)

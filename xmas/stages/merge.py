@@ -1,0 +1,77 @@
+"""Rule ``merge``: the (checkpoint, shard) files into ``results/trajectories.parquet``, checking completeness.
+
+Every usable image example must have exactly one row for every checkpoint 1..C; otherwise the
+job fails and names the missing uids and the shard files they belong to.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from xmas.data.examples import shard_slice, usable_image_examples
+from xmas.errors import XmasError
+from xmas.io import write_parquet
+from xmas.progress import StageStats, add_input_arguments
+from xmas.settings import add_settings
+
+SHOWN = 10
+
+
+def check_complete(table: pd.DataFrame, usable: pd.DataFrame, checkpoints: int, shards: int) -> None:
+    shard_of = {uid: s for s in range(shards) for uid in shard_slice(usable, s, shards).uid}
+    wanted = set(shard_of)
+    problems = []
+    duplicated = table[table.duplicated(["uid", "checkpoint"], keep=False)]
+    if len(duplicated):
+        problems.append(f"{len(duplicated)} duplicate (uid, checkpoint) rows, e.g. {duplicated.iloc[0].uid!r}")
+    unknown = set(table.uid) - wanted
+    if unknown:
+        problems.append(f"{len(unknown)} uids that are not usable image examples, e.g. {sorted(unknown)[:SHOWN]}")
+    for checkpoint in range(1, checkpoints + 1):
+        missing = sorted(wanted - set(table.uid[table.checkpoint == checkpoint]))
+        if missing:
+            shard_numbers = sorted({shard_of[uid] for uid in missing})
+            problems.append(f"checkpoint {checkpoint}: {len(missing)} examples missing (shards {shard_numbers}), "
+                            f"e.g. {missing[:SHOWN]}")
+    extra = sorted(set(table.checkpoint) - set(range(1, checkpoints + 1)))
+    if extra:
+        problems.append(f"rows for checkpoints outside 1..{checkpoints}: {extra}")
+    if problems:
+        raise XmasError("trajectories are incomplete: " + "; ".join(problems))
+
+
+def merge(inputs: list[Path], examples: Path, checkpoints: int, shards: int, stats: StageStats) -> pa.Table:
+    tables = [pq.read_table(path) for path in inputs]
+    schemas = {table.schema for table in tables}
+    if len(schemas) > 1:
+        raise XmasError("shard files disagree on columns (different top_k?): " + ", ".join(map(str, inputs)))
+    merged = pa.concat_tables(tables)
+    frame = merged.to_pandas()
+    usable = usable_image_examples(examples)
+    check_complete(frame, usable, checkpoints, shards)
+    order = usable.set_index("uid")["index"]
+    frame = frame.assign(_order=frame.uid.map(order)).sort_values(["_order", "checkpoint"]).drop(columns="_order")
+    stats.add("in", merged.num_rows)
+    stats.add("files", len(inputs))
+    stats.add("examples", frame.uid.nunique())
+    stats.add("out", len(frame))
+    return pa.Table.from_pandas(frame, schema=merged.schema, preserve_index=False)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", type=Path,
+                        help="shard files (results/trajectories/checkpoint-*/shard-*.parquet)")
+    add_input_arguments(parser, "examples")
+    parser.add_argument("--out", required=True, type=Path, help="merged trajectories parquet")
+    add_settings(parser, "merge")
+
+
+def run(args: argparse.Namespace) -> None:
+    stats = StageStats("merge")
+    write_parquet(merge(args.inputs, args.examples, args.checkpoints, args.shards, stats), args.out)
+    stats.finish(args.stats)

@@ -1,0 +1,282 @@
+"""Rule ``report``: ``results/report.html``, one self-contained page showing what was selected and why.
+
+Every figure is a PNG embedded in the page, so the file can be mailed or opened offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import html
+import importlib.metadata
+import io
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xmas.data.annotations import SourceRecords
+from xmas.errors import XmasError
+from xmas.io import atomic_path
+from xmas.progress import StageStats, add_input_arguments
+
+LARGEST_CLUSTERS = 6
+SAMPLED_CLUSTERS = 6
+VERSIONED_PACKAGES = ("xmas", "torch", "transformers", "faiss-cpu", "snakemake", "numpy", "pandas")
+
+
+@dataclasses.dataclass
+class Figure:
+    title: str
+    caption: str
+    png: bytes
+
+    def html(self) -> str:
+        data = base64.b64encode(self.png).decode()
+        return (f'<figure><h3>{html.escape(self.title)}</h3><img alt="{html.escape(self.title)}" '
+                f'src="data:image/png;base64,{data}"><figcaption>{html.escape(self.caption)}</figcaption></figure>')
+
+
+@dataclasses.dataclass
+class Subset:
+    method: str
+    budget: str
+    manifest: pd.DataFrame
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.budget}"
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def render(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=90)
+    pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def trajectory_curves(trajectories: pd.DataFrame, clusters: pd.DataFrame, seed: int = 0) -> Figure:
+    """Mean and spread of the trajectory (sum of the top-k values) per cluster, over checkpoints."""
+    plt = pyplot()
+    values = trajectories.filter(regex=r"^sv\d+$").sum(axis=1)
+    frame = trajectories[["uid", "checkpoint"]].assign(value=values).merge(clusters[["uid", "cluster"]], on="uid")
+    sizes = clusters[clusters.cluster >= 0].cluster.value_counts()
+    largest = list(sizes.index[:LARGEST_CLUSTERS])
+    rest = list(sizes.index[LARGEST_CLUSTERS:])
+    draw = np.random.default_rng(seed).choice
+    sampled = sorted(draw(rest, min(SAMPLED_CLUSTERS, len(rest)), replace=False)) if rest else []
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, chosen, title in ((axes[0], largest, "largest clusters"), (axes[1], sampled, "a sample of the rest")):
+        for cluster in chosen:
+            stats = frame[frame.cluster == cluster].groupby("checkpoint").value.agg(["mean", "std"]).fillna(0)
+            line, = ax.plot(stats.index, stats["mean"], marker="o", label=f"cluster {cluster} (n={sizes[cluster]})")
+            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
+                            color=line.get_color(), alpha=0.15)
+        ax.set(title=title, xlabel="checkpoint")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("sum of top-k singular values")
+    return Figure("Trajectories per cluster", "Mean (line) and ± one standard deviation (band) over the examples "
+                  "of each cluster, at every proxy checkpoint.", render(figure))
+
+
+def stability_distribution(subsets: list[Subset]) -> Figure:
+    plt = pyplot()
+    xmas = [s for s in subsets if s.method == "xmas"]
+    figure, axes = plt.subplots(1, len(xmas), figsize=(max(7.0, 4.5 * len(xmas)), 3.5), squeeze=False)
+    for ax, subset in zip(axes[0], xmas):
+        images = subset.manifest[subset.manifest.stability.notna()]
+        bins = np.histogram_bin_edges(images.stability, bins=30)
+        ax.hist(images.stability[images.selected], bins=bins, alpha=0.7, label="selected")
+        ax.hist(images.stability[~images.selected], bins=bins, alpha=0.7, label="not selected")
+        ax.set(title=f"budget {subset.budget}", xlabel="stability (lower = more stable)", ylabel="examples")
+        ax.legend(fontsize=8)
+    return Figure("Stability, selected vs not selected", "Stability S = Σ_t |x(t) − x(t−1)| of the image "
+                  "examples; inside each cluster XMAS keeps the most stable ones.", render(figure))
+
+
+def cluster_quotas(clusters: pd.DataFrame, subsets: list[Subset]) -> Figure:
+    plt = pyplot()
+    sizes = clusters[clusters.cluster >= 0].cluster.value_counts()
+    figure, ax = plt.subplots(figsize=(11, 3.8))
+    positions = np.arange(len(sizes))
+    ax.bar(positions, sizes.to_numpy(), color="#cccccc", label="cluster size")
+    for subset in (s for s in subsets if s.method == "xmas"):
+        taken = subset.manifest[subset.manifest.selected].cluster.value_counts()
+        ax.plot(positions, [taken.get(c, 0) for c in sizes.index], marker=".",
+                label=f"selected, budget {subset.budget}")
+    ax.set(xlabel="clusters, largest first", ylabel="examples", title=f"{len(sizes)} clusters")
+    ax.legend(fontsize=8)
+    return Figure("Cluster sizes and quotas filled", "Grey bars: examples per cluster. Lines: how many of them "
+                  "each XMAS budget took (small clusters are filled first, large ones are capped).", render(figure))
+
+
+def composition(full: pd.Series, subsets: list[Subset], by: str) -> Figure:
+    """Share of records per category (source or question type) in the full set and in every subset."""
+    plt = pyplot()
+    shares = {"full set": full.value_counts(normalize=True)}
+    for subset in subsets:
+        chosen = subset.manifest.loc[subset.manifest.selected, "index"]
+        shares[subset.label] = full.loc[chosen].value_counts(normalize=True)
+    table = pd.DataFrame(shares).fillna(0.0).sort_index()
+    figure, ax = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / len(table.columns)
+    for position, column in enumerate(table.columns):
+        ax.bar(np.arange(len(table)) + position * width, table[column], width, label=column)
+    ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, table.index, rotation=30, ha="right")
+    ax.set(ylabel="share of records")
+    ax.legend(fontsize=8, ncol=2)
+    return Figure(f"Subset composition by {by}", f"Share of each {by} in the full set (usable records) and in "
+                  "every subset.", render(figure))
+
+
+def arp_curves(summary: pd.DataFrame) -> Figure:
+    plt = pyplot()
+    runs = summary.groupby(["method", "budget", "seed"]).ARP.first().reset_index()
+    figure, ax = plt.subplots(figsize=(7, 4))
+    for method, rows in runs.groupby("method"):
+        stats = rows.groupby("budget").ARP.agg(["mean", "std"]).fillna(0)
+        ax.errorbar(stats.index, stats["mean"], yerr=stats["std"], marker="o", capsize=3, label=method)
+    ax.axhline(100, color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="budget (fraction of the data)", ylabel="ARP (% of full-data score)")
+    ax.legend()
+    return Figure("Average relative performance vs budget", "Mean over seeds (error bar: standard deviation) of "
+                  "the mean over benchmarks of score / full-data score.", render(figure))
+
+
+def table_html(frame: pd.DataFrame) -> str:
+    return frame.to_html(index=False, border=0, classes="table", na_rep="", float_format=lambda v: f"{v:.3g}")
+
+
+def stage_counts(stats_dir: Path) -> pd.DataFrame:
+    """One row per job: seconds, in, out, excluded, and whatever else it counted."""
+    rows = []
+    for path in sorted(stats_dir.rglob("*.json")):
+        stats = json.loads(path.read_text())
+        counts = dict(stats.get("counts", {}))
+        rows.append({"stage": stats.get("stage", path.stem), "seconds": stats.get("seconds"),
+                     "in": counts.pop("in", ""), "out": counts.pop("out", ""),
+                     "excluded": stats.get("excluded_total", 0),
+                     "other counts": ", ".join(f"{key}={value}" for key, value in counts.items())})
+    return pd.DataFrame(rows)
+
+
+def versions() -> pd.DataFrame:
+    rows = [{"package": "python", "version": platform.python_version()}]
+    for package in VERSIONED_PACKAGES:
+        try:
+            rows.append({"package": package, "version": importlib.metadata.version(package)})
+        except importlib.metadata.PackageNotFoundError:
+            rows.append({"package": package, "version": "not installed"})
+    return pd.DataFrame(rows)
+
+
+def subset_table(subsets: list[Subset], n_valid: int) -> pd.DataFrame:
+    return pd.DataFrame([{"method": s.method, "budget": s.budget, "selected": int(s.manifest.selected.sum()),
+                          "of usable": n_valid} for s in subsets])
+
+
+PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>XMAS selection report</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222; }}
+figure {{ margin: 1.5rem 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; font-size: 0.9rem; }}
+table.table {{ border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }}
+table.table td, table.table th {{ padding: 0.2rem 0.7rem; border-bottom: 1px solid #ddd; text-align: left; }}
+pre {{ background: #f6f6f6; padding: 1rem; overflow-x: auto; font-size: 0.8rem; }}
+</style></head><body>
+<h1>XMAS selection report</h1>
+<p>{summary}</p>
+<h2>Subsets</h2>{subsets}
+<h2>What was selected</h2>{figures}
+{evaluation}
+<h2>Run</h2>
+<h3>Records excluded by prepare, by reason</h3>{exclusions}
+<h3>Counts per stage</h3>{stages}
+<h3>Versions</h3>{versions}
+<h3>Configuration</h3><pre>{config}</pre>
+</body></html>
+"""
+
+
+def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageStats) -> str:
+    examples = pd.read_parquet(inputs["examples"])
+    clusters = pd.read_parquet(inputs["clusters"])
+    trajectories = pd.read_parquet(inputs["trajectories"])
+    usable = examples[examples.status == "ok"]
+    figures = [trajectory_curves(trajectories, clusters), stability_distribution(subsets),
+               cluster_quotas(clusters, subsets), composition(usable.set_index("index").source, subsets, "source")]
+    types = question_types(inputs["annotations"], usable)
+    if types is not None:
+        figures.append(composition(types, subsets, "question type"))
+    evaluation = ""
+    if inputs.get("eval_summary"):
+        summary = pd.read_csv(inputs["eval_summary"], sep="\t")
+        figures_eval = arp_curves(summary)
+        evaluation = f"<h2>Evaluation</h2>{figures_eval.html()}<h3>Per benchmark</h3>{table_html(summary)}"
+        stats.add("figures", 1)
+    exclusions = examples.reason.value_counts().rename_axis("reason").reset_index(name="records")
+    stats.add("figures", len(figures))
+    stats.add("subsets", len(subsets))
+    return PAGE.format(
+        summary=html.escape(f"{len(examples)} source records, {len(usable)} usable "
+                            f"({int(usable.has_image.sum())} with an image), {clusters.cluster.max() + 1} clusters."),
+        subsets=table_html(subset_table(subsets, len(usable))),
+        figures="\n".join(figure.html() for figure in figures),
+        evaluation=evaluation,
+        exclusions=table_html(exclusions) if len(exclusions) else "<p>none</p>",
+        stages=table_html(stage_counts(inputs["stats_dir"])) if inputs["stats_dir"].is_dir() else "<p>no stats</p>",
+        versions=table_html(versions()),
+        config=html.escape(json.dumps(run_config, indent=2, sort_keys=True), quote=False),
+    )
+
+
+def question_types(annotations: Path, usable: pd.DataFrame) -> pd.Series | None:
+    """The demo's ``question_type`` field by source index, for analysis only (selection never reads it).
+
+    Real datasets have no such field: the first record tells, so their records are not all read.
+    """
+    with SourceRecords(annotations, usable) as records:
+        if not len(records) or "question_type" not in records[0]:
+            return None
+        types = pd.Series([record.get("question_type") for record in records], index=usable["index"], dtype=object)
+    return types if types.notna().all() else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_input_arguments(parser, "examples", "annotations")
+    parser.add_argument("--clusters", required=True, type=Path, help="clusters.parquet from `xmas cluster`")
+    parser.add_argument("--trajectories", required=True, type=Path, help="merged trajectories parquet")
+    parser.add_argument("--manifest", nargs=3, action="append", required=True, metavar=("METHOD", "BUDGET", "PATH"),
+                        help="a subset manifest to show; repeat for every method and budget")
+    parser.add_argument("--eval-summary", type=Path, help="results/eval/summary.tsv, when evaluation has run")
+    parser.add_argument("--stats-dir", type=Path, default=Path("logs/stats"), help="the stages' stats JSON files")
+    parser.add_argument("--run-config", default="{}", help="the workflow config as JSON, shown on the page")
+    parser.add_argument("--out", required=True, type=Path, help="HTML page to write")
+
+
+def run(args: argparse.Namespace) -> None:
+    stats = StageStats("report")
+    try:
+        run_config = json.loads(args.run_config)
+    except json.JSONDecodeError as error:
+        raise XmasError(f"--run-config is not valid JSON: {error}") from None
+    subsets = [Subset(method, budget, pd.read_parquet(path)) for method, budget, path in args.manifest]
+    inputs = {"examples": args.examples, "annotations": args.annotations, "clusters": args.clusters,
+              "trajectories": args.trajectories, "eval_summary": args.eval_summary, "stats_dir": args.stats_dir}
+    page = build(inputs, subsets, run_config, stats)
+    with atomic_path(args.out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    stats.finish(args.stats)

@@ -1,0 +1,224 @@
+"""Rule ``sample``: pick the subset for a budget and account for every source record.
+
+``xmas``: balanced sampling over the trajectory clusters (text-only records form one more
+group), visiting groups from the smallest; inside an image cluster the most stable examples
+win. Baselines: ``loss``, the same on clusters of per-example loss trajectories;
+``cluster-random``, XMAS's clusters and quotas with a random draw inside each cluster (isolates
+the stability rule); ``random``, a uniform draw of the same size; ``full``, every usable record
+(the reference a subset is measured against). All write the selected source records unchanged,
+in source order, and a manifest with one row per source record.
+"""
+
+from __future__ import annotations
+
+import argparse
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from xmas.data.annotations import SPAN_COLUMNS, SourceRecords
+from xmas.data.examples import TEXT_ONLY, read_examples
+from xmas.errors import XmasError
+from xmas.io import write_parquet, write_raw_records
+from xmas.progress import StageStats, add_input_arguments, log
+from xmas.settings import add_settings
+
+METHODS = ("xmas", "loss", "cluster-random", "random", "full")
+CLUSTERED_METHODS = ("xmas", "loss", "cluster-random")
+MANIFEST_COLUMNS = ["uid", "index", "cluster", "stability", "selected", "reason"]
+
+
+def budget_size(budget: str, n_valid: int) -> int:
+    """round(b · N_valid), halves rounded up, computed in decimal so 0.5 × 11 is 6, not 5."""
+    try:
+        fraction = Decimal(budget)
+    except InvalidOperation:
+        raise XmasError(f"budget must be a fraction in (0, 1], got {budget!r}") from None
+    if not Decimal(0) < fraction <= Decimal(1):
+        raise XmasError(f"budget must be a fraction in (0, 1], got {budget!r}")
+    return int((fraction * n_valid).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def water_fill(sizes: dict[int, int], target: int) -> dict[int, int]:
+    """Quotas per group: smallest group first, each taking min(size, remaining // groups left).
+
+    Exact whenever the groups hold ``target`` examples in all: a group that takes less than its
+    share is full, and every later group is at least as large.
+    """
+    quotas, remaining = {}, target
+    order = sorted(sizes, key=lambda group: (sizes[group], group))
+    for position, group in enumerate(order):
+        quotas[group] = min(sizes[group], remaining // (len(order) - position))
+        remaining -= quotas[group]
+    return quotas
+
+
+def seeded_draw(n: int, count: int, seed: int) -> np.ndarray:
+    return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
+
+
+def xmas_select(valid: pd.DataFrame, target: int, min_cluster_size: int, seed: int,
+                inside_clusters: str = "stability") -> pd.DataFrame:
+    """``valid``: uid, index, cluster, stability for usable records. Adds ``selected`` and ``reason``.
+
+    ``inside_clusters``: ``stability`` keeps a cluster's most stable examples (XMAS), ``random``
+    draws them (the cluster-random baseline).
+    """
+    valid = valid.sort_values("index").assign(selected=False, reason=None)
+    sizes = valid.cluster.value_counts().to_dict()
+    small = {c for c, n in sizes.items() if c != TEXT_ONLY and n < min_cluster_size}
+    valid.loc[valid.cluster.isin(small), "reason"] = "cluster_below_min_size"
+    quotas = water_fill({c: n for c, n in sizes.items() if c not in small}, target)
+    for group, quota in quotas.items():
+        members = valid[valid.cluster == group]
+        if group == TEXT_ONLY:
+            chosen = members.index[seeded_draw(len(members), quota, seed)]
+            valid.loc[members.index, "reason"] = "text_not_drawn"
+        elif inside_clusters == "random":
+            chosen = members.index[seeded_draw(len(members), quota, seed + 1 + int(group))]
+            valid.loc[members.index, "reason"] = "cluster_quota_filled"
+        else:
+            chosen = members.sort_values(["stability", "index"], kind="stable").index[:quota]
+            valid.loc[members.index, "reason"] = "cluster_quota_filled"
+        valid.loc[chosen, ["selected", "reason"]] = [True, None]
+    return valid
+
+
+def random_select(valid: pd.DataFrame, target: int, seed: int) -> pd.DataFrame:
+    valid = valid.sort_values("index").assign(selected=False, reason="not_drawn")
+    chosen = valid.index[seeded_draw(len(valid), target, seed)]
+    valid.loc[chosen, ["selected", "reason"]] = [True, None]
+    return valid
+
+
+def select_all(valid: pd.DataFrame) -> pd.DataFrame:
+    return valid.sort_values("index").assign(selected=True, reason=None)
+
+
+def manifest_of(examples: pd.DataFrame, decided: pd.DataFrame) -> pd.DataFrame:
+    """One row per source record: the decision for usable ones, ``excluded:<reason>`` for the rest."""
+    excluded = examples[examples.status != "ok"]
+    excluded = excluded[["uid", "index"]].assign(
+        cluster=pd.NA, stability=np.nan, selected=False, reason="excluded:" + examples.loc[excluded.index, "reason"])
+    manifest = pd.concat([decided[MANIFEST_COLUMNS], excluded[MANIFEST_COLUMNS]], ignore_index=True)
+    manifest = manifest.sort_values("index", ignore_index=True)
+    return manifest.astype({"cluster": "Int32", "stability": "float64", "selected": "bool", "reason": "string"})
+
+
+def check_accounting(manifest: pd.DataFrame, examples: pd.DataFrame) -> None:
+    """Source records = selected + not selected + excluded, by uid; fail loudly otherwise.
+
+    Every uid of ``examples`` is in the manifest exactly once, at its source index; records that
+    prepare excluded carry ``excluded:<their reason>`` and are never selected; every other unselected
+    record has a reason.
+    """
+    problems = []
+    if manifest.uid.duplicated().any():
+        problems.append(f"uids listed twice: {manifest.uid[manifest.uid.duplicated()].head().tolist()}")
+    if set(manifest.uid) != set(examples.uid):
+        lost = sorted(set(examples.uid) - set(manifest.uid))[:5]
+        extra = sorted(set(manifest.uid) - set(examples.uid))[:5]
+        problems.append(f"records missing from the manifest: {lost}; listed but not in the source: {extra}")
+    listed = manifest[["uid", "index", "selected", "reason"]].rename(
+        columns={"index": "listed_index", "reason": "listed_reason"})
+    joined = examples[["uid", "index", "status", "reason"]].merge(listed, on="uid")
+    moved = joined.uid[joined["index"] != joined.listed_index]
+    if len(moved):
+        problems.append(f"records listed at another source index: {moved.head().tolist()}")
+    expected = ["" if status == "ok" else f"excluded:{reason}" for status, reason in zip(joined.status, joined.reason)]
+    marked = [r if isinstance(r, str) and r.startswith("excluded:") else "" for r in joined.listed_reason]
+    mismatched = [uid for uid, want, got in zip(joined.uid, expected, marked) if want != got]
+    if mismatched:
+        problems.append(f"records whose exclusion differs from prepare's: {mismatched[:5]}")
+    wrongly_selected = joined.uid[joined.selected & (joined.status != "ok")]
+    if len(wrongly_selected):
+        problems.append(f"excluded records selected: {wrongly_selected.head().tolist()}")
+    unexplained = manifest.uid[~manifest.selected & manifest.reason.isna()]
+    if len(unexplained):
+        problems.append(f"unselected records without a reason: {unexplained.head().tolist()}")
+    is_excluded = manifest.reason.fillna("").str.startswith("excluded:")
+    selected, excluded = int(manifest.selected.sum()), int(is_excluded.sum())
+    not_selected = int((~manifest.selected & ~is_excluded).sum())
+    if selected + not_selected + excluded != len(examples):
+        problems.append(f"{len(examples)} source records, but {selected} selected + {not_selected} not selected "
+                        f"+ {excluded} excluded")
+    if problems:
+        raise XmasError("accounting failed: " + "; ".join(problems))
+
+
+def sample(method: str, budget: str, examples_path: Path, clusters_path: Path | None, min_cluster_size: int,
+           seed: int, stats: StageStats) -> pd.DataFrame:
+    examples = pd.read_parquet(examples_path)
+    valid = examples.loc[examples.status == "ok", ["uid", "index"]]
+    if clusters_path is not None:
+        valid = valid.merge(pd.read_parquet(clusters_path), on="uid", how="left", validate="one_to_one")
+    else:
+        valid = valid.assign(cluster=pd.NA, stability=np.nan)
+    target = budget_size(budget, len(valid))
+    if method in CLUSTERED_METHODS:
+        if clusters_path is None:
+            raise XmasError(f"method {method} needs --clusters")
+        if valid.cluster.isna().any():
+            raise XmasError(f"{clusters_path} has no cluster for {int(valid.cluster.isna().sum())} usable records")
+        inside = "random" if method == "cluster-random" else "stability"
+        decided = xmas_select(valid, target, min_cluster_size, seed, inside)
+    elif method == "random":
+        decided = random_select(valid, target, seed)
+    elif method == "full":
+        if target != len(valid):
+            raise XmasError(f"method full selects every usable record: its budget must be 1, got {budget!r}")
+        decided = select_all(valid)
+    else:
+        raise XmasError(f"method must be one of {METHODS}, got {method!r}")
+    manifest = manifest_of(examples, decided)
+    check_accounting(manifest, examples)
+    selected = int(manifest.selected.sum())
+    if selected != target:
+        log.warning("budget %s asks for %d records but only %d can be selected: %d usable records sit in clusters "
+                    "smaller than min_cluster_size=%d", budget, target, selected,
+                    int((manifest.reason == "cluster_below_min_size").sum()), min_cluster_size)
+    stats.add("in", len(examples))
+    stats.add("valid", len(valid))
+    stats.add("target", target)
+    stats.add("selected", selected)
+    stats.add("out", selected)
+    stats.add("not_selected", int((~manifest.selected).sum()) - int((examples.status != "ok").sum()))
+    for reason, n in examples.reason.dropna().value_counts().sort_index().items():
+        stats.exclude(reason, int(n))
+    not_selected = manifest.reason[~manifest.reason.fillna("").str.startswith("excluded:") & manifest.reason.notna()]
+    stats.set("not_selected_reasons", {str(k): int(v) for k, v in not_selected.value_counts().sort_index().items()})
+    return manifest
+
+
+def write_subset(annotations: Path, examples: Path, manifest: pd.DataFrame, out: Path) -> int:
+    """The selected records, copied byte for byte from the annotation file in source order; returns how many."""
+    spans = read_examples(examples, ["uid", "index", *SPAN_COLUMNS])
+    chosen = spans[spans.uid.isin(manifest.uid[manifest.selected])].sort_values("index")
+    with SourceRecords(annotations, chosen) as records:
+        return write_raw_records((records.raw(position) for position in range(len(records))), out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--method", choices=METHODS, default="xmas", help="selection method (default xmas)")
+    parser.add_argument("--budget", required=True, help="fraction of the usable records to select, in (0, 1]")
+    add_input_arguments(parser, "examples", "annotations")
+    parser.add_argument("--clusters", type=Path,
+                        help="clusters.parquet from `xmas cluster` (needed by xmas, loss and cluster-random)")
+    parser.add_argument("--out", required=True, type=Path, help="subset JSON to write (LLaVA format)")
+    parser.add_argument("--manifest", type=Path, help="manifest parquet (default: <out>.manifest.parquet)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random draws (random, cluster-random, "
+                        "the text-only records of xmas and loss)")
+    add_settings(parser, "sample")
+
+
+def run(args: argparse.Namespace) -> None:
+    stats = StageStats(f"sample {args.method} {args.budget}")
+    manifest = sample(args.method, args.budget, args.examples, args.clusters, args.min_cluster_size, args.seed, stats)
+    written = write_subset(args.annotations, args.examples, manifest, args.out)
+    selected = int(manifest.selected.sum())
+    if written != selected:
+        raise XmasError(f"accounting failed: {args.out} holds {written} records but the manifest selects {selected}")
+    write_parquet(manifest, args.manifest or args.out.with_suffix(".manifest.parquet"))
+    stats.finish(args.stats)

@@ -1,0 +1,145 @@
+"""Rule ``train_segment``: one segment of proxy training: resume from checkpoint c-1, train to
+checkpoint c, save.
+
+Runs in one process or, started by torchrun, in one process per GPU (DDP or DeepSpeed ZeRO, see
+:mod:`xmas.training.engine`): each takes its slice of every global batch, and only rank 0 writes.
+The step schedule, learning-rate schedule and data order are functions of the settings and the
+global step alone (:mod:`xmas.training.loop`), and the optimizer and scheduler state travel in
+every checkpoint, so a chain of segments gives the same weights as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from xmas.data.examples import usable_records
+from xmas.errors import XmasError
+from xmas.io import atomic_path
+from xmas.models.checkpoints import load_checkpoint
+from xmas.models.encoding import ConversationEncoder, Encoding
+from xmas.progress import StageStats, add_input_arguments, add_threads_argument, use_threads
+from xmas.settings import add_settings, settings_of
+from xmas.training.engine import (
+    Distributed,
+    attention_implementation,
+    context_from_environment,
+    distributed,
+    prepare_training,
+)
+from xmas.training.loop import fit_steps, freeze_vision_tower, make_optimizer, micro_batches_for, steps_per_epoch
+
+STATE_FILE = "training_state.pt"
+# How the steps run, not what they compute: these may change between segments (DeepSpeed aside,
+# whose optimizer state is kept in its own format). Every other setting must stay as it was.
+MAY_CHANGE = {"micro_batch_size", "precision", "gradient_checkpointing", "attn_implementation", "deepspeed"}
+
+
+def checkpoint_step(checkpoint: int, settings: dict) -> int:
+    """The global step at which checkpoint ``checkpoint`` (1..C) is written; C is the last step."""
+    total = settings["epochs"] * steps_per_epoch(settings["records"], settings["batch_size"])
+    return round(checkpoint * total / settings["checkpoints"])
+
+
+def load_state(previous: Path, settings: dict) -> dict | None:
+    """The previous segment's training state, checked against the current settings (None at checkpoint 0)."""
+    path = previous / STATE_FILE
+    if not path.exists():
+        return None
+    state = torch.load(path, weights_only=False)
+    changed = {key: (state["settings"].get(key), value) for key, value in settings.items()
+               if key not in MAY_CHANGE and state["settings"].get(key) != value}
+    if changed:
+        detail = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise XmasError(f"{previous} was trained with other settings ({detail}); "
+                        "delete the proxy checkpoints to train again from checkpoint 0")
+    return state
+
+
+def load_model(previous: Path, settings: dict, device: torch.device):
+    """The previous checkpoint in float32 (the master weights), with the requested attention."""
+    implementation = attention_implementation(settings.get("attn_implementation", "auto"), device)
+    model, processor = load_checkpoint(previous, attn_implementation=implementation)
+    return model.to(device), processor
+
+
+def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, examples: Path, annotations: Path,
+                  image_root: Path, stats: StageStats) -> None:
+    records = usable_records(examples, annotations)
+    settings = {**settings, "records": len(records)}
+    if not records:
+        raise XmasError(f"{examples}: no usable records to train on")
+    with distributed() as context:
+        model, processor = load_model(previous, settings, context.device)
+        encoder = ConversationEncoder.of_checkpoint(previous, processor, image_root, context.device)
+        total = checkpoint_step(settings["checkpoints"], settings)
+        start, stop = 0, checkpoint_step(checkpoint, settings)
+        if settings["freeze_vision_tower"]:
+            freeze_vision_tower(model)
+        optimizer, scheduler = make_optimizer(model, settings, total)
+        training = prepare_training(model, optimizer, scheduler, context, settings)
+        state = load_state(previous, settings)
+        if state is not None:
+            start = state["step"]
+            training.load_state_dict(state, previous)
+        if start > stop:
+            raise XmasError(f"{previous} is at step {start}, past checkpoint {checkpoint} (step {stop})")
+        model.train()
+        losses = fit_steps(training, lambda step: micro_batches_for(step, records, encoder, settings, context),
+                           start, stop, context, desc=f"train to checkpoint {checkpoint}")
+        save_segment(training, processor, encoder.encoding, out, {"step": stop, "settings": settings}, start, losses,
+                     context)
+    stats.add("steps", stop - start)
+    stats.add("in", len(records))
+    stats.set("step", stop)
+    stats.set("total_steps", total)
+    stats.set("processes", context.world_size)
+    stats.set("mean_loss", round(float(np.mean(losses)), 6) if losses else None)
+
+
+def save_segment(training, processor, encoding: Encoding, out: Path, state: dict, start: int, losses: list[float],
+                 context: Distributed) -> None:
+    """Every rank takes part in gathering sharded state; rank 0 alone writes, then renames atomically."""
+    shared = out.with_name(f".{out.name}.rank-shared")  # DeepSpeed writes its shards from every rank
+    if context.is_main and shared.exists():
+        shutil.rmtree(shared)
+    context.barrier()
+    extra_state = training.save_state(shared)
+    with atomic_path(out) if context.is_main else contextlib.nullcontext(shared) as tmp:
+        training.save_model(tmp)
+        context.barrier()
+        if context.is_main:
+            processor.save_pretrained(tmp)
+            encoding.save(tmp)
+            for item in shared.iterdir() if shared.exists() else []:
+                shutil.move(str(item), tmp / item.name)
+            torch.save({**state, **extra_state}, tmp / STATE_FILE)
+            (tmp / "training_log.json").write_text(json.dumps({"first_step": start, "losses": losses}) + "\n")
+    if context.is_main and shared.exists():
+        shutil.rmtree(shared)
+    context.barrier()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--previous", required=True, type=Path, help="checkpoint to resume from (checkpoint-{c-1})")
+    parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write (checkpoint-{c})")
+    parser.add_argument("--checkpoint", required=True, type=int, help="c: which checkpoint this segment ends at (1..C)")
+    add_input_arguments(parser, "examples", "annotations", "image_root")
+    add_threads_argument(parser)
+    add_settings(parser, "train-segment")
+
+
+def run(args: argparse.Namespace) -> None:
+    if not 1 <= args.checkpoint <= args.checkpoints:
+        raise XmasError(f"--checkpoint must be in 1..{args.checkpoints}, got {args.checkpoint}")
+    use_threads(args.threads)
+    stats = StageStats(f"train-segment {args.checkpoint}")
+    train_segment(args.previous, args.out, args.checkpoint, settings_of(args, "train-segment"), args.examples,
+                  args.annotations, args.image_root, stats)
+    stats.finish(args.stats if context_from_environment().is_main else None)

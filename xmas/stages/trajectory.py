@@ -1,0 +1,204 @@
+"""Rule ``trajectory``: one (checkpoint, shard) job: the top-k singular values of every image example's attention block.
+
+Work is cut into chunks; each finished chunk is written atomically as a part file next to the
+output, so a killed job resumes where it stopped. The shard file is written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from xmas.data.annotations import SourceRecords
+from xmas.data.examples import shard_slice, usable_image_examples
+from xmas.errors import XmasError
+from xmas.io import write_json, write_parquet
+from xmas.models.attention import CrossModalAttention, capture_output, top_singular_values
+from xmas.models.checkpoints import load_checkpoint
+from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
+from xmas.progress import StageStats, add_input_arguments, add_threads_argument, progress, use_threads
+from xmas.settings import add_settings, settings_of
+from xmas.training.engine import compute_device, resolve_dtype
+
+
+def trajectory_schema(columns: list[str]) -> pa.Schema:
+    return pa.schema([("uid", pa.string()), ("checkpoint", pa.int32()), *[(name, pa.float32()) for name in columns]])
+
+
+def parse_layers(value: str) -> list[int] | None:
+    if value == "all":
+        return None
+    try:
+        return [int(part) for part in value.split(",")]
+    except ValueError:
+        raise XmasError(f"--layers must be 'all' or a comma-separated list of layer numbers, got {value!r}") from None
+
+
+def fingerprint(model_path: Path, checkpoint: int, shard: pd.DataFrame, settings: dict) -> dict:
+    """What the part files depend on: a part written under another fingerprint is not reused."""
+    files = [path for path in Path(model_path).iterdir() if path.is_file()]
+    model_files = sorted((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in files)
+    uids = hashlib.sha256("\n".join(shard["uid"]).encode()).hexdigest()
+    return {"model": str(model_path), "model_files": model_files, "checkpoint": checkpoint, "uids": uids, **settings}
+
+
+def reset_stale_parts(parts: Path, current: dict) -> None:
+    marker = parts / "fingerprint.json"
+    if parts.exists() and (not marker.exists() or json.loads(marker.read_text()) != json.loads(json.dumps(current))):
+        shutil.rmtree(parts)
+    if not parts.exists():
+        parts.mkdir(parents=True)
+        write_json(current, marker)
+
+
+def batch_positions(lengths: list[int] | None, count: int, batch_size: int) -> list[np.ndarray]:
+    """Positions of each batch: in order, or (given lengths) sorted by length so batches pad little.
+
+    The sort is stable, so equal lengths keep source order and the grouping is deterministic.
+    """
+    order = np.arange(count) if lengths is None else np.argsort(np.asarray(lengths), kind="stable")
+    return [order[start : start + batch_size] for start in range(0, count, batch_size)]
+
+
+def run_batches(records: list[dict], batches: list[np.ndarray],
+                compute: Callable[[list[dict]], np.ndarray]) -> np.ndarray:
+    """``compute`` on each batch of records, its rows put back at the records' positions."""
+    values = None
+    for positions in batches:
+        rows = compute([records[i] for i in positions])
+        if values is None:
+            values = np.zeros((len(records), *rows.shape[1:]), dtype=np.float32)
+        values[positions] = rows
+    return values if values is not None else np.zeros((0,), dtype=np.float32)
+
+
+def singular_value_columns(top_k: int) -> list[str]:
+    return [f"sv{k}" for k in range(1, top_k + 1)]
+
+
+class SingularValues:
+    """The attention signal: top-k singular values of each record's text-to-image attention block."""
+
+    def __init__(self, attention: CrossModalAttention, encoder: ConversationEncoder, top_k: int):
+        self.attention, self.encoder, self.top_k = attention, encoder, top_k
+        self.columns = singular_value_columns(top_k)
+
+    def __call__(self, records: list[dict]) -> np.ndarray:
+        blocks, _ = self.attention.blocks(self.encoder(records, with_labels=False))
+        return top_singular_values(blocks, self.top_k).cpu().numpy()
+
+
+class ExampleLoss:
+    """The loss baseline's signal: each record's mean token loss over its assistant turns (0 if none is left).
+
+    The language-model head runs on the labelled positions only, so a large vocabulary costs little.
+    """
+
+    columns = ["loss"]
+
+    def __init__(self, model, encoder: ConversationEncoder):
+        self.model, self.encoder = model, encoder
+
+    @torch.no_grad()
+    def __call__(self, records: list[dict]) -> np.ndarray:
+        batch = self.encoder(records, with_labels=True)
+        labels = batch.pop("labels")
+        hidden = self.model.model(**batch).last_hidden_state[:, :-1]
+        targets = labels[:, 1:]
+        counted = targets != IGNORE_INDEX
+        logits = self.model.lm_head(hidden[counted]).float()
+        token_loss = torch.nn.functional.cross_entropy(logits, targets[counted], reduction="none")
+        rows = torch.arange(len(records), device=labels.device)[:, None].expand_as(targets)[counted]
+        total = torch.zeros(len(records), device=labels.device).index_add_(0, rows, token_loss)
+        return (total / counted.sum(dim=1).clamp(min=1)).cpu().numpy()[:, None]
+
+
+def extract_chunk(signal, records: list[dict], batch_size: int, lengths: list[int] | None = None) -> np.ndarray:
+    """The signal of every record, in the records' order whatever the batching (grouped by ``lengths``)."""
+    return run_batches(records, batch_positions(lengths, len(records), batch_size), signal)
+
+
+def load_signal(model_path: Path, image_root: Path, settings: dict, device: torch.device):
+    """The checkpoint in the extraction dtype, wrapped as the signal the settings ask for."""
+    dtype = resolve_dtype(settings.get("dtype", "float32"))
+    model, processor = load_checkpoint(model_path, dtype=dtype)
+    model.to(device).eval()
+    encoder = ConversationEncoder.of_checkpoint(model_path, processor, image_root, device)
+    if settings.get("signal", "attention") == "loss":
+        return ExampleLoss(model, encoder)
+    output = capture_output(settings.get("attn_implementation", "auto"), device, dtype)
+    attention = CrossModalAttention(model, settings["layers"], settings["head_reduce"], settings["layer_reduce"],
+                                    output=output)
+    return SingularValues(attention, encoder, settings["top_k"])
+
+
+def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annotations: Path, image_root: Path,
+                  out: Path, settings: dict, stats: StageStats) -> None:
+    parts = out.with_name(out.name + ".parts")
+    reset_stale_parts(parts, fingerprint(model_path, checkpoint, shard, settings))
+    chunk_size = settings["chunk_size"]
+    chunks = [shard.iloc[i : i + chunk_size] for i in range(0, len(shard), chunk_size)]
+    todo = [(n, chunk) for n, chunk in enumerate(chunks) if not (parts / f"part-{n:05d}.parquet").exists()]
+    stats.add("in", len(shard))
+    stats.add("resumed_rows", len(shard) - sum(len(chunk) for _, chunk in todo))
+    columns = signal_columns(settings)
+    if todo:
+        signal = load_signal(model_path, image_root, settings, compute_device())
+        for n, chunk in progress(todo, total=len(todo), desc=f"checkpoint {checkpoint} chunks", unit="chunk"):
+            lengths = chunk["tokens"].tolist() if settings.get("group_by_length", False) else None
+            with SourceRecords(annotations, chunk) as records:
+                values = extract_chunk(signal, records[:], settings["batch_size"], lengths)
+            frame = pd.DataFrame({"uid": chunk["uid"].to_numpy(), "checkpoint": np.int32(checkpoint)})
+            for position, column in enumerate(columns):
+                frame[column] = values[:, position]
+            write_parquet(pa.Table.from_pandas(frame, schema=trajectory_schema(columns), preserve_index=False),
+                          parts / f"part-{n:05d}.parquet")
+            stats.add("computed_rows", len(chunk))
+    tables = [pq.read_table(parts / f"part-{n:05d}.parquet") for n in range(len(chunks))]
+    merged = pa.concat_tables(tables) if tables else trajectory_schema(columns).empty_table()
+    write_parquet(merged, out)
+    stats.add("out", merged.num_rows)
+    shutil.rmtree(parts)
+
+
+def signal_columns(settings: dict) -> list[str]:
+    if settings.get("signal", "attention") == "loss":
+        return ExampleLoss.columns
+    return singular_value_columns(settings["top_k"])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="proxy checkpoint folder")
+    parser.add_argument("--checkpoint", required=True, type=int, help="checkpoint number written into the rows")
+    parser.add_argument("--shard", required=True, type=int, help="which shard (0-based)")
+    add_input_arguments(parser, "examples", "annotations", "image_root")
+    parser.add_argument("--out", required=True, type=Path, help="shard parquet to write")
+    parser.add_argument("--signal", choices=("attention", "loss"), default="attention",
+                        help="attention: top-k singular values of the text-to-image attention (XMAS); "
+                        "loss: each example's mean loss on its answers (the loss baseline)")
+    add_threads_argument(parser)
+    add_settings(parser, "trajectory")
+
+
+# Where the work is cut: a part file written under another shard count is still good.
+NOT_FINGERPRINTED = ("shards",)
+
+
+def run(args: argparse.Namespace) -> None:
+    use_threads(args.threads)
+    stats = StageStats(f"trajectory checkpoint {args.checkpoint} shard {args.shard}")
+    settings = {key: value for key, value in settings_of(args, "trajectory").items() if key not in NOT_FINGERPRINTED}
+    settings.update(signal=args.signal, layers=parse_layers(args.layers))
+    shard = shard_slice(usable_image_examples(args.examples), args.shard, args.shards)
+    extract_shard(args.model, args.checkpoint, shard, args.annotations, args.image_root, args.out, settings, stats)
+    stats.finish(args.stats)

@@ -1,0 +1,324 @@
+"""GPU, precision and distributed machinery shared by proxy training and target fine-tuning.
+
+- :func:`resolve_dtype`, :func:`attention_implementation`: names from the config to torch/transformers.
+- :func:`distributed`: rank and world size from torchrun's environment, the process group, the device.
+- :func:`prepare_training`: the model and optimizer wrapped for one process, torch DDP, or DeepSpeed
+  ZeRO; :mod:`xmas.training.loop` runs the steps through any of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from xmas.errors import XmasError
+from xmas.resources import resource
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+ATTENTION_CHOICES = ("auto", "sdpa", "flash_attention_2", "eager")
+DEEPSPEED_PRESETS = ("zero2", "zero3")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """A torch dtype from ``float32|bfloat16|float16`` or the precision names ``fp32|bf16|fp16``."""
+    key = PRECISIONS.get(name, name)
+    if key not in DTYPES:
+        raise XmasError(f"unknown precision/dtype {name!r}: use one of {', '.join([*DTYPES, *PRECISIONS])}")
+    return DTYPES[key]
+
+
+def compute_device() -> torch.device:
+    """The first visible GPU when torch sees one, else the CPU (also under a GPU grant without a driver)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def flash_attention_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attention_implementation(requested: str, device: torch.device | str) -> str:
+    """The transformers attention implementation: ``auto`` is flash-attn 2 on CUDA when installed, else SDPA."""
+    if requested not in ATTENTION_CHOICES:
+        raise XmasError(f"attn_implementation {requested!r}: use one of {', '.join(ATTENTION_CHOICES)}")
+    on_cuda = torch.device(device).type == "cuda"
+    if requested == "auto":
+        return "flash_attention_2" if on_cuda and flash_attention_installed() else "sdpa"
+    if requested == "flash_attention_2":
+        if not flash_attention_installed():
+            raise XmasError('attn_implementation flash_attention_2: the flash-attn package is not installed; '
+                            'pip install -e ".[gpu]" (or choose auto/sdpa)')
+        if not on_cuda:
+            raise XmasError(f"attn_implementation flash_attention_2 needs a CUDA device, the job runs on {device}")
+    return requested
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+@dataclasses.dataclass(frozen=True)
+class Distributed:
+    """This process's place in the job: rank 0 of 1 unless started by torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    def sum(self, value: float | torch.Tensor) -> torch.Tensor:
+        """The sum over all processes (the value itself in a single process)."""
+        tensor = (value.detach().clone() if torch.is_tensor(value)
+                  else torch.tensor(value, dtype=torch.float64, device=self.device))
+        if self.is_distributed:
+            torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def barrier(self) -> None:
+        if self.is_distributed:
+            torch.distributed.barrier()
+
+
+def context_from_environment(environ: dict[str, str] | None = None) -> Distributed:
+    """Rank, world size and device from torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK)."""
+    environ = os.environ if environ is None else environ
+    world_size = int(environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed(device=compute_device())
+    rank, local_rank = int(environ["RANK"]), int(environ.get("LOCAL_RANK", environ["RANK"]))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return Distributed(rank, world_size, local_rank, device)
+
+
+@contextlib.contextmanager
+def distributed() -> Iterator[Distributed]:
+    """The process context; under torchrun the process group (NCCL on CUDA, gloo on CPU) lives inside."""
+    context = context_from_environment()
+    started_here = context.is_distributed and not torch.distributed.is_initialized()
+    if started_here:
+        if context.device.type == "cuda":
+            torch.cuda.set_device(context.device)
+        torch.distributed.init_process_group("nccl" if context.device.type == "cuda" else "gloo",
+                                             rank=context.rank, world_size=context.world_size)
+    try:
+        yield context
+    finally:
+        if started_here:
+            torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------- training wrappers
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in backward; non-reentrant, so a frozen vision tower's inputs need no grad."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    inputs: dict[str, torch.Tensor]
+    weight: float = 1.0  # 0: a filler that only keeps this rank's collective calls in step with the others
+
+
+class TorchTraining:
+    """One process or torch DDP; bf16/fp16 by autocast over fp32 weights, fp16 with a gradient scaler."""
+
+    def __init__(self, model, optimizer, scheduler, context: Distributed, precision: str, max_grad_norm: float):
+        self.module, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.context, self.max_grad_norm = context, max_grad_norm
+        self.model = model
+        if context.is_distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # A batch without images leaves the projector unused on that rank.
+            self.model = DistributedDataParallel(model, device_ids=[context.device] if context.device.type == "cuda"
+                                                 else None, find_unused_parameters=True)
+        dtype = resolve_dtype(precision)
+        self.autocast = None if dtype == torch.float32 else dtype
+        self.scaler = torch.amp.GradScaler(context.device.type) if dtype == torch.float16 else None
+
+    def _forward(self, inputs: dict[str, torch.Tensor], items: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.context.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            return self.model(**inputs, num_items_in_batch=items).loss
+
+    def train_step(self, micro_batches: list[MicroBatch], items: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), device=self.context.device)
+        for position, micro in enumerate(micro_batches):
+            last = position == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.model is self.module else self.model.no_sync()
+            with sync:
+                loss = self._forward(micro.inputs, items) * micro.weight
+                # DDP averages gradients over ranks; the losses are already fractions of the global batch.
+                scaled = loss * self.context.world_size
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach().float()
+        self._apply()
+        return total
+
+    def _apply(self) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        if "optimizer" not in state:
+            raise XmasError(f"{folder} holds no optimizer state of a torch run (was it trained with DeepSpeed?)")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def save_model(self, folder: Path, **kwargs) -> None:
+        if self.context.is_main:
+            self.module.save_pretrained(folder, **kwargs)
+
+    def save_state(self, folder: Path) -> dict:
+        """What goes into the training-state file (the optimizer and scheduler travel in it)."""
+        return self.state_dict()
+
+
+class DeepSpeedTraining:
+    """DeepSpeed ZeRO-2/3: DeepSpeed owns mixed precision, clipping, the scheduler step and the shards."""
+
+    STATE_DIR = "deepspeed"
+    TAG = "segment"
+
+    def __init__(self, model, optimizer, scheduler, context: Distributed, config: dict):
+        deepspeed = import_deepspeed()
+        self.context, self.config, self.module = context, config, model
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.accumulation = config["gradient_accumulation_steps"]
+
+    def train_step(self, micro_batches: list[MicroBatch], items: torch.Tensor) -> torch.Tensor:
+        if len(micro_batches) != self.accumulation:
+            raise XmasError(f"{len(micro_batches)} micro-batches in a step, DeepSpeed expects {self.accumulation}")
+        total = torch.zeros((), device=self.context.device)
+        for micro in micro_batches:
+            loss = self.engine(**micro.inputs, num_items_in_batch=items).loss * micro.weight
+            # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
+            self.engine.backward(loss * self.context.world_size * self.accumulation)
+            self.engine.step()
+            total += loss.detach().float()
+        return total
+
+    def load_state_dict(self, state: dict, folder: Path) -> None:
+        if not (folder / self.STATE_DIR).is_dir():
+            raise XmasError(f"{folder} holds no DeepSpeed state ({self.STATE_DIR}/): it was trained without "
+                            "DeepSpeed; keep training.deepspeed as it was, or train again from checkpoint 0")
+        self.engine.load_checkpoint(str(folder / self.STATE_DIR), tag=self.TAG)
+
+    def save_model(self, folder: Path, **kwargs) -> None:
+        if self.config.get("zero_optimization", {}).get("stage") == 3:
+            weights = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
+            if self.context.is_main:
+                self.module.save_pretrained(folder, state_dict=weights, **kwargs)
+        elif self.context.is_main:
+            self.module.save_pretrained(folder, **kwargs)
+
+    def save_state(self, folder: Path) -> dict:
+        self.engine.save_checkpoint(str(folder / self.STATE_DIR), tag=self.TAG)  # collective
+        return {}
+
+
+def import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError:
+        raise XmasError('training.deepspeed is set but DeepSpeed is not installed: pip install -e ".[gpu]"') from None
+    return deepspeed
+
+
+def deepspeed_config(choice: str, settings: dict, world_size: int) -> dict:
+    """A shipped preset (zero2, zero3) or a JSON file, with its "auto" values filled from the settings."""
+    path = resource("deepspeed", f"{choice}.json") if choice in DEEPSPEED_PRESETS else Path(choice)
+    if not path.is_file():
+        raise XmasError(f"training.deepspeed {choice!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} "
+                        "nor a DeepSpeed JSON file")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise XmasError(f"{path}: not valid JSON ({error})") from None
+    per_rank = math.ceil(settings["batch_size"] / world_size)
+    micro = settings.get("micro_batch_size") or per_rank
+    accumulation = max(1, math.ceil(per_rank / micro))
+    precision = settings.get("precision", "fp32")
+    filled = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
+              "train_batch_size": micro * accumulation * world_size,
+              "gradient_clipping": settings["max_grad_norm"]}
+    for key, value in filled.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    for section, wanted in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        if config.get(section, {}).get("enabled") == "auto":
+            config[section]["enabled"] = wanted
+    _fill_zero_sizes(config.get("zero_optimization", {}), settings.get("hidden_size"))
+    leftover = [key for key, value in _flatten(config) if value == "auto"]
+    if leftover:
+        raise XmasError(f"{path}: cannot fill 'auto' for {', '.join(leftover)}; set numbers there")
+    return config
+
+
+def _fill_zero_sizes(zero: dict, hidden_size: int | None) -> None:
+    """ZeRO-3 bucket sizes that the HF integration derives from the model's hidden size."""
+    if hidden_size is None:
+        return
+    derived = {"reduce_bucket_size": hidden_size * hidden_size,
+               "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+               "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in derived.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+
+
+def _flatten(config: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def prepare_training(model, optimizer, scheduler, context: Distributed, settings: dict):
+    """The model and optimizer wrapped as the settings ask: DeepSpeed when ``deepspeed`` is set, else torch."""
+    if settings.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(model)
+    if settings.get("deepspeed"):
+        import_deepspeed()  # before anything else: the missing package is the error to report
+        config = getattr(model, "config", None)
+        hidden = getattr(getattr(config, "text_config", config), "hidden_size", None)
+        config = deepspeed_config(settings["deepspeed"], {**settings, "hidden_size": hidden}, context.world_size)
+        return DeepSpeedTraining(model, optimizer, scheduler, context, config)
+    return TorchTraining(model, optimizer, scheduler, context, settings.get("precision", "fp32"),
+                         settings["max_grad_norm"])

@@ -1,0 +1,115 @@
+"""The training loop proxy segments and target fine-tunes share: the data order, the steps of a
+global batch across processes and micro-batches, the optimizer and its schedule.
+
+Every step's loss is the token mean over the whole global batch, whatever the number of
+processes and micro-batches: each micro-batch's summed loss is divided by the global count of
+label tokens (transformers' ``num_items_in_batch``), so gradients add up to those of one
+process taking the whole batch at once. The data order and the learning-rate schedule are
+functions of the settings and the global step alone, so a run cut into segments equals one run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
+from xmas.progress import progress
+from xmas.training.engine import Distributed, MicroBatch
+
+PROJECTOR = "multi_modal_projector"
+
+
+def steps_per_epoch(records: int, batch_size: int) -> int:
+    return math.ceil(records / batch_size)
+
+
+def batch_indices(step: int, settings: dict) -> np.ndarray:
+    """Record positions of global step ``step``: a seeded permutation per epoch, cut into batches."""
+    per_epoch = steps_per_epoch(settings["records"], settings["batch_size"])
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([settings["seed"], epoch]).permutation(settings["records"])
+    return order[offset * settings["batch_size"] : (offset + 1) * settings["batch_size"]]
+
+
+def rank_micro_batches(indices: np.ndarray, rank: int, world_size: int,
+                       micro_batch_size: int | None) -> list[np.ndarray]:
+    """This rank's share of a global batch, cut into as many micro-batches as every other rank gets.
+
+    Ranks take contiguous slices; an empty micro-batch means "run a weight-0 filler", so DDP and
+    DeepSpeed see the same number of forward/backward calls on every rank.
+    """
+    per_rank = math.ceil(len(indices) / world_size)
+    count = 1 if not micro_batch_size else max(1, math.ceil(per_rank / micro_batch_size))
+    mine = np.array_split(indices, world_size)[rank]
+    return np.array_split(mine, count)
+
+
+def label_tokens(inputs: dict[str, torch.Tensor]) -> int:
+    """Tokens that count in the causal-LM loss: labels shifted by one, ignored positions dropped."""
+    return int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def micro_batches_for(step: int, records, encoder: ConversationEncoder, settings: dict,
+                      context: Distributed) -> list[MicroBatch]:
+    """This rank's micro-batches of global step ``step``; an empty share becomes a weight-0 filler."""
+    indices = batch_indices(step, settings)
+    shares = rank_micro_batches(indices, context.rank, context.world_size, settings.get("micro_batch_size"))
+    return [MicroBatch(encoder([records[i] for i in share])) if len(share)
+            else MicroBatch(encoder([records[indices[0]]]), weight=0.0) for share in shares]
+
+
+def freeze_vision_tower(model) -> None:
+    """Keep the vision tower as it is (found by name, so peft-wrapped models too)."""
+    for name, parameter in model.named_parameters():
+        if "vision_tower" in name:
+            parameter.requires_grad_(False)
+
+
+def parameter_groups(model, learning_rate: float, projector_learning_rate: float | None,
+                     weight_decay: float) -> list[dict]:
+    """Trainable parameters in two groups: the projector at its own learning rate (when given), the rest."""
+    projector, rest = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (projector if PROJECTOR in name else rest).append(parameter)
+    return [group for group in (
+        {"params": rest, "lr": learning_rate, "weight_decay": weight_decay, "name": "model"},
+        {"params": projector, "lr": projector_learning_rate or learning_rate, "weight_decay": weight_decay,
+         "name": "projector"},
+    ) if group["params"]]
+
+
+# The schedules after the linear warmup, by their transformers names.
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def make_optimizer(model, settings: dict, total_steps: int):
+    """AdamW over the trainable parameters; linear warmup, then the ``lr_schedule``."""
+    from transformers import get_scheduler
+
+    groups = parameter_groups(model, settings["learning_rate"], settings.get("projector_learning_rate"),
+                              settings["weight_decay"])
+    optimizer = torch.optim.AdamW(groups)
+    warmup = math.ceil(settings["warmup_ratio"] * total_steps)
+    schedule = get_scheduler(SCHEDULES[settings["lr_schedule"]], optimizer, num_warmup_steps=warmup,
+                             num_training_steps=total_steps)
+    return optimizer, schedule
+
+
+def fit_steps(training, batches_for_step: Callable[[int], list[MicroBatch]], start: int, stop: int,
+              context: Distributed, desc: str = "train") -> list[float]:
+    """Global steps ``start..stop-1``; returns each step's loss (token mean over the global batch).
+    Rank 0 reports progress."""
+    losses = []
+    steps = range(start, stop)
+    for step in progress(steps, total=len(steps), desc=desc, unit="step") if context.is_main else steps:
+        micro_batches = batches_for_step(step)
+        local_items = sum(label_tokens(micro.inputs) for micro in micro_batches if micro.weight)
+        items = context.sum(float(local_items)).clamp(min=1).to(torch.float32)
+        loss = training.train_step(micro_batches, items)
+        losses.append(round(float(context.sum(loss)), 6))
+    return losses
