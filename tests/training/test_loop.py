@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from xmas.progress import StageStats
 from xmas.settings import defaults
 from xmas.stages.train_segment import train_segment
-from xmas.training.launch import launch_command
+from xmas.training.launch import launcher_prefix
 from xmas.training.loop import batch_indices, make_optimizer, rank_micro_batches
 
 SETTINGS = {**defaults("train-segment"), "epochs": 1, "batch_size": 24, "checkpoints": 3, "learning_rate": 2e-3,
@@ -73,8 +73,9 @@ def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, 
              "--image-root", str(small_demo["images"]), "--epochs", "1", "--batch-size", "24",
              "--learning-rate", "2e-3",
              "--warmup-ratio", "0.1", "--no-freeze-vision-tower", "--threads", "1", "--stats", str(tmp_path / "s.json")]
-    command = launch_command(2, stage)
-    command = [sys.executable, "-m", "torch.distributed.run", *command[1:]]  # torchrun of this interpreter
+    torchrun, *arguments = launcher_prefix(2)
+    assert torchrun == "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", *arguments, *stage]  # torchrun of this interpreter
     result = subprocess.run(command, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]

@@ -10,7 +10,3 @@ def launcher_prefix(gpus: int) -> list[str]:
     if gpus <= 1:
         return ["xmas"]
     return ["torchrun", "--standalone", "--nproc_per_node", str(gpus), "-m", "xmas"]
-
-
-def launch_command(gpus: int, stage_argv: list[str]) -> list[str]:
-    return [*launcher_prefix(gpus), *stage_argv]
