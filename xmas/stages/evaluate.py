@@ -25,7 +25,6 @@ from xmas.progress import StageStats, add_threads_argument, progress, use_thread
 from xmas.settings import add_settings
 from xmas.training.engine import compute_device
 
-SUITES = ("demo", "lmms-eval")
 NUMBER_WORDS = {word: str(n) for n, word in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty".split())}
