@@ -21,7 +21,11 @@ LM: 24 layers, hidden 2048, 32 heads, vocabulary 100352 + a CLIP ViT-L/14-336-si
 tower: 576 image tokens; text lengths 64-512). On a CPU, ``paper`` is reduced to ``paper-cpu``
 so it runs in a couple of minutes: the paper's widths, head counts, image tokens and text
 lengths, but 2 of the 24 LM layers, 2 of the 24 vision layers and 4 examples in batches of 2;
-``--text-layers``, ``--vision-layers``, ``--examples`` and ``--batch-size`` override it. Peak
+``--text-layers``, ``--vision-layers``, ``--examples`` and ``--batch-size`` override it. ``--dtype``
+sets the weights of (a) and (b) (default bfloat16 on CUDA, float32 on a CPU; (c) stays float32),
+``--build-on-device`` builds the random model on the GPU rather than on the CPU (faster at the
+paper shape), and ``--max-disagreement X`` adds a line ``agreement: <agree> <= X: met|NOT met``
+and exits 1 when not met (tests/gpu/check.sh uses these). Peak
 memory is ``torch.cuda.max_memory_allocated`` growth on CUDA, and on a CPU the growth of the
 process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs`` before each mode)
 over its resident set when the mode starts.
@@ -321,6 +325,7 @@ def max_relative_difference(ours: list, reference: list) -> float:
 
 
 def run_trajectory(args: argparse.Namespace) -> int:
+    import contextlib
     import copy
 
     import torch
@@ -333,7 +338,9 @@ def run_trajectory(args: argparse.Namespace) -> int:
     device = compute_device()
     name, shape = bench_shape(args, device.type == "cuda")
     dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    reference = build_bench_model(shape, args.seed).to(device)
+    with torch.device(device) if args.build_on_device else contextlib.nullcontext():
+        reference = build_bench_model(shape, args.seed)
+    reference = reference.to(device)
     model = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
     batches = [{key: value.to(device) for key, value in batch.items()}
                for batch in bench_batches(reference, shape, args.seed)]
@@ -376,7 +383,11 @@ def run_trajectory(args: argparse.Namespace) -> int:
     seconds = {key: result["seconds"] for key, result in results.items()}
     print(f"extraction_vs_eager={seconds['eager'] / seconds['extract']:.2f} "
           f"overhead_vs_forward={seconds['extract'] / seconds['plain']:.2f} agree={agree:.2e}")
-    return 0
+    if args.max_disagreement is None:
+        return 0
+    met = agree <= args.max_disagreement
+    print(f"agreement: {agree:.2e} <= {args.max_disagreement:.2e}: {'met' if met else 'NOT met'}")
+    return 0 if met else 1
 
 
 def add_trajectory(subparsers) -> None:
@@ -392,6 +403,10 @@ def add_trajectory(subparsers) -> None:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="weights of (a) and (b); default bfloat16 on CUDA, float32 on a CPU")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each batch per mode; the fastest counts")
+    parser.add_argument("--build-on-device", action="store_true",
+                        help="build the random model on the compute device (default: on the CPU, then moved)")
+    parser.add_argument("--max-disagreement", type=float,
+                        help="exit 1 unless agree (the largest relative difference of a block) is at most this")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run_trajectory)

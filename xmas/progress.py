@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import resource
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -71,6 +72,13 @@ def progress(items: Iterable[T], *, total: int | None = None, desc: str, unit: s
         log.info("%s: %d %s", desc, done, unit)
 
 
+def peak_memory_mb() -> int:
+    """The largest resident set of this process (or of a child it waited for) so far: what a job's
+    memory request (config resources) must cover."""
+    peaks = [resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return round(max(peaks) / (1024 * 1024 if sys.platform == "darwin" else 1024))  # bytes on macOS, KiB on Linux
+
+
 class StageStats:
     """Counts what a stage took in, wrote out and excluded (by reason); logged and written as JSON."""
 
@@ -97,6 +105,7 @@ class StageStats:
             "excluded": dict(sorted(self.excluded.items())),
             "excluded_total": sum(self.excluded.values()),
             "seconds": round(time.monotonic() - self._start, 3),
+            "peak_memory_mb": peak_memory_mb(),
             **self.extra,
         }
 

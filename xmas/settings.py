@@ -153,6 +153,14 @@ def stage_flags(config: dict, stage: str) -> str:
     return shlex.join(words)
 
 
+def job_resources(config: dict, rule: str) -> dict:
+    """What a job of ``rule`` asks a cluster for: the config's ``resources.<rule>`` over the schema's
+    default for that rule (rules without their own entry take ``resources.default``)."""
+    jobs = load_schema()["properties"]["resources"]["properties"]
+    name = rule if rule in jobs else "default"
+    return {**jobs[name]["default"], **config.get("resources", {}).get(name, {})}
+
+
 def reference_markdown() -> str:
     """``docs/configuration.md``: every setting with its default, its stages and its meaning."""
     schema = load_schema()

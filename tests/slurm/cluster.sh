@@ -11,15 +11,14 @@
 # would not do, because the Snakemake plugin clears SLURM_* variables before it calls srun
 # inside a job. start refuses to replace a slurm.conf that is not its own link; stop removes it.
 #
-# The node poses as a small GPU node: it advertises $XMAS_SLURM_GPUS GPUs (default 2, backed
-# by empty files: jobs are granted GPUs but see none, and torch falls back to the CPU) and
-# $XMAS_SLURM_MEMORY_MB of memory (default 65536, not enforced), so the GPU and memory
-# requests of profiles/slurm are accepted as they would be on a real cluster.
+# The node declares the CPUs and memory slurmd detects on this machine, so a job that asks for
+# more memory than the machine has is refused, as a real cluster would refuse it. It also poses
+# as a small GPU node: it advertises $XMAS_SLURM_GPUS GPUs (default 2, backed by empty files:
+# jobs are granted GPUs but see none, and torch falls back to the CPU).
 set -euo pipefail
 
 DIR=${XMAS_SLURM_DIR:-/tmp/xmas-slurm}
 GPUS=${XMAS_SLURM_GPUS:-2}
-MEMORY_MB=${XMAS_SLURM_MEMORY_MB:-65536}
 NODE=$(hostname -s)
 SYSTEM_CONF=/etc/slurm/slurm.conf
 export SLURM_CONF=$DIR/slurm.conf  # for the daemons started here
@@ -61,9 +60,10 @@ start_munge() {
 }
 
 write_config() {
-    # CPU layout as slurmd detects it; memory and GPUs as advertised above.
+    # CPU layout and memory as slurmd detects them (RealMemory: the machine's memory in MB); GPUs
+    # as advertised above.
     local layout
-    layout=$(slurmd -C | head -1 | grep -o 'CPUs=.*ThreadsPerCore=[0-9]*')
+    layout=$(slurmd -C | head -1 | grep -o 'CPUs=.*RealMemory=[0-9]*')
     mkdir -p "$DIR/state" "$DIR/spool"
     cat >"$SLURM_CONF" <<EOF
 ClusterName=xmas-test
@@ -84,14 +84,12 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
-# take the node's memory and GPUs from this file instead of draining it
-SlurmdParameters=config_overrides
 GresTypes=gpu
 MailProg=/bin/true
 ReturnToService=2
 # finished jobs stay visible to squeue, the status command of profiles/slurm, for an hour
 MinJobAge=3600
-NodeName=$NODE NodeAddr=127.0.0.1 $layout RealMemory=$MEMORY_MB Gres=gpu:$GPUS State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 $layout Gres=gpu:$GPUS State=UNKNOWN
 PartitionName=main Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
     # Slurm wants one distinct device file per GPU; empty files stand in for /dev/nvidia*.

@@ -1,9 +1,11 @@
-"""The HTML report: built by the workflow, every figure renders in headless Chromium."""
+"""The HTML reports: the selection's, built from the selection alone, and the evaluation's, with the
+comparison of the methods; built by the workflow, every figure renders in headless Chromium."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -13,18 +15,32 @@ import pytest
 from xmas.progress import progress, setup_logging
 from xmas.stages.report import arp_curves, stage_counts
 
-from conftest import REPO, snakemake
+from conftest import REPO, job_counts, reduced_project, snakemake
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = REPO / "test-artifacts"
-# trajectories, stability, cluster quotas, composition by source and by question type, ARP vs budget
-DEMO_FIGURES = 6
+# trajectories, stability, cluster quotas, composition by source and by question type
+SELECTION_FIGURES = 5
+# and ARP vs budget
+EVALUATION_FIGURES = SELECTION_FIGURES + 1
 
 
 @pytest.fixture(scope="module")
 def report(workflow_run):
     snakemake(workflow_run, "--cores", "2", "results/report.html")
     return workflow_run / "results/report.html"
+
+
+@pytest.fixture(scope="module")
+def evaluation_report(workflow_run):
+    snakemake(workflow_run, "--cores", "2", "results/eval/report.html")
+    return workflow_run / "results/eval/report.html"
+
+
+def test_the_selection_report_waits_for_no_fine_tune(tmp_path):
+    counts = job_counts(snakemake(reduced_project(tmp_path), "-n", "results/report.html").stdout)
+    assert counts["report"] == 1 and counts["cluster"] == 1
+    assert not {"target_init", "finetune_target", "evaluate", "summarize"} & set(counts)
 
 
 @pytest.fixture
@@ -48,11 +64,11 @@ def browser():
 
 
 @pytest.mark.slow
-def test_every_figure_renders_in_chromium(report, browser):
-    browser.get(report.as_uri())
+def test_every_figure_renders_in_chromium(evaluation_report, browser):
+    browser.get(evaluation_report.as_uri())
     sizes = browser.execute_script(
         "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
-    assert len(sizes) == DEMO_FIGURES
+    assert len(sizes) == EVALUATION_FIGURES
     assert all(complete and width > 0 and height > 0 for complete, width, height in sizes), sizes
     headings = browser.execute_script("return Array.from(document.querySelectorAll('h3')).map(h => h.textContent);")
     assert "Subset composition by question type" in headings and "Counts per stage" in headings
@@ -67,9 +83,25 @@ def test_every_figure_renders_in_chromium(report, browser):
 def test_report_is_self_contained_and_shows_the_run(report):
     page = report.read_text()
     assert "<img" in page and 'src="http' not in page and "<script" not in page
-    assert page.count("data:image/png;base64,") == DEMO_FIGURES
+    assert page.count("data:image/png;base64,") == SELECTION_FIGURES
     assert '"checkpoints": 3' in page  # the run's configuration
     assert "train-segment 3" in page and "trajectory checkpoint 3 shard 1" in page  # counts per stage
+    assert "<h2>Evaluation</h2>" not in page
+
+
+@pytest.mark.slow
+def test_the_evaluation_report_compares_methods_over_seeds(evaluation_report, workflow_run):
+    page = evaluation_report.read_text()
+    assert page.count("data:image/png;base64,") == EVALUATION_FIGURES
+    assert "<h2>Evaluation</h2>" in page and "ARP and score per benchmark" in page
+    summary = pd.read_csv(workflow_run / "results/eval/summary.tsv", sep="\t", dtype={"budget": str})
+    table = page.split("ARP and score per benchmark")[1].split("</table>")[0]
+    header = re.findall(r"<th>(.*?)</th>", table)
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("<tbody>")[1].split("</tr>")[:-1]]
+    # one row per method and budget, whatever the number of seeds and benchmarks
+    assert len(rows) == len(summary.drop_duplicates(["method", "budget"]))
+    assert {row[header.index("method")] for row in rows} == set(summary.method)
+    assert set(summary.benchmark) <= set(header) and all("±" in row[header.index("ARP")] for row in rows)
 
 
 def test_arp_figure_and_table_from_an_evaluation_summary():
@@ -82,11 +114,11 @@ def test_arp_figure_and_table_from_an_evaluation_summary():
 
 def test_stage_counts_table(tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "a/x.json").write_text(json.dumps({"stage": "prepare", "seconds": 1.5, "counts": {"in": 3, "out": 3,
-                                                   "ok": 2}, "excluded_total": 1}))
+    (tmp_path / "a/x.json").write_text(json.dumps({"stage": "prepare", "seconds": 1.5, "peak_memory_mb": 412,
+                                                   "counts": {"in": 3, "out": 3, "ok": 2}, "excluded_total": 1}))
     table = stage_counts(tmp_path)
-    assert table.to_dict("records") == [{"stage": "prepare", "seconds": 1.5, "in": 3, "out": 3, "excluded": 1,
-                                         "other counts": "ok=2"}]
+    assert table.to_dict("records") == [{"stage": "prepare", "seconds": 1.5, "peak MB": 412, "in": 3, "out": 3,
+                                         "excluded": 1, "other counts": "ok=2"}]
 
 
 def test_progress_in_a_log_file_is_a_line_every_tenth(capfd):

@@ -9,8 +9,9 @@ import pandas as pd
 import pytest
 
 from xmas.errors import XmasError
+from xmas.evaluation.comparison import comparison_table
 from xmas.progress import StageStats
-from xmas.stages.summarize import comparison_table, summarize
+from xmas.stages.summarize import summarize
 
 
 def write_run(folder, name, scores: dict[str, float]):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -10,10 +13,9 @@ from snakemake.utils import validate
 
 from xmas.settings import SCHEMA, all_settings, defaults
 
-from conftest import REPO, job_counts, snakemake
+from conftest import REPO, job_counts, reduced_project, snakemake
 
 PAPER_CONFIGS = {"llava665k": "results/subset_0.5.json", "visionflan": "results/subset_0.1.json"}
-GPU_RULES = {"train_segment", "trajectory"}
 
 
 def load(path):
@@ -71,35 +73,104 @@ def test_paper_configs_set_only_what_differs_from_the_defaults_each_with_its_sou
     validate(paper, str(SCHEMA))
 
 
-def planned_resources(dry_run_output: str) -> dict[str, dict[str, str]]:
-    """The resources `snakemake -n` prints for one job of each rule."""
-    jobs = re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", dry_run_output, re.MULTILINE)
-    return {rule: dict(item.split("=", 1) for item in resources.split(", ")) for rule, resources in jobs}
+# Rules that run on the submit host (localrule), which `snakemake -n` prints like the others.
+LOCAL_RULES = {"download", "main_subset", "plan"}
 
 
-def test_slurm_profile_takes_account_and_partitions_from_the_environment(tmp_path, monkeypatch):
+def planned_jobs(dry_run_output: str) -> dict[str, dict[str, str]]:
+    """What `snakemake -n` prints each rule's Slurm jobs will ask for, checking that every job of a rule
+    asks for the same."""
+    blocks = re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", dry_run_output, re.MULTILINE)
+    plan: dict[str, dict[str, str]] = {}
+    for rule, resources in blocks:
+        if rule in LOCAL_RULES:
+            continue
+        asked = dict(item.split("=", 1) for item in resources.split(", "))
+        asked = {key: asked[key] for key in ("mem_mb", "runtime", "nodes", "gpu", "slurm_account", "slurm_partition")
+                 if key in asked}
+        assert plan.setdefault(rule, asked) == asked, f"jobs of rule {rule} ask for different resources"
+    return plan
+
+
+def job(mem_mb, runtime, gpu=None, account=None, partition=None):
+    asked = {"mem_mb": str(mem_mb), "runtime": str(runtime), "nodes": "1"}
+    for key, value in (("gpu", gpu), ("slurm_account", account), ("slurm_partition", partition)):
+        if value is not None:
+            asked[key] = str(value)
+    return asked
+
+
+EVERY_TARGET = ("results/eval/summary.tsv", "results/report.html", "results/eval/report.html")
+
+
+def test_the_llava665k_plan_asks_each_rule_for_what_llava665k_needs_on_the_right_partition(tmp_path, monkeypatch):
     monkeypatch.setenv("SBATCH_ACCOUNT", "lab42")
     monkeypatch.setenv("SBATCH_PARTITION", "cpu")
     monkeypatch.setenv("XMAS_GPU_PARTITION", "a100")
-    result = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"),
-                       "results/subset_0.5.json", "--configfile", str(REPO / "config/llava665k.yaml"))
-    resources = planned_resources(result.stdout)
-    assert set(resources) >= GPU_RULES | {"prepare", "cluster", "sample"}
-    for rule, job in resources.items():
-        assert job["slurm_account"] == "lab42", rule
-        assert job["slurm_partition"] == ("a100" if rule in GPU_RULES else "cpu"), rule
-        assert job.get("gpu", "0") == ("1" if rule in GPU_RULES else "0"), rule
-        assert int(job["runtime"]) >= 120 and int(job["mem_mb"]) >= 8000, rule
+    result = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"), *EVERY_TARGET,
+                       "--configfile", str(REPO / "config/llava665k.yaml"))
+    cpu = {"account": "lab42", "partition": "cpu"}
+    gpu = {"account": "lab42", "partition": "a100"}
+    assert planned_jobs(result.stdout) == {
+        "prepare": job(16000, 240, **cpu),
+        "proxy_init": job(24000, 60, **cpu),
+        "train_segment": job(64000, 1440, gpu=1, **gpu),
+        "trajectory": job(32000, 480, gpu=1, **gpu),
+        "merge": job(16000, 60, **cpu),
+        "cluster": job(32000, 120, **cpu),
+        "sample": job(16000, 60, **cpu),
+        "report": job(1000, 30, **cpu),
+        "target_init": job(64000, 120, **cpu),
+        # one node of 8 GPUs: torchrun --standalone starts its 8 processes there
+        "finetune_target": job(192000, 1440, gpu=8, **gpu),
+        "evaluate": job(64000, 720, gpu=1, **gpu),
+        "summarize": job(1000, 30, **cpu),
+        "evaluation_report": job(1000, 30, **cpu),
+    }
 
 
-def test_slurm_profile_without_account_or_partition_leaves_them_to_the_cluster(tmp_path, monkeypatch):
+def machine_memory_mb() -> int:
+    kib = int(re.search(r"MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text())[1])
+    return kib // 1024
+
+
+def test_the_demo_plan_asks_for_little_and_fits_this_machine(tmp_path, monkeypatch):
     for variable in ("SBATCH_ACCOUNT", "SBATCH_PARTITION", "XMAS_GPU_PARTITION"):
         monkeypatch.delenv(variable, raising=False)
-    result = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"),
-                       "results/subset_0.5.json")
-    for rule, job in planned_resources(result.stdout).items():
-        assert "slurm_account" not in job and "slurm_partition" not in job, rule
-        assert job.get("gpu", "0") == "0", rule  # the demo config asks for no GPUs
+    result = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"), *EVERY_TARGET)
+    plan = planned_jobs(result.stdout)
+    assert plan == {
+        "demo_data": job(1000, 30), "prepare": job(1000, 30), "proxy_init": job(1000, 30),
+        "train_segment": job(2000, 60, gpu=0), "trajectory": job(1000, 60, gpu=0), "merge": job(1000, 30),
+        "cluster": job(1000, 30), "sample": job(1000, 30), "report": job(1000, 30), "target_init": job(1000, 30),
+        "finetune_target": job(2000, 60, gpu=0), "evaluate": job(1000, 60, gpu=0), "summarize": job(1000, 30),
+        "evaluation_report": job(1000, 30),
+    }
+    assert max(int(asked["mem_mb"]) for asked in plan.values()) < machine_memory_mb()
+
+
+def test_a_rules_resources_can_be_set_in_part(tmp_path):
+    project = reduced_project(tmp_path, resources={"prepare": {"mem_mb": 1500}})
+    plan = planned_jobs(snakemake(project, "-n", "results/data/examples.parquet").stdout)
+    assert plan["prepare"]["mem_mb"] == "1500" and plan["prepare"]["runtime"] == "30"
+
+
+def plan_table(project, *config) -> list[str]:
+    output = snakemake(project, "--cores", "1", "plan", *config).stdout
+    return [line for line in output.splitlines() if line.startswith("| ")]
+
+
+def test_snakemake_plan_prints_every_rules_cpus_gpus_memory_and_runtime(tmp_path):
+    table = plan_table(tmp_path, "--configfile", str(REPO / "config/llava665k.yaml"))
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in table[2:]}
+    assert table[0] == "| rule | CPUs | GPUs | nodes | memory (MB) | runtime (min) |"
+    assert rows["finetune_target"] == "| finetune_target | 8 | 8 | 1 | 192000 | 1440 |"
+    assert rows["trajectory"] == "| trajectory | 4 | 1 | 1 | 32000 | 480 |"
+    assert rows["prepare"] == "| prepare | 2 | 0 | 1 | 16000 | 240 |"
+    assert "demo_data" not in rows and "standin_model" not in rows  # not in this config's jobs
+    assert (tmp_path / "logs/plan.log").read_text().splitlines() == table
+    # The README shows the table as the workflow prints it.
+    assert "\n".join(table) in (REPO / "README.md").read_text()
 
 
 def test_local_profile_plans_the_demo(tmp_path):
@@ -125,3 +196,19 @@ def test_llava665k_evaluation_plan_runs_the_paper_recipe_on_8_gpus(tmp_path):
     evaluate = next(line for line in commands if line.startswith("xmas evaluate"))
     assert "--suite lmms-eval" in evaluate and "--benchmarks vqav2,gqa" in evaluate
     assert "llava_wild" not in evaluate and "--allow-judge" not in evaluate
+
+
+def imported_modules(importtime_log: str) -> set[str]:
+    """Every module `python -X importtime` reports, by its full name."""
+    return {line.rsplit("|", 1)[1].strip() for line in importtime_log.splitlines() if line.startswith("import time:")}
+
+
+def test_planning_the_paper_run_imports_neither_torch_nor_transformers(tmp_path):
+    """The DAG is built on a login node: neither may be needed there, nor cost their import time."""
+    command = [sys.executable, "-X", "importtime", "-m", "snakemake", "--snakefile", str(REPO / "workflow/Snakefile"),
+               "--directory", str(tmp_path), "-n", *EVERY_TARGET, "--configfile", str(REPO / "config/llava665k.yaml")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    modules = imported_modules(result.stderr)
+    assert {"snakemake", "xmas.settings", "yaml"} <= modules  # the log is what it claims to be
+    assert not {name for name in modules if name.split(".")[0] in ("torch", "transformers")}

@@ -74,6 +74,12 @@ def slurm_job(job_id: str) -> dict[str, str]:
     return dict(re.findall(r"(\w+)=(\S*)", shown))
 
 
+def memory_mb(job: dict[str, str]) -> int:
+    """A job's memory request (scontrol's MinMemoryNode: 1000M, 2G, ...) in MB."""
+    number, unit = re.fullmatch(r"(\d+)([MG])", job["MinMemoryNode"]).groups()
+    return int(number) * (1024 if unit == "G" else 1)
+
+
 def slurm_logs(project: Path) -> dict[Path, list[str]]:
     """Slurm job ids by rule instance, from logs/slurm/rule_<rule>/[<wildcards>/]<job id>.log."""
     instances: dict[Path, list[str]] = {}
@@ -164,6 +170,8 @@ def test_a_cancelled_trajectory_job_is_retried_and_resumes_from_its_finished_row
     [[cancelled, retried]] = slurm_logs(project).values()
     assert cancelled == first_job
     assert slurm_job(cancelled)["JobState"] == "CANCELLED" and slurm_job(retried)["JobState"] == "COMPLETED"
+    # the retry asks for twice the memory (config resources: memory grows with the attempt)
+    assert memory_mb(slurm_job(retried)) == 2 * memory_mb(slurm_job(cancelled)) == 2 * 1000
     counts = json.loads((project / "logs/stats/trajectories/checkpoint-1/shard-0.json").read_text())["counts"]
     assert 0 < rows_before_kill < counts["in"]
     assert counts["resumed_rows"] == rows_before_kill

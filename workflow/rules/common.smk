@@ -5,9 +5,12 @@
 # - "Specify a conda environment or container for each rule": every rule runs one `xmas` stage from
 #   the one environment the README installs (torch, transformers, faiss); an environment per rule
 #   would build that stack once per rule, and could not install this package from the checkout.
+# - "Environment variable XMAS_GPU_PARTITION used but not asserted with envvars": it is optional
+#   (unset, GPU jobs go to the default partition); `envvars:` would make every run require it.
 # - "Param image_root is a prefix of input or output file but hardcoded": IMAGE_ROOT is the dataset's
 #   image folder, an input for the demo (IMAGE_INPUT) and vouched for by the download's report for
 #   real data; rules read images from it by name, as LLaVA's own training code does.
+import os
 from pathlib import Path
 
 import yaml
@@ -16,7 +19,7 @@ from xmas.data.demo import settings_file
 from xmas.data.download import load_manifest, resolve_manifest
 from xmas.errors import XmasError
 from xmas.resources import resource
-from xmas.settings import stage_flags
+from xmas.settings import job_resources, stage_flags
 from xmas.training.launch import launcher_prefix
 
 DATASET = config["dataset"]
@@ -60,6 +63,23 @@ else:
     IMAGE_ROOT = DATASET["image_root"]
     IMAGE_INPUT = []
 
+# CPUs (Slurm --cpus-per-task) and GPUs of the rules that use more than one CPU or can use a GPU.
+THREADS = {
+    "prepare": 2,
+    "train_segment": TRAINING["threads"],
+    "trajectory": TRAJECTORY["threads"],
+    "finetune_target": TARGET["threads"],
+    "evaluate": EVALUATION["threads"],
+}
+GPUS = {
+    "train_segment": TRAINING["gpus"],
+    "trajectory": TRAJECTORY["gpus"],
+    "finetune_target": TARGET["gpus"],
+    "evaluate": EVALUATION["gpus"],
+}
+# What each rule's jobs ask for, filled in by job() as the rules are defined (`snakemake plan`).
+PLANNED = {}
+
 EXAMPLES = "results/data/examples.parquet"
 CLUSTERS = "results/selection/clusters.parquet"
 SELECTION_METHODS = SELECTION["methods"]
@@ -86,6 +106,46 @@ wildcard_constraints:
 def flags(stage):
     """The config's values of a stage's settings, as its options."""
     return stage_flags(config, stage)
+
+
+def job(rule_name):
+    """The resources a job of ``rule_name`` asks a cluster for. Memory (growing with the retry
+    attempt) and wall time come from the config's resources; one node; the GPUs of its settings.
+    Jobs that use a GPU go to the partition XMAS_GPU_PARTITION names, when set (profiles/slurm)."""
+    wanted = job_resources(config, rule_name)
+    resources = {
+        "mem_mb": lambda wildcards, attempt: wanted["mem_mb"] * attempt,
+        "runtime": wanted["runtime"],
+        # torchrun --standalone runs every process of a job on one node
+        "nodes": 1,
+    }
+    if rule_name in GPUS:
+        resources["gpu"] = GPUS[rule_name]
+    if GPUS.get(rule_name) and os.environ.get("XMAS_GPU_PARTITION"):
+        resources["slurm_partition"] = os.environ["XMAS_GPU_PARTITION"]
+    PLANNED[rule_name] = {"CPUs": THREADS.get(rule_name, 1), "GPUs": GPUS.get(rule_name, 0), "nodes": 1, **wanted}
+    return resources
+
+
+def plan_table():
+    """`snakemake plan`: what each rule's jobs ask for under this config, as a Markdown table. Variants
+    (trajectory_loss, evaluation_report, ...) ask for what their rule does."""
+    unused = set()
+    if not GENERATED:
+        unused.add("demo_data")
+    if not any(path.startswith(STANDINS) for path in MODEL_PATHS.values()):
+        unused.add("standin_model")
+    rows = [
+        "| rule | CPUs | GPUs | nodes | memory (MB) | runtime (min) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, asked in PLANNED.items():
+        if name in unused:
+            continue
+        rows.append(
+            f"| {name} | {asked['CPUs']} | {asked['GPUs']} | {asked['nodes']} | {asked['mem_mb']} | {asked['runtime']} |"
+        )
+    return "\n".join(rows)
 
 
 def launcher(gpus):

@@ -32,6 +32,8 @@ rule demo_data:
     log:
         log="logs/demo_data.log",
         stats="logs/stats/demo_data.json",
+    resources:
+        **job("demo_data"),
     shell:
         "xmas demo-data --settings {input.settings} --train-json {output.train} --test-json {output.test}"
         " --image-root {output.images} --stats {log.stats} 2> {log.log}"
@@ -47,7 +49,9 @@ rule prepare:
     log:
         log="logs/prepare.log",
         stats="logs/stats/prepare.json",
-    threads: 2
+    threads: THREADS["prepare"]
+    resources:
+        **job("prepare"),
     params:
         image_root=IMAGE_ROOT,
         options=flags("prepare"),

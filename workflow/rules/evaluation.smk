@@ -11,6 +11,8 @@ rule target_init:
     log:
         log="logs/target/base.log",
         stats="logs/stats/target/base.json",
+    resources:
+        **job("target_init"),
     params:
         options=flags("target-init"),
     shell:
@@ -28,9 +30,9 @@ rule finetune_target:
     log:
         log="logs/target/{method}/{budget}/seed-{seed}.log",
         stats="logs/stats/target/{method}/{budget}/seed-{seed}.json",
-    threads: TARGET["threads"]
+    threads: THREADS["finetune_target"]
     resources:
-        gpu=TARGET["gpus"],
+        **job("finetune_target"),
     params:
         image_root=IMAGE_ROOT,
         launch=launcher(TARGET["gpus"]),
@@ -49,9 +51,9 @@ rule evaluate:
     log:
         log="logs/eval/{method}/{budget}/seed-{seed}.log",
         stats="logs/stats/eval/{method}/{budget}/seed-{seed}.json",
-    threads: EVALUATION["threads"]
+    threads: THREADS["evaluate"]
     resources:
-        gpu=EVALUATION["gpus"],
+        **job("evaluate"),
     params:
         test=lambda w, input: test_options(input),
         options=flags("evaluate"),
@@ -69,6 +71,8 @@ rule summarize:
     log:
         log="logs/eval/summary.log",
         stats="logs/stats/eval/summary.json",
+    resources:
+        **job("summarize"),
     params:
         runs=" ".join(
             f"--run {method} {budget} {seed} {scores_tsv(method, budget, seed)}"

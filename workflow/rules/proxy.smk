@@ -10,6 +10,8 @@ rule standin_model:
     log:
         log="logs/standins/{name}.log",
         stats="logs/stats/standins/{name}.json",
+    resources:
+        **job("standin_model"),
     shell:
         "xmas standin-model --name {wildcards.name} --out {output} --stats {log.stats} 2> {log.log}"
 
@@ -23,6 +25,8 @@ rule proxy_init:
     log:
         log="logs/proxy/checkpoint-0.log",
         stats="logs/stats/proxy/checkpoint-0.json",
+    resources:
+        **job("proxy_init"),
     params:
         options=flags("proxy-init"),
     shell:
@@ -41,9 +45,9 @@ rule train_segment:
     log:
         log="logs/proxy/checkpoint-{checkpoint}.log",
         stats="logs/stats/proxy/checkpoint-{checkpoint}.json",
-    threads: TRAINING["threads"]
+    threads: THREADS["train_segment"]
     resources:
-        gpu=TRAINING["gpus"],
+        **job("train_segment"),
     params:
         image_root=IMAGE_ROOT,
         options=flags("train-segment"),

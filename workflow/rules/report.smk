@@ -1,4 +1,6 @@
-# The report: one self-contained HTML page about the selection, its evaluation and the run.
+# The reports: results/report.html, what was selected and why, from the selection alone (no
+# fine-tune waits on it); results/eval/report.html, the same page with the evaluation's comparison.
+# `snakemake plan` prints what every rule's jobs ask a cluster for.
 import json
 
 
@@ -9,21 +11,53 @@ rule report:
         clusters=CLUSTERS,
         trajectories="results/trajectories.parquet",
         manifests=[subset_manifest(method, budget) for method, budget in methods_and_budgets()],
-        eval_summary=EVAL_SUMMARY,
     output:
         "results/report.html",
     log:
         log="logs/report.log",
         stats="logs/stats/report.json",
+    resources:
+        **job("report"),
     params:
         manifests=" ".join(
             f"--manifest {method} {budget} {subset_manifest(method, budget)}"
             for method, budget in methods_and_budgets()
         ),
+        evaluation="",
         run_config=json.dumps(config, sort_keys=True),
     shell:
         "xmas report --examples {input.examples} --annotations {input.annotations}"
-        " --clusters {input.clusters} --trajectories {input.trajectories} {params.manifests}"
-        " --eval-summary {input.eval_summary}"
+        " --clusters {input.clusters} --trajectories {input.trajectories} {params.manifests} {params.evaluation}"
         " --run-config {params.run_config:q} --stats-dir logs/stats --out {output}"
         " --stats {log.stats} 2> {log.log}"
+
+
+use rule report as evaluation_report with:
+    input:
+        examples=EXAMPLES,
+        annotations=ANNOTATIONS,
+        clusters=CLUSTERS,
+        trajectories="results/trajectories.parquet",
+        manifests=[subset_manifest(method, budget) for method, budget in methods_and_budgets()],
+        eval_summary=EVAL_SUMMARY,
+    output:
+        "results/eval/report.html",
+    log:
+        log="logs/eval/report.log",
+        stats="logs/stats/eval/report.json",
+    params:
+        manifests=" ".join(
+            f"--manifest {method} {budget} {subset_manifest(method, budget)}"
+            for method, budget in methods_and_budgets()
+        ),
+        evaluation=f"--eval-summary {EVAL_SUMMARY}",
+        run_config=json.dumps(config, sort_keys=True),
+
+
+rule plan:
+    log:
+        "logs/plan.log",
+    localrule: True
+    run:
+        Path(log[0]).write_text(plan_table() + "\n")
+        print(plan_table())

@@ -13,6 +13,8 @@ rule cluster:
     log:
         log="logs/cluster.log",
         stats="logs/stats/cluster.json",
+    resources:
+        **job("cluster"),
     params:
         options=flags("cluster"),
     shell:
@@ -40,6 +42,8 @@ rule sample:
     log:
         log="logs/sample/{method}/seed-{seed}/{budget}.log",
         stats="logs/stats/sample/{method}/seed-{seed}/{budget}.json",
+    resources:
+        **job("sample"),
     params:
         clusters=lambda w: clusters_option(w.method),
         options=flags("sample"),

@@ -13,9 +13,9 @@ rule trajectory:
     log:
         log="logs/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
         stats="logs/stats/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",
-    threads: TRAJECTORY["threads"]
+    threads: THREADS["trajectory"]
     resources:
-        gpu=TRAJECTORY["gpus"],
+        **job("trajectory"),
     params:
         image_root=IMAGE_ROOT,
         signal="attention",
@@ -52,6 +52,8 @@ rule merge:
     log:
         log="logs/merge.log",
         stats="logs/stats/merge.json",
+    resources:
+        **job("merge"),
     params:
         options=flags("merge"),
     shell:

@@ -1,4 +1,7 @@
-"""Rule ``report``: ``results/report.html``, one self-contained page showing what was selected and why.
+"""Rule ``report``: ``results/report.html``, one self-contained page showing what was selected and why,
+built from the selection alone. With ``--eval-summary`` (rule ``evaluation_report``,
+``results/eval/report.html``) the page adds the evaluation: ARP against the budget, and the
+comparison of every method and budget (mean ± standard deviation over the seeds).
 
 Every figure is a PNG embedded in the page, so the file can be mailed or opened offline.
 """
@@ -20,6 +23,7 @@ import pandas as pd
 
 from xmas.data.annotations import SourceRecords
 from xmas.errors import XmasError
+from xmas.evaluation.comparison import comparison_table
 from xmas.io import atomic_path
 from xmas.progress import StageStats, add_input_arguments
 
@@ -167,6 +171,7 @@ def stage_counts(stats_dir: Path) -> pd.DataFrame:
         stats = json.loads(path.read_text())
         counts = dict(stats.get("counts", {}))
         rows.append({"stage": stats.get("stage", path.stem), "seconds": stats.get("seconds"),
+                     "peak MB": stats.get("peak_memory_mb", ""),
                      "in": counts.pop("in", ""), "out": counts.pop("out", ""),
                      "excluded": stats.get("excluded_total", 0),
                      "other counts": ", ".join(f"{key}={value}" for key, value in counts.items())})
@@ -225,7 +230,10 @@ def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageSta
     if inputs.get("eval_summary"):
         summary = pd.read_csv(inputs["eval_summary"], sep="\t")
         figures_eval = arp_curves(summary)
-        evaluation = f"<h2>Evaluation</h2>{figures_eval.html()}<h3>Per benchmark</h3>{table_html(summary)}"
+        comparison = comparison_table(summary)
+        evaluation = (f"<h2>Evaluation</h2>{figures_eval.html()}<h3>ARP and score per benchmark</h3>"
+                      f"<p>Mean ± standard deviation over the seeds of each method and budget.</p>"
+                      f"{table_html(comparison)}")
         stats.add("figures", 1)
     exclusions = examples.reason.value_counts().rename_axis("reason").reset_index(name="records")
     stats.add("figures", len(figures))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from xmas.errors import XmasError
+from xmas.evaluation.comparison import comparison_table
 from xmas.io import atomic_path
 from xmas.progress import StageStats, log
 
@@ -66,23 +67,6 @@ def sort_runs(summary: pd.DataFrame) -> pd.DataFrame:
     order = {method: position for position, method in enumerate(dict.fromkeys(summary.method))}
     return summary.assign(_method=summary.method.map(order), _budget=summary.budget.astype(float)).sort_values(
         ["_budget", "_method", "seed", "benchmark"], kind="stable").drop(columns=["_method", "_budget"])
-
-
-def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per budget and method: ARP and each benchmark's score, as mean ± standard deviation over seeds."""
-    runs = summary.drop_duplicates(["method", "budget", "seed"])
-    keys = ["budget", "method"]
-    table = runs.groupby(keys, sort=False).agg(seeds=("seed", "nunique"))
-    table["ARP"] = mean_and_spread(runs.groupby(keys, sort=False).ARP)
-    for benchmark, scores in summary.groupby("benchmark", sort=True):
-        table[benchmark] = mean_and_spread(scores.groupby(keys, sort=False).score)
-    return table.reset_index()
-
-
-def mean_and_spread(grouped) -> pd.Series:
-    stats = grouped.agg(["mean", "std"])
-    return stats.apply(lambda row: "n/a" if pd.isna(row["mean"]) else
-                       f"{row['mean']:.1f} ± {0 if pd.isna(row['std']) else row['std']:.1f}", axis=1)
 
 
 def summarize(runs: list[tuple[str, str, str, Path]], stats: StageStats) -> pd.DataFrame:
