@@ -30,6 +30,10 @@ memory is ``torch.cuda.max_memory_allocated`` growth on CUDA, and on a CPU the g
 process's peak resident set (VmHWM, reset through ``/proc/self/clear_refs`` before each mode)
 over its resident set when the mode starts.
 
+``dag``: ``snakemake -n`` of a config (default ``config/llava665k.yaml``, the whole DAG), as a user
+waits for it on a login node: median and best wall seconds over ``--repeats`` runs in fresh
+folders, and whether torch was imported (``python -X importtime``). Target: at most 5 s, no torch.
+
 To add a benchmark, write ``add_<name>(subparsers)`` that registers its parser with
 ``set_defaults(run=...)`` and list it in ``BENCHMARKS``.
 """
@@ -412,7 +416,45 @@ def add_trajectory(subparsers) -> None:
     parser.set_defaults(run=run_trajectory)
 
 
-BENCHMARKS = [add_prepare, add_trajectory]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_dag(args: argparse.Namespace) -> int:
+    """Build the DAG of a config as a login node would (`snakemake -n`), ``--repeats`` times in fresh
+    folders: wall seconds of each, and whether torch was imported (it must not be)."""
+    times = []
+    for _ in range(args.repeats):
+        with tempfile.TemporaryDirectory(prefix="xmas-bench-dag-") as work:
+            command = [sys.executable, "-X", "importtime", "-m", "snakemake", "--snakefile",
+                       str(REPO / "workflow/Snakefile"), "--directory", work, *args.targets, "-n", "--quiet", "all",
+                       "--configfile", str(args.config)]
+            start = time.monotonic()
+            result = subprocess.run(command, capture_output=True, text=True)
+            times.append(time.monotonic() - start)
+            if result.returncode:
+                print(result.stderr[-3000:], file=sys.stderr)
+                return 1
+            torch_imported = any(line.rstrip().endswith("| torch") for line in result.stderr.splitlines())
+    best, median = min(times), sorted(times)[len(times) // 2]
+    met = median <= args.max_seconds and not torch_imported
+    print(f"dag: {args.config.name} -n {' '.join(args.targets)}: median {median:.2f} s, best {best:.2f} s "
+          f"over {len(times)} runs; torch imported: {'yes' if torch_imported else 'no'}")
+    print(f"target: <= {args.max_seconds:g} s without torch: {'met' if met else 'NOT met'}")
+    return 0 if met else 1
+
+
+def add_dag(subparsers) -> None:
+    parser = subparsers.add_parser("dag", help="time `snakemake -n` on a config (the login node's wait)",
+                                   description=run_dag.__doc__)
+    parser.add_argument("--config", type=Path, default=REPO / "config/llava665k.yaml", help="config file")
+    parser.add_argument("--targets", nargs="*", default=["results/eval/summary.tsv", "results/report.html"],
+                        help="targets to plan")
+    parser.add_argument("--repeats", type=int, default=5, help="dry runs to time (default 5)")
+    parser.add_argument("--max-seconds", type=float, default=5.0, help="target median (default 5)")
+    parser.set_defaults(run=run_dag)
+
+
+BENCHMARKS = [add_prepare, add_trajectory, add_dag]
 
 
 def main(argv: list[str] | None = None) -> int:

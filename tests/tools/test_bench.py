@@ -49,3 +49,11 @@ def test_the_benchmark_generates_a_file_and_times_prepare(tmp_path, capsys):
     assert len(json.loads((tmp_path / "b.json").read_text())) == 300
     out = capsys.readouterr().out
     assert "prepare: 300 records in" in out and "peak memory" in out and "target: <= 60 s and <= 4 GB: met" in out
+
+
+def test_dag_benchmark_times_the_paper_plan_without_torch(capsys):
+    assert main(["dag", "--repeats", "1", "--max-seconds", "300"]) == 0
+    first, verdict = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"dag: llava665k\.yaml -n results/eval/summary\.tsv results/report\.html: median [\d.]+ s, "
+                        r"best [\d.]+ s over 1 runs; torch imported: no", first), first
+    assert verdict == "target: <= 300 s without torch: met"
