@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
 from xmas.data.annotations import read_all
-from xmas.errors import XmasError
 from xmas.io import write_records
-from xmas.models.checkpoints import load_checkpoint, load_target
+from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint, load_target
 from xmas.models.encoding import ConversationEncoder
 from xmas.progress import StageStats
 from xmas.settings import defaults
 from xmas.stages.finetune_target import finetune, language_model_linear_layers, prepare_model
+from xmas.training.engine import Distributed
 from xmas.training.loop import PROJECTOR, parameter_groups
 
 SETTINGS = {**defaults("finetune-target"), "seed": 0, "epochs": 1, "batch_size": 8, "learning_rate": 1e-3,
@@ -28,7 +35,7 @@ def subset(small_demo, tmp_path_factory):
 
 
 def test_lora_goes_on_every_linear_layer_of_the_language_model_and_the_projector_trains_in_full(tiny_checkpoint):
-    model, _ = prepare_model(tiny_checkpoint, SETTINGS, torch.device("cpu"))
+    model, _ = prepare_model(tiny_checkpoint, SETTINGS, Distributed())
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     layers = model.config.text_config.num_hidden_layers
     lora_a = {name for name in trainable if "lora_A" in name}
@@ -41,7 +48,7 @@ def test_lora_goes_on_every_linear_layer_of_the_language_model_and_the_projector
 
 
 def test_the_projector_learns_at_its_own_rate(tiny_checkpoint):
-    model, _ = prepare_model(tiny_checkpoint, SETTINGS, torch.device("cpu"))
+    model, _ = prepare_model(tiny_checkpoint, SETTINGS, Distributed())
     groups = {group["name"]: group for group in parameter_groups(model, 2e-4, 2e-5, 0.0)}
     assert groups["projector"]["lr"] == 2e-5 and groups["model"]["lr"] == 2e-4
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == sum(
@@ -89,10 +96,45 @@ def test_the_paper_recipe_zero3_config_keeps_the_global_batch_of_128(gpus, accum
 
 
 def test_deepspeed_without_the_package_is_a_clear_error(tiny_checkpoint, subset, small_demo, tmp_path):
-    import importlib.util
+    """As on a machine without DeepSpeed: `import deepspeed` fails in the stage's process."""
+    stage = [*finetune_command(tiny_checkpoint, subset, small_demo, tmp_path / "t")[3:], "--deepspeed", "zero3"]
+    without_deepspeed = ("import sys; sys.modules['deepspeed'] = None; from xmas.cli import main; "
+                         f"sys.exit(main({stage!r}))")
+    result = subprocess.run([sys.executable, "-c", without_deepspeed], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert 'training.deepspeed is set but DeepSpeed is not installed: pip install -e ".[gpu]"' in result.stderr
 
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("DeepSpeed is installed here")
-    with pytest.raises(XmasError, match=r'DeepSpeed is not installed: pip install -e "\.\[gpu\]"'):
-        finetune(tiny_checkpoint, subset, small_demo["images"], tmp_path / "t", {**SETTINGS, "deepspeed": "zero3"},
-                 StageStats("test"))
+
+def finetune_command(tiny_checkpoint, subset, small_demo, out):
+    return [sys.executable, "-m", "xmas", "finetune-target", "--base", str(tiny_checkpoint), "--subset", str(subset),
+            "--image-root", str(small_demo["images"]), "--out", str(out), "--batch-size", "8", "--micro-batch-size",
+            "1", "--epochs", "3", "--save-every-steps", "3", "--threads", "1"]
+
+
+@pytest.mark.slow
+def test_a_killed_fine_tune_resumes_from_its_last_saved_state_to_the_same_weights(tiny_checkpoint, subset, small_demo,
+                                                                                    tmp_path):
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    subprocess.run(finetune_command(tiny_checkpoint, subset, small_demo, uninterrupted), check=True,
+                   capture_output=True, timeout=600)
+    partial = tmp_path / "resumed.partial"
+    process = subprocess.Popen(finetune_command(tiny_checkpoint, subset, small_demo, resumed),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (partial / "step-6" / "step.json").is_file() and process.poll() is None:
+            assert time.monotonic() < deadline, "no state saved after step 6"
+            time.sleep(0.01)
+        process.kill()
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL and not resumed.exists(), "the run ended before it was killed"
+
+    rerun = subprocess.run(finetune_command(tiny_checkpoint, subset, small_demo, resumed), capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # 24 records in batches of 8 for 3 epochs: 9 steps, states saved after steps 3 and 6
+    assert re.search(r"resuming from step 6 of 9 \(.*resumed\.partial/step-6\)", rerun.stderr), rerun.stderr[-3000:]
+    assert (resumed / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+    runs = [json.loads((folder / FINETUNE_RUN_FILE).read_text()) for folder in (uninterrupted, resumed)]
+    assert runs[0]["losses"] == runs[1]["losses"] and not partial.exists()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from xmas.errors import XmasError
+from xmas.models.encoding import IGNORE_INDEX
 from xmas.resources import resource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -222,16 +223,44 @@ class DeepSpeedTraining:
         self.accumulation = config["gradient_accumulation_steps"]
 
     def train_step(self, micro_batches: list[MicroBatch], items: torch.Tensor) -> torch.Tensor:
-        if len(micro_batches) != self.accumulation:
+        """One optimizer step. DeepSpeed steps after exactly ``gradient_accumulation_steps`` micro-batches,
+        so a short last batch is filled up with weight-0 micro-batches (their gradients are zeros)."""
+        if len(micro_batches) > self.accumulation:
             raise XmasError(f"{len(micro_batches)} micro-batches in a step, DeepSpeed expects {self.accumulation}")
+        fillers = [MicroBatch(micro_batches[0].inputs, weight=0.0)] * (self.accumulation - len(micro_batches))
         total = torch.zeros((), device=self.context.device)
-        for micro in micro_batches:
-            loss = self.engine(**micro.inputs, num_items_in_batch=items).loss * micro.weight
+        for micro in [*micro_batches, *fillers]:
+            loss = self.engine(**self._with_an_image(micro.inputs), num_items_in_batch=items).loss * micro.weight
             # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
             self.engine.backward(loss * self.context.world_size * self.accumulation)
             self.engine.step()
             total += loss.detach().float()
         return total
+
+    def _with_an_image(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every process must run the same modules in every micro-batch: DeepSpeed gathers (ZeRO-3) and reduces
+        (ZeRO-2) the parameters of the modules that ran, in step across the processes. A micro-batch without
+        images would skip the vision tower and projector, so it gets one more row: a blank image's tokens,
+        none of them labelled, which adds nothing to the loss and zeros to their gradients (LLaVA's trainer
+        likewise runs text-only samples through an empty slice of image features)."""
+        if "pixel_values" in inputs or not hasattr(self.module.config, "vision_config"):
+            return inputs
+        config, ids = self.module.config, inputs["input_ids"]
+        vision = config.vision_config
+        length = max(ids.shape[1], config.image_seq_length)
+
+        def rows(tensor: torch.Tensor, blank_row: torch.Tensor, fill: int) -> torch.Tensor:
+            blank_row = blank_row.to(tensor.device, tensor.dtype).unsqueeze(0)
+            return torch.cat([pad(tensor, length, fill), pad(blank_row, length, fill)])
+
+        image = torch.full((config.image_seq_length,), config.image_token_id)
+        return {**inputs,
+                "input_ids": rows(ids, image, 0),
+                "attention_mask": rows(inputs["attention_mask"], torch.ones(config.image_seq_length), 0),
+                "labels": rows(inputs["labels"], torch.full((config.image_seq_length,), IGNORE_INDEX), IGNORE_INDEX),
+                "pixel_values": torch.zeros(1, getattr(vision, "num_channels", 3), vision.image_size,
+                                            vision.image_size, dtype=next(self.module.parameters()).dtype,
+                                            device=ids.device)}
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         if not (folder / self.STATE_DIR).is_dir():
@@ -250,6 +279,11 @@ class DeepSpeedTraining:
     def save_state(self, folder: Path) -> dict:
         self.engine.save_checkpoint(str(folder / self.STATE_DIR), tag=self.TAG)  # collective
         return {}
+
+
+def pad(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """Rows padded on the right to ``length`` positions."""
+    return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
 
 def import_deepspeed():
@@ -310,14 +344,50 @@ def _flatten(config: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
             yield f"{prefix}{key}", value
 
 
+def hidden_size_of(model_config) -> int | None:
+    """The language model's hidden size (DeepSpeed derives its ZeRO-3 bucket sizes from it)."""
+    return getattr(getattr(model_config, "text_config", model_config), "hidden_size", None)
+
+
+@contextlib.contextmanager
+def partitioned_loading(settings: dict, model_config, world_size: int) -> Iterator[None]:
+    """Under ZeRO-3, a model loaded inside is partitioned over the processes as its weights are read
+    (transformers builds it under ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` is alive), so no
+    process ever holds the whole model. Elsewhere, nothing changes."""
+    config = deepspeed_config(settings["deepspeed"], {**settings, "hidden_size": hidden_size_of(model_config)},
+                              world_size) if settings.get("deepspeed") else {}
+    if config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    # zero.Init reads the world size from DeepSpeed's own view of the process group
+    import_deepspeed().init_distributed()
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    alive = HfDeepSpeedConfig(config)  # transformers keeps only a weak reference to it
+    try:
+        yield
+    finally:
+        del alive
+
+
+def parameter_count(parameters) -> int:
+    """Elements of the parameters, whole even where ZeRO-3 keeps only this process's partition."""
+    return sum(getattr(parameter, "ds_numel", parameter.numel()) for parameter in parameters)
+
+
+def parameters_held(parameters) -> int:
+    """Elements this process holds: its partition of a ZeRO-3 parameter, all of any other."""
+    return sum(parameter.ds_tensor.numel() if hasattr(parameter, "ds_tensor") else parameter.numel()
+               for parameter in parameters)
+
+
 def prepare_training(model, optimizer, scheduler, context: Distributed, settings: dict):
     """The model and optimizer wrapped as the settings ask: DeepSpeed when ``deepspeed`` is set, else torch."""
     if settings.get("gradient_checkpointing"):
         enable_gradient_checkpointing(model)
     if settings.get("deepspeed"):
         import_deepspeed()  # before anything else: the missing package is the error to report
-        config = getattr(model, "config", None)
-        hidden = getattr(getattr(config, "text_config", config), "hidden_size", None)
+        hidden = hidden_size_of(getattr(model, "config", None))
         config = deepspeed_config(settings["deepspeed"], {**settings, "hidden_size": hidden}, context.world_size)
         return DeepSpeedTraining(model, optimizer, scheduler, context, config)
     return TorchTraining(model, optimizer, scheduler, context, settings.get("precision", "fp32"),
