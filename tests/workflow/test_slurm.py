@@ -181,6 +181,49 @@ def test_a_cancelled_trajectory_job_is_retried_and_resumes_from_its_finished_row
     pd.testing.assert_frame_equal(shard, uninterrupted.reset_index(drop=True), rtol=1e-5)
 
 
+def test_a_cancelled_fine_tune_is_retried_and_resumes_from_its_last_saved_state(slurm_run, tmp_path):
+    built, _ = slurm_run
+    project = tmp_path / "project"
+    shutil.copytree(built, project, symlinks=True)
+    shutil.rmtree(project / "logs/slurm")
+    config = yaml.safe_load((project / "config.yaml").read_text())
+    config["target"] = {**config.get("target", {}), "save_every_steps": 5}
+    (project / "config.yaml").write_text(yaml.safe_dump(config))
+    target = "results/target/full/1/seed-0"
+    uninterrupted = tmp_path / "uninterrupted"
+    shutil.copytree(project, uninterrupted, symlinks=True)
+    subprocess.run(snakemake_command(uninterrupted, "--cores", "2", target), cwd=uninterrupted,
+                   env=workflow_environment(), check=True, capture_output=True, timeout=900)
+
+    log = tmp_path / "snakemake.log"
+    with log.open("w") as out:
+        snakemake = subprocess.Popen(snakemake_on_slurm(project, target), cwd=project, env=workflow_environment(),
+                                     stdout=out, stderr=subprocess.STDOUT)
+    try:
+        saved = project / f"{target}.partial/step-10/step.json"
+        wait_for(lambda: saved.exists() or snakemake.poll() is not None, "the fine-tune's state after step 10")
+        assert snakemake.poll() is None, log.read_text()[-6000:]
+        [first_job] = slurm_logs(project)[Path("rule_finetune_target/full_1_0")]
+        subprocess.run(["scancel", first_job], check=True)
+        wait_for(lambda: slurm_state(first_job) == "CANCELLED", f"Slurm job {first_job} to end")
+        snakemake.wait(timeout=900)
+    finally:
+        if snakemake.poll() is None:
+            snakemake.kill()
+    assert snakemake.returncode == 0, log.read_text()[-6000:]
+
+    cancelled, retried = slurm_logs(project)[Path("rule_finetune_target/full_1_0")]
+    assert cancelled == first_job and slurm_job(retried)["JobState"] == "COMPLETED"
+    stats = json.loads((project / "logs/stats/target/full/1/seed-0.json").read_text())
+    step = stats["counts"]["resumed_at_step"]
+    assert step >= 10 and f"resuming from step {step} of" in (project / "logs/target/full/1/seed-0.log").read_text()
+    for name in ("model.safetensors", "xmas_finetune.json"):
+        finished = (project / target / name).read_bytes()
+        assert finished == (uninterrupted / target / name).read_bytes().replace(
+            str(uninterrupted).encode(), str(project).encode()), name
+    assert not (project / f"{target}.partial").exists()
+
+
 def test_a_refused_partition_is_explained(slurm_cluster, tmp_path):
     project = reduced_project(tmp_path)
     result = subprocess.run(snakemake_on_slurm(project, "--retries", "0", "results/demo/train.json"), cwd=project,
