@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -43,7 +44,7 @@ def chain(tiny_checkpoint, small_demo, small_examples, tmp_path_factory):
 
 
 def test_chain_of_segments_equals_one_uninterrupted_run(chain, tiny_checkpoint, small_demo, small_examples, tmp_path):
-    train(tiny_checkpoint, tmp_path / "straight", 3, small_demo, small_examples)
+    train(tiny_checkpoint, tmp_path / "straight", 1, small_demo, small_examples, checkpoints=1)  # all 10 steps
     chained, straight = weights(chain / "checkpoint-3"), weights(tmp_path / "straight")
     assert chained.keys() == straight.keys()
     for name in chained:
@@ -64,6 +65,19 @@ def test_checkpoints_are_standard_hf_folders_with_state(chain):
 def test_resuming_with_other_settings_is_refused(chain, small_demo, small_examples, tmp_path):
     with pytest.raises(XmasError, match=r"learning_rate: 0\.002 -> 0\.01"):
         train(chain / "checkpoint-1", tmp_path / "c2", 2, small_demo, small_examples, learning_rate=1e-2)
+
+
+def test_a_trained_checkpoint_without_its_training_state_is_refused(chain, small_demo, small_examples, tmp_path):
+    copied = tmp_path / "checkpoint-1"
+    shutil.copytree(chain / "checkpoint-1", copied)
+    (copied / "training_state.pt").unlink()
+    expected = rf"{copied}/training_state.pt is missing.*delete {copied} and run snakemake again"
+    with pytest.raises(XmasError, match=expected):  # its training log shows it was trained
+        train(copied, tmp_path / "again-1", 1, small_demo, small_examples)
+    (copied / "training_log.json").unlink()
+    with pytest.raises(XmasError, match=expected):  # only checkpoint 0, the previous of segment 1, has none
+        train(copied, tmp_path / "c2", 2, small_demo, small_examples)
+    assert not (tmp_path / "c2").exists()
 
 
 def test_frozen_vision_tower_does_not_change(tiny_checkpoint, small_demo, small_examples, tmp_path):

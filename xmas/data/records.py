@@ -22,11 +22,55 @@ class InvalidRecord(ValueError):
 
 
 def record_id(record: object, index: int) -> str:
-    """The record's own ``id`` (string or integer), else ``record-<index>``: the base of its uid."""
+    """The record's own ``id`` (string or integer), else ``record-<index>``: the base of its uid.
+
+    A lone surrogate (JSON allows ``\\udcff``, UTF-8 cannot store it) is written as its escape, so
+    the uid can be stored; such a record is excluded as ``invalid_unicode``.
+    """
     raw = record.get("id") if isinstance(record, dict) else None
     if isinstance(raw, (str, int)) and not isinstance(raw, bool) and str(raw):
-        return str(raw)
+        return str(raw) if utf8_encodable(str(raw)) else str(raw).encode("utf-8", "backslashreplace").decode()
     return f"record-{index}"
+
+
+def utf8_encodable(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def all_text_encodable(value: object) -> bool:
+    """Whether every string and key in a JSON value can be encoded as UTF-8 (fast: most records are)."""
+    if isinstance(value, str):
+        return utf8_encodable(value)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not (utf8_encodable(key) and all_text_encodable(item)):
+                return False
+    elif isinstance(value, list):
+        for item in value:
+            if not all_text_encodable(item):
+                return False
+    return True
+
+
+def invalid_unicode_field(value: object, where: str = "") -> str | None:
+    """The field (as ``['conversations'][1]['value']``) of the first string or key that UTF-8 cannot encode."""
+    if all_text_encodable(value):
+        return None
+    if isinstance(value, str):
+        return where
+    for key, item in value.items() if isinstance(value, dict) else enumerate(value):
+        if isinstance(key, str) and not utf8_encodable(key):
+            return f"{where}[{ascii(key)}] (its key)"
+        found = invalid_unicode_field(item, f"{where}[{key!r}]")
+        if found is not None:
+            return found
+    return None
 
 
 def matches_uid(record: object, index: int, uid: str) -> bool:
@@ -48,6 +92,10 @@ def image_paths(record: dict) -> list[str]:
 
 def check_conversation(record: dict, max_images: int) -> list[str]:
     """Validate the structure of one record; return its image paths. Raises InvalidRecord."""
+    field = invalid_unicode_field(record)
+    if field is not None:
+        raise InvalidRecord("invalid_unicode", f"field {field} holds a lone surrogate (a \\ud800-\\udfff escape), "
+                            "which is not text UTF-8 can store or a tokenizer can read")
     turns = record.get("conversations")
     if turns is None:
         raise InvalidRecord("conversations_missing", "no 'conversations' field")

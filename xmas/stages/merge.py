@@ -45,12 +45,20 @@ def check_complete(table: pd.DataFrame, usable: pd.DataFrame, checkpoints: int, 
         raise XmasError("trajectories are incomplete: " + "; ".join(problems))
 
 
-def merge(inputs: list[Path], examples: Path, checkpoints: int, shards: int, stats: StageStats) -> pa.Table:
+def concat_shards(inputs: list[Path]) -> pa.Table:
+    """The shard files as one table. Their columns must agree; their metadata may not (an empty shard
+    written by an older `xmas trajectory` has none), so the first non-empty one's is kept."""
     tables = [pq.read_table(path) for path in inputs]
-    schemas = {table.schema for table in tables}
-    if len(schemas) > 1:
-        raise XmasError("shard files disagree on columns (different top_k?): " + ", ".join(map(str, inputs)))
-    merged = pa.concat_tables(tables)
+    columns = {path: table.schema.remove_metadata() for path, table in zip(inputs, tables)}
+    if len(set(columns.values())) > 1:
+        listed = "; ".join(f"{path}: {', '.join(schema.names)}" for path, schema in columns.items())
+        raise XmasError(f"shard files disagree on columns (different trajectory.top_k or signal?): {listed}")
+    reference = next((table for table in tables if table.num_rows), tables[0]).schema
+    return pa.concat_tables([table.replace_schema_metadata(reference.metadata) for table in tables])
+
+
+def merge(inputs: list[Path], examples: Path, checkpoints: int, shards: int, stats: StageStats) -> pa.Table:
+    merged = concat_shards(inputs)
     frame = merged.to_pandas()
     usable = usable_image_examples(examples)
     check_complete(frame, usable, checkpoints, shards)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import itertools
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +25,7 @@ from PIL import Image
 
 from xmas.data.annotations import SourceRecords, iter_spans
 from xmas.data.records import InvalidRecord, check_conversation, record_id
+from xmas.errors import XmasError
 from xmas.io import write_parquet
 from xmas.models.encoding import ConversationEncoder
 from xmas.progress import StageStats, add_input_arguments, progress
@@ -33,6 +34,10 @@ from xmas.settings import add_settings
 COLUMNS = ["uid", "index", "has_image", "image", "source", "status", "reason", "detail", "offset", "length"]
 IMAGE_BATCH = 4096
 TOKEN_BATCH = 1024
+# A conversation longer than this many characters per token of max_length is excluded as too_long: no
+# tokenizer averages tokens that long, so all but a sliver of it would be cut, and every stage would
+# tokenize all of it each time it reads the record (a 5 MB turn: ~10 s and ~1.5 GB each time).
+CHARS_PER_TOKEN = 250
 
 
 class UniqueIds:
@@ -75,31 +80,38 @@ def source_of(record: dict, image: str | None) -> str:
 
 
 def check_record(record: object, max_images: int) -> dict:
-    """The row fields that depend on the record alone; image files are checked later, in parallel."""
-    row = {"has_image": False, "image": None, "source": None, "status": "ok", "reason": None, "detail": None}
+    """The row fields that depend on the record alone, and its image paths (``images``); image files are
+    checked later, in parallel."""
+    row = {"has_image": False, "image": None, "source": None, "status": "ok", "reason": None, "detail": None,
+           "images": []}
     try:
         if not isinstance(record, dict):
             raise InvalidRecord("record_not_object", f"record is a {type(record).__name__}, not an object")
         paths = check_conversation(record, max_images)
         image = paths[0] if paths else None
-        row.update(has_image=image is not None, image=image, source=source_of(record, image))
+        row.update(has_image=image is not None, image=image, source=source_of(record, image), images=paths)
     except InvalidRecord as invalid:
         row.update(status="excluded", reason=invalid.reason, detail=invalid.detail)
     return row
 
 
-def validate(annotations: Path, max_images: int) -> pd.DataFrame:
-    """One row per record of the file, streamed: uid, index, structure checks, byte span."""
+def validate(annotations: Path, max_images: int) -> tuple[pd.DataFrame, dict[int, list[str]]]:
+    """One row per record of the file, streamed: uid, index, structure checks, byte span. The table's
+    ``image`` column holds a record's first image; the second item maps the rows of records with more
+    images to all of their paths."""
     columns: dict[str, list] = {name: [] for name in COLUMNS}
+    more_images = {}
     assign = UniqueIds()
     for span in progress(iter_spans(annotations), desc="validate records", unit="rec"):
         row = check_record(span.record, max_images)
         row.update(uid=assign(span.record, span.index), index=span.index, offset=span.offset, length=span.length)
         for name in COLUMNS:
             columns[name].append(row[name])
+        if len(row["images"]) > 1:
+            more_images[span.index] = row["images"]
     examples = pd.DataFrame(columns, columns=COLUMNS)
     examples.attrs["renamed_duplicate_ids"] = assign.renamed
-    return examples.astype({"index": "int64", "offset": "int64", "length": "int64", "has_image": "bool"})
+    return examples.astype({"index": "int64", "offset": "int64", "length": "int64", "has_image": "bool"}), more_images
 
 
 def decode_error(path: Path) -> str | None:
@@ -114,9 +126,31 @@ def decode_error(path: Path) -> str | None:
     return None
 
 
-def image_problem(path: Path, decode: bool) -> tuple[str, str] | None:
-    if not path.is_file():
-        return "image_missing", f"{path} does not exist"
+class RealPaths:
+    """Paths with every link on the way resolved; images share few folders, so each folder is resolved once."""
+
+    def __init__(self):
+        self.folders = functools.cache(lambda folder: Path(os.path.realpath(folder)))
+
+    def __call__(self, path: Path) -> Path:
+        real = self.folders(path.parent) / path.name
+        return Path(os.path.realpath(real)) if real.is_symlink() else real
+
+
+def image_problem(path: Path, real_root: Path, real_path: RealPaths, decode: bool) -> tuple[str, str] | None:
+    """Why the image at ``path`` cannot be used: it is missing, not a file, reached through a link that
+    leaves the image root, or (with ``decode``) does not decode; None if it can."""
+    try:
+        if not path.exists():
+            return "image_missing", f"{path} does not exist"
+        real = real_path(path)
+        if not real.is_relative_to(real_root):
+            return "image_outside_root", f"{path} leads through a link to {real}, outside the image root {real_root}"
+        if not real.is_file():
+            kind = "directory" if real.is_dir() else "special file"
+            return "image_not_a_file", f"{path} is a {kind}, not an image file"
+    except OSError as error:  # a name too long for the file system, a permission denied, ...
+        return "image_missing", f"{path} cannot be looked up: {error}"
     if decode:
         error = decode_error(path)
         if error is not None:
@@ -124,23 +158,33 @@ def image_problem(path: Path, decode: bool) -> tuple[str, str] | None:
     return None
 
 
-def check_image_files(examples: pd.DataFrame, image_root: Path, decode: bool, workers: int) -> None:
-    """Exclude records whose image is missing or (with ``decode``) does not decode; each file is checked
-    once however many records share it, in parallel threads (file systems and decoders release the GIL)."""
+def check_image_files(examples: pd.DataFrame, more_images: dict[int, list[str]], image_root: Path, decode: bool,
+                      workers: int) -> None:
+    """Exclude records with an image that cannot be used (see :func:`image_problem`), naming the first; each
+    file is checked once however many records share it, in parallel threads (file systems and decoders
+    release the GIL)."""
     candidates = examples.index[(examples.status == "ok") & examples.has_image]
-    images = sorted(set(examples.loc[candidates, "image"]))
+    several = {row: paths for row, paths in more_images.items() if row in candidates}
+    images = sorted(set(examples.loc[candidates, "image"]).union(*several.values()))
+    check = functools.partial(image_problem, real_root=Path(os.path.realpath(image_root)), real_path=RealPaths(),
+                              decode=decode)
     problems = {}
     batches = [images[i : i + IMAGE_BATCH] for i in range(0, len(images), IMAGE_BATCH)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         desc = "decode images" if decode else "find images"
         for batch in progress(batches, total=len(batches), desc=f"{desc} ({len(images)} files)", unit="batch"):
-            found = pool.map(image_problem, [image_root / image for image in batch], itertools.repeat(decode))
+            found = pool.map(check, [image_root / image for image in batch])
             problems.update((image, problem) for image, problem in zip(batch, found) if problem is not None)
-    bad = examples.index.isin(candidates) & examples.image.isin(problems.keys())
-    found = examples.loc[bad, "image"]
-    examples.loc[bad, "status"] = "excluded"
-    examples.loc[bad, "reason"] = found.map(lambda image: problems[image][0])
-    examples.loc[bad, "detail"] = found.map(lambda image: problems[image][1])
+    first_problem = {row: problems[image] for row, image in examples.loc[candidates, "image"].items()
+                     if image in problems}
+    for row, paths in several.items():
+        found = [problems[path] for path in paths if path in problems]
+        if found:
+            first_problem[row] = found[0]
+    rows = list(first_problem)
+    examples.loc[rows, "status"] = "excluded"
+    examples.loc[rows, "reason"] = [reason for reason, _ in first_problem.values()]
+    examples.loc[rows, "detail"] = [detail for _, detail in first_problem.values()]
 
 
 def record_lengths(encoder, records: list[dict]) -> list:
@@ -157,8 +201,33 @@ def record_lengths(encoder, records: list[dict]) -> list:
         return lengths
 
 
+def too_long(record: dict, max_length: int) -> str | None:
+    """Why the record's conversation is too long to tokenize (see CHARS_PER_TOKEN); None if it is not."""
+    sizes = [len(turn["value"]) for turn in record["conversations"]]
+    limit = CHARS_PER_TOKEN * max_length
+    if sum(sizes) <= limit:
+        return None
+    longest = max(range(len(sizes)), key=sizes.__getitem__)
+    return (f"the conversation has {sum(sizes)} characters (turn {longest}: {sizes[longest]}); more than {limit}, "
+            f"{CHARS_PER_TOKEN} per token of max_length {max_length}, is never kept whole")
+
+
+def exclude_too_long(examples: pd.DataFrame, rows, records: list[dict], max_length: int) -> tuple[list, list[dict]]:
+    """Exclude the records too long to tokenize; return the rows and records of the others."""
+    kept_rows, kept = [], []
+    for row, record in zip(rows, records):
+        why = too_long(record, max_length)
+        if why is None:
+            kept_rows.append(row)
+            kept.append(record)
+        else:
+            exclude(examples, row, "too_long", why)
+    return kept_rows, kept
+
+
 def check_lengths(examples: pd.DataFrame, annotations: Path, model: Path, stats: StageStats) -> None:
-    """Count every usable record's tokens with the proxy; exclude those whose image would be cut."""
+    """Count every usable record's tokens with the proxy; exclude those whose image would be cut, and
+    those too long to tokenize."""
     encoder = ConversationEncoder.of_checkpoint(model)
     max_length = encoder.encoding.max_length
     usable = examples.index[examples.status == "ok"]
@@ -167,7 +236,8 @@ def check_lengths(examples: pd.DataFrame, annotations: Path, model: Path, stats:
     with SourceRecords(annotations, examples.loc[usable]) as records:
         done = 0
         for batch in progress(batches, total=len(batches), desc="count tokens", unit="batch"):
-            for row, length in zip(batch, record_lengths(encoder, records[done : done + len(batch)])):
+            rows, fitting = exclude_too_long(examples, batch, records[done : done + len(batch)], max_length)
+            for row, length in zip(rows, record_lengths(encoder, fitting) if fitting else []):
                 if isinstance(length, str):
                     exclude(examples, row, "not_encodable", length)
                     continue
@@ -190,8 +260,8 @@ def exclude(examples: pd.DataFrame, row, reason: str, detail: str) -> None:
 def prepare(annotations: Path, image_root: Path, max_images: int, check_images: bool, workers: int,
             stats: StageStats, model: Path | None = None) -> pd.DataFrame:
     """The examples table; ``model`` (checkpoint 0 of the proxy) adds the token-length check."""
-    examples = validate(Path(annotations), max_images)
-    check_image_files(examples, Path(image_root), check_images, workers)
+    examples, more_images = validate(Path(annotations), max_images)
+    check_image_files(examples, more_images, Path(image_root), check_images, workers)
     if model is not None:
         check_lengths(examples, Path(annotations), Path(model), stats)
     stats.add("in", len(examples))
@@ -216,10 +286,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings(parser, "prepare")
 
 
+def excluded_table(out: Path) -> Path:
+    """Where a prepare that finds nothing usable writes its table instead of ``out`` (which Snakemake would
+    delete with the failed job): ``examples.excluded.parquet``."""
+    return out.with_name(f"{out.stem}.excluded{out.suffix}")
+
+
+def nothing_usable(annotations: Path, examples: pd.DataFrame, table: Path) -> str:
+    if examples.empty:
+        return f"{annotations} holds no records (an empty list): there is nothing to train on"
+    counts = ", ".join(f"{reason}={n}" for reason, n in examples.reason.value_counts().sort_index().items())
+    first = examples.iloc[0]
+    return (f"{annotations}: none of its {len(examples)} records is usable ({counts}); e.g. record {first['index']} "
+            f"(uid {first.uid!r}): {first.reason}: {first.detail}. Every record and why it was excluded: {table}")
+
+
 def run(args: argparse.Namespace) -> None:
     stats = StageStats("prepare")
     examples = prepare(args.annotations, args.image_root, args.max_images, args.check_images, args.workers, stats,
                        args.model)
+    table = excluded_table(args.out)
+    if not (examples.status == "ok").any():
+        if not examples.empty:
+            write_parquet(examples, table)
+        stats.finish(args.stats)
+        raise XmasError(nothing_usable(args.annotations, examples, table))
     write_parquet(examples, args.out)
+    table.unlink(missing_ok=True)  # left by an earlier run that found nothing usable
     stats.add("out", len(examples))
     stats.finish(args.stats)

@@ -36,6 +36,7 @@ from xmas.training.engine import (
 from xmas.training.loop import fit_steps, freeze_vision_tower, make_optimizer, micro_batches_for, steps_per_epoch
 
 STATE_FILE = "training_state.pt"
+LOG_FILE = "training_log.json"
 # How the steps run, not what they compute: these may change between segments (DeepSpeed aside,
 # whose optimizer state is kept in its own format). Every other setting must stay as it was.
 MAY_CHANGE = {"micro_batch_size", "precision", "gradient_checkpointing", "attn_implementation", "deepspeed"}
@@ -47,10 +48,20 @@ def checkpoint_step(checkpoint: int, settings: dict) -> int:
     return round(checkpoint * total / settings["checkpoints"])
 
 
-def load_state(previous: Path, settings: dict) -> dict | None:
-    """The previous segment's training state, checked against the current settings (None at checkpoint 0)."""
+def load_state(previous: Path, settings: dict, checkpoint: int) -> dict | None:
+    """The previous segment's training state, checked against the current settings; None for checkpoint 0.
+
+    Only checkpoint 0 (from proxy-init) has none: segment ``checkpoint`` resumes from checkpoint
+    ``checkpoint - 1``, so from 2 on it must be there, and a checkpoint with a training log was trained.
+    Without it the schedule would restart at step 0 on top of trained weights.
+    """
     path = previous / STATE_FILE
     if not path.exists():
+        if checkpoint > 1 or (previous / LOG_FILE).exists():
+            which = f"checkpoint {checkpoint - 1}" if checkpoint > 1 else f"a trained checkpoint (it has {LOG_FILE})"
+            raise XmasError(f"{path} is missing: only checkpoint 0 has no training state, and {previous} is {which}; "
+                            f"segment {checkpoint} would restart the schedule at step 0 on its trained weights. "
+                            f"To train it anew, delete {previous} and run snakemake again")
         return None
     state = torch.load(path, weights_only=False)
     changed = {key: (state["settings"].get(key), value) for key, value in settings.items()
@@ -75,6 +86,7 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
     settings = {**settings, "records": len(records)}
     if not records:
         raise XmasError(f"{examples}: no usable records to train on")
+    state = load_state(previous, settings, checkpoint)
     with distributed() as context:
         model, processor = load_model(previous, settings, context.device)
         encoder = ConversationEncoder.of_checkpoint(previous, processor, image_root, context.device)
@@ -84,7 +96,6 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
             freeze_vision_tower(model)
         optimizer, scheduler = make_optimizer(model, settings, total)
         training = prepare_training(model, optimizer, scheduler, context, settings)
-        state = load_state(previous, settings)
         if state is not None:
             start = state["step"]
             training.load_state_dict(state, previous)
@@ -120,7 +131,7 @@ def save_segment(training, processor, encoding: Encoding, out: Path, state: dict
             for item in shared.iterdir() if shared.exists() else []:
                 shutil.move(str(item), tmp / item.name)
             torch.save({**state, **extra_state}, tmp / STATE_FILE)
-            (tmp / "training_log.json").write_text(json.dumps({"first_step": start, "losses": losses}) + "\n")
+            (tmp / LOG_FILE).write_text(json.dumps({"first_step": start, "losses": losses}) + "\n")
     if context.is_main and shared.exists():
         shutil.rmtree(shared)
     context.barrier()

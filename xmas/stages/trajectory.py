@@ -25,7 +25,7 @@ from xmas.errors import XmasError
 from xmas.io import write_json, write_parquet
 from xmas.models.attention import CrossModalAttention, capture_output, top_singular_values
 from xmas.models.checkpoints import load_checkpoint
-from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
+from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder, Encoding
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, progress, use_threads
 from xmas.settings import add_settings, settings_of
 from xmas.training.engine import compute_device, resolve_dtype
@@ -33,6 +33,25 @@ from xmas.training.engine import compute_device, resolve_dtype
 
 def trajectory_schema(columns: list[str]) -> pa.Schema:
     return pa.schema([("uid", pa.string()), ("checkpoint", pa.int32()), *[(name, pa.float32()) for name in columns]])
+
+
+def trajectory_table(uids: np.ndarray, checkpoint: int, columns: list[str], values: np.ndarray) -> pa.Table:
+    """Rows of one checkpoint; every part and shard file, empty or not, has the same schema and metadata."""
+    frame = pd.DataFrame({"uid": uids, "checkpoint": np.full(len(uids), checkpoint, dtype=np.int32)})
+    for position, column in enumerate(columns):
+        frame[column] = values[:, position].astype(np.float32)
+    return pa.Table.from_pandas(frame, schema=trajectory_schema(columns), preserve_index=False)
+
+
+def check_top_k(model_path: Path, settings: dict) -> None:
+    """At most as many singular values as one image has tokens (the columns of an attention block)."""
+    if settings.get("signal", "attention") != "attention":
+        return
+    image_tokens = Encoding.load(model_path).image_tokens
+    if settings["top_k"] > image_tokens:
+        raise XmasError(f"trajectory.top_k is {settings['top_k']}, but the proxy {model_path} has {image_tokens} "
+                        f"image tokens, so at most {image_tokens} singular values exist; set trajectory.top_k to "
+                        f"{image_tokens} or less")
 
 
 def parse_layers(value: str) -> list[int] | None:
@@ -144,6 +163,7 @@ def load_signal(model_path: Path, image_root: Path, settings: dict, device: torc
 
 def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annotations: Path, image_root: Path,
                   out: Path, settings: dict, stats: StageStats) -> None:
+    check_top_k(model_path, settings)
     parts = out.with_name(out.name + ".parts")
     reset_stale_parts(parts, fingerprint(model_path, checkpoint, shard, settings))
     chunk_size = settings["chunk_size"]
@@ -158,14 +178,13 @@ def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annota
             lengths = chunk["tokens"].tolist() if settings.get("group_by_length", False) else None
             with SourceRecords(annotations, chunk) as records:
                 values = extract_chunk(signal, records[:], settings["batch_size"], lengths)
-            frame = pd.DataFrame({"uid": chunk["uid"].to_numpy(), "checkpoint": np.int32(checkpoint)})
-            for position, column in enumerate(columns):
-                frame[column] = values[:, position]
-            write_parquet(pa.Table.from_pandas(frame, schema=trajectory_schema(columns), preserve_index=False),
+            write_parquet(trajectory_table(chunk["uid"].to_numpy(), checkpoint, columns, values),
                           parts / f"part-{n:05d}.parquet")
             stats.add("computed_rows", len(chunk))
     tables = [pq.read_table(parts / f"part-{n:05d}.parquet") for n in range(len(chunks))]
-    merged = pa.concat_tables(tables) if tables else trajectory_schema(columns).empty_table()
+    if not tables:  # no example in this shard
+        tables = [trajectory_table(np.array([], dtype=str), checkpoint, columns, np.zeros((0, len(columns))))]
+    merged = pa.concat_tables(tables)
     write_parquet(merged, out)
     stats.add("out", merged.num_rows)
     shutil.rmtree(parts)
