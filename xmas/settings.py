@@ -101,7 +101,8 @@ def help_of(setting: Setting) -> str:
         shown = "none"
     else:
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-    return f"{text} (default: {shown}; config {setting.name})" if text else f"(default: {shown}; config {setting.name})"
+    text = f"{text} (default: {shown}; config {setting.name})" if text else f"(default: {shown}; config {setting.name})"
+    return text.replace("%", "%%")  # argparse formats help with %
 
 
 def add_settings(parser: argparse.ArgumentParser, stage: str) -> None:

@@ -236,7 +236,8 @@ def evaluation_test():
 
 def evaluation_inputs(method, budget, seed):
     inputs = {"model": target_dir(method, budget, seed)}
-    if EVALUATION["suite"] == "demo":
+    # the held-out split: the demo suite's, or lmms-eval's local `heldout` tasks built from it
+    if EVALUATION["suite"] == "demo" or "heldout" in EVALUATION["benchmarks"]:
         inputs["test"], inputs["test_images"] = evaluation_test()
     return inputs
 

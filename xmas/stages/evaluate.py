@@ -2,14 +2,18 @@
 
 ``--suite demo``: the demo's held-out split, one benchmark per question type. The target answers
 each question by greedy generation and scores by normalized exact match (accuracy in %).
-``--suite lmms-eval``: the paper's benchmarks through lmms-eval (see ``xmas.evaluation.lmms_eval``).
+``--suite lmms-eval``: the paper's benchmarks, or any lmms-eval task, through lmms-eval (see
+``xmas.evaluation.lmms_eval``); the benchmark ``heldout`` is the held-out split as local lmms-eval tasks
+(``xmas.evaluation.local_task``), one row per question type, scored like the demo suite.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
+import contextlib
+import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -18,23 +22,16 @@ import torch
 from xmas.data.annotations import read_all
 from xmas.data.records import to_messages
 from xmas.errors import XmasError
+from xmas.evaluation.heldout_task_utils import normalize_answer
 from xmas.io import atomic_path, write_parquet
 from xmas.models.checkpoints import load_target
 from xmas.models.encoding import Encoding, record_images
-from xmas.progress import StageStats, add_threads_argument, progress, use_threads
+from xmas.progress import StageStats, add_threads_argument, log, progress, use_threads
 from xmas.settings import add_settings
 from xmas.training.engine import compute_device
 
-NUMBER_WORDS = {word: str(n) for n, word in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
-ARTICLES = {"a", "an", "the"}
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no punctuation or articles, numbers as digits: 'The Two.' and '2' match."""
-    words = re.sub(r"[^\w\s]", " ", text.lower()).split()
-    return " ".join(NUMBER_WORDS.get(word, word) for word in words if word not in ARTICLES)
+# In evaluation.benchmarks of the lmms-eval suite: the held-out split (--test) as local lmms-eval tasks.
+HELDOUT = "heldout"
 
 
 def question_and_answer(record: dict, path: Path, position: int,
@@ -103,27 +100,85 @@ def accuracy_per_benchmark(predictions: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"score": (100 * grouped.mean()).round(4), "n": grouped.size()}).reset_index()
 
 
-def evaluate_lmms(model_path: Path, benchmarks: list[str], work_dir: Path, gpus: int, batch_size: int,
-                  allow_judge: bool, stats: StageStats) -> pd.DataFrame:
-    """The paper's benchmarks through lmms-eval; a LoRA run is merged into a temporary full checkpoint first."""
-    from xmas.evaluation.lmms_eval import check_benchmarks, run_lmms_eval
+def heldout_benchmarks(model_path: Path, test: Path | None, image_root: Path | None, folder: Path,
+                       max_new_tokens: int, stats: StageStats) -> tuple[dict, Path]:
+    """The held-out split as local lmms-eval tasks: their benchmarks (by question type) and task folder."""
+    from xmas.evaluation.lmms_eval import Benchmark
+    from xmas.evaluation.local_task import METRIC, write_local_tasks
 
-    benchmarks = check_benchmarks(benchmarks)
-    checkpoint = model_path
-    merged = work_dir / "merged-checkpoint"
-    if (model_path / "adapter_config.json").is_file():
-        model, processor = load_target(model_path, torch.bfloat16)
-        with atomic_path(merged) as tmp:
-            model.save_pretrained(tmp)
-            processor.save_pretrained(tmp)
-        checkpoint = merged
+    if test is None or image_root is None:
+        raise XmasError(f"benchmark {HELDOUT!r} of the lmms-eval suite needs --test and --image-root "
+                        "(evaluation.test and evaluation.test_image_root): the held-out split it is built from")
+    local = write_local_tasks(test, image_root, folder, Encoding.load(model_path).image_position, max_new_tokens)
+    if local.text_only:
+        log.warning("%s: %d question(s) without an image left out of the lmms-eval tasks (lmms-eval's llava_hf "
+                    "answers only questions about images): %s%s", test, len(local.text_only),
+                    ", ".join(local.text_only[:5]), " ..." if len(local.text_only) > 5 else "")
+    stats.add("text_only_left_out", len(local.text_only))
+    benchmarks = {task.question_type: Benchmark(task.name, METRIC, 100.0, note=f"{task.questions} held-out questions")
+                  for task in local.tasks}
+    return benchmarks, local.folder
+
+
+def expand_heldout(names: list[str], heldout: dict) -> list[str]:
+    clash = sorted(set(heldout) & set(names))
+    if clash:
+        raise XmasError(f"question type(s) {', '.join(clash)} of the held-out split have the name of a benchmark "
+                        f"also listed in evaluation.benchmarks; rename one of them")
+    expanded = []
+    for name in names:
+        expanded += list(heldout) if name == HELDOUT else [name]
+    return expanded
+
+
+def lmms_benchmarks(model_path: Path, args: argparse.Namespace, work_dir: Path, stats: StageStats):
+    """The benchmarks to run, the table of their tasks and metrics, and the local task folder (or None)."""
+    from xmas.evaluation.lmms_eval import benchmark_table, check_benchmarks, check_judge
+
+    names, heldout, include_path = list(args.benchmarks), {}, None
+    if HELDOUT in names:
+        heldout, include_path = heldout_benchmarks(model_path, args.test, args.image_root, work_dir / "heldout-tasks",
+                                                   args.max_new_tokens, stats)
+        names = expand_heldout(names, heldout)
+    table = benchmark_table(args.metrics, heldout)
+    names = check_benchmarks(names, table)
+    check_judge(names, table, args.allow_judge, os.environ)
+    return names, table, include_path
+
+
+@contextlib.contextmanager
+def lmms_checkpoint(model_path: Path, work_dir: Path) -> Iterator[Path]:
+    """The checkpoint as lmms-eval loads it (a LoRA run merged, the chat template taking string content);
+    what was written for it is removed afterwards."""
+    from xmas.evaluation.lmms_eval import evaluation_checkpoint
+
+    checkpoint, merged, linked = model_path, work_dir / "merged-checkpoint", work_dir / "checkpoint"
     try:
-        rows = run_lmms_eval(checkpoint, benchmarks, work_dir / "lmms-eval", gpus=gpus, batch_size=batch_size,
-                             allow_judge=allow_judge)
+        if (model_path / "adapter_config.json").is_file():
+            model, processor = load_target(model_path, torch.bfloat16)
+            with atomic_path(merged) as tmp:
+                model.save_pretrained(tmp)
+                processor.save_pretrained(tmp)
+            checkpoint = merged
+        yield evaluation_checkpoint(checkpoint, linked)
     finally:
         shutil.rmtree(merged, ignore_errors=True)
-    stats.add("in", len(benchmarks))
-    return pd.DataFrame(rows, columns=["benchmark", "score"])
+        shutil.rmtree(linked, ignore_errors=True)
+
+
+def evaluate_lmms(model_path: Path, args: argparse.Namespace, work_dir: Path, stats: StageStats) -> pd.DataFrame:
+    """``evaluation.benchmarks`` through lmms-eval: one row (benchmark, score, n) each."""
+    from xmas.evaluation.lmms_eval import check_lmms_eval_installed, run_lmms_eval
+
+    names, table, include_path = lmms_benchmarks(model_path, args, work_dir, stats)
+    check_lmms_eval_installed(judge=any(table[name].needs_judge for name in names))
+    with lmms_checkpoint(model_path, work_dir) as checkpoint:
+        # lmms-eval's llava_hf answers one question at a time (it asserts batch_size 1).
+        rows = run_lmms_eval(checkpoint, names, work_dir / "lmms-eval", gpus=args.gpus, batch_size=1,
+                             extra_model_args=args.model_args, allow_judge=args.allow_judge, table=table,
+                             include_path=include_path)
+    stats.add("in", len(names))
+    return pd.DataFrame(rows, columns=["benchmark", "score", "n"]).astype({"n": "Int64"})
 
 
 def write_scores(scores: pd.DataFrame, out: Path) -> None:
@@ -135,9 +190,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path,
                         help="fine-tuned target folder (from `xmas finetune-target`)")
     parser.add_argument("--out", required=True, type=Path, help="TSV to write: benchmark, score[, n]")
-    parser.add_argument("--test", type=Path, help="demo suite: held-out split (LLaVA format with question_type)")
+    parser.add_argument("--test", type=Path, help="demo suite and the lmms-eval suite's benchmark 'heldout': "
+                        "held-out split (LLaVA format with question_type)")
     parser.add_argument("--image-root", type=Path,
-                        help="demo suite: folder the test records' image paths are relative to")
+                        help="with --test: folder the test records' image paths are relative to")
     parser.add_argument("--predictions", type=Path,
                         help="demo suite: parquet of every answer (default: <out>.predictions.parquet)")
     parser.add_argument("--work-dir", type=Path, help="lmms-eval suite: its outputs (default: <out> without .tsv)")
@@ -156,8 +212,7 @@ def run(args: argparse.Namespace) -> None:
         write_parquet(predictions, args.predictions or args.out.with_suffix(".predictions.parquet"))
     else:
         work_dir = args.work_dir or args.out.with_suffix("")
-        scores = evaluate_lmms(args.model, args.benchmarks, work_dir, args.gpus, args.batch_size, args.allow_judge,
-                               stats)
+        scores = evaluate_lmms(args.model, args, work_dir, stats)
     stats.add("out", len(scores))
     write_scores(scores, args.out)
     stats.finish(args.stats)
