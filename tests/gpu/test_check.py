@@ -1,5 +1,5 @@
 """The GPU check (tests/gpu/check.sh) in its CPU smoke mode: the same code at tiny sizes prints every
-figure and passes; the recipe written out for machines without pandas is xmas's own."""
+figure and passes."""
 
 from __future__ import annotations
 
@@ -8,12 +8,6 @@ import os
 import re
 import subprocess
 import sys
-
-import torch
-import train_step
-
-from xmas.stages.finetune_target import with_lora
-from xmas.training.loop import freeze_vision_tower, parameter_groups
 
 from bench import main as bench_main
 from conftest import REPO
@@ -54,24 +48,3 @@ def test_the_bench_fails_when_the_agreement_is_not_met(capsys):
     assert bench_main(["trajectory", "--shape", "tiny", "--examples", "2", "--batch-size", "2", "--dtype", "bfloat16",
                        "--build-on-device", "--max-disagreement", "1e-12"]) == 1
     assert re.search(r"^agreement: \S+ <= 1\.00e-12: NOT met$", capsys.readouterr().out, re.MULTILINE)
-
-
-def lora_model(steps: dict):
-    settings = train_step.check_settings("lora", smoke=True)
-    model, _ = train_step.prepare_model("lora", settings, torch.device("cpu"), steps)
-    return model
-
-
-def test_the_written_out_recipe_is_xmas_own():
-    ours, _ = train_step.recipe(force_written_out=True)
-    theirs, source = train_step.recipe()
-    assert source.startswith("xmas (") and theirs["with_lora"] is with_lora
-    assert theirs["freeze_vision_tower"] is freeze_vision_tower and theirs["parameter_groups"] is parameter_groups
-    a, b = lora_model(ours), lora_model(theirs)
-    assert a.peft_config["default"].target_modules == b.peft_config["default"].target_modules
-    assert a.peft_config["default"].modules_to_save == b.peft_config["default"].modules_to_save
-    trainable = [[name for name, p in model.named_parameters() if p.requires_grad] for model in (a, b)]
-    assert trainable[0] == trainable[1] and any("lora_A" in name for name in trainable[0])
-    groups = [[(g["name"], g["lr"], len(g["params"])) for g in f(model, 2e-4, 2e-5, 0.0)]
-              for f, model in ((ours["parameter_groups"], a), (theirs["parameter_groups"], b))]
-    assert groups[0] == groups[1] and [name for name, _, _ in groups[0]] == ["model", "projector"]

@@ -20,10 +20,8 @@ before each step); on a CPU the process's peak resident set (VmHWM). The step mu
 loss, change the weights that train and leave the frozen ones alone. The last line is
 ``RESULT <proxy-step|lora-7b-step> PASS|FAIL key=value ...``; the exit status is 1 on FAIL.
 
-``--smoke`` runs the same code at tiny widths on the CPU (tests/gpu/test_check.py). When the modules
-that hold the LoRA recipe cannot be imported (``xmas.stages.finetune_target`` and
-``xmas.training.loop`` need pandas, pyarrow and pillow, which a bare GPU machine may lack), the same
-recipe written out below is used, and the output says so.
+``--smoke`` runs the same code at tiny widths on the CPU (tests/gpu/test_check.py). The recipe is
+``xmas.models.recipe``, which needs neither pandas, pyarrow nor pillow.
 """
 
 from __future__ import annotations
@@ -41,7 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
-from xmas.models.attention import language_model  # noqa: E402
+from xmas.models.recipe import freeze_vision_tower, parameter_groups, with_lora  # noqa: E402
 from xmas.training.engine import (  # noqa: E402
     MicroBatch,
     attention_implementation,
@@ -113,60 +111,13 @@ def build_model(config, device: torch.device, dtype: torch.dtype, attention: str
         return LlavaForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attention)
 
 
-# --------------------------------------------------------------- the recipe, from xmas or written out
+# ------------------------------------------------------------------------------------------- recipe
 
 
-def language_model_linear_layers(model) -> list[str]:
-    """As xmas.stages.finetune_target: the language model's linear layers (not lm_head, projector, vision)."""
-    lm = language_model(model)
-    prefix = next(name for name, module in model.named_modules() if module is lm)
-    return sorted(f"{prefix}.{name}" for name, module in lm.named_modules() if isinstance(module, torch.nn.Linear))
-
-
-def written_out_with_lora(model, rank: int, alpha: int, dropout: float):
-    """As xmas.stages.finetune_target.with_lora: LoRA on the language model's linear layers, projector in full."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                        target_modules=language_model_linear_layers(model), modules_to_save=[PROJECTOR])
-    return get_peft_model(model, config)
-
-
-def written_out_freeze_vision_tower(model) -> None:
-    """As xmas.training.loop.freeze_vision_tower."""
-    for name, parameter in model.named_parameters():
-        if "vision_tower" in name:
-            parameter.requires_grad_(False)
-
-
-def written_out_parameter_groups(model, learning_rate: float, projector_learning_rate: float | None,
-                                 weight_decay: float) -> list[dict]:
-    """As xmas.training.loop.parameter_groups: the projector at its own learning rate, the rest."""
-    projector, rest = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (projector if PROJECTOR in name else rest).append(parameter)
-    return [group for group in (
-        {"params": rest, "lr": learning_rate, "weight_decay": weight_decay, "name": "model"},
-        {"params": projector, "lr": projector_learning_rate or learning_rate, "weight_decay": weight_decay,
-         "name": "projector"},
-    ) if group["params"]]
-
-
-def recipe(force_written_out: bool = False) -> tuple[dict, str]:
-    """with_lora, freeze_vision_tower and parameter_groups from xmas when importable, else written out here."""
-    try:
-        if force_written_out:
-            raise ModuleNotFoundError("forced", name="(forced by --written-out)")
-        from xmas.stages.finetune_target import with_lora
-        from xmas.training.loop import freeze_vision_tower, parameter_groups
-    except ModuleNotFoundError as error:
-        return ({"with_lora": written_out_with_lora, "freeze_vision_tower": written_out_freeze_vision_tower,
-                 "parameter_groups": written_out_parameter_groups},
-                f"its copy in tests/gpu/train_step.py ({error.name} is missing, so xmas.stages.finetune_target "
-                "and xmas.training.loop cannot be imported)")
+def recipe() -> tuple[dict, str]:
+    """with_lora, freeze_vision_tower and parameter_groups: xmas's (they import torch and peft alone)."""
     return ({"with_lora": with_lora, "freeze_vision_tower": freeze_vision_tower, "parameter_groups": parameter_groups},
-            "xmas (finetune_target.with_lora, loop.freeze_vision_tower, loop.parameter_groups)")
+            "xmas.models.recipe")
 
 
 def prepare_model(kind: str, settings: dict, device: torch.device, steps: dict):
@@ -352,11 +303,11 @@ def verdict(name: str, results: list, problems: list[str], settings: dict, token
     return 1 if problems else 0
 
 
-def run(kind: str, smoke: bool, steps_count: int = 2, force_written_out: bool = False) -> int:
+def run(kind: str, smoke: bool, steps_count: int = 2) -> int:
     settings = check_settings(kind, smoke)
     name = settings["name"]
     context = context_from_environment()
-    steps, source = recipe(force_written_out)
+    steps, source = recipe()
     memory = Memory(context.device)
     start = time.monotonic()
     model, attention = prepare_model(kind, settings, context.device, steps)
@@ -380,11 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=tuple(CHECKS))
     parser.add_argument("--smoke", action="store_true", help="tiny widths (for the CPU)")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps; the last is the measured one")
-    parser.add_argument("--written-out", action="store_true",
-                        help="use the recipe written out here even when xmas's modules can be imported")
     args = parser.parse_args(argv)
     try:
-        return run(args.kind, args.smoke, args.steps, args.written_out)
+        return run(args.kind, args.smoke, args.steps)
     except Exception as error:  # an OOM or a library error still ends with a RESULT line
         traceback.print_exc()
         reason = re.sub(r"\s+", " ", f"{type(error).__name__}: {error}")[:300]

@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from xmas.errors import XmasError
+from xmas.models.recipe import language_model
 from xmas.training.engine import attention_implementation
 
 IMPLEMENTATION = "xmas_capture"
@@ -123,14 +124,6 @@ def materialised_mask(*args, **kwargs):
 
 AttentionInterface.register(IMPLEMENTATION, capture_attention)
 AttentionMaskInterface.register(IMPLEMENTATION, materialised_mask)
-
-
-def language_model(model) -> torch.nn.Module:
-    inner = getattr(model, "model", model)
-    lm = getattr(inner, "language_model", None)
-    if lm is None or not hasattr(lm, "layers"):
-        raise XmasError(f"{type(model).__name__}: no language model with decoder layers found")
-    return lm
 
 
 class CrossModalAttention:

@@ -22,8 +22,8 @@ from PIL import Image
 
 from xmas.data.records import IMAGE_POSITIONS, IMAGE_TAG, image_paths, to_messages
 from xmas.errors import XmasError
+from xmas.models.recipe import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 ENCODING_FILE = "xmas_encoding.json"
 
 

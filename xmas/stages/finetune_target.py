@@ -28,9 +28,9 @@ from xmas.data.annotations import SourceRecords, iter_spans
 from xmas.data.records import record_id
 from xmas.errors import XmasError
 from xmas.io import atomic_path
-from xmas.models.attention import language_model
 from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint
 from xmas.models.encoding import ConversationEncoder, Encoding
+from xmas.models.recipe import freeze_vision_tower, with_lora
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, log, progress, use_threads
 from xmas.settings import add_settings, settings_of
 from xmas.training.engine import (
@@ -45,9 +45,7 @@ from xmas.training.engine import (
     resolve_dtype,
 )
 from xmas.training.loop import (
-    PROJECTOR,
     fit_steps,
-    freeze_vision_tower,
     make_optimizer,
     micro_batches_for,
     steps_per_epoch,
@@ -81,24 +79,6 @@ def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStat
                                 subset, record.get("id"), length.image_end, encoder.encoding.max_length)
                     stats.exclude("image_cut_by_max_length")
     return SourceRecords(subset, rows[fits])
-
-
-def language_model_linear_layers(model) -> list[str]:
-    """Names of the language model's linear layers: where LLaVA's recipe puts LoRA (not lm_head, projector, vision)."""
-    lm = language_model(model)
-    prefix = next(name for name, module in model.named_modules() if module is lm)
-    return sorted(f"{prefix}.{name}" for name, module in lm.named_modules() if isinstance(module, torch.nn.Linear))
-
-
-def with_lora(model, rank: int, alpha: int, dropout: float):
-    """A peft model: LoRA on the language model's linear layers, the projector trained in full."""
-    from peft import LoraConfig, get_peft_model
-
-    if not hasattr(getattr(model, "model", model), PROJECTOR):
-        raise XmasError(f"{type(model).__name__} has no {PROJECTOR}: LoRA fine-tuning expects a Llava-family model")
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                        target_modules=language_model_linear_layers(model), modules_to_save=[PROJECTOR])
-    return get_peft_model(model, config)
 
 
 def prepare_model(base: Path, settings: dict, context):

@@ -24,6 +24,7 @@ from xmas.errors import XmasError
 from xmas.io import atomic_path
 from xmas.models.checkpoints import load_checkpoint
 from xmas.models.encoding import ConversationEncoder, Encoding
+from xmas.models.recipe import freeze_vision_tower
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, use_threads
 from xmas.settings import add_settings, settings_of
 from xmas.training.engine import (
@@ -33,7 +34,7 @@ from xmas.training.engine import (
     distributed,
     prepare_training,
 )
-from xmas.training.loop import fit_steps, freeze_vision_tower, make_optimizer, micro_batches_for, steps_per_epoch
+from xmas.training.loop import fit_steps, make_optimizer, micro_batches_for, steps_per_epoch
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "training_log.json"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from xmas.errors import XmasError
-from xmas.models.encoding import IGNORE_INDEX
+from xmas.models.recipe import IGNORE_INDEX
 from xmas.resources import resource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

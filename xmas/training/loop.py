@@ -16,11 +16,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
+from xmas.models.encoding import ConversationEncoder
+from xmas.models.recipe import IGNORE_INDEX, parameter_groups
 from xmas.progress import progress
 from xmas.training.engine import Distributed, MicroBatch
-
-PROJECTOR = "multi_modal_projector"
 
 
 def steps_per_epoch(records: int, batch_size: int) -> int:
@@ -60,27 +59,6 @@ def micro_batches_for(step: int, records, encoder: ConversationEncoder, settings
     shares = rank_micro_batches(indices, context.rank, context.world_size, settings.get("micro_batch_size"))
     return [MicroBatch(encoder([records[i] for i in share])) if len(share)
             else MicroBatch(encoder([records[indices[0]]]), weight=0.0) for share in shares]
-
-
-def freeze_vision_tower(model) -> None:
-    """Keep the vision tower as it is (found by name, so peft-wrapped models too)."""
-    for name, parameter in model.named_parameters():
-        if "vision_tower" in name:
-            parameter.requires_grad_(False)
-
-
-def parameter_groups(model, learning_rate: float, projector_learning_rate: float | None,
-                     weight_decay: float) -> list[dict]:
-    """Trainable parameters in two groups: the projector at its own learning rate (when given), the rest."""
-    projector, rest = [], []
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            (projector if PROJECTOR in name else rest).append(parameter)
-    return [group for group in (
-        {"params": rest, "lr": learning_rate, "weight_decay": weight_decay, "name": "model"},
-        {"params": projector, "lr": projector_learning_rate or learning_rate, "weight_decay": weight_decay,
-         "name": "projector"},
-    ) if group["params"]]
 
 
 # The schedules after the linear warmup, by their transformers names.
