@@ -11,6 +11,7 @@ import textwrap
 
 from xmas import __version__
 from xmas.errors import XmasError
+from xmas.io import set_command
 from xmas.progress import setup_logging
 
 # One stage per workflow rule, named like it: `xmas train-segment` is rule train_segment, in
@@ -109,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose)
+    set_command(["xmas", *argv])
     try:
         module.run(args)
     except XmasError as error:

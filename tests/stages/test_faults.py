@@ -13,6 +13,7 @@ from PIL import Image
 from xmas.cli import main
 from xmas.data.annotations import SourceRecords
 from xmas.data.examples import usable_image_examples
+from xmas.io import seal_path
 from xmas.stages.trajectory import singular_value_columns, trajectory_schema
 
 TURNS = [{"from": "human", "value": "<image>\nWhich color does the square have?"}, {"from": "gpt", "value": "green"}]
@@ -141,7 +142,8 @@ def test_trajectory_shards_merge_whatever_their_size(tiny_checkpoint, small_demo
     merge = ["merge", "--examples", str(examples), "--checkpoints", "1", "--shards", str(shards), "--out", str(merged)]
     assert main([*merge, *map(str, files)]) == 0
     assert pq.read_table(merged).to_pandas().uid.tolist() == usable_image_examples(examples).uid.tolist()
-    pq.write_table(trajectory_schema(singular_value_columns(5)).empty_table(), empty)  # as older versions wrote it
+    pq.write_table(trajectory_schema(singular_value_columns(5)).empty_table(), empty)  # as older versions wrote it,
+    seal_path(empty).unlink()  # with no seal
     assert main([*merge, *map(str, files)]) == 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from xmas.data.annotations import read_all
-from xmas.io import write_records
+from xmas.io import seal_path, write_records
 from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint, load_target
 from xmas.models.encoding import ConversationEncoder
 from xmas.models.recipe import PROJECTOR, language_model_linear_layers, parameter_groups
@@ -129,6 +130,11 @@ def test_a_killed_fine_tune_resumes_from_its_last_saved_state_to_the_same_weight
     finally:
         process.wait()
     assert process.returncode == -signal.SIGKILL and not resumed.exists(), "the run ended before it was killed"
+    damaged = tmp_path / "damaged"
+    shutil.copytree(partial, damaged.with_name("damaged.partial"))
+    last = sorted(damaged.with_name("damaged.partial").glob("step-*"))[-1]
+    shutil.copyfile(seal_path(partial / last.name), seal_path(last))
+    (last / "state.pt").write_bytes((last / "state.pt").read_bytes()[:100])
 
     rerun = subprocess.run(finetune_command(tiny_checkpoint, subset, small_demo, resumed), capture_output=True,
                            text=True, timeout=600)
@@ -138,3 +144,11 @@ def test_a_killed_fine_tune_resumes_from_its_last_saved_state_to_the_same_weight
     assert (resumed / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
     runs = [json.loads((folder / FINETUNE_RUN_FILE).read_text()) for folder in (uninterrupted, resumed)]
     assert runs[0]["losses"] == runs[1]["losses"] and not partial.exists()
+
+    # a saved state cut short is not trusted: the fine-tune starts again from step 0, to the same weights
+    again = subprocess.run(finetune_command(tiny_checkpoint, subset, small_demo, damaged), capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert re.search(rf"{last}/state\.pt holds 100 bytes, \d+ were written; starting the fine-tune from step 0",
+                     again.stderr), again.stderr[-3000:]
+    assert (damaged / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from xmas.errors import XmasError
+from xmas.io import seal_path
 from xmas.models.checkpoints import load_checkpoint
 from xmas.progress import StageStats
 from xmas.settings import defaults
@@ -86,3 +88,21 @@ def test_frozen_vision_tower_does_not_change(tiny_checkpoint, small_demo, small_
     vision = [name for name in before if "vision_tower" in name]
     assert vision and all(torch.equal(before[n], after[n]) for n in vision)
     assert any(not torch.equal(before[n], after[n]) for n in before if "language_model" in n)
+
+
+@pytest.mark.parametrize("name", ["training_state.pt", "model.safetensors"])
+def test_a_cut_short_checkpoint_file_is_named_with_the_command_that_redoes_it(chain, small_demo, small_examples,
+                                                                             tmp_path, name):
+    copied, path = tmp_path / "checkpoint-1", tmp_path / "checkpoint-1" / name
+    shutil.copytree(chain / "checkpoint-1", copied)
+    shutil.copyfile(seal_path(chain / "checkpoint-1"), seal_path(copied))
+    path.write_bytes(path.read_bytes()[:1000])
+    damaged = rf"{re.escape(str(copied))} is damaged: {re.escape(str(path))} holds 1000 bytes, \d+ were written"
+    with pytest.raises(XmasError, match=rf"{damaged}.*redo it with: snakemake --force {re.escape(str(copied))} "):
+        train(copied, tmp_path / "c2", 2, small_demo, small_examples)
+    seal_path(copied).unlink()  # copied by hand: no seal, and the failed read names the file
+    unreadable = {"training_state.pt": rf"{re.escape(str(path))} is damaged: it cannot be read as a torch file",
+                  "model.safetensors": rf"{re.escape(str(copied))} is damaged: it cannot be loaded \(SafetensorError"}
+    with pytest.raises(XmasError, match=unreadable[name]):
+        train(copied, tmp_path / "c2", 2, small_demo, small_examples)
+    assert not (tmp_path / "c2").exists()

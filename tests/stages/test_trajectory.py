@@ -52,24 +52,29 @@ def test_shard_file_has_one_row_per_example(clean_run, shard):
     assert (clean_run.sv1 > 0).all() and (clean_run.sv1 >= clean_run.sv2).all()
 
 
-def test_a_crashed_shard_resumes_without_recomputing_finished_rows(
-        tiny_checkpoint, small_demo, shard, clean_run, tmp_path, monkeypatch):
-    out = tmp_path / "shard-0.parquet"
+def crash_on_third_chunk(tiny_checkpoint, small_demo, shard, out, monkeypatch):
+    """Run the shard until its third chunk, as a killed job would, leaving two part files."""
     real_extract, calls = trajectory.extract_chunk, []
 
-    def crash_on_third_chunk(*args, **kwargs):
+    def extract_or_crash(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt("killed")
         return real_extract(*args, **kwargs)
 
-    monkeypatch.setattr(trajectory, "extract_chunk", crash_on_third_chunk)
-    with pytest.raises(KeyboardInterrupt):
-        run_shard(tiny_checkpoint, small_demo, shard, out)
+    with monkeypatch.context() as patch:
+        patch.setattr(trajectory, "extract_chunk", extract_or_crash)
+        with pytest.raises(KeyboardInterrupt):
+            run_shard(tiny_checkpoint, small_demo, shard, out)
+
+
+def test_a_crashed_shard_resumes_without_recomputing_finished_rows(
+        tiny_checkpoint, small_demo, shard, clean_run, tmp_path, monkeypatch):
+    out = tmp_path / "shard-0.parquet"
+    crash_on_third_chunk(tiny_checkpoint, small_demo, shard, out, monkeypatch)
     assert not out.exists()
     assert sorted(p.name for p in out.with_name(out.name + ".parts").glob("part-*")) == ["part-00000.parquet",
                                                                                          "part-00001.parquet"]
-    monkeypatch.setattr(trajectory, "extract_chunk", real_extract)
     stats = run_shard(tiny_checkpoint, small_demo, shard, out)
     assert stats.counts["resumed_rows"] == 32
     assert stats.counts["computed_rows"] == len(shard) - 32
@@ -135,3 +140,22 @@ def test_the_loss_trajectories_cluster_on_their_single_column(tmp_path, small_ex
     tensor = trajectory_tensor(frame, uids)
     assert tensor.shape == (4, 3, 1)
     np.testing.assert_allclose(stability(tensor), [1.5, 0.0, 0.0, 3.0])
+
+
+def cut_short(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage, resumed", [
+    (lambda parts: cut_short(parts / "part-00001.parquet"), 16),
+    (lambda parts: (parts / "part-00000.parquet").write_bytes(b""), 16),
+    (lambda parts: cut_short(parts / "fingerprint.json"), 0),
+], ids=["part-cut-short", "part-emptied", "fingerprint-cut-short"])
+def test_damaged_parts_are_computed_again_not_reused(tiny_checkpoint, small_demo, shard, clean_run, tmp_path,
+                                                      monkeypatch, damage, resumed):
+    out = tmp_path / "shard-0.parquet"
+    crash_on_third_chunk(tiny_checkpoint, small_demo, shard, out, monkeypatch)
+    damage(out.with_name(out.name + ".parts"))
+    stats = run_shard(tiny_checkpoint, small_demo, shard, out)
+    assert stats.counts["resumed_rows"] == resumed
+    pd.testing.assert_frame_equal(pq.read_table(out).to_pandas(), clean_run)

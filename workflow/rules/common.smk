@@ -11,6 +11,7 @@
 #   image folder, an input for the demo (IMAGE_INPUT) and vouched for by the download's report for
 #   real data; rules read images from it by name, as LLaVA's own training code does.
 import os
+import sys
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,7 @@ import yaml
 from xmas.data.demo import settings_file
 from xmas.data.download import load_manifest, resolve_manifest
 from xmas.errors import XmasError
+from xmas.io import copy_sealed, set_aside_damaged
 from xmas.resources import resource
 from xmas.settings import job_resources, stage_flags
 from xmas.training.launch import launcher_prefix
@@ -93,6 +95,13 @@ TARGET_PRESETS = TARGET["presets"] or str(resource("target_presets.yaml"))
 MODEL_PATHS = config["model_paths"]
 STANDINS = "results/standins"
 EVAL_SUMMARY = "results/eval/summary.tsv"
+
+# Snakemake trusts any output with a recent time stamp; outputs whose files no longer match their seal
+# (cut short, emptied, a checkpoint missing a file) are set aside here so that they are made again. Only
+# the run the user started does it: jobs Snakemake itself spawns (Slurm, subprocesses) parse this file too.
+if not (workflow.remote_exec or workflow.subprocess_exec):
+    for line in set_aside_damaged("results"):
+        print(f"xmas: {line}", file=sys.stderr)
 
 
 wildcard_constraints:

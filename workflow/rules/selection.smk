@@ -63,5 +63,5 @@ rule main_subset:
     log:
         "logs/main_subset/{budget}.log",
     localrule: True
-    shell:
-        "(cp {input.subset} {output.subset} && cp {input.manifest} {output.manifest}) 2> {log}"
+    run:
+        copy_sealed(input, output, log[0])

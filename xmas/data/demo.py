@@ -180,7 +180,7 @@ def write_split(name: str, examples: list[Example], images: Path, size: int, rng
 def generate(settings: dict, train_json: Path, test_json: Path, image_root: Path, stats: StageStats) -> None:
     rng = np.random.default_rng(settings["seed"])
     train, test = train_examples(settings, rng), test_examples(settings, rng)
-    with atomic_path(image_root) as images:
+    with atomic_path(image_root, seal=False) as images:
         train_records = write_split("train", train, images, settings["image_size"], rng, stats)
         test_records = write_split("test", test, images, settings["image_size"], rng, stats)
     write_records(train_records, train_json)

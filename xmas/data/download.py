@@ -386,14 +386,14 @@ def fetch_small(url: str, path: Path, timeout: float) -> str | None:
         return f"HTTP {error.code} {error.reason}"
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         return f"{type(error).__name__}: {getattr(error, 'reason', error)}"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, seal=False) as tmp:
         tmp.write_bytes(data)
     return None
 
 
 def link_or_copy(source: Path, target: Path) -> None:
     """Hard-link (no second copy on disk) or, across file systems, copy ``source`` to ``target``, atomically."""
-    with atomic_path(target) as tmp:
+    with atomic_path(target, seal=False) as tmp:
         try:
             os.link(source, tmp)
         except OSError:
@@ -406,7 +406,7 @@ def unpack(archive: Path, spec: dict, dest: Path, label: str) -> None:
     for stale in target.parent.glob(f".{target.name}.*"):  # staging left by a killed unpack
         shutil.rmtree(stale, ignore_errors=True)
     fmt = spec.get("format", "zip")
-    with atomic_path(target) as tmp:
+    with atomic_path(target, seal=False) as tmp:
         staging = tmp.parent / "unpacked"
         try:
             if fmt == "zip":

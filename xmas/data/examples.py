@@ -10,6 +10,7 @@ import pandas as pd
 
 from xmas.data.annotations import SPAN_COLUMNS, SourceRecords
 from xmas.errors import XmasError
+from xmas.io import read_parquet
 
 # The cluster of text-only records in clusters.parquet: they have no trajectory.
 TEXT_ONLY = -1
@@ -17,7 +18,7 @@ TEXT_ONLY = -1
 
 def read_examples(path: str | Path, columns: list[str]) -> pd.DataFrame:
     """Columns of ``examples.parquet``; they must be there (written by this version of ``prepare``)."""
-    table = pd.read_parquet(path)
+    table = read_parquet(path)
     missing = [column for column in columns if column not in table.columns]
     if missing:
         raise XmasError(f"{path} has no column(s) {', '.join(missing)}: it was written by an older "

@@ -205,7 +205,7 @@ class Generator:
 
 
 def generate(settings: dict, train_json: Path, test_json: Path, image_root: Path, stats: StageStats) -> None:
-    with atomic_path(image_root) as images:
+    with atomic_path(image_root, seal=False) as images:
         images.mkdir()
         generator = Generator(settings, images, stats)
         train = generator.train({kind: n for kind, n in settings["train"].items() if kind != "tag_after_question"})

@@ -6,12 +6,13 @@ its base in ``xmas_finetune.json``."""
 from __future__ import annotations
 
 import contextlib
-import json
+import pickle
 from pathlib import Path
 
 import torch
 
 from xmas.errors import XmasError
+from xmas.io import Damage, DamagedOutput, first_line, read_json, read_seal, verify
 
 FINETUNE_RUN_FILE = "xmas_finetune.json"
 
@@ -32,12 +33,27 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
 
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise XmasError(f"{path} is not a model checkpoint (no config.json)")
+    verify(path)
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    with hub_errors("model", path):
+    with hub_errors("model", path), unreadable_files(path):
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         return model, AutoProcessor.from_pretrained(path)
+
+
+@contextlib.contextmanager
+def unreadable_files(folder: str | Path):
+    """A local checkpoint that fails to load (a cut-short safetensors file, a bad JSON) as an error naming it."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
+        if not Path(folder).is_dir():
+            raise
+        raise DamagedOutput(Damage(Path(folder), f"it cannot be loaded ({first_line(error)})",
+                                   (read_seal(Path(folder)) or {}).get("command", []))) from error
 
 
 def load_target(path: Path, dtype: torch.dtype = torch.float32):
@@ -47,6 +63,6 @@ def load_target(path: Path, dtype: torch.dtype = torch.float32):
         return load_checkpoint(path, dtype)
     from peft import PeftModel
 
-    run = json.loads((path / FINETUNE_RUN_FILE).read_text())
+    run = read_json(path / FINETUNE_RUN_FILE)
     model, processor = load_checkpoint(run["base"], dtype)
     return PeftModel.from_pretrained(model, path).merge_and_unload(), processor

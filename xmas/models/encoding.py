@@ -22,6 +22,7 @@ from PIL import Image
 
 from xmas.data.records import IMAGE_POSITIONS, IMAGE_TAG, image_paths, to_messages
 from xmas.errors import XmasError
+from xmas.io import read_json
 from xmas.models.recipe import IGNORE_INDEX
 
 ENCODING_FILE = "xmas_encoding.json"
@@ -52,7 +53,7 @@ class Encoding:
             raise XmasError(f"{folder} has no {ENCODING_FILE}: it was not written by `xmas proxy-init` (or an "
                             "xmas stage that copies it); build the checkpoint with proxy-init")
         try:
-            return cls(**json.loads(path.read_text()))
+            return cls(**read_json(path))
         except (json.JSONDecodeError, TypeError) as error:
             raise XmasError(f"{path}: not a valid encoding file ({error}); run proxy-init again") from None
 

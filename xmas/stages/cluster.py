@@ -17,7 +17,7 @@ import pandas as pd
 
 from xmas.data.examples import TEXT_ONLY
 from xmas.errors import XmasError
-from xmas.io import write_parquet
+from xmas.io import read_parquet, write_parquet
 from xmas.progress import StageStats, add_input_arguments, log
 from xmas.settings import add_settings, settings_of
 
@@ -91,10 +91,10 @@ def kmeans(points: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray
 
 
 def cluster(examples: Path, trajectories: Path, settings: dict, stats: StageStats) -> pd.DataFrame:
-    table = pd.read_parquet(examples, columns=["uid", "index", "has_image", "status"])
+    table = read_parquet(examples, columns=["uid", "index", "has_image", "status"])
     usable = table[table.status == "ok"].sort_values("index")
     images = usable[usable.has_image]
-    features = feature_of(trajectory_tensor(pd.read_parquet(trajectories), list(images.uid)), settings["feature"])
+    features = feature_of(trajectory_tensor(read_parquet(trajectories), list(images.uid)), settings["feature"])
     k = cluster_count(settings["clusters"], len(images), settings["min_cluster_size"])
     points = features.reshape(len(images), -1)
     labels = kmeans(points, k, settings["kmeans_iterations"], settings["seed"]) if len(images) else []

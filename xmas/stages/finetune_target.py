@@ -27,7 +27,7 @@ import torch
 from xmas.data.annotations import SourceRecords, iter_spans
 from xmas.data.records import record_id
 from xmas.errors import XmasError
-from xmas.io import atomic_path
+from xmas.io import atomic_path, damage_of, load_torch, read_json, seal_path, verify, write_seal
 from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint
 from xmas.models.encoding import ConversationEncoder, Encoding
 from xmas.models.recipe import freeze_vision_tower, with_lora
@@ -56,7 +56,8 @@ LENGTH_BATCH = 1024
 
 def subset_rows(path: Path) -> pd.DataFrame:
     """Where each record of a subset JSON lies (one pass over the file), so records are read on demand."""
-    rows = [(record_id(span.record, span.index), span.index, span.offset, span.length) for span in iter_spans(path)]
+    spans = iter_spans(verify(path))
+    rows = [(record_id(span.record, span.index), span.index, span.offset, span.length) for span in spans]
     return pd.DataFrame(rows, columns=["uid", "index", "offset", "length"])
 
 
@@ -191,9 +192,12 @@ def save_partial(partial: Path, training, model, settings: dict, step: int, loss
     context.barrier()
     if context.is_main:
         (tmp / STEP_FILE).write_text(json.dumps({"step": step, "losses": losses, "settings": settings}) + "\n")
+        write_seal(folder, tmp)
+        shutil.rmtree(folder, ignore_errors=True)  # a state not trusted, of a run started again
         tmp.rename(folder)
         for older in saved_steps(partial)[:-1]:
             shutil.rmtree(older)
+            seal_path(older).unlink(missing_ok=True)
         log.info("saved the fine-tune's state after step %d in %s", step, folder)
     context.barrier()
 
@@ -204,19 +208,23 @@ def resume(partial: Path, training, model, settings: dict, total: int, context) 
     if not found:
         return 0, []
     folder = found[-1]
-    saved = json.loads((folder / STEP_FILE).read_text())
+    damage = damage_of(folder)
+    if damage is not None:
+        log.warning("%s; starting the fine-tune from step 0", damage.what)
+        return 0, []
+    saved = read_json(folder / STEP_FILE)
     if saved["settings"] != settings:
         log.warning("%s was saved with other settings; starting the fine-tune from step 0", folder)
         return 0, []
     log.info("resuming from step %d of %d (%s)", saved["step"], total, folder)
-    state = torch.load(folder / STATE_FILE, weights_only=False) if (folder / STATE_FILE).is_file() else {}
+    state = load_torch(folder / STATE_FILE, weights_only=False) if (folder / STATE_FILE).is_file() else {}
     if "trainable" in state:
         with torch.no_grad():
             parameters = dict(model.named_parameters())
             for name, value in state.pop("trainable").items():
                 parameters[name].copy_(value)
     training.load_state_dict(state, folder)
-    torch.random.set_rng_state(torch.load(folder / f"rng-{context.rank}.pt"))
+    torch.random.set_rng_state(load_torch(folder / f"rng-{context.rank}.pt"))
     return saved["step"], saved["losses"]
 
 

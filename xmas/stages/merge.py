@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from xmas.data.examples import shard_slice, usable_image_examples
 from xmas.errors import XmasError
-from xmas.io import write_parquet
+from xmas.io import read_table, write_parquet
 from xmas.progress import StageStats, add_input_arguments
 from xmas.settings import add_settings
 
@@ -48,7 +47,7 @@ def check_complete(table: pd.DataFrame, usable: pd.DataFrame, checkpoints: int, 
 def concat_shards(inputs: list[Path]) -> pa.Table:
     """The shard files as one table. Their columns must agree; their metadata may not (an empty shard
     written by an older `xmas trajectory` has none), so the first non-empty one's is kept."""
-    tables = [pq.read_table(path) for path in inputs]
+    tables = [read_table(path) for path in inputs]
     columns = {path: table.schema.remove_metadata() for path, table in zip(inputs, tables)}
     if len(set(columns.values())) > 1:
         listed = "; ".join(f"{path}: {', '.join(schema.names)}" for path, schema in columns.items())

@@ -24,7 +24,7 @@ import pandas as pd
 from xmas.data.annotations import SourceRecords
 from xmas.errors import XmasError
 from xmas.evaluation.comparison import comparison_table
-from xmas.io import atomic_path
+from xmas.io import atomic_path, read_json, read_parquet
 from xmas.progress import StageStats, add_input_arguments
 
 LARGEST_CLUSTERS = 6
@@ -168,7 +168,7 @@ def stage_counts(stats_dir: Path) -> pd.DataFrame:
     """One row per job: seconds, in, out, excluded, and whatever else it counted."""
     rows = []
     for path in sorted(stats_dir.rglob("*.json")):
-        stats = json.loads(path.read_text())
+        stats = read_json(path)
         counts = dict(stats.get("counts", {}))
         rows.append({"stage": stats.get("stage", path.stem), "seconds": stats.get("seconds"),
                      "peak MB": stats.get("peak_memory_mb", ""),
@@ -217,9 +217,9 @@ pre {{ background: #f6f6f6; padding: 1rem; overflow-x: auto; font-size: 0.8rem; 
 
 
 def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageStats) -> str:
-    examples = pd.read_parquet(inputs["examples"])
-    clusters = pd.read_parquet(inputs["clusters"])
-    trajectories = pd.read_parquet(inputs["trajectories"])
+    examples = read_parquet(inputs["examples"])
+    clusters = read_parquet(inputs["clusters"])
+    trajectories = read_parquet(inputs["trajectories"])
     usable = examples[examples.status == "ok"]
     figures = [trajectory_curves(trajectories, clusters), stability_distribution(subsets),
                cluster_quotas(clusters, subsets), composition(usable.set_index("index").source, subsets, "source")]
@@ -281,7 +281,7 @@ def run(args: argparse.Namespace) -> None:
         run_config = json.loads(args.run_config)
     except json.JSONDecodeError as error:
         raise XmasError(f"--run-config is not valid JSON: {error}") from None
-    subsets = [Subset(method, budget, pd.read_parquet(path)) for method, budget, path in args.manifest]
+    subsets = [Subset(method, budget, read_parquet(path)) for method, budget, path in args.manifest]
     inputs = {"examples": args.examples, "annotations": args.annotations, "clusters": args.clusters,
               "trajectories": args.trajectories, "eval_summary": args.eval_summary, "stats_dir": args.stats_dir}
     page = build(inputs, subsets, run_config, stats)

@@ -21,7 +21,7 @@ import pandas as pd
 from xmas.data.annotations import SPAN_COLUMNS, SourceRecords
 from xmas.data.examples import TEXT_ONLY, read_examples
 from xmas.errors import XmasError
-from xmas.io import write_parquet, write_raw_records
+from xmas.io import read_parquet, write_parquet, write_raw_records
 from xmas.progress import StageStats, add_input_arguments, log
 from xmas.settings import add_settings
 
@@ -150,10 +150,10 @@ def check_accounting(manifest: pd.DataFrame, examples: pd.DataFrame) -> None:
 
 def sample(method: str, budget: str, examples_path: Path, clusters_path: Path | None, min_cluster_size: int,
            seed: int, stats: StageStats) -> pd.DataFrame:
-    examples = pd.read_parquet(examples_path)
+    examples = read_parquet(examples_path)
     valid = examples.loc[examples.status == "ok", ["uid", "index"]]
     if clusters_path is not None:
-        valid = valid.merge(pd.read_parquet(clusters_path), on="uid", how="left", validate="one_to_one")
+        valid = valid.merge(read_parquet(clusters_path), on="uid", how="left", validate="one_to_one")
     else:
         valid = valid.assign(cluster=pd.NA, stability=np.nan)
     target = budget_size(budget, len(valid))

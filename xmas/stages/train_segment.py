@@ -21,7 +21,7 @@ import torch
 
 from xmas.data.examples import usable_records
 from xmas.errors import XmasError
-from xmas.io import atomic_path
+from xmas.io import atomic_path, load_torch, verify
 from xmas.models.checkpoints import load_checkpoint
 from xmas.models.encoding import ConversationEncoder, Encoding
 from xmas.models.recipe import freeze_vision_tower
@@ -64,7 +64,7 @@ def load_state(previous: Path, settings: dict, checkpoint: int) -> dict | None:
                             f"segment {checkpoint} would restart the schedule at step 0 on its trained weights. "
                             f"To train it anew, delete {previous} and run snakemake again")
         return None
-    state = torch.load(path, weights_only=False)
+    state = load_torch(path, weights_only=False)
     changed = {key: (state["settings"].get(key), value) for key, value in settings.items()
                if key not in MAY_CHANGE and state["settings"].get(key) != value}
     if changed:
@@ -87,7 +87,7 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
     settings = {**settings, "records": len(records)}
     if not records:
         raise XmasError(f"{examples}: no usable records to train on")
-    state = load_state(previous, settings, checkpoint)
+    state = load_state(verify(previous), settings, checkpoint)
     with distributed() as context:
         model, processor = load_model(previous, settings, context.device)
         encoder = ConversationEncoder.of_checkpoint(previous, processor, image_root, context.device)

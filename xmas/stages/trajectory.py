@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,19 +17,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from xmas.data.annotations import SourceRecords
 from xmas.data.examples import shard_slice, usable_image_examples
 from xmas.errors import XmasError
-from xmas.io import write_json, write_parquet
+from xmas.io import damage_of, read_json, read_seal, read_table, write_json, write_parquet
 from xmas.models.attention import CrossModalAttention, capture_output, top_singular_values
 from xmas.models.checkpoints import load_checkpoint
 from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder, Encoding
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, progress, use_threads
 from xmas.settings import add_settings, settings_of
 from xmas.training.engine import compute_device, resolve_dtype
+
+log = logging.getLogger(__name__)
 
 
 def trajectory_schema(columns: list[str]) -> pa.Schema:
@@ -72,12 +74,35 @@ def fingerprint(model_path: Path, checkpoint: int, shard: pd.DataFrame, settings
 
 
 def reset_stale_parts(parts: Path, current: dict) -> None:
+    """Part files written under another fingerprint, or under one that cannot be read, are discarded."""
     marker = parts / "fingerprint.json"
-    if parts.exists() and (not marker.exists() or json.loads(marker.read_text()) != json.loads(json.dumps(current))):
+    if parts.exists() and recorded_fingerprint(marker) != json.loads(json.dumps(current)):
         shutil.rmtree(parts)
     if not parts.exists():
         parts.mkdir(parents=True)
         write_json(current, marker)
+
+
+def recorded_fingerprint(marker: Path) -> dict | None:
+    if not marker.exists():
+        return None
+    try:
+        return read_json(marker)
+    except XmasError as error:
+        log.warning("%s; the part files beside it are computed again", error)
+        return None
+
+
+def reusable_part(path: Path) -> bool:
+    """A part file is reused only when its seal vouches for it; a damaged one is computed again."""
+    if not path.exists():
+        return False
+    damage = damage_of(path)
+    if damage is None and read_seal(path) is not None:
+        return True
+    log.warning("%s; computing it again", damage.what if damage else f"{path} has no seal")
+    path.unlink()
+    return False
 
 
 def batch_positions(lengths: list[int] | None, count: int, batch_size: int) -> list[np.ndarray]:
@@ -168,7 +193,7 @@ def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annota
     reset_stale_parts(parts, fingerprint(model_path, checkpoint, shard, settings))
     chunk_size = settings["chunk_size"]
     chunks = [shard.iloc[i : i + chunk_size] for i in range(0, len(shard), chunk_size)]
-    todo = [(n, chunk) for n, chunk in enumerate(chunks) if not (parts / f"part-{n:05d}.parquet").exists()]
+    todo = [(n, chunk) for n, chunk in enumerate(chunks) if not reusable_part(parts / f"part-{n:05d}.parquet")]
     stats.add("in", len(shard))
     stats.add("resumed_rows", len(shard) - sum(len(chunk) for _, chunk in todo))
     columns = signal_columns(settings)
@@ -181,7 +206,7 @@ def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annota
             write_parquet(trajectory_table(chunk["uid"].to_numpy(), checkpoint, columns, values),
                           parts / f"part-{n:05d}.parquet")
             stats.add("computed_rows", len(chunk))
-    tables = [pq.read_table(parts / f"part-{n:05d}.parquet") for n in range(len(chunks))]
+    tables = [read_table(parts / f"part-{n:05d}.parquet") for n in range(len(chunks))]
     if not tables:  # no example in this shard
         tables = [trajectory_table(np.array([], dtype=str), checkpoint, columns, np.zeros((0, len(columns))))]
     merged = pa.concat_tables(tables)

@@ -1,0 +1,62 @@
+"""Fault injection on the reduced demo's finished run: an output cut short, emptied or stripped of a file is
+set aside (as `<name>.damaged`) by the next `snakemake`, dry or not, and made again; the subsets come out
+byte-identical. Without its seal, Snakemake would trust any of them by its time stamp ("Nothing to be done")."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+
+from xmas.io import seal_path
+
+from conftest import SUBSET_DIGESTS, TARGETS, job_counts, snakemake
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def empty(path):
+    path.write_bytes(b"")
+
+
+def delete(path):
+    path.unlink()
+
+
+@pytest.fixture
+def finished_run(workflow_run, tmp_path):
+    """A copy of the reduced demo's run (time stamps and Snakemake's records kept), for one fault."""
+    project = tmp_path / "project"
+    shutil.copytree(workflow_run, project, symlinks=True)
+    assert "Nothing to be done" in snakemake(project, "-n", *TARGETS).stdout
+    return project
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault, damaged, output, remade", [
+    (truncate, "results/subset_0.5.json", "results/subset_0.5.json", {"main_subset"}),
+    (truncate, "results/proxy/checkpoint-3/model.safetensors", "results/proxy/checkpoint-3", {"train_segment"}),
+    (delete, "results/proxy/checkpoint-3/processor_config.json", "results/proxy/checkpoint-3", {"train_segment"}),
+    (empty, "results/selection/clusters.parquet", "results/selection/clusters.parquet", {"cluster"}),
+], ids=["subset-truncated", "weights-truncated", "checkpoint-file-deleted", "clusters-emptied"])
+def test_a_damaged_output_is_made_again(finished_run, fault, damaged, output, remade):
+    """Requested with the subsets (an intermediate output nothing needs to remake is only set aside)."""
+    written = (finished_run / damaged).read_bytes()
+    fault(finished_run / damaged)
+    planned = snakemake(finished_run, "-n", output, *TARGETS)
+    assert f"set aside as {output}.damaged; {output} is made again" in planned.stderr
+    assert remade <= set(job_counts(planned.stdout))
+    snakemake(finished_run, "--cores", "2", output, *TARGETS)
+    assert (finished_run / damaged).read_bytes() == written
+    assert (finished_run / f"{output}.damaged").exists() and seal_path(finished_run / output).exists()
+    for target, digest in SUBSET_DIGESTS.items():
+        assert hashlib.sha256((finished_run / target).read_bytes()).hexdigest() == digest, target
+    assert "Nothing to be done" in snakemake(finished_run, "-n", output, *TARGETS).stdout
+
+
+def test_the_command_an_error_gives_to_redo_an_output_plans_exactly_its_job(workflow_run):
+    counts = job_counts(snakemake(workflow_run, "-n", "--force", "results/proxy/checkpoint-2").stdout)
+    assert counts == {"train_segment": 1, "total": 1}
