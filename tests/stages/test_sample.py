@@ -9,7 +9,7 @@ import pytest
 from xmas.errors import XmasError
 from xmas.io import write_parquet
 from xmas.progress import StageStats
-from xmas.stages.sample import budget_size, sample, water_fill, xmas_select
+from xmas.stages.sample import budget_size, proportional_quotas, sample, water_fill, xmas_select
 
 
 def valid_frame(clusters: list[int], stability: list[float] | None = None) -> pd.DataFrame:
@@ -72,6 +72,38 @@ def test_small_clusters_are_skipped():
     assert not chosen.query("cluster == 0").selected.any()
 
 
+def test_text_only_records_keep_their_share_when_proportional():
+    # 168 text-only records of 1000 usable at 50%, as on the demo: upstream's rule gives them one group's quota
+    frame = valid_frame([-1] * 168 + [c for c in range(8) for _ in range(104)])
+    per_group = {share: xmas_select(frame, 500, 3, 0, text_only_share=share).query("selected").cluster.value_counts()
+                 for share in ("cluster", "proportional")}
+    assert per_group["cluster"][-1] == 500 // 9 + 1 and per_group["proportional"][-1] == 84  # round(500 * 0.168)
+    assert per_group["proportional"].drop(-1).tolist() == [52] * 8  # (500 - 84) / 8 clusters
+    assert per_group["cluster"].sum() == per_group["proportional"].sum() == 500
+
+
+def test_proportional_quotas_are_exact_and_give_back_what_images_cannot_fill():
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        sizes = {-1: int(rng.integers(1, 50)), **{g: int(s) for g, s in enumerate(rng.integers(1, 40, 5))}}
+        n_valid = sum(sizes.values())
+        target = int(rng.integers(0, n_valid + 1))
+        quotas = proportional_quotas(sizes, target, n_valid)
+        assert sum(quotas.values()) == target and all(0 <= quotas[g] <= sizes[g] for g in sizes)
+        assert quotas[-1] >= min(sizes[-1], (2 * target * sizes[-1] + n_valid) // (2 * n_valid))
+    assert proportional_quotas({-1: 10, 0: 2}, 11, 12) == {0: 2, -1: 9}  # the images hold only 2
+
+
+def test_xmas_proportional_is_xmas_with_the_proportional_share(small_selection):
+    examples, clusters = small_selection
+    manifests = [sample("xmas-proportional", "0.5", examples, clusters, 3, 0, StageStats("t")),
+                 sample("xmas", "0.5", examples, clusters, 3, 0, StageStats("t"), text_only_share="proportional"),
+                 sample("xmas", "0.5", examples, clusters, 3, 0, StageStats("t"))]
+    pd.testing.assert_frame_equal(manifests[0], manifests[1])
+    text_selected = [int(m.selected[m.uid.isin(["r10", "r11"])].sum()) for m in manifests]
+    assert text_selected == [1, 1, 1]  # round(6 * 2 / 12) = 1, as one group's quota here
+
+
 @pytest.fixture
 def small_selection(tmp_path):
     """13 records: 10 usable image records in 3 clusters, 2 text-only, 1 excluded."""
@@ -89,7 +121,7 @@ def small_selection(tmp_path):
     return tmp_path / "examples.parquet", tmp_path / "clusters.parquet"
 
 
-@pytest.mark.parametrize("method", ["xmas", "loss", "cluster-random", "random"])
+@pytest.mark.parametrize("method", ["xmas", "xmas-proportional", "loss", "cluster-random", "random"])
 def test_manifest_accounts_for_every_record_once(small_selection, method):
     examples, clusters = small_selection
     manifest = sample(method, "0.5", examples, clusters, 3, 0, StageStats("t"))

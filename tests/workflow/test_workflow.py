@@ -73,13 +73,13 @@ def test_a_second_run_from_scratch_is_byte_identical(workflow_run, tmp_path):
 def test_dry_run_of_the_demo_evaluation_trains_every_method_budget_and_seed(tmp_path):
     result = snakemake(tmp_path, "-n", "results/eval/summary.tsv")
     counts = job_counts(result.stdout)
-    # 3 methods x 3 budgets x 3 seeds, plus the full set per seed
-    assert counts["finetune_target"] == counts["evaluate"] == 3 * 3 * 3 + 3
+    # 4 methods x 3 budgets x 3 seeds, plus the full set per seed
+    assert counts["finetune_target"] == counts["evaluate"] == 4 * 3 * 3 + 3
     assert counts["target_init"] == counts["summarize"] == 1
-    # one sample rule for every method: XMAS one subset per budget; random and cluster-random one per
-    # budget and seed; full one
-    assert counts["sample"] == 3 + 2 * 3 * 3 + 1
-    for method, seed in (("xmas", 0), ("random", 2), ("cluster-random", 1), ("full", 0)):
+    # one sample rule for every method: xmas and xmas-proportional one subset per budget; random and
+    # cluster-random one per budget and seed; full one
+    assert counts["sample"] == 2 * 3 + 2 * 3 * 3 + 1
+    for method, seed in (("xmas", 0), ("xmas-proportional", 0), ("random", 2), ("cluster-random", 1), ("full", 0)):
         assert f"results/{method}/seed-{seed}/subset_" in result.stdout
 
 

@@ -201,7 +201,8 @@ def all_subsets():
 
 def clusters_of(method):
     """The clusters a method samples from: the loss baseline has its own; random and full none."""
-    return {"loss": "results/loss/selection/clusters.parquet", "xmas": CLUSTERS, "cluster-random": CLUSTERS}.get(method)
+    xmas_clusters = {"xmas": CLUSTERS, "xmas-proportional": CLUSTERS, "cluster-random": CLUSTERS}
+    return {"loss": "results/loss/selection/clusters.parquet", **xmas_clusters}.get(method)
 
 
 def sample_inputs(method):

@@ -1,8 +1,9 @@
 """Rule ``sample``: pick the subset for a budget and account for every source record.
 
-``xmas``: balanced sampling over the trajectory clusters (text-only records form one more
-group), visiting groups from the smallest; inside an image cluster the most stable examples
-win. Baselines: ``loss``, the same on clusters of per-example loss trajectories;
+``xmas``: balanced sampling over the trajectory clusters, visiting groups from the smallest;
+inside an image cluster the most stable examples win. Text-only records form one more group
+(``text_only_share: cluster``, upstream's rule) or keep their share of the usable records while the
+image clusters share the rest (``proportional``; the method ``xmas-proportional`` always does). Baselines: ``loss``, the same on clusters of per-example loss trajectories;
 ``cluster-random``, XMAS's clusters and quotas with a random draw inside each cluster (isolates
 the stability rule); ``random``, a uniform draw of the same size; ``full``, every usable record
 (the reference a subset is measured against). All write the selected source records unchanged,
@@ -25,8 +26,9 @@ from xmas.io import read_parquet, write_parquet, write_raw_records
 from xmas.progress import StageStats, add_input_arguments, log
 from xmas.settings import add_settings
 
-METHODS = ("xmas", "loss", "cluster-random", "random", "full")
-CLUSTERED_METHODS = ("xmas", "loss", "cluster-random")
+METHODS = ("xmas", "xmas-proportional", "loss", "cluster-random", "random", "full")
+CLUSTERED_METHODS = ("xmas", "xmas-proportional", "loss", "cluster-random")
+TEXT_ONLY_SHARES = ("cluster", "proportional")
 MANIFEST_COLUMNS = ["uid", "index", "cluster", "stability", "selected", "reason"]
 
 
@@ -59,18 +61,32 @@ def seeded_draw(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
 
 
+def proportional_quotas(sizes: dict[int, int], target: int, n_valid: int) -> dict[int, int]:
+    """Text-only records keep their share of the usable records (halves up); image clusters water-fill
+    the rest, and whatever they cannot fill goes back to the text-only records."""
+    images = {group: n for group, n in sizes.items() if group != TEXT_ONLY}
+    text = min(sizes[TEXT_ONLY], (2 * target * sizes[TEXT_ONLY] + n_valid) // (2 * n_valid))
+    quotas = water_fill(images, target - text)
+    return {**quotas, TEXT_ONLY: min(sizes[TEXT_ONLY], target - sum(quotas.values()))}
+
+
 def xmas_select(valid: pd.DataFrame, target: int, min_cluster_size: int, seed: int,
-                inside_clusters: str = "stability") -> pd.DataFrame:
+                inside_clusters: str = "stability", text_only_share: str = "cluster") -> pd.DataFrame:
     """``valid``: uid, index, cluster, stability for usable records. Adds ``selected`` and ``reason``.
 
     ``inside_clusters``: ``stability`` keeps a cluster's most stable examples (XMAS), ``random``
-    draws them (the cluster-random baseline).
+    draws them (the cluster-random baseline). ``text_only_share``: ``cluster`` gives the text-only
+    records one group's quota, ``proportional`` their share of the usable records.
     """
     valid = valid.sort_values("index").assign(selected=False, reason=None)
     sizes = valid.cluster.value_counts().to_dict()
     small = {c for c, n in sizes.items() if c != TEXT_ONLY and n < min_cluster_size}
     valid.loc[valid.cluster.isin(small), "reason"] = "cluster_below_min_size"
-    quotas = water_fill({c: n for c, n in sizes.items() if c not in small}, target)
+    groups = {c: n for c, n in sizes.items() if c not in small}
+    if text_only_share == "proportional" and TEXT_ONLY in groups:
+        quotas = proportional_quotas(groups, target, len(valid))
+    else:
+        quotas = water_fill(groups, target)
     for group, quota in quotas.items():
         members = valid[valid.cluster == group]
         if group == TEXT_ONLY:
@@ -149,7 +165,7 @@ def check_accounting(manifest: pd.DataFrame, examples: pd.DataFrame) -> None:
 
 
 def sample(method: str, budget: str, examples_path: Path, clusters_path: Path | None, min_cluster_size: int,
-           seed: int, stats: StageStats) -> pd.DataFrame:
+           seed: int, stats: StageStats, text_only_share: str = "cluster") -> pd.DataFrame:
     examples = read_parquet(examples_path)
     valid = examples.loc[examples.status == "ok", ["uid", "index"]]
     if clusters_path is not None:
@@ -163,7 +179,8 @@ def sample(method: str, budget: str, examples_path: Path, clusters_path: Path | 
         if valid.cluster.isna().any():
             raise XmasError(f"{clusters_path} has no cluster for {int(valid.cluster.isna().sum())} usable records")
         inside = "random" if method == "cluster-random" else "stability"
-        decided = xmas_select(valid, target, min_cluster_size, seed, inside)
+        share = "proportional" if method == "xmas-proportional" else text_only_share
+        decided = xmas_select(valid, target, min_cluster_size, seed, inside, share)
     elif method == "random":
         decided = random_select(valid, target, seed)
     elif method == "full":
@@ -205,7 +222,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", required=True, help="fraction of the usable records to select, in (0, 1]")
     add_input_arguments(parser, "examples", "annotations")
     parser.add_argument("--clusters", type=Path,
-                        help="clusters.parquet from `xmas cluster` (needed by xmas, loss and cluster-random)")
+                        help="clusters.parquet from `xmas cluster` (needed by xmas, xmas-proportional, loss and "
+                        "cluster-random)")
     parser.add_argument("--out", required=True, type=Path, help="subset JSON to write (LLaVA format)")
     parser.add_argument("--manifest", type=Path, help="manifest parquet (default: <out>.manifest.parquet)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws (random, cluster-random, "
@@ -215,7 +233,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     stats = StageStats(f"sample {args.method} {args.budget}")
-    manifest = sample(args.method, args.budget, args.examples, args.clusters, args.min_cluster_size, args.seed, stats)
+    manifest = sample(args.method, args.budget, args.examples, args.clusters, args.min_cluster_size, args.seed, stats,
+                      args.text_only_share)
     written = write_subset(args.annotations, args.examples, manifest, args.out)
     selected = int(manifest.selected.sum())
     if written != selected:
