@@ -56,7 +56,7 @@ STAGES = {
                         "xmas finetune-target --base results/target/base --subset results/xmas/seed-0/subset_0.5.json "
                         "--image-root results/demo/images --out results/target/xmas/0.5/seed-0"),
     "evaluate": ("score a fine-tuned target: a held-out split by exact match, or the paper's benchmarks (lmms-eval)",
-                 "xmas evaluate --model results/target/xmas/0.5/seed-0 --suite demo --test results/demo/test.json "
+                 "xmas evaluate --model results/target/xmas/0.5/seed-0 --suite exact-match --test results/demo/test.json "
                  "--image-root results/demo/images --out results/eval/runs/xmas/0.5/seed-0.tsv"),
     "summarize": ("collect the evaluation runs into results/eval/summary.tsv with ARP",
                   "xmas summarize --run xmas 0.5 0 results/eval/runs/xmas/0.5/seed-0.tsv "

@@ -34,7 +34,7 @@ from xmas.evaluation.lmms_eval import (
 from xmas.evaluation.local_task import task_name
 from xmas.io import write_records
 from xmas.progress import StageStats
-from xmas.stages.evaluate import evaluate_demo
+from xmas.stages.evaluate import evaluate_exact_match
 
 from conftest import REPO
 
@@ -185,13 +185,13 @@ def lmms_env(tmp_path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def rigged_test(small_demo, tiny_checkpoint, tmp_path_factory):
-    """The held-out split with the references of every other question per type set to the demo suite's answer.
+    """The held-out split with the references of every other question per type set to the exact-match suite's answer.
 
     The tiny model is untrained, so against the real references both suites score 0; with these, lmms-eval
-    scores 50% on a question type exactly when it answers each question as the demo suite did.
+    scores 50% on a question type exactly when it answers each question as the exact-match suite did.
     """
     records = read_all(small_demo["test"])
-    _, predictions = evaluate_demo(tiny_checkpoint, small_demo["test"], small_demo["images"], 1, 8, StageStats("t"))
+    _, predictions = evaluate_exact_match(tiny_checkpoint, small_demo["test"], small_demo["images"], 1, 8, StageStats("t"))
     seen = Counter()
     for record, answer in zip(records, predictions.answer):
         seen[record["question_type"]] += 1
@@ -227,7 +227,7 @@ def test_real_run_scores_one_row_per_question_type_with_images(heldout_run, rigg
     table = pd.read_csv(heldout_run["scores"], sep="\t")
     assert list(table.columns) == ["benchmark", "score", "n"]
     assert dict(zip(table.benchmark, table.n)) == dict(with_image)
-    # every other question per type carries the demo suite's own answer as its reference
+    # every other question per type carries the exact-match suite's own answer as its reference
     assert table.score.tolist() == [100.0 * ((n + 1) // 2) / n for n in table.n]
     stats = json.loads(heldout_run["stats"].read_text())
     assert stats["counts"]["text_only_left_out"] == len(records) - sum(with_image.values())

@@ -34,7 +34,7 @@ def docs_of(local, name):
 def test_one_task_per_question_type_with_images_and_text_only_questions_left_out(local, small_demo):
     records = read_all(small_demo["test"])
     with_image = [record for record in records if record.get("image")]
-    assert [task.question_type for task in local.tasks] == sorted({r["question_type"] for r in with_image})
+    assert [task.benchmark for task in local.tasks] == sorted({r["question_type"] for r in with_image})
     assert sum(task.questions for task in local.tasks) == len(with_image)
     assert local.text_only == [record["id"] for record in records if not record.get("image")]
     assert sorted(path.name for path in local.folder.glob("*.yaml")) == sorted(f"{t.name}.yaml" for t in local.tasks)
@@ -91,8 +91,7 @@ def record(question_type, turns=("What color?\n<image>", "red"), image="shapes/t
     ([record("color", image="nowhere.png")], r"image 'nowhere.png' not found"),
     ([record("color", image=7)], r"record 0 \(id 'q1'\): 'image' must be a string"),
     ([record("color", turns=("What color?", "red"))], r"0 <image> tag\(s\) for 1 image\(s\)"),
-    ([record("")], "field 'question_type'"),
-    ([record("a b"), record("a-b", id_="q2")], "question_type 'a-b' and 'a b'"),
+    ([record("a b"), record("a-b", id_="q2")], "benchmark 'a-b' and 'a b'"),
     ([record("color", turns=("What is 2+2?", "4"), image=None)], "no record has an image"),
 ])
 def test_what_lmms_eval_cannot_ask_is_named(records, message, small_demo, tmp_path):
@@ -100,6 +99,16 @@ def test_what_lmms_eval_cannot_ask_is_named(records, message, small_demo, tmp_pa
     write_records(records, test)
     with pytest.raises(XmasError, match=message):
         write_local_tasks(test, small_demo["images"], tmp_path / "tasks")
+
+
+def test_without_question_types_the_tasks_are_the_sources_else_the_file(small_demo, tmp_path):
+    test = tmp_path / "my_split.json"
+    write_records([{**record(""), "source": "coco"}, {**record("color", id_="q2"), "source": "gqa"}], test)
+    tasks = write_local_tasks(test, small_demo["images"], tmp_path / "by-source").tasks
+    assert [(task.name, task.benchmark) for task in tasks] == [("xmas_heldout_coco", "coco"), ("xmas_heldout_gqa", "gqa")]
+    write_records([record("", id_="q1"), record("color", id_="q2")], test)
+    tasks = write_local_tasks(test, small_demo["images"], tmp_path / "one").tasks
+    assert [(task.name, task.benchmark, task.questions) for task in tasks] == [("xmas_heldout_my_split", "my_split", 2)]
 
 
 def test_task_names_are_lmms_eval_names():

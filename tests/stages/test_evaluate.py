@@ -13,6 +13,7 @@ import pytest
 from xmas.data.annotations import read_all
 from xmas.errors import XmasError
 from xmas.io import write_records
+from xmas.evaluation.grouping import benchmark_names
 from xmas.stages.evaluate import normalize_answer, question_and_answer
 
 
@@ -60,7 +61,16 @@ def test_normalization_keeps_different_answers_apart():
     assert normalize_answer("three") != normalize_answer("2")
 
 
-def test_a_test_record_without_question_type_names_the_file_and_record(tmp_path):
-    record = {"id": "q7", "conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "x"}]}
-    with pytest.raises(XmasError, match=r"test.json: record 3 \(id 'q7'\): field 'question_type'"):
+def test_a_test_record_without_its_reference_answer_names_the_file_and_record(tmp_path):
+    record = {"id": "q7", "conversations": [{"from": "human", "value": "What?"}]}
+    with pytest.raises(XmasError, match=r"test.json: record 3 \(id 'q7'\): field 'conversations' must end with"):
         question_and_answer(record, tmp_path / "test.json", 3)
+
+
+def test_benchmarks_are_question_types_else_sources_else_the_file():
+    typed = [{"question_type": "color", "source": "a"}, {"question_type": "count", "source": "b"}]
+    assert benchmark_names(typed, "split.json") == (["color", "count"], "question_type")
+    sourced = [{"question_type": "color", "source": "a"}, {"source": "b"}]
+    assert benchmark_names(sourced, "split.json") == (["a", "b"], "source")
+    plain = [{"id": 1}, {"source": ""}]
+    assert benchmark_names(plain, "data/my_split.json")[0] == ["my_split", "my_split"]

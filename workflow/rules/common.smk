@@ -231,14 +231,15 @@ def scores_tsv(method, budget, seed):
 
 
 def evaluation_test():
-    """The held-out split the demo suite scores: evaluation.test, else the generated dataset's.
+    """The held-out split the exact-match suite scores: evaluation.test, else the generated dataset's.
     Checked when an evaluation is in the DAG, so a selection-only run never trips over it."""
     if "test" in EVALUATION:
         return EVALUATION["test"], EVALUATION["test_image_root"]
     if not GENERATED:
         raise WorkflowError(
-            "config evaluation.suite is 'demo' but the data is not generated: set evaluation.test and"
-            " evaluation.test_image_root (a held-out LLaVA-format file whose records carry question_type)"
+            "config evaluation.suite is 'exact-match' but the data is not generated: set evaluation.test and"
+            " evaluation.test_image_root (a held-out LLaVA-format file; its records' question_type, else"
+            " source, names the benchmarks)"
             " or evaluation.suite: lmms-eval"
         )
     return "results/demo/test.json", "results/demo/images"
@@ -246,8 +247,8 @@ def evaluation_test():
 
 def evaluation_inputs(method, budget, seed):
     inputs = {"model": target_dir(method, budget, seed)}
-    # the held-out split: the demo suite's, or lmms-eval's local `heldout` tasks built from it
-    if EVALUATION["suite"] == "demo" or "heldout" in EVALUATION["benchmarks"]:
+    # the held-out split: the exact-match suite's, or lmms-eval's local `heldout` tasks built from it
+    if EVALUATION["suite"] == "exact-match" or "heldout" in EVALUATION["benchmarks"]:
         inputs["test"], inputs["test_images"] = evaluation_test()
     return inputs
 

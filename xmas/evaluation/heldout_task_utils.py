@@ -2,11 +2,11 @@
 
 lmms-eval imports this file from the task folder (``!function utils.<name>`` in the task YAML), in
 its own process, so it needs nothing but the standard library and Pillow. ``xmas evaluate --suite
-demo`` scores with the same :func:`normalize_answer`, so both suites count an answer alike.
+exact-match`` scores with the same :func:`normalize_answer`, so both suites count an answer alike.
 
 Each doc is one question of the held-out split: ``content`` (the user's turn as chat items, the
 images where the model's encoding puts them), ``question`` (the same as text, each image as
-``<image>``), ``answer`` (the reference), ``images`` (absolute paths) and ``question_type``.
+``<image>``), ``answer`` (the reference), ``images`` (absolute paths) and ``benchmark``.
 lmms-eval's chat models read ``doc_to_messages``; its simple ones (``--force_simple``, which xmas
 uses) read ``doc_to_visual`` and ``doc_to_text`` and leave a prompt that holds ``<image>`` as it is.
 """

@@ -1,11 +1,12 @@
-"""A held-out split in our LLaVA format as local lmms-eval tasks, one task per question type.
+"""A held-out split in our LLaVA format as local lmms-eval tasks, one task per benchmark: per question
+type, else per source, else one (``xmas.evaluation.grouping``, as the exact-match suite groups them).
 
-``write_local_tasks`` writes a folder that lmms-eval reads with ``--include_path``: per question type
+``write_local_tasks`` writes a folder that lmms-eval reads with ``--include_path``: per benchmark
 a task YAML and its questions as JSON lines (read with the ``json`` builder of ``datasets``, so
 nothing is downloaded), and ``utils.py`` (a copy of ``xmas.evaluation.heldout_task_utils``) with the
 functions the YAMLs name. Each question is the user's turn as the checkpoint's encoding renders it
 (``<image>`` where ``image_position`` puts it), so lmms-eval's ``llava_hf`` prompts the model as
-``xmas evaluate --suite demo`` does; answers are scored by the same normalized exact match.
+``xmas evaluate --suite exact-match`` does; answers are scored by the same normalized exact match.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from xmas.data.annotations import read_all
 from xmas.data.records import IMAGE_TAG, InvalidRecord, image_paths, to_messages
 from xmas.errors import XmasError
 from xmas.evaluation import heldout_task_utils
+from xmas.evaluation.grouping import benchmark_names
 
-# The task names are this prefix and the question type; the rows of the scores keep the question type.
+# The task names are this prefix and the benchmark; the rows of the scores keep the benchmark.
 TASK_PREFIX = "xmas_heldout_"
 METRIC = "exact_match"  # the key process_results returns; 0/1 per question, mean over the task
 UTILS = "utils.py"
@@ -30,12 +32,12 @@ UTILS = "utils.py"
 @dataclass(frozen=True)
 class LocalTask:
     name: str  # lmms-eval task name
-    question_type: str  # the row it is reported as
+    benchmark: str  # the row it is reported as
     questions: int
 
 
-def task_name(question_type: str) -> str:
-    return TASK_PREFIX + re.sub(r"\W+", "_", question_type).strip("_").lower()
+def task_name(benchmark: str) -> str:
+    return TASK_PREFIX + re.sub(r"\W+", "_", benchmark).strip("_").lower()
 
 
 def user_turn(record: dict, where: str, image_position: str) -> list[dict]:
@@ -66,16 +68,13 @@ def image_files(record: dict, where: str, image_root: Path) -> list[str]:
     return files
 
 
-def doc_of(record: dict, where: str, image_root: Path, image_position: str) -> dict:
-    question_type = record.get("question_type")
-    if not isinstance(question_type, str) or not question_type:
-        raise XmasError(f"{where}: field 'question_type' (the benchmark it counts toward) is missing")
+def doc_of(record: dict, where: str, image_root: Path, image_position: str, benchmark: str) -> dict:
     content, images = user_turn(record, where, image_position), image_files(record, where, image_root)
     tags = sum(item["type"] == "image" for item in content)
     if tags != len(images):
         raise XmasError(f"{where}: the question has {tags} {IMAGE_TAG} tag(s) for {len(images)} image(s)")
     return {"id": str(record.get("id")), "content": content, "question": as_text(content),
-            "answer": record["conversations"][1]["value"], "images": images, "question_type": question_type}
+            "answer": record["conversations"][1]["value"], "images": images, "benchmark": benchmark}
 
 
 def task_yaml(name: str, data: Path, cache: Path, max_new_tokens: int) -> str:
@@ -110,17 +109,17 @@ def task_yaml(name: str, data: Path, cache: Path, max_new_tokens: int) -> str:
 
 
 def group_docs(test: Path, image_root: Path, image_position: str) -> tuple[dict[str, list[dict]], list[str]]:
-    """The questions with an image, by question type, and the ids of those without one (left out)."""
+    """The questions with an image, by benchmark, and the ids of those without one (left out)."""
     records = read_all(test)
     if not records:
         raise XmasError(f"{test}: no records to evaluate")
     groups: dict[str, list[dict]] = {}
     text_only = []
-    for position, record in enumerate(records):
+    for position, (record, benchmark) in enumerate(zip(records, benchmark_names(records, test)[0])):
         where = f"{test}: record {position} (id {record.get('id')!r})"
-        doc = doc_of(record, where, image_root, image_position)
+        doc = doc_of(record, where, image_root, image_position, benchmark)
         if doc["images"]:
-            groups.setdefault(doc["question_type"], []).append(doc)
+            groups.setdefault(benchmark, []).append(doc)
         else:
             text_only.append(doc["id"])
     if not groups:
@@ -130,13 +129,13 @@ def group_docs(test: Path, image_root: Path, image_position: str) -> tuple[dict[
 
 def check_names(groups: dict[str, list[dict]], test: Path) -> None:
     names: dict[str, str] = {}
-    for question_type in groups:
-        name = task_name(question_type)
+    for benchmark in groups:
+        name = task_name(benchmark)
         if name == TASK_PREFIX or name in names:
             other = f" and {names[name]!r}" if name in names else ""
-            raise XmasError(f"{test}: question_type {question_type!r}{other} give the lmms-eval task name "
-                            f"{name!r}; question types must differ in letters or digits")
-        names[name] = question_type
+            raise XmasError(f"{test}: benchmark {benchmark!r}{other} give the lmms-eval task name "
+                            f"{name!r}; benchmarks must differ in letters or digits")
+        names[name] = benchmark
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ class LocalTasks:
 
 def write_local_tasks(test: str | Path, image_root: str | Path, out: str | Path, image_position: str = "front",
                       max_new_tokens: int = 8) -> LocalTasks:
-    """Write the task folder ``out`` (replacing it) from the held-out split ``test``; one task per question type.
+    """Write the task folder ``out`` (replacing it) from the held-out split ``test``; one task per benchmark.
 
     Questions without an image are left out: lmms-eval's ``llava_hf`` builds no inputs for them and
     answers with an empty string, which would count as wrong.
@@ -160,10 +159,10 @@ def write_local_tasks(test: str | Path, image_root: str | Path, out: str | Path,
     (out / "data").mkdir(parents=True)
     shutil.copyfile(heldout_task_utils.__file__, out / UTILS)
     tasks = []
-    for question_type, docs in sorted(groups.items()):
-        name = task_name(question_type)
+    for benchmark, docs in sorted(groups.items()):
+        name = task_name(benchmark)
         data = (out / "data" / f"{name}.jsonl").resolve()
         data.write_text("".join(json.dumps(doc) + "\n" for doc in docs), encoding="utf-8")
         (out / f"{name}.yaml").write_text(task_yaml(name, data, (out / "hf-cache").resolve(), max_new_tokens))
-        tasks.append(LocalTask(name, question_type, len(docs)))
+        tasks.append(LocalTask(name, benchmark, len(docs)))
     return LocalTasks(out.resolve(), tasks, text_only)

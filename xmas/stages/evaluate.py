@@ -1,10 +1,11 @@
 """Rule ``evaluate``: score a fine-tuned target: one row (benchmark, score) per benchmark, written as a TSV.
 
-``--suite demo``: the demo's held-out split, one benchmark per question type. The target answers
-each question by greedy generation and scores by normalized exact match (accuracy in %).
+``--suite exact-match``: a held-out LLaVA-format split (the demo's, or any), one benchmark per
+question type, else per source, else one (``xmas.evaluation.grouping``). The target answers each
+question by greedy generation and scores by normalized exact match (accuracy in %).
 ``--suite lmms-eval``: the paper's benchmarks, or any lmms-eval task, through lmms-eval (see
 ``xmas.evaluation.lmms_eval``); the benchmark ``heldout`` is the held-out split as local lmms-eval tasks
-(``xmas.evaluation.local_task``), one row per question type, scored like the demo suite.
+(``xmas.evaluation.local_task``), grouped and scored like the exact-match suite.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from xmas.data.annotations import read_all
 from xmas.data.records import to_messages
 from xmas.errors import XmasError
+from xmas.evaluation.grouping import benchmark_names
 from xmas.evaluation.heldout_task_utils import normalize_answer
 from xmas.io import atomic_path, write_parquet
 from xmas.models.checkpoints import load_target
@@ -35,16 +37,14 @@ HELDOUT = "heldout"
 
 
 def question_and_answer(record: dict, path: Path, position: int,
-                        image_position: str = "front") -> tuple[list[dict], str, str]:
-    """The chat messages up to the last question, the reference answer, and the benchmark (question type)."""
+                        image_position: str = "front") -> tuple[list[dict], str]:
+    """The chat messages up to the last question, and the reference answer."""
     where = f"{path}: record {position} (id {record.get('id')!r})"
-    turns = record.get("conversations")
-    if not isinstance(turns, list) or len(turns) < 2 or turns[-1].get("from") != "gpt":
+    turns = record.get("conversations") if isinstance(record, dict) else None
+    if not isinstance(turns, list) or len(turns) < 2 or not isinstance(turns[-1], dict) \
+            or turns[-1].get("from") != "gpt":
         raise XmasError(f"{where}: field 'conversations' must end with the reference answer (a 'gpt' turn)")
-    benchmark = record.get("question_type")
-    if not isinstance(benchmark, str) or not benchmark:
-        raise XmasError(f"{where}: field 'question_type' (the benchmark it counts toward) is missing")
-    return to_messages(record, image_position)[:-1], turns[-1]["value"], benchmark
+    return to_messages(record, image_position)[:-1], turns[-1]["value"]
 
 
 class AnswerGenerator:
@@ -68,11 +68,15 @@ class AnswerGenerator:
         return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def evaluate_demo(model_path: Path, test: Path, image_root: Path, batch_size: int, max_new_tokens: int,
-                  stats: StageStats) -> tuple[pd.DataFrame, pd.DataFrame]:
+def evaluate_exact_match(model_path: Path, test: Path, image_root: Path, batch_size: int, max_new_tokens: int,
+                         stats: StageStats) -> tuple[pd.DataFrame, pd.DataFrame]:
     records = read_all(test)
+    if not records:
+        raise XmasError(f"{test}: the held-out split has no records")
     image_position = Encoding.load(model_path).image_position
     questions = [question_and_answer(record, test, position, image_position) for position, record in enumerate(records)]
+    benchmarks, grouped_by = benchmark_names(records, test)
+    log.info("%s: %d questions, one benchmark per value of %s", test, len(records), grouped_by)
     device = compute_device()
     model, processor = load_target(model_path)
     model.to(device).eval()
@@ -81,11 +85,11 @@ def evaluate_demo(model_path: Path, test: Path, image_root: Path, batch_size: in
     starts = range(0, len(records), batch_size)
     for start in progress(starts, total=len(starts), desc="answer the test questions", unit="batch"):
         batch = slice(start, start + batch_size)
-        answers += generate([messages for messages, _, _ in questions[batch]], records[batch])
+        answers += generate([messages for messages, _ in questions[batch]], records[batch])
     predictions = pd.DataFrame({
         "id": [str(record.get("id")) for record in records],
-        "benchmark": [benchmark for _, _, benchmark in questions],
-        "reference": [reference for _, reference, _ in questions],
+        "benchmark": benchmarks,
+        "reference": [reference for _, reference in questions],
         "answer": answers,
     })
     predictions["correct"] = [normalize_answer(a) == normalize_answer(r)
@@ -102,7 +106,8 @@ def accuracy_per_benchmark(predictions: pd.DataFrame) -> pd.DataFrame:
 
 def heldout_benchmarks(model_path: Path, test: Path | None, image_root: Path | None, folder: Path,
                        max_new_tokens: int, stats: StageStats) -> tuple[dict, Path]:
-    """The held-out split as local lmms-eval tasks: their benchmarks (by question type) and task folder."""
+    """The held-out split as local lmms-eval tasks: their benchmarks (as the exact-match suite groups them)
+    and task folder."""
     from xmas.evaluation.lmms_eval import Benchmark
     from xmas.evaluation.local_task import METRIC, write_local_tasks
 
@@ -115,7 +120,7 @@ def heldout_benchmarks(model_path: Path, test: Path | None, image_root: Path | N
                     "answers only questions about images): %s%s", test, len(local.text_only),
                     ", ".join(local.text_only[:5]), " ..." if len(local.text_only) > 5 else "")
     stats.add("text_only_left_out", len(local.text_only))
-    benchmarks = {task.question_type: Benchmark(task.name, METRIC, 100.0, note=f"{task.questions} held-out questions")
+    benchmarks = {task.benchmark: Benchmark(task.name, METRIC, 100.0, note=f"{task.questions} held-out questions")
                   for task in local.tasks}
     return benchmarks, local.folder
 
@@ -123,7 +128,7 @@ def heldout_benchmarks(model_path: Path, test: Path | None, image_root: Path | N
 def expand_heldout(names: list[str], heldout: dict) -> list[str]:
     clash = sorted(set(heldout) & set(names))
     if clash:
-        raise XmasError(f"question type(s) {', '.join(clash)} of the held-out split have the name of a benchmark "
+        raise XmasError(f"benchmark(s) {', '.join(clash)} of the held-out split have the name of a benchmark "
                         f"also listed in evaluation.benchmarks; rename one of them")
     expanded = []
     for name in names:
@@ -190,12 +195,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path,
                         help="fine-tuned target folder (from `xmas finetune-target`)")
     parser.add_argument("--out", required=True, type=Path, help="TSV to write: benchmark, score[, n]")
-    parser.add_argument("--test", type=Path, help="demo suite and the lmms-eval suite's benchmark 'heldout': "
-                        "held-out split (LLaVA format with question_type)")
+    parser.add_argument("--test", type=Path, help="exact-match suite and the lmms-eval suite's benchmark 'heldout': "
+                        "held-out split (LLaVA format; grouped by question_type, else source, else one benchmark)")
     parser.add_argument("--image-root", type=Path,
                         help="with --test: folder the test records' image paths are relative to")
     parser.add_argument("--predictions", type=Path,
-                        help="demo suite: parquet of every answer (default: <out>.predictions.parquet)")
+                        help="exact-match suite: parquet of every answer (default: <out>.predictions.parquet)")
     parser.add_argument("--work-dir", type=Path, help="lmms-eval suite: its outputs (default: <out> without .tsv)")
     add_threads_argument(parser)
     add_settings(parser, "evaluate")
@@ -204,10 +209,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     use_threads(args.threads)
     stats = StageStats(f"evaluate {args.model}")
-    if args.suite == "demo":
+    if args.suite == "exact-match":
         if args.test is None or args.image_root is None:
-            raise XmasError("--suite demo needs --test and --image-root")
-        scores, predictions = evaluate_demo(args.model, args.test, args.image_root, args.batch_size,
+            raise XmasError("--suite exact-match needs --test and --image-root")
+        scores, predictions = evaluate_exact_match(args.model, args.test, args.image_root, args.batch_size,
                                             args.max_new_tokens, stats)
         write_parquet(predictions, args.predictions or args.out.with_suffix(".predictions.parquet"))
     else:
