@@ -34,6 +34,11 @@ over its resident set when the mode starts.
 waits for it on a login node: median and best wall seconds over ``--repeats`` runs in fresh
 folders, and whether torch was imported (``python -X importtime``). Target: at most 5 s, no torch.
 
+``definitions``: the demo's selection run twice, with ``trajectory.definition`` exact and upstream:
+the number of clusters of each, their adjusted Rand index and the share of image examples in the
+same cluster after matching clusters one to one (greedily), and per budget how many records the
+two subsets share.
+
 To add a benchmark, write ``add_<name>(subparsers)`` that registers its parser with
 ``set_defaults(run=...)`` and list it in ``BENCHMARKS``.
 """
@@ -454,7 +459,81 @@ def add_dag(subparsers) -> None:
     parser.set_defaults(run=run_dag)
 
 
-BENCHMARKS = [add_prepare, add_trajectory, add_dag]
+def pairs(counts) -> float:
+    return float((counts * (counts - 1) / 2).sum())
+
+
+def adjusted_rand_index(first, second) -> float:
+    """Agreement of two partitions of the same items: 1 identical, about 0 as by chance."""
+    import pandas as pd
+
+    table = pd.crosstab(pd.Series(list(first)), pd.Series(list(second))).to_numpy()
+    together, rows, columns = pairs(table), pairs(table.sum(axis=1)), pairs(table.sum(axis=0))
+    items = int(table.sum())
+    expected = rows * columns / (items * (items - 1) / 2) if items > 1 else 0.0
+    best = (rows + columns) / 2
+    return 1.0 if best == expected else (together - expected) / (best - expected)
+
+
+def matched_share(first, second) -> float:
+    """Share of items in the same cluster once each cluster of one is matched to at most one of the other
+    (greedily, largest overlaps first)."""
+    import pandas as pd
+
+    table = pd.crosstab(pd.Series(list(first)), pd.Series(list(second))).stack().sort_values(ascending=False)
+    used_first, used_second, same = set(), set(), 0
+    for (a, b), count in table.items():
+        if a not in used_first and b not in used_second:
+            used_first.add(a), used_second.add(b)
+            same += int(count)
+    return same / len(first) if len(first) else 1.0
+
+
+def run_definitions(args: argparse.Namespace) -> int:
+    """The demo's selection under both trajectory definitions (exact, upstream), each in its own folder under
+    ``--work`` (kept, so a second call reuses them): how far their clusters and subsets agree."""
+    import pandas as pd
+    import yaml
+
+    budgets = [str(budget) for budget in args.budgets]
+    targets = ["results/selection/clusters.parquet", *(f"results/subset_{budget}.json" for budget in budgets)]
+    runs = {}
+    for definition in ("exact", "upstream"):
+        folder = args.work / definition
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"trajectory": {"definition": definition},
+                                                            "selection": {"budgets": args.budgets}}))
+        start = time.monotonic()
+        subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow/Snakefile"),
+                        "--directory", str(folder), "--configfile", str(folder / "config.yaml"), "--cores",
+                        str(args.cores), "--quiet", "all", *targets], check=True)
+        runs[definition] = folder
+        print(f"{definition}: {folder} ({time.monotonic() - start:.0f} s)")
+    clusters = [pd.read_parquet(runs[d] / "results/selection/clusters.parquet") for d in ("exact", "upstream")]
+    joined = clusters[0].merge(clusters[1], on="uid", suffixes=("_exact", "_upstream"))
+    images = joined[joined.cluster_exact >= 0]
+    print(f"clusters: {images.cluster_exact.nunique()} exact, {images.cluster_upstream.nunique()} upstream, over "
+          f"{len(images)} image examples; adjusted Rand index "
+          f"{adjusted_rand_index(images.cluster_exact, images.cluster_upstream):.3f}; same cluster after matching "
+          f"{matched_share(images.cluster_exact, images.cluster_upstream):.1%}")
+    for budget in budgets:
+        chosen = [set(pd.read_parquet(runs[d] / f"results/subset_{budget}.manifest.parquet").query("selected").uid)
+                  for d in ("exact", "upstream")]
+        print(f"subset {budget}: {len(chosen[0])} records; in both {len(chosen[0] & chosen[1])} "
+              f"({len(chosen[0] & chosen[1]) / max(len(chosen[0]), 1):.1%})")
+    return 0
+
+
+def add_definitions(subparsers) -> None:
+    parser = subparsers.add_parser("definitions", help="agreement of the exact and upstream trajectory definitions "
+                                   "on the demo", description=run_definitions.__doc__)
+    parser.add_argument("--work", type=Path, default=Path("bench-definitions"), help="folder of the two runs")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.5], help="subsets to compare")
+    parser.add_argument("--cores", type=int, default=2, help="snakemake --cores (default 2)")
+    parser.set_defaults(run=run_definitions)
+
+
+BENCHMARKS = [add_prepare, add_trajectory, add_dag, add_definitions]
 
 
 def main(argv: list[str] | None = None) -> int:

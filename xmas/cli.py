@@ -56,8 +56,9 @@ STAGES = {
                         "xmas finetune-target --base results/target/base --subset results/xmas/seed-0/subset_0.5.json "
                         "--image-root results/demo/images --out results/target/xmas/0.5/seed-0"),
     "evaluate": ("score a fine-tuned target: a held-out split by exact match, or the paper's benchmarks (lmms-eval)",
-                 "xmas evaluate --model results/target/xmas/0.5/seed-0 --suite exact-match --test results/demo/test.json "
-                 "--image-root results/demo/images --out results/eval/runs/xmas/0.5/seed-0.tsv"),
+                 "xmas evaluate --model results/target/xmas/0.5/seed-0 --suite exact-match "
+                 "--test results/demo/test.json --image-root results/demo/images "
+                 "--out results/eval/runs/xmas/0.5/seed-0.tsv"),
     "summarize": ("collect the evaluation runs into results/eval/summary.tsv with ARP",
                   "xmas summarize --run xmas 0.5 0 results/eval/runs/xmas/0.5/seed-0.tsv "
                   "--run full 1 0 results/eval/runs/full/1/seed-0.tsv --out results/eval/summary.tsv"),

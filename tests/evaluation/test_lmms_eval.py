@@ -191,7 +191,8 @@ def rigged_test(small_demo, tiny_checkpoint, tmp_path_factory):
     scores 50% on a question type exactly when it answers each question as the exact-match suite did.
     """
     records = read_all(small_demo["test"])
-    _, predictions = evaluate_exact_match(tiny_checkpoint, small_demo["test"], small_demo["images"], 1, 8, StageStats("t"))
+    _, predictions = evaluate_exact_match(tiny_checkpoint, small_demo["test"], small_demo["images"], 1, 8,
+                                          StageStats("t"))
     seen = Counter()
     for record, answer in zip(records, predictions.answer):
         seen[record["question_type"]] += 1

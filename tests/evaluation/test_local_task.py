@@ -105,7 +105,8 @@ def test_without_question_types_the_tasks_are_the_sources_else_the_file(small_de
     test = tmp_path / "my_split.json"
     write_records([{**record(""), "source": "coco"}, {**record("color", id_="q2"), "source": "gqa"}], test)
     tasks = write_local_tasks(test, small_demo["images"], tmp_path / "by-source").tasks
-    assert [(task.name, task.benchmark) for task in tasks] == [("xmas_heldout_coco", "coco"), ("xmas_heldout_gqa", "gqa")]
+    assert [(task.name, task.benchmark) for task in tasks] == [("xmas_heldout_coco", "coco"),
+                                                                ("xmas_heldout_gqa", "gqa")]
     write_records([record("", id_="q1"), record("color", id_="q2")], test)
     tasks = write_local_tasks(test, small_demo["images"], tmp_path / "one").tasks
     assert [(task.name, task.benchmark, task.questions) for task in tasks] == [("xmas_heldout_my_split", "my_split", 2)]

@@ -12,8 +12,8 @@ import pytest
 
 from xmas.data.annotations import read_all
 from xmas.errors import XmasError
-from xmas.io import write_records
 from xmas.evaluation.grouping import benchmark_names
+from xmas.io import write_records
 from xmas.stages.evaluate import normalize_answer, question_and_answer
 
 

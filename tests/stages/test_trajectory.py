@@ -159,3 +159,14 @@ def test_damaged_parts_are_computed_again_not_reused(tiny_checkpoint, small_demo
     stats = run_shard(tiny_checkpoint, small_demo, shard, out)
     assert stats.counts["resumed_rows"] == resumed
     pd.testing.assert_frame_equal(pq.read_table(out).to_pandas(), clean_run)
+
+
+def test_the_upstream_definition_writes_its_own_values(tiny_checkpoint, small_demo, shard, clean_run, tmp_path):
+    out = tmp_path / "upstream.parquet"
+    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "definition": "upstream"})
+    upstream = pq.read_table(out).to_pandas()
+    assert list(upstream.columns) == list(clean_run.columns) and upstream.uid.tolist() == clean_run.uid.tolist()
+    assert (upstream.sv1 > 0).all() and not np.allclose(upstream.sv1, clean_run.sv1, rtol=1e-2)
+    run_shard(tiny_checkpoint, small_demo, shard, tmp_path / "again.parquet",
+              settings={**SETTINGS, "definition": "upstream"})
+    assert (tmp_path / "again.parquet").read_bytes() == out.read_bytes()

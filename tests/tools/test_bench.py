@@ -11,7 +11,16 @@ import torch
 
 from xmas.models.attention import CrossModalAttention, top_singular_values
 
-from bench import bench_batches, bench_shape, build_bench_model, eager_blocks, main, max_relative_difference
+from bench import (
+    adjusted_rand_index,
+    bench_batches,
+    bench_shape,
+    build_bench_model,
+    eager_blocks,
+    main,
+    matched_share,
+    max_relative_difference,
+)
 
 
 def test_extraction_agrees_with_eager_on_a_small_paper_like_shape():
@@ -57,3 +66,10 @@ def test_dag_benchmark_times_the_paper_plan_without_torch(capsys):
     assert re.fullmatch(r"dag: llava665k\.yaml -n results/eval/summary\.tsv results/report\.html: median [\d.]+ s, "
                         r"best [\d.]+ s over 1 runs; torch imported: no", first), first
     assert verdict == "target: <= 300 s without torch: met"
+
+
+def test_partition_agreement_measures():
+    assert adjusted_rand_index([0, 0, 1, 1], [7, 7, 3, 3]) == 1.0 == matched_share([0, 0, 1, 1], [7, 7, 3, 3])
+    assert abs(adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) + 0.5) < 1e-12  # worse than chance
+    assert matched_share([0, 0, 0, 1], [1, 1, 2, 2]) == 0.75  # cluster 0 -> 1 (2 items), 1 -> 2 (1 item)
+    assert matched_share([0, 0, 0, 0], [1, 1, 2, 2]) == 0.5  # one cluster matches one of the two

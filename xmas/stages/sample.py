@@ -2,8 +2,9 @@
 
 ``xmas``: balanced sampling over the trajectory clusters, visiting groups from the smallest;
 inside an image cluster the most stable examples win. Text-only records form one more group
-(``text_only_share: cluster``, upstream's rule) or keep their share of the usable records while the
-image clusters share the rest (``proportional``; the method ``xmas-proportional`` always does). Baselines: ``loss``, the same on clusters of per-example loss trajectories;
+(``text_only_share: cluster``, upstream's rule) or keep their share of the usable records while
+the image clusters share the rest (``proportional``; the method ``xmas-proportional`` always
+does). Baselines: ``loss``, the same on clusters of per-example loss trajectories;
 ``cluster-random``, XMAS's clusters and quotas with a random draw inside each cluster (isolates
 the stability rule); ``random``, a uniform draw of the same size; ``full``, every usable record
 (the reference a subset is measured against). All write the selected source records unchanged,

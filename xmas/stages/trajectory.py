@@ -26,6 +26,7 @@ from xmas.io import damage_of, read_json, read_seal, read_table, write_json, wri
 from xmas.models.attention import CrossModalAttention, capture_output, top_singular_values
 from xmas.models.checkpoints import load_checkpoint
 from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder, Encoding
+from xmas.models.upstream_attention import UpstreamAttention, lowrank_singular_values
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, progress, use_threads
 from xmas.settings import add_settings, settings_of
 from xmas.training.engine import compute_device, resolve_dtype
@@ -142,6 +143,14 @@ class SingularValues:
         return top_singular_values(blocks, self.top_k).cpu().numpy()
 
 
+class UpstreamSingularValues(SingularValues):
+    """The attention signal as the paper's code defines it (xmas.models.upstream_attention)."""
+
+    def __call__(self, records: list[dict]) -> np.ndarray:
+        blocks, positions = self.attention.blocks(self.encoder(records, with_labels=False))
+        return lowrank_singular_values(blocks, positions, self.top_k).numpy()
+
+
 class ExampleLoss:
     """The loss baseline's signal: each record's mean token loss over its assistant turns (0 if none is left).
 
@@ -180,6 +189,9 @@ def load_signal(model_path: Path, image_root: Path, settings: dict, device: torc
     encoder = ConversationEncoder.of_checkpoint(model_path, processor, image_root, device)
     if settings.get("signal", "attention") == "loss":
         return ExampleLoss(model, encoder)
+    if settings.get("definition", "exact") == "upstream":
+        return UpstreamSingularValues(UpstreamAttention(model, settings["layers"], settings["layer_reduce"]), encoder,
+                                      settings["top_k"])
     output = capture_output(settings.get("attn_implementation", "auto"), device, dtype)
     attention = CrossModalAttention(model, settings["layers"], settings["head_reduce"], settings["layer_reduce"],
                                     output=output)
