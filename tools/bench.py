@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import shutil
@@ -489,9 +490,15 @@ def matched_share(first, second) -> float:
     return same / len(first) if len(first) else 1.0
 
 
+def with_this_python_on_path() -> dict[str, str]:
+    """The environment for Snakemake, whose jobs run `xmas` from this Python's environment."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def run_definitions(args: argparse.Namespace) -> int:
     """The demo's selection under both trajectory definitions (exact, upstream), each in its own folder under
-    ``--work`` (kept, so a second call reuses them): how far their clusters and subsets agree."""
+    ``--work`` (kept, so a second call reuses them; the upstream run starts from a copy of the exact one, whose
+    proxy checkpoints it shares): how far their clusters and subsets agree."""
     import pandas as pd
     import yaml
 
@@ -500,13 +507,15 @@ def run_definitions(args: argparse.Namespace) -> int:
     runs = {}
     for definition in ("exact", "upstream"):
         folder = args.work / definition
+        if definition == "upstream" and not folder.exists():  # the same proxy: only trajectories on differ
+            shutil.copytree(args.work / "exact", folder, symlinks=True)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.yaml").write_text(yaml.safe_dump({"trajectory": {"definition": definition},
                                                             "selection": {"budgets": args.budgets}}))
         start = time.monotonic()
         subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow/Snakefile"),
-                        "--directory", str(folder), "--configfile", str(folder / "config.yaml"), "--cores",
-                        str(args.cores), "--quiet", "all", *targets], check=True)
+                        "--directory", str(folder), *targets, "--configfile", str(folder / "config.yaml"), "--cores",
+                        str(args.cores), "--quiet", "all"], check=True, env=with_this_python_on_path())
         runs[definition] = folder
         print(f"{definition}: {folder} ({time.monotonic() - start:.0f} s)")
     clusters = [pd.read_parquet(runs[d] / "results/selection/clusters.parquet") for d in ("exact", "upstream")]

@@ -82,10 +82,13 @@ class DamagedOutput(XmasError):
 
 
 def read_seal(target: Path) -> dict | None:
+    """The seal of ``target``; None when there is none (made by hand, or by an older xmas) or it cannot be
+    read (a seal cut short): then there is nothing to check."""
     try:
-        return json.loads(seal_path(target).read_text())
+        seal = json.loads(seal_path(target).read_text())
     except (OSError, ValueError):
-        return None  # no seal (made by hand, or by an older xmas), or a seal cut short: nothing to check
+        return None
+    return seal if isinstance(seal, dict) and isinstance(seal.get("files"), dict) else None
 
 
 def damage_of(target: str | Path, checksums: bool = True) -> Damage | None:
