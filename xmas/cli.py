@@ -117,4 +117,6 @@ def main(argv: list[str] | None = None) -> int:
     except XmasError as error:
         logging.getLogger("xmas").error("%s failed: %s", args.stage, error)
         return 1
+    finally:
+        set_command([])  # files written later in this process (tests, notebooks) were not made by it
     return 0

@@ -97,7 +97,8 @@ def test_evaluation_summary_of_the_reduced_demo(workflow_run):
     types = sorted({r["question_type"] for r in read_all(workflow_run / "results/demo/test.json")})
     runs = summary.groupby(["method", "budget", "seed"]).benchmark.apply(sorted)
     assert runs.to_dict() == {(m, b, 0): types for m, b in
-                              [("xmas", "0.5"), ("random", "0.5"), ("cluster-random", "0.5"), ("full", "1")]}
+                              [("xmas", "0.5"), ("xmas-proportional", "0.5"), ("random", "0.5"),
+                               ("cluster-random", "0.5"), ("full", "1")]}
     full = summary[summary.method == "full"]
     assert full.ARP.iloc[0] == pytest.approx(100.0)  # one seed: the full run is its own reference
     table = (workflow_run / "results/eval/summary.txt").read_text()
