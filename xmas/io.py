@@ -30,6 +30,7 @@ SEAL_PREFIX, SEAL_SUFFIX = ".", ".seal"
 # Below this much free space, a failed write is reported as a full disk.
 NEARLY_FULL_BYTES = 64 * 2**20
 _command: list[str] = []
+_verified: set[tuple] = set()  # outputs verify() found whole, as unchanged_since() saw them
 
 
 def set_command(argv: list[str]) -> None:
@@ -110,11 +111,25 @@ def damage_of(target: str | Path, checksums: bool = True) -> Damage | None:
 
 
 def verify(target: str | Path) -> Path:
-    """``target`` if it holds what was written (or has no seal); else :class:`DamagedOutput`."""
+    """``target`` if it holds what was written (or has no seal); else :class:`DamagedOutput`.
+
+    An output is hashed once per process (a checkpoint is verified by the stage, then again by the
+    loader) while neither it nor its seal changes.
+    """
+    key = unchanged_since(Path(target))
+    if key in _verified:
+        return Path(target)
     damage = damage_of(target)
     if damage is not None:
         raise DamagedOutput(damage)
+    _verified.add(key)
     return Path(target)
+
+
+def unchanged_since(target: Path) -> tuple:
+    """What stat() says of ``target``, its files and its seal: equal only while none of them is rewritten."""
+    files = [target, seal_path(target), *(target.rglob("*") if target.is_dir() else [])]
+    return tuple((str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files if path.exists())
 
 
 def damaged_outputs(root: str | Path) -> list[Damage]:
@@ -195,17 +210,23 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
+@contextlib.contextmanager
+def named_on_failure(path: Path, what: str, errors: tuple[type[BaseException], ...] = (Exception,)):
+    """``errors`` raised inside, as a :class:`DamagedOutput` saying that ``path`` cannot be ``what``."""
+    try:
+        yield
+    except XmasError:
+        raise
+    except errors as error:
+        command = (read_seal(path) or {}).get("command", [])
+        raise DamagedOutput(Damage(path, f"it cannot be {what} ({first_line(error)})", command)) from error
+
+
 def read_checked(path: str | Path, reader: Callable, what: str):
     """``reader(path)`` on a verified ``path``; any failure to read it names the file."""
     path = verify(path)
-    try:
+    with named_on_failure(path, f"read as {what}"):
         return reader(path)
-    except XmasError:
-        raise
-    except Exception as error:
-        damage = Damage(path, f"it cannot be read as {what} ({first_line(error)})", (read_seal(path) or {}).get(
-            "command", []))
-        raise DamagedOutput(damage) from error
 
 
 def read_parquet(path: str | Path, **options) -> pd.DataFrame:

@@ -126,6 +126,16 @@ AttentionInterface.register(IMPLEMENTATION, capture_attention)
 AttentionMaskInterface.register(IMPLEMENTATION, materialised_mask)
 
 
+def selected_attentions(model, layers: list[int] | None) -> list[tuple[int, torch.nn.Module]]:
+    """(number, self-attention module) of the chosen decoder layers of the language model (None: all)."""
+    decoder_layers = language_model(model).layers
+    chosen = range(len(decoder_layers)) if layers is None else layers
+    for layer in chosen:
+        if not 0 <= layer < len(decoder_layers):
+            raise XmasError(f"layer {layer} does not exist: the proxy has {len(decoder_layers)} decoder layers")
+    return [(layer, decoder_layers[layer].self_attn) for layer in chosen]
+
+
 class CrossModalAttention:
     """Sum (or mean) over heads and layers of the text-row × image-column attention of a batch."""
 
@@ -138,13 +148,8 @@ class CrossModalAttention:
         if output == "flash_attention_2" and model.device.type != "cuda":
             raise XmasError(f"flash_attention_2 needs the model on a CUDA device, it is on {model.device}")
         self.output = output
-        decoder_layers = language_model(model).layers
-        chosen = range(len(decoder_layers)) if layers is None else layers
-        for layer in chosen:
-            if not 0 <= layer < len(decoder_layers):
-                raise XmasError(f"layer {layer} does not exist: the proxy has {len(decoder_layers)} decoder layers")
         self.model = model
-        self.layers = {decoder_layers[i].self_attn: i for i in chosen}
+        self.layers = {attention: i for i, attention in selected_attentions(model, layers)}
         self.head_reduce, self.layer_reduce = head_reduce, layer_reduce
         self.image_token_id = model.config.image_token_id
         model.set_attn_implementation({"text_config": IMPLEMENTATION})

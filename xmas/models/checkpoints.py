@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from xmas.errors import XmasError
-from xmas.io import Damage, DamagedOutput, first_line, read_json, read_seal, verify
+from xmas.io import named_on_failure, read_json, verify
 
 FINETUNE_RUN_FILE = "xmas_finetune.json"
 
@@ -37,23 +37,18 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
     kwargs = {"dtype": dtype}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    with hub_errors("model", path), unreadable_files(path):
+    with hub_errors("model", path), unreadable_files(Path(path)):
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         return model, AutoProcessor.from_pretrained(path)
 
 
-@contextlib.contextmanager
-def unreadable_files(folder: str | Path):
+def unreadable_files(folder: Path):
     """A local checkpoint that fails to load (a cut-short safetensors file, a bad JSON) as an error naming it."""
     from safetensors import SafetensorError
 
-    try:
-        yield
-    except (SafetensorError, OSError, ValueError, EOFError, pickle.UnpicklingError) as error:
-        if not Path(folder).is_dir():
-            raise
-        raise DamagedOutput(Damage(Path(folder), f"it cannot be loaded ({first_line(error)})",
-                                   (read_seal(Path(folder)) or {}).get("command", []))) from error
+    if not folder.is_dir():
+        return contextlib.nullcontext()
+    return named_on_failure(folder, "loaded", (SafetensorError, OSError, ValueError, EOFError, pickle.UnpicklingError))
 
 
 def load_target(path: Path, dtype: torch.dtype = torch.float32):

@@ -21,8 +21,7 @@ from collections.abc import Iterator
 import torch
 
 from xmas.errors import XmasError
-from xmas.models.attention import REDUCTIONS, Positions, one_cpu_thread
-from xmas.models.recipe import language_model
+from xmas.models.attention import REDUCTIONS, Positions, one_cpu_thread, selected_attentions
 
 HALF = torch.float16
 LOWRANK_SEED = 0
@@ -50,13 +49,8 @@ class UpstreamAttention:
     def __init__(self, model, layers: list[int] | None = None, layer_reduce: str = "sum"):
         if layer_reduce not in REDUCTIONS:
             raise XmasError(f"layer_reduce must be one of {REDUCTIONS}")
-        decoder_layers = language_model(model).layers
-        chosen = range(len(decoder_layers)) if layers is None else layers
-        for layer in chosen:
-            if not 0 <= layer < len(decoder_layers):
-                raise XmasError(f"layer {layer} does not exist: the proxy has {len(decoder_layers)} decoder layers")
         self.model, self.layer_reduce = model, layer_reduce
-        self.attentions = [decoder_layers[i].self_attn for i in chosen]
+        self.attentions = [attention for _, attention in selected_attentions(model, layers)]
         self.heads = model.config.text_config.num_attention_heads
         self.image_token_id = model.config.image_token_id
 
