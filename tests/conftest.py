@@ -17,11 +17,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def small_generator_settings(records: int = 240, per_type: int = 4, seed: int = 3) -> dict:
+def small_generator_settings(records: int = 240, per_type: int = 4, seed: int = 3, captions: int = 64) -> dict:
     settings = yaml.safe_load((REPO / "xmas/resources/demo/shapes.yaml").read_text())
     settings["seed"] = seed
     settings["train"]["records"] = records
     settings["test"]["per_type"] = per_type
+    settings["captions"]["records"] = captions
     return settings
 
 
@@ -47,7 +48,7 @@ def tiny_checkpoint(small_demo, tmp_path_factory) -> Path:
     from xmas.progress import StageStats
 
     out = tmp_path_factory.mktemp("proxy") / "checkpoint-0"
-    init_model("demo-tiny", load_presets(), small_demo["train"], out, 0, DEMO_SETTINGS, {}, StageStats("test"))
+    init_model("demo-tiny", load_presets(), [small_demo["train"]], out, 0, DEMO_SETTINGS, {}, StageStats("test"))
     return out
 
 
@@ -123,6 +124,7 @@ REDUCED_DEMO = {
     "selection": {"budgets": [0.5]},
     # Enough for the small target to learn the answer priors, so that ARP is defined.
     "target": {"learning_rate": 1e-3, "projector_learning_rate": 1e-3},
+    "alignment": {"epochs": 1},
     "evaluation": {"seeds": [0]},
 }
 

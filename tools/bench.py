@@ -118,7 +118,7 @@ def paper_proxy(work: Path, annotations: Path) -> Path:
         write_standin(name, work / name)
         paths[STANDINS[name][0]] = str(work / name)
     settings = {"conversation": "phi", "image_position": "front", "image_preprocessing": None, "max_length": 2048}
-    init_model("tinyllava-stablelm2-clip336", load_presets(), annotations, work / "checkpoint-0", 0, settings, paths,
+    init_model("tinyllava-stablelm2-clip336", load_presets(), [annotations], work / "checkpoint-0", 0, settings, paths,
                StageStats("proxy-init"))
     return work / "checkpoint-0"
 

@@ -52,6 +52,9 @@ STAGES = {
     "target-init": ("build the target's checkpoint 0 from a preset, a model folder or a Hugging Face id",
                     "xmas target-init --model demo-target --annotations results/demo/train.json "
                     "--out results/target/base"),
+    "pretrain-target": ("align the target on image-caption pairs (LLaVA's first stage), once, before every fine-tune",
+                        "xmas pretrain-target --base results/target/base --captions results/demo/captions.json "
+                        "--image-root results/demo/images --out results/target/aligned"),
     "finetune-target": ("fine-tune the target model on a subset (LoRA or all weights)",
                         "xmas finetune-target --base results/target/base --subset results/xmas/seed-0/subset_0.5.json "
                         "--image-root results/demo/images --out results/target/xmas/0.5/seed-0"),

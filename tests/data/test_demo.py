@@ -41,3 +41,27 @@ def test_generation_is_byte_identical(tmp_path, small_demo):
     assert filecmp.cmp(again["test"], small_demo["test"], shallow=False)
     some_image = read_all(again["train"])[0].get("image") or read_all(again["train"])[1]["image"]
     assert filecmp.cmp(again["images"] / some_image, small_demo["images"] / some_image, shallow=False)
+
+
+def test_captions_describe_scenes_of_their_own_and_leave_the_splits_as_they_were(tmp_path, small_demo):
+    from xmas.data.demo import COLORS
+
+    from conftest import small_generator_settings
+
+    settings = {**small_generator_settings(), "captions": {"records": 30}}
+    paths = {"train": tmp_path / "train.json", "test": tmp_path / "test.json", "images": tmp_path / "images"}
+    generate(settings, paths["train"], paths["test"], paths["images"], StageStats("t"), tmp_path / "captions.json")
+    assert filecmp.cmp(paths["train"], small_demo["train"], shallow=False)
+    assert filecmp.cmp(paths["test"], small_demo["test"], shallow=False)
+    captions = read_all(tmp_path / "captions.json")
+    assert len(captions) == 30
+    used = {record["image"] for record in read_all(paths["train"]) + read_all(paths["test"]) if "image" in record}
+    for record in captions:
+        assert record["image"] not in used and (paths["images"] / record["image"]).is_file()
+        question, answer = (turn["value"] for turn in record["conversations"])
+        assert "<image>" in question and "<image>" not in answer
+        count, *objects = [part.strip() for part in answer.split(".") if part.strip()]
+        assert count.split()[0] == ["zero", "one", "two", "three"][len(objects)]
+        colors = [part.split()[1] for part in objects]
+        assert colors == sorted(colors, key=list(COLORS).index)  # a fixed order: each caption has one answer
+        assert all(part.split()[-1] in ("left", "right") for part in objects)

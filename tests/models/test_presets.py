@@ -118,7 +118,7 @@ def test_missing_model_names_the_key_and_value(standins):
 def test_a_composed_model_without_a_conversation_is_refused(standins, tmp_path):
     (tmp_path / "train.json").write_text("[]")
     with pytest.raises(XmasError, match="its processor has no chat template; name a conversation"):
-        init_model("llava-1.5-7b", TARGETS, tmp_path / "train.json", tmp_path / "out", 0,
+        init_model("llava-1.5-7b", TARGETS, [tmp_path / "train.json"], tmp_path / "out", 0,
                    {**DEMO_SETTINGS, "conversation": "model"}, standins, StageStats("t"))
     with pytest.raises(XmasError, match="conversation 'vicuna' is not one of demo, phi, vicuna_v1, zephyr"):
         chat_template("vicuna")

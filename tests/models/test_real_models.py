@@ -61,7 +61,7 @@ def images(tmp_path_factory):
 
 
 def build(model: str, presets: dict, paths: dict, out, annotations, **settings):
-    encoding = init_model(model, presets, annotations, out, 0, {**DEMO_SETTINGS, **settings}, paths, StageStats("t"))
+    encoding = init_model(model, presets, [annotations], out, 0, {**DEMO_SETTINGS, **settings}, paths, StageStats("t"))
     return encoding
 
 

@@ -54,3 +54,11 @@ def test_a_shipped_generator_is_named_and_a_missing_file_is_clear(tmp_path, capf
                  "--test-json", str(tmp_path / "e.json"), "--image-root", str(tmp_path / "i")])
     assert code == 1
     assert "demo settings 'nonesuch': no such file, and not one of shapes, rehearsal" in capfd.readouterr().err
+
+
+def test_only_the_shape_scenes_write_captions(tmp_path, capfd):
+    code = main(["demo-data", "--settings", "rehearsal", "--train-json", str(tmp_path / "t.json"),
+                 "--test-json", str(tmp_path / "e.json"), "--image-root", str(tmp_path / "i"),
+                 "--captions-json", str(tmp_path / "c.json")])
+    assert code == 1 and "a llava665k-like dataset has no captions" in capfd.readouterr().err
+    assert not (tmp_path / "t.json").exists()

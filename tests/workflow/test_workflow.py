@@ -10,7 +10,7 @@ import pytest
 
 from xmas.data.annotations import read_all
 
-from conftest import SUBSET_DIGESTS, TARGETS, job_counts, reduced_project, snakemake
+from conftest import REDUCED_DEMO, SUBSET_DIGESTS, TARGETS, job_counts, reduced_project, run_snakemake, snakemake
 
 
 def test_dry_run_of_the_reduced_demo(tmp_path):
@@ -75,12 +75,35 @@ def test_dry_run_of_the_demo_evaluation_trains_every_method_budget_and_seed(tmp_
     counts = job_counts(result.stdout)
     # 4 methods x 3 budgets x 3 seeds, plus the full set per seed
     assert counts["finetune_target"] == counts["evaluate"] == 4 * 3 * 3 + 3
-    assert counts["target_init"] == counts["summarize"] == 1
+    assert counts["target_init"] == counts["pretrain_target"] == counts["summarize"] == 1
     # one sample rule for every method: xmas and xmas-proportional one subset per budget; random and
     # cluster-random one per budget and seed; full one
     assert counts["sample"] == 2 * 3 + 2 * 3 * 3 + 1
     for method, seed in (("xmas", 0), ("xmas-proportional", 0), ("random", 2), ("cluster-random", 1), ("full", 0)):
         assert f"results/{method}/seed-{seed}/subset_" in result.stdout
+
+
+def test_the_paper_configs_do_not_align_and_the_demo_alignment_needs_the_shape_scenes(tmp_path):
+    counts = job_counts(snakemake(reduced_project(tmp_path, alignment={"captions": None}), "-n",
+                                  "results/eval/summary.tsv").stdout)
+    assert "pretrain_target" not in counts and counts["target_init"] == 1
+    project = reduced_project(tmp_path / "own", dataset={"annotations": "own.json", "image_root": "images"})
+    result = run_snakemake(project, "-n", "results/eval/summary.tsv")
+    assert result.returncode != 0 and "config alignment.captions: `demo`" in result.stderr
+    assert "set alignment.captions to a caption file of your own, or to null" in result.stderr
+
+
+@pytest.mark.slow
+def test_save_every_steps_sets_the_trajectory_length_once_prepare_has_counted_the_records(tmp_path):
+    # 300 records, batches of 32, one epoch: 10 steps; a checkpoint every 4 steps: at 4, 8 and 10
+    project = reduced_project(tmp_path, training={**REDUCED_DEMO["training"], "save_every_steps": 4})
+    dry = job_counts(snakemake(project, "-n", "results/trajectories.parquet").stdout)
+    assert dry["prepare"] == 1 and "trajectory" not in dry  # the rest is planned once prepare has run
+    snakemake(project, "--cores", "2", "results/trajectories.parquet")
+    trajectories = pd.read_parquet(project / "results/trajectories.parquet")
+    assert sorted(trajectories.checkpoint.unique()) == [1, 2, 3]
+    steps = [json.loads((project / f"logs/stats/proxy/checkpoint-{c}.json").read_text())["step"] for c in (1, 2, 3)]
+    assert steps == [4, 8, 10]
 
 
 def test_dry_run_of_the_loss_baseline_runs_its_own_trajectories(tmp_path):
@@ -106,3 +129,4 @@ def test_evaluation_summary_of_the_reduced_demo(workflow_run):
     finetuned = json.loads((workflow_run / "results/target/xmas/0.5/seed-0/xmas_finetune.json").read_text())
     subset = json.loads((workflow_run / "results/subset_0.5.json").read_text())
     assert finetuned["records"] == len(subset)
+    assert finetuned["base"] == str((workflow_run / "results/target/aligned").resolve())  # aligned once, shared

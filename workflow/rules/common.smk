@@ -18,11 +18,13 @@ import yaml
 
 from xmas.data.demo import settings_file
 from xmas.data.download import load_manifest, resolve_manifest
+from xmas.data.examples import usable_count
 from xmas.errors import XmasError
 from xmas.io import copy_sealed, set_aside_damaged
 from xmas.resources import resource
 from xmas.settings import job_resources, stage_flags
 from xmas.training.launch import launcher_prefix
+from xmas.training.schedule import checkpoint_count
 
 DATASET = config["dataset"]
 PROXY = config["proxy"]
@@ -30,9 +32,9 @@ TRAINING = config["training"]
 TRAJECTORY = config["trajectory"]
 SELECTION = config["selection"]
 TARGET = config["target"]
+ALIGNMENT = config["alignment"]
 EVALUATION = config["evaluation"]
 
-CHECKPOINTS = TRAINING["checkpoints"]
 SHARDS = TRAJECTORY["shards"]
 
 # Where the data comes from, by precedence: a dataset to download (dataset.download), your own
@@ -65,17 +67,53 @@ else:
     IMAGE_ROOT = DATASET["image_root"]
     IMAGE_INPUT = []
 
+# The target's alignment (LLaVA's first stage), when asked for: on the demo generator's captions or on a
+# caption file of the user's. Every fine-tune starts from its result.
+ALIGN_CAPTIONS = ALIGNMENT["captions"]
+
+
+def demo_captions_missing():
+    """Why the demo generator writes no captions for this config, or None when it does."""
+    if not GENERATED:
+        return "this dataset is not generated"
+    if not Path(DEMO_SETTINGS).is_file():
+        return None  # demo_data names the missing settings file
+    settings = yaml.safe_load(Path(DEMO_SETTINGS).read_text()) or {}
+    if settings.get("kind", "shapes") != "shapes":
+        return f"dataset.demo {DATASET['demo']!r} writes none"
+    if "captions" not in settings:
+        return f"{DEMO_SETTINGS} sets no `captions: {{records: N}}`"
+    return None
+
+
+if ALIGN_CAPTIONS == "demo":
+    if demo_captions_missing():
+        raise WorkflowError(
+            "config alignment.captions: `demo` aligns the target on the captions of the demo's shape scenes, but "
+            f"{demo_captions_missing()}: set alignment.captions to a caption file of your own, or to null when the "
+            "target is aligned already (LLaVA-1.5's released projector)"
+        )
+    ALIGN_CAPTIONS, ALIGN_IMAGE_ROOT, ALIGN_IMAGE_INPUT = "results/demo/captions.json", IMAGE_ROOT, IMAGE_INPUT
+elif ALIGN_CAPTIONS is not None:
+    ALIGN_IMAGE_ROOT, ALIGN_IMAGE_INPUT = ALIGNMENT["image_root"], []
+TARGET_BASE = "results/target/base"
+TARGET_ALIGNED = "results/target/aligned"
+# What every fine-tune starts from.
+TARGET_START = TARGET_BASE if ALIGN_CAPTIONS is None else TARGET_ALIGNED
+
 # CPUs (Slurm --cpus-per-task) and GPUs of the rules that use more than one CPU or can use a GPU.
 THREADS = {
     "prepare": 2,
     "train_segment": TRAINING["threads"],
     "trajectory": TRAJECTORY["threads"],
+    "pretrain_target": TARGET["threads"],
     "finetune_target": TARGET["threads"],
     "evaluate": EVALUATION["threads"],
 }
 GPUS = {
     "train_segment": TRAINING["gpus"],
     "trajectory": TRAJECTORY["gpus"],
+    "pretrain_target": TARGET["gpus"],
     "finetune_target": TARGET["gpus"],
     "evaluate": EVALUATION["gpus"],
 }
@@ -89,7 +127,6 @@ SELECTION_METHODS = SELECTION["methods"]
 SEEDED_METHODS = ("random", "cluster-random")
 # The reference every subset is measured against: all usable records, trained and evaluated alike.
 FULL = ("full", "1")
-TARGET_BASE = "results/target/base"
 PROXY_PRESETS = PROXY["presets"] or str(resource("proxy_presets.yaml"))
 TARGET_PRESETS = TARGET["presets"] or str(resource("target_presets.yaml"))
 MODEL_PATHS = config["model_paths"]
@@ -220,6 +257,23 @@ def evaluation_runs():
     """(method, budget, seed) of every target fine-tune: each method and budget, and the full set, per seed."""
     pairs = [*methods_and_budgets(), FULL]
     return [(method, budget, seed) for method, budget in pairs for seed in EVALUATION["seeds"]]
+
+
+def proxy_checkpoints():
+    """C: training.checkpoints, or with training.save_every_steps one per that many steps of the proxy's
+    training, which needs the usable records counted (the prepare checkpoint)."""
+    if TRAINING["save_every_steps"] is None:
+        return TRAINING["checkpoints"]
+    return checkpoint_count(usable_count(checkpoints.prepare.get().output[0]), TRAINING)
+
+
+def trajectory_shards(folder):
+    """Every (checkpoint, shard) file of one signal's trajectories."""
+    return [
+        f"{folder}/checkpoint-{checkpoint}/shard-{shard}.parquet"
+        for checkpoint in range(1, proxy_checkpoints() + 1)
+        for shard in range(SHARDS)
+    ]
 
 
 def target_dir(method, budget, seed):

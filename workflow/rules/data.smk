@@ -29,17 +29,22 @@ rule demo_data:
         train="results/demo/train.json",
         test="results/demo/test.json",
         images=directory("results/demo/images"),
+        captions=[] if ALIGN_CAPTIONS != "results/demo/captions.json" else ["results/demo/captions.json"],
     log:
         log="logs/demo_data.log",
         stats="logs/stats/demo_data.json",
     resources:
         **job("demo_data"),
+    params:
+        captions=lambda w, output: f"--captions-json {output.captions}" if output.captions else "",
     shell:
         "xmas demo-data --settings {input.settings} --train-json {output.train} --test-json {output.test}"
-        " --image-root {output.images} --stats {log.stats} 2> {log.log}"
+        " --image-root {output.images} {params.captions} --stats {log.stats} 2> {log.log}"
 
 
-rule prepare:
+# A checkpoint: with training.save_every_steps, how many proxy checkpoints there are depends on how many
+# records it finds usable (proxy_checkpoints()).
+checkpoint prepare:
     input:
         annotations=ANNOTATIONS,
         images=IMAGE_INPUT,

@@ -5,6 +5,7 @@
 rule target_init:
     input:
         annotations=ANNOTATIONS,
+        captions=[] if ALIGN_CAPTIONS is None else [ALIGN_CAPTIONS],
         models=local_copies(TARGET["model"], TARGET_PRESETS),
     output:
         directory(TARGET_BASE),
@@ -16,13 +17,38 @@ rule target_init:
     params:
         options=flags("target-init"),
     shell:
-        "xmas target-init --annotations {input.annotations} --out {output} {params.options}"
+        "xmas target-init --annotations {input.annotations} {input.captions} --out {output} {params.options}"
         " --stats {log.stats} 2> {log.log}"
+
+
+if ALIGN_CAPTIONS is not None:
+
+    rule pretrain_target:
+        input:
+            base=TARGET_BASE,
+            captions=ALIGN_CAPTIONS,
+            images=ALIGN_IMAGE_INPUT,
+        output:
+            directory(TARGET_ALIGNED),
+        log:
+            log="logs/target/aligned.log",
+            stats="logs/stats/target/aligned.json",
+        threads: THREADS["pretrain_target"]
+        resources:
+            **job("pretrain_target"),
+        params:
+            image_root=ALIGN_IMAGE_ROOT,
+            launch=launcher(TARGET["gpus"]),
+            options=flags("pretrain-target"),
+        shell:
+            "{params.launch} pretrain-target --base {input.base} --captions {input.captions}"
+            " --image-root {params.image_root} --out {output} {params.options} --threads {threads}"
+            " --stats {log.stats} 2> {log.log}"
 
 
 rule finetune_target:
     input:
-        base=TARGET_BASE,
+        base=TARGET_START,
         subset=lambda w: subset_json(w.method, w.budget, w.seed),
         images=IMAGE_INPUT,
     output:

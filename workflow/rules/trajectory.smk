@@ -41,11 +41,7 @@ use rule trajectory as trajectory_loss with:
 
 rule merge:
     input:
-        shards=expand(
-            "results/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
-            checkpoint=range(1, CHECKPOINTS + 1),
-            shard=range(SHARDS),
-        ),
+        shards=lambda w: trajectory_shards("results/trajectories"),
         examples=EXAMPLES,
     output:
         "results/trajectories.parquet",
@@ -63,11 +59,7 @@ rule merge:
 
 use rule merge as merge_loss with:
     input:
-        shards=expand(
-            "results/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
-            checkpoint=range(1, CHECKPOINTS + 1),
-            shard=range(SHARDS),
-        ),
+        shards=lambda w: trajectory_shards("results/loss/trajectories"),
         examples=EXAMPLES,
     output:
         "results/loss/trajectories.parquet",

@@ -164,6 +164,28 @@ def test_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
     return [make_example(kind, rng, size, 0.0) for kind in TYPES for _ in range(per_type)]
 
 
+CAPTION_PROMPTS = ("What can you see in the image?", "Tell me what is in the image.", "What is in the image?")
+
+
+def caption(scene: list[Shape]) -> str:
+    """How many objects a scene has, then each one's shape and side, in the fixed order of the colours."""
+    objects = sorted(scene, key=lambda obj: list(COLORS).index(obj.color))
+    noun = "object" if len(objects) == 1 else "objects"
+    parts = [f"the {obj.color} {obj.kind} is on the {obj.side}" for obj in objects]
+    return f"{NUMBER_WORDS[len(objects)]} {noun} . " + " . ".join(parts) + " ."
+
+
+def caption_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
+    """Scenes of their own (not the instruction records, not the held-out split), each with its caption:
+    what a target aligns its vision to before instruction tuning, as LLaVA's first stage does."""
+    size, spec = settings["image_size"], settings["captions"]
+    examples = []
+    for _ in range(spec["records"]):
+        scene = random_scene(rng, size, int(rng.integers(1, 4)))
+        examples.append(Example("caption", [(str(rng.choice(CAPTION_PROMPTS)), caption(scene))], scene))
+    return examples
+
+
 def write_split(name: str, examples: list[Example], images: Path, size: int, rng, stats: StageStats) -> list[dict]:
     (images / "shapes" / name).mkdir(parents=True, exist_ok=True)
     records = []
@@ -177,15 +199,23 @@ def write_split(name: str, examples: list[Example], images: Path, size: int, rng
     return records
 
 
-def generate(settings: dict, train_json: Path, test_json: Path, image_root: Path, stats: StageStats) -> None:
+def generate(settings: dict, train_json: Path, test_json: Path, image_root: Path, stats: StageStats,
+             captions_json: Path | None = None) -> None:
     rng = np.random.default_rng(settings["seed"])
+    caption_rng = np.random.default_rng([settings["seed"], 1])  # its own stream: train and test stay as they were
     train, test = train_examples(settings, rng), test_examples(settings, rng)
     with atomic_path(image_root, seal=False) as images:
         train_records = write_split("train", train, images, settings["image_size"], rng, stats)
         test_records = write_split("test", test, images, settings["image_size"], rng, stats)
+        if captions_json is not None:
+            captions = caption_examples(settings, caption_rng)
+            caption_records = write_split("captions", captions, images, settings["image_size"], caption_rng, stats)
     write_records(train_records, train_json)
     write_records(test_records, test_json)
     stats.add("out", len(train_records) + len(test_records))
+    if captions_json is not None:
+        write_records(caption_records, captions_json)
+        stats.add("captions", len(caption_records))
 
 
 def settings_file(name: str) -> Path:

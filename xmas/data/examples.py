@@ -32,6 +32,11 @@ def usable_records(examples: Path, annotations: Path) -> SourceRecords:
     return SourceRecords(annotations, table[table.status == "ok"])
 
 
+def usable_count(examples: Path) -> int:
+    """How many records the proxy trains on (status ok)."""
+    return int((read_examples(examples, ["status"]).status == "ok").sum())
+
+
 def usable_image_examples(examples: Path) -> pd.DataFrame:
     """The usable records with an image, in source order: the ones with a trajectory."""
     table = read_examples(examples, ["uid", "index", "has_image", "status", "tokens", *SPAN_COLUMNS])

@@ -332,13 +332,16 @@ def context_length(model) -> int:
     return int(config.max_position_embeddings)
 
 
-def init_model(model: str, presets: dict, annotations: Path, out: Path, seed: int, settings: dict,
+def init_model(model: str, presets: dict, annotations: list[Path], out: Path, seed: int, settings: dict,
                paths: dict[str, str], stats: StageStats) -> Encoding:
     """Checkpoint 0 of a proxy or target: the model, its processor set to the conventions
-    (``settings``: conversation, image_position, image_preprocessing, max_length) and the :class:`Encoding`."""
+    (``settings``: conversation, image_position, image_preprocessing, max_length) and the :class:`Encoding`.
+    A from-config model learns its tokenizer from the words of every file of ``annotations``."""
     spec = resolve(model, presets)
     template, preprocessing = conventions_of(spec, settings)
-    texts = conversation_texts(annotations) if spec.get("kind") == "from-config" else None
+    texts = None
+    if spec.get("kind") == "from-config":
+        texts = [text for path in annotations for text in conversation_texts(path)]
     built, processor = materialise(spec, seed, template, texts, paths)
     if template is not None:
         processor.chat_template = template
@@ -364,8 +367,9 @@ def add_init_arguments(parser, stage: str) -> None:
     """The options of ``xmas proxy-init`` and ``xmas target-init``: their files and the stage's settings."""
     from xmas.settings import add_settings
 
-    parser.add_argument("--annotations", required=True, type=Path,
-                        help="the source annotation JSON (a from-config model learns its tokenizer from it)")
+    parser.add_argument("--annotations", required=True, type=Path, nargs="+",
+                        help="the source annotation JSON, and for a target the alignment captions (a from-config "
+                        "model learns its tokenizer from their words)")
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     add_settings(parser, stage)
 

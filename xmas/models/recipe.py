@@ -46,6 +46,12 @@ def freeze_vision_tower(model) -> None:
             parameter.requires_grad_(False)
 
 
+def train_projector_only(model) -> None:
+    """LLaVA's first stage: the vision tower and the language model stay as they are."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(PROJECTOR in name)
+
+
 def parameter_groups(model, learning_rate: float, projector_learning_rate: float | None,
                      weight_decay: float) -> list[dict]:
     """Trainable parameters in two groups: the projector at its own learning rate (when given), the rest."""

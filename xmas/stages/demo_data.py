@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-json", required=True, type=Path, help="where to write the training annotations")
     parser.add_argument("--test-json", required=True, type=Path, help="where to write the held-out annotations")
     parser.add_argument("--image-root", required=True, type=Path, help="folder the image paths are relative to")
+    parser.add_argument("--captions-json", type=Path,
+                        help="where to write image-caption records of scenes of their own, for the target's "
+                        "alignment (shape scenes only)")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -31,5 +34,10 @@ def run(args: argparse.Namespace) -> None:
     kind = settings.get("kind", "shapes")
     if kind not in GENERATORS:
         raise XmasError(f"{path}: kind {kind!r} is not one of {', '.join(GENERATORS)}")
-    GENERATORS[kind](settings, args.train_json, args.test_json, args.image_root, stats)
+    if args.captions_json is not None and kind != "shapes":
+        raise XmasError(f"{path}: a {kind} dataset has no captions; only the shape scenes write them")
+    if args.captions_json is not None and "captions" not in settings:
+        raise XmasError(f"{path}: --captions-json needs the number of captions to write (captions: {{records: N}})")
+    extra = {} if args.captions_json is None else {"captions_json": args.captions_json}
+    GENERATORS[kind](settings, args.train_json, args.test_json, args.image_root, stats, **extra)
     stats.finish(args.stats)

@@ -30,7 +30,7 @@ from xmas.errors import XmasError
 from xmas.io import atomic_path, damage_of, load_torch, read_json, seal_path, verify, write_seal
 from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint
 from xmas.models.encoding import ConversationEncoder, Encoding
-from xmas.models.recipe import freeze_vision_tower, with_lora
+from xmas.models.recipe import freeze_vision_tower, train_projector_only, with_lora
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, log, progress, use_threads
 from xmas.settings import add_settings, settings_of
 from xmas.training.engine import (
@@ -44,12 +44,8 @@ from xmas.training.engine import (
     prepare_training,
     resolve_dtype,
 )
-from xmas.training.loop import (
-    fit_steps,
-    make_optimizer,
-    micro_batches_for,
-    steps_per_epoch,
-)
+from xmas.training.loop import fit_steps, make_optimizer, micro_batches_for
+from xmas.training.schedule import steps_per_epoch
 
 LENGTH_BATCH = 1024
 
@@ -103,6 +99,8 @@ def prepare_model(base: Path, settings: dict, context):
         model = with_lora(model, settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"])
     if settings["freeze_vision_tower"]:
         freeze_vision_tower(model)
+    if settings.get("projector_only"):
+        train_projector_only(model)
     if settings["deepspeed"]:
         # DeepSpeed casts the model to the run's precision itself, but not one it holds partitioned (ZeRO-3):
         # the parameters made after loading (LoRA's) must then match the base's.

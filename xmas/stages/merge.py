@@ -12,11 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from xmas.data.examples import shard_slice, usable_image_examples
+from xmas.data.examples import shard_slice, usable_count, usable_image_examples
 from xmas.errors import XmasError
 from xmas.io import read_table, write_parquet
 from xmas.progress import StageStats, add_input_arguments
-from xmas.settings import add_settings
+from xmas.settings import add_settings, settings_of
+from xmas.training.schedule import checkpoint_count
 
 SHOWN = 10
 
@@ -80,5 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     stats = StageStats("merge")
-    write_parquet(merge(args.inputs, args.examples, args.checkpoints, args.shards, stats), args.out)
+    checkpoints = checkpoint_count(usable_count(args.examples), settings_of(args, "merge"))
+    write_parquet(merge(args.inputs, args.examples, checkpoints, args.shards, stats), args.out)
     stats.finish(args.stats)

@@ -34,19 +34,14 @@ from xmas.training.engine import (
     distributed,
     prepare_training,
 )
-from xmas.training.loop import fit_steps, make_optimizer, micro_batches_for, steps_per_epoch
+from xmas.training.loop import fit_steps, make_optimizer, micro_batches_for
+from xmas.training.schedule import checkpoint_count, checkpoint_step
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "training_log.json"
 # How the steps run, not what they compute: these may change between segments (DeepSpeed aside,
 # whose optimizer state is kept in its own format). Every other setting must stay as it was.
 MAY_CHANGE = {"micro_batch_size", "precision", "gradient_checkpointing", "attn_implementation", "deepspeed"}
-
-
-def checkpoint_step(checkpoint: int, settings: dict) -> int:
-    """The global step at which checkpoint ``checkpoint`` (1..C) is written; C is the last step."""
-    total = settings["epochs"] * steps_per_epoch(settings["records"], settings["batch_size"])
-    return round(checkpoint * total / settings["checkpoints"])
 
 
 def load_state(previous: Path, settings: dict, checkpoint: int) -> dict | None:
@@ -87,12 +82,15 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
     settings = {**settings, "records": len(records)}
     if not records:
         raise XmasError(f"{examples}: no usable records to train on")
+    count = checkpoint_count(len(records), settings)
+    if not 1 <= checkpoint <= count:
+        raise XmasError(f"--checkpoint must be in 1..{count} (the proxy's checkpoints), got {checkpoint}")
     state = load_state(verify(previous), settings, checkpoint)
     with distributed() as context:
         model, processor = load_model(previous, settings, context.device)
         encoder = ConversationEncoder.of_checkpoint(previous, processor, image_root, context.device)
-        total = checkpoint_step(settings["checkpoints"], settings)
-        start, stop = 0, checkpoint_step(checkpoint, settings)
+        total = checkpoint_step(count, len(records), settings)
+        start, stop = 0, checkpoint_step(checkpoint, len(records), settings)
         if settings["freeze_vision_tower"]:
             freeze_vision_tower(model)
         optimizer, scheduler = make_optimizer(model, settings, total)
@@ -148,8 +146,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if not 1 <= args.checkpoint <= args.checkpoints:
-        raise XmasError(f"--checkpoint must be in 1..{args.checkpoints}, got {args.checkpoint}")
     use_threads(args.threads)
     stats = StageStats(f"train-segment {args.checkpoint}")
     train_segment(args.previous, args.out, args.checkpoint, settings_of(args, "train-segment"), args.examples,

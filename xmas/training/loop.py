@@ -20,10 +20,7 @@ from xmas.models.encoding import ConversationEncoder
 from xmas.models.recipe import IGNORE_INDEX, parameter_groups
 from xmas.progress import progress
 from xmas.training.engine import Distributed, MicroBatch
-
-
-def steps_per_epoch(records: int, batch_size: int) -> int:
-    return math.ceil(records / batch_size)
+from xmas.training.schedule import steps_per_epoch
 
 
 def batch_indices(step: int, settings: dict) -> np.ndarray:

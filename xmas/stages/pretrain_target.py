@@ -1,0 +1,45 @@
+"""Rule ``pretrain_target``: align the target on image–caption pairs, once, before every fine-tune.
+
+LLaVA-1.5 starts instruction tuning from a projector that a first stage (feature alignment) trained
+on image–caption pairs, the vision tower and language model frozen (``--trainable projector``). The
+demo target starts from random weights everywhere, so it trains them all (``--trainable all``) on the
+captions the demo generator writes for scenes of its own. Both run on the fine-tuning engine
+(:func:`xmas.stages.finetune_target.finetune`), with the alignment's epochs, batch and learning rate
+and the target section's engine settings (precision, DeepSpeed, micro-batches).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from xmas.progress import StageStats, add_input_arguments, add_threads_argument, use_threads
+from xmas.settings import add_settings, defaults, settings_of
+from xmas.stages.finetune_target import finetune
+from xmas.training.engine import context_from_environment
+
+
+def alignment_settings(args: argparse.Namespace) -> dict:
+    """The fine-tuning engine's settings for the alignment: all weights or the projector, no LoRA, no saves."""
+    settings = {**defaults("finetune-target"), **settings_of(args, "pretrain-target")}
+    trainable = settings.pop("trainable")
+    return {**settings, "lora_r": 0, "projector_learning_rate": settings["learning_rate"],
+            "freeze_vision_tower": trainable == "projector", "projector_only": trainable == "projector",
+            "save_every_steps": 0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True, type=Path, help="the target's checkpoint 0 (from `xmas target-init`)")
+    parser.add_argument("--captions", required=True, type=Path,
+                        help="image-caption records to align on (LLaVA format, as LLaVA's blip_laion_cc_sbu_558k.json)")
+    add_input_arguments(parser, "image_root")
+    parser.add_argument("--out", required=True, type=Path, help="folder to write the aligned target to")
+    add_threads_argument(parser)
+    add_settings(parser, "pretrain-target")
+
+
+def run(args: argparse.Namespace) -> None:
+    use_threads(args.threads)
+    stats = StageStats(f"pretrain-target {args.out}")
+    finetune(args.base, args.captions, args.image_root, args.out, alignment_settings(args), stats)
+    stats.finish(args.stats if context_from_environment().is_main else None)
