@@ -59,7 +59,7 @@ def test_captions_describe_scenes_of_their_own_and_leave_the_splits_as_they_were
     for record in captions:
         assert record["image"] not in used and (paths["images"] / record["image"]).is_file()
         question, answer = (turn["value"] for turn in record["conversations"])
-        assert "<image>" in question and "<image>" not in answer
+        assert question.startswith("<image>\n") and "<image>" not in answer
         count, *objects = [part.strip() for part in answer.split(".") if part.strip()]
         assert count.split()[0] == ["zero", "one", "two", "three"][len(objects)]
         colors = [part.split()[1] for part in objects]

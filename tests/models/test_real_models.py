@@ -19,9 +19,9 @@ from xmas.models.checkpoints import load_checkpoint
 from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
 from xmas.models.presets import TARGET_PRESETS, chat_template, image_processor_for, init_model, load_presets
 from xmas.progress import StageStats
-from xmas.stages.finetune_target import fitting_records
 from xmas.stages.prepare import prepare
 from xmas.stages.trajectory import extract_shard
+from xmas.training.finetune import fitting_records
 
 from conftest import DEMO_SETTINGS
 

@@ -20,8 +20,8 @@ from xmas.models.encoding import ConversationEncoder
 from xmas.models.recipe import PROJECTOR, language_model_linear_layers, parameter_groups
 from xmas.progress import StageStats
 from xmas.settings import defaults
-from xmas.stages.finetune_target import finetune, prepare_model
 from xmas.training.engine import Distributed
+from xmas.training.finetune import finetune, prepare_model
 
 SETTINGS = {**defaults("finetune-target"), "seed": 0, "epochs": 1, "batch_size": 8, "learning_rate": 1e-3,
             "projector_learning_rate": 1e-4, "warmup_ratio": 0.0, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,

@@ -88,9 +88,11 @@ def test_the_paper_configs_do_not_align_and_the_demo_alignment_needs_the_shape_s
                                   "results/eval/summary.tsv").stdout)
     assert "pretrain_target" not in counts and counts["target_init"] == 1
     project = reduced_project(tmp_path / "own", dataset={"annotations": "own.json", "image_root": "images"})
+    (project / "own.json").write_text("[]")
+    assert run_snakemake(project, "-n", "results/subset_0.5.json").returncode == 0  # selecting needs no target
     result = run_snakemake(project, "-n", "results/eval/summary.tsv")
     assert result.returncode != 0 and "config alignment.captions: `demo`" in result.stderr
-    assert "set alignment.captions to a caption file of your own, or to null" in result.stderr
+    assert "this dataset is not generated: set alignment.captions to a caption file of your own" in result.stderr
 
 
 @pytest.mark.slow

@@ -86,27 +86,23 @@ def demo_captions_missing():
     return None
 
 
+# A config that asks for the demo's captions without the demo's shape scenes can still select; only
+# planning a fine-tune fails (target_start).
+ALIGN_PROBLEM = demo_captions_missing() if ALIGN_CAPTIONS == "demo" else None
 if ALIGN_CAPTIONS == "demo":
-    if demo_captions_missing():
-        raise WorkflowError(
-            "config alignment.captions: `demo` aligns the target on the captions of the demo's shape scenes, but "
-            f"{demo_captions_missing()}: set alignment.captions to a caption file of your own, or to null when the "
-            "target is aligned already (LLaVA-1.5's released projector)"
-        )
-    ALIGN_CAPTIONS, ALIGN_IMAGE_ROOT, ALIGN_IMAGE_INPUT = "results/demo/captions.json", IMAGE_ROOT, IMAGE_INPUT
+    ALIGN_CAPTIONS = None if ALIGN_PROBLEM else "results/demo/captions.json"
+    ALIGN_IMAGE_ROOT, ALIGN_IMAGE_INPUT = IMAGE_ROOT, IMAGE_INPUT
 elif ALIGN_CAPTIONS is not None:
     ALIGN_IMAGE_ROOT, ALIGN_IMAGE_INPUT = ALIGNMENT["image_root"], []
 TARGET_BASE = "results/target/base"
 TARGET_ALIGNED = "results/target/aligned"
-# What every fine-tune starts from.
-TARGET_START = TARGET_BASE if ALIGN_CAPTIONS is None else TARGET_ALIGNED
 
 # CPUs (Slurm --cpus-per-task) and GPUs of the rules that use more than one CPU or can use a GPU.
 THREADS = {
     "prepare": 2,
     "train_segment": TRAINING["threads"],
     "trajectory": TRAJECTORY["threads"],
-    "pretrain_target": TARGET["threads"],
+    "pretrain_target": ALIGNMENT["threads"],
     "finetune_target": TARGET["threads"],
     "evaluate": EVALUATION["threads"],
 }
@@ -274,6 +270,17 @@ def trajectory_shards(folder):
         for checkpoint in range(1, proxy_checkpoints() + 1)
         for shard in range(SHARDS)
     ]
+
+
+def target_start(wildcards):
+    """What every fine-tune starts from: the aligned target, else checkpoint 0 when no alignment is asked for."""
+    if ALIGN_PROBLEM:
+        raise WorkflowError(
+            "config alignment.captions: `demo` aligns the target on the captions of the demo's shape scenes, but "
+            f"{ALIGN_PROBLEM}: set alignment.captions to a caption file of your own, or to null when the target "
+            "is aligned already (LLaVA-1.5's released projector)"
+        )
+    return TARGET_BASE if ALIGN_CAPTIONS is None else TARGET_ALIGNED
 
 
 def target_dir(method, budget, seed):

@@ -48,7 +48,7 @@ if ALIGN_CAPTIONS is not None:
 
 rule finetune_target:
     input:
-        base=TARGET_START,
+        base=target_start,
         subset=lambda w: subset_json(w.method, w.budget, w.seed),
         images=IMAGE_INPUT,
     output:

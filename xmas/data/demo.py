@@ -186,7 +186,10 @@ def caption_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
     return examples
 
 
-def write_split(name: str, examples: list[Example], images: Path, size: int, rng, stats: StageStats) -> list[dict]:
+def write_split(name: str, examples: list[Example], images: Path, size: int, rng, stats: StageStats,
+                image_first_share: float = 0.8) -> list[dict]:
+    """Render a split's images and write its records; ``image_first_share`` of them put the image
+    before the question (LLaVA's instruction data puts some after it)."""
     (images / "shapes" / name).mkdir(parents=True, exist_ok=True)
     records = []
     for number, example in enumerate(progress(examples, total=len(examples), desc=f"render {name}", unit="img")):
@@ -194,7 +197,7 @@ def write_split(name: str, examples: list[Example], images: Path, size: int, rng
         if example.scene is not None:
             image = f"shapes/{name}/{number:06d}.png"
             render(example.scene, size, rng).save(images / image, format="PNG")
-        records.append(example.record(f"demo-{name}-{number:06d}", image, image_first=rng.random() < 0.8))
+        records.append(example.record(f"demo-{name}-{number:06d}", image, image_first=rng.random() < image_first_share))
         stats.add(f"{name}_{example.question_type}")
     return records
 
@@ -209,7 +212,8 @@ def generate(settings: dict, train_json: Path, test_json: Path, image_root: Path
         test_records = write_split("test", test, images, settings["image_size"], rng, stats)
         if captions_json is not None:
             captions = caption_examples(settings, caption_rng)
-            caption_records = write_split("captions", captions, images, settings["image_size"], caption_rng, stats)
+            caption_records = write_split("captions", captions, images, settings["image_size"], caption_rng, stats,
+                                          image_first_share=1.0)
     write_records(train_records, train_json)
     write_records(test_records, test_json)
     stats.add("out", len(train_records) + len(test_records))

@@ -4,7 +4,7 @@ LLaVA-1.5 starts instruction tuning from a projector that a first stage (feature
 on image–caption pairs, the vision tower and language model frozen (``--trainable projector``). The
 demo target starts from random weights everywhere, so it trains them all (``--trainable all``) on the
 captions the demo generator writes for scenes of its own. Both run on the fine-tuning engine
-(:func:`xmas.stages.finetune_target.finetune`), with the alignment's epochs, batch and learning rate
+(:func:`xmas.training.finetune.finetune`), with the alignment's epochs, batch and learning rate
 and the target section's engine settings (precision, DeepSpeed, micro-batches).
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, use_threads
 from xmas.settings import add_settings, defaults, settings_of
-from xmas.stages.finetune_target import finetune
 from xmas.training.engine import context_from_environment
+from xmas.training.finetune import finetune
 
 
 def alignment_settings(args: argparse.Namespace) -> dict:

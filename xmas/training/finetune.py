@@ -1,0 +1,232 @@
+"""Fine-tuning a target VLM on LLaVA-format records: what ``finetune_target`` (every subset) and
+``pretrain_target`` (the alignment on captions, once) run.
+
+Two recipes share this code path:
+
+- ``lora_r: 0``: every parameter is trained, or all but the vision tower (``freeze_vision_tower``),
+  or the projector alone (``projector_only``, LLaVA's first stage).
+- ``lora_r: R``: the paper's recipe for LLaVA-1.5-7B. LoRA (rank R, alpha) on every linear layer
+  of the language model, the projector trained in full at its own learning rate, the vision tower
+  frozen. The run saves the adapter (with the projector); evaluation merges it
+  (:func:`xmas.models.checkpoints.load_target`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from xmas.data.annotations import SourceRecords, iter_spans
+from xmas.data.records import record_id
+from xmas.errors import XmasError
+from xmas.io import atomic_path, damage_of, load_torch, read_json, seal_path, verify, write_seal
+from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint
+from xmas.models.encoding import ConversationEncoder, Encoding
+from xmas.models.recipe import freeze_vision_tower, train_projector_only, with_lora
+from xmas.progress import StageStats, log, progress
+from xmas.training.engine import (
+    TorchTraining,
+    attention_implementation,
+    distributed,
+    parameter_count,
+    parameters_held,
+    partitioned_loading,
+    prepare_training,
+    resolve_dtype,
+)
+from xmas.training.loop import fit_steps, make_optimizer, micro_batches_for
+from xmas.training.schedule import steps_per_epoch
+
+LENGTH_BATCH = 1024
+
+
+def subset_rows(path: Path) -> pd.DataFrame:
+    """Where each record of a subset JSON lies (one pass over the file), so records are read on demand."""
+    spans = iter_spans(verify(path))
+    rows = [(record_id(span.record, span.index), span.index, span.offset, span.length) for span in spans]
+    return pd.DataFrame(rows, columns=["uid", "index", "offset", "length"])
+
+
+def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStats) -> SourceRecords:
+    """The subset's records whose images fit in the target's ``max_length``.
+
+    ``prepare`` checked every record against the proxy; the target's tokenizer and image tokens may
+    differ, so a record that cannot be encoded whole for the target is left out here and named.
+    """
+    rows = subset_rows(subset)
+    fits = []
+    with SourceRecords(subset, rows) as records:
+        for start in progress(range(0, len(records), LENGTH_BATCH), total=-(-len(records) // LENGTH_BATCH),
+                              desc="count tokens", unit="batch"):
+            batch = records[start : start + LENGTH_BATCH]
+            for record, length in zip(batch, encoder.lengths(batch)):
+                fits.append(length.fits(encoder.encoding.max_length))
+                if not fits[-1]:
+                    log.warning("%s: record %r left out: its image ends at token %d, past the target's max_length %d",
+                                subset, record.get("id"), length.image_end, encoder.encoding.max_length)
+                    stats.exclude("image_cut_by_max_length")
+    return SourceRecords(subset, rows[fits])
+
+
+def prepare_model(base: Path, settings: dict, context):
+    """The base target on this process's device, with LoRA when asked and the vision tower frozen when asked.
+
+    Without DeepSpeed, LoRA runs keep the frozen base weights in the run's half precision (a 7B model in
+    float32 would not fit); what trains (LoRA, projector) stays float32 under autocast. Under DeepSpeed
+    the base loads in the run's precision, DeepSpeed keeping float32 master weights, and under ZeRO-3
+    every process loads only its partition of it.
+    """
+    half = settings["precision"] != "fp32" and (settings["lora_r"] or settings["deepspeed"])
+    dtype = resolve_dtype(settings["precision"]) if half else torch.float32
+    implementation = attention_implementation(settings["attn_implementation"], context.device)
+    with partitioned_loading(settings, model_config(base), context.world_size):
+        model, processor = load_checkpoint(base, dtype, attn_implementation=implementation)
+    log.info("base loaded in %s; this process holds %.0f%% of its %d parameters", dtype,
+             100 * parameters_held(model.parameters()) / parameter_count(model.parameters()),
+             parameter_count(model.parameters()))
+    torch.manual_seed(settings["seed"])  # LoRA's initialisation
+    if settings["lora_r"]:
+        model = with_lora(model, settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"])
+    if settings["freeze_vision_tower"]:
+        freeze_vision_tower(model)
+    if settings.get("projector_only"):
+        train_projector_only(model)
+    if settings["deepspeed"]:
+        # DeepSpeed casts the model to the run's precision itself, but not one it holds partitioned (ZeRO-3):
+        # the parameters made after loading (LoRA's) must then match the base's.
+        for parameter in model.parameters():
+            if not hasattr(parameter, "ds_id") and parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype)
+        return model, processor  # DeepSpeed places the model and keeps its own float32 copies
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            parameter.data = parameter.data.float()
+    return model.to(context.device), processor
+
+
+def model_config(base: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base)
+
+
+def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings: dict, stats: StageStats) -> None:
+    """``epochs`` passes over the subset in seeded order (the proxy's batching and engine), then save.
+
+    With ``save_every_steps``, the run's state is saved every that many steps next to ``out``
+    (``<out>.partial/``), and a run started again with the same settings resumes from the last one.
+    """
+    records = fitting_records(subset, ConversationEncoder.of_checkpoint(base), stats)
+    if not len(records):
+        raise XmasError(f"{subset}: the subset has no records the target can train on; there is nothing to fine-tune")
+    schedule = {**settings, "records": len(records)}
+    total = settings["epochs"] * steps_per_epoch(len(records), settings["batch_size"])
+    partial = out.with_name(out.name + PARTIAL_SUFFIX)
+    with distributed() as context, records:
+        model, processor = prepare_model(base, settings, context)
+        encoder = ConversationEncoder.of_checkpoint(base, processor, image_root, context.device)
+        optimizer, scheduler = make_optimizer(model, settings, total)
+        training = prepare_training(model, optimizer, scheduler, context, settings)
+        model.train()
+        start, losses = resume(partial, training, model, settings, total, context)
+        every = settings["save_every_steps"] or total
+        for first in range(start, total, every):
+            last = min(first + every, total)
+            losses += fit_steps(training, lambda step: micro_batches_for(step, records, encoder, schedule, context),
+                                first, last, context, desc=f"fine-tune steps {first + 1}-{last} of {total}")
+            if last < total:
+                save_partial(partial, training, model, settings, last, losses, context)
+        run = {"base": str(Path(base).resolve()), "subset": str(subset), "records": len(records),
+               "settings": settings, "losses": losses}
+        save_target(training, processor, encoder.encoding, out, run, context)
+        if context.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+    stats.add("in", len(records))
+    stats.add("steps", total)
+    stats.add("resumed_at_step", start)
+    stats.add("out", 1)
+    stats.set("processes", context.world_size)
+    stats.set("trainable_parameters", parameter_count(p for p in model.parameters() if p.requires_grad))
+    stats.set("first_loss", losses[0])
+    stats.set("last_loss", losses[-1])
+
+
+# ------------------------------------------------------------------------------- intermediate states
+
+PARTIAL_SUFFIX = ".partial"
+STEP_FILE = "step.json"
+STATE_FILE = "state.pt"
+
+
+def saved_steps(partial: Path) -> list[Path]:
+    """The complete intermediate states (their step file is written last), oldest first."""
+    found = [folder for folder in partial.glob("step-*") if (folder / STEP_FILE).is_file()]
+    return sorted(found, key=lambda folder: int(folder.name.removeprefix("step-")))
+
+
+def save_partial(partial: Path, training, model, settings: dict, step: int, losses: list[float], context) -> None:
+    """The run's state after ``step`` steps: trainable weights, optimizer, schedule, each process's random
+    state; written into a temporary folder, then renamed, so a kill leaves the previous state whole."""
+    tmp, folder = partial / f".step-{step}.tmp", partial / f"step-{step}"
+    if context.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    context.barrier()
+    state = training.save_state(tmp)  # collective under DeepSpeed, which keeps the weights in its own files
+    if isinstance(training, TorchTraining) and context.is_main:
+        state["trainable"] = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
+        torch.save(state, tmp / STATE_FILE)
+    torch.save(torch.random.get_rng_state(), tmp / f"rng-{context.rank}.pt")
+    context.barrier()
+    if context.is_main:
+        (tmp / STEP_FILE).write_text(json.dumps({"step": step, "losses": losses, "settings": settings}) + "\n")
+        write_seal(folder, tmp)
+        shutil.rmtree(folder, ignore_errors=True)  # a state not trusted, of a run started again
+        tmp.rename(folder)
+        for older in saved_steps(partial)[:-1]:
+            shutil.rmtree(older)
+            seal_path(older).unlink(missing_ok=True)
+        log.info("saved the fine-tune's state after step %d in %s", step, folder)
+    context.barrier()
+
+
+def resume(partial: Path, training, model, settings: dict, total: int, context) -> tuple[int, list[float]]:
+    """The step to start from and the losses so far: those of the last saved state of this same run, else 0."""
+    found = saved_steps(partial)
+    if not found:
+        return 0, []
+    folder = found[-1]
+    damage = damage_of(folder)
+    if damage is not None:
+        log.warning("%s; starting the fine-tune from step 0", damage.what)
+        return 0, []
+    saved = read_json(folder / STEP_FILE)
+    if saved["settings"] != settings:
+        log.warning("%s was saved with other settings; starting the fine-tune from step 0", folder)
+        return 0, []
+    log.info("resuming from step %d of %d (%s)", saved["step"], total, folder)
+    state = load_torch(folder / STATE_FILE, weights_only=False) if (folder / STATE_FILE).is_file() else {}
+    if "trainable" in state:
+        with torch.no_grad():
+            parameters = dict(model.named_parameters())
+            for name, value in state.pop("trainable").items():
+                parameters[name].copy_(value)
+    training.load_state_dict(state, folder)
+    torch.random.set_rng_state(load_torch(folder / f"rng-{context.rank}.pt"))
+    return saved["step"], saved["losses"]
+
+
+def save_target(training, processor, encoding: Encoding, out: Path, run: dict, context) -> None:
+    """Rank 0 writes the model (the adapter, for LoRA) and the processor; every rank joins ZeRO-3's gather."""
+    with atomic_path(out) if context.is_main else contextlib.nullcontext(None) as tmp:
+        training.save_model(tmp)
+        if context.is_main:
+            processor.save_pretrained(tmp)
+            encoding.save(tmp)
+            (tmp / FINETUNE_RUN_FILE).write_text(json.dumps(run) + "\n")
+    context.barrier()
