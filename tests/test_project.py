@@ -51,11 +51,12 @@ def test_stage_error_is_one_clear_line(tmp_path, capfd):
 
 
 def rule_names() -> set[str]:
-    """The workflow's rules (``rule x:`` and ``use rule y as x``)."""
+    """The workflow's rules (``rule x:``, ``checkpoint x:`` and ``use rule y as x``)."""
     import re
 
     text = "\n".join(path.read_text() for path in (REPO / "workflow/rules").glob("*.smk"))
-    return set(re.findall(r"^\s*rule (\w+):", text, re.MULTILINE)) | set(re.findall(r" as (\w+) with:", text))
+    defined = set(re.findall(r"^\s*(?:rule|checkpoint) (\w+):", text, re.MULTILINE))
+    return defined | set(re.findall(r" as (\w+) with:", text))
 
 
 def test_every_rule_is_one_stage_with_its_module_and_its_test():

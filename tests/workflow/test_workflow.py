@@ -90,9 +90,10 @@ def test_the_paper_configs_do_not_align_and_the_demo_alignment_needs_the_shape_s
     project = reduced_project(tmp_path / "own", dataset={"annotations": "own.json", "image_root": "images"})
     (project / "own.json").write_text("[]")
     assert run_snakemake(project, "-n", "results/subset_0.5.json").returncode == 0  # selecting needs no target
-    result = run_snakemake(project, "-n", "results/eval/summary.tsv")
-    assert result.returncode != 0 and "config alignment.captions: `demo`" in result.stderr
-    assert "this dataset is not generated: set alignment.captions to a caption file of your own" in result.stderr
+    result = run_snakemake(project, "-n", "results/target/full/1/seed-0")
+    said = result.stdout + result.stderr
+    assert result.returncode != 0 and "config alignment.captions: `demo`" in said
+    assert "this dataset is not generated: set alignment.captions to a caption file of your own" in said
 
 
 @pytest.mark.slow
