@@ -80,7 +80,8 @@ LOCAL_RULES = {"download", "main_subset", "plan"}
 def planned_jobs(dry_run_output: str) -> dict[str, dict[str, str]]:
     """What `snakemake -n` prints each rule's Slurm jobs will ask for, checking that every job of a rule
     asks for the same."""
-    blocks = re.findall(r"^rule (\w+):\n(?:    .*\n)*?    resources: (.*)$", dry_run_output, re.MULTILINE)
+    blocks = re.findall(r"^(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    resources: (.*)$", dry_run_output,
+                        re.MULTILINE)
     plan: dict[str, dict[str, str]] = {}
     for rule, resources in blocks:
         if rule in LOCAL_RULES:
@@ -143,7 +144,8 @@ def test_the_demo_plan_asks_for_little_and_fits_this_machine(tmp_path, monkeypat
         "demo_data": job(1000, 30), "prepare": job(1000, 30), "proxy_init": job(1000, 30),
         "train_segment": job(2000, 60, gpu=0), "trajectory": job(1000, 60, gpu=0), "merge": job(1000, 30),
         "cluster": job(1000, 30), "sample": job(1000, 30), "report": job(1000, 30), "target_init": job(1000, 30),
-        "finetune_target": job(2000, 60, gpu=0), "evaluate": job(1000, 60, gpu=0), "summarize": job(1000, 30),
+        "pretrain_target": job(2000, 60, gpu=0), "finetune_target": job(2000, 60, gpu=0),
+        "evaluate": job(1000, 60, gpu=0), "summarize": job(1000, 30),
         "evaluation_report": job(1000, 30),
     }
     assert max(int(asked["mem_mb"]) for asked in plan.values()) < machine_memory_mb()
