@@ -24,7 +24,8 @@ def alignment_settings(args: argparse.Namespace) -> dict:
     settings = {**defaults("finetune-target"), **settings_of(args, "pretrain-target")}
     trainable = settings.pop("trainable")
     return {**settings, "lora_r": 0, "projector_learning_rate": settings["learning_rate"],
-            "freeze_vision_tower": trainable == "projector", "projector_only": trainable == "projector",
+            # projector_only freezes the vision tower with the rest; `all` must not inherit the fine-tunes' frozen one
+            "freeze_vision_tower": False, "projector_only": trainable == "projector",
             "save_every_steps": 0}
 
 
