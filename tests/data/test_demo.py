@@ -65,3 +65,28 @@ def test_captions_describe_scenes_of_their_own_and_leave_the_splits_as_they_were
         colors = [part.split()[1] for part in objects]
         assert colors == sorted(colors, key=list(COLORS).index)  # a fixed order: each caption has one answer
         assert all(part.split()[-1] in ("left", "right") for part in objects)
+
+
+def test_every_object_lies_whole_in_a_cell_of_its_own():
+    import numpy as np
+    import pytest
+
+    from xmas.data.demo import Grid, jitter, random_scene
+    from xmas.errors import XmasError
+
+    from conftest import small_generator_settings
+
+    grid = Grid.of(small_generator_settings())
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = random_scene(rng, grid, 3)
+        for variant in (scene, jitter(scene, rng, grid)):
+            assert len({grid.cell_of(obj) for obj in variant}) == len(variant)
+            for obj, original in zip(variant, scene):
+                assert grid.cell_of(obj) == grid.cell_of(original)
+                row, column = divmod(grid.cell_of(obj), grid.cells)
+                for centre, index in ((obj.x, column), (obj.y, row)):
+                    assert index * grid.cell <= centre - obj.radius and centre + obj.radius < (index + 1) * grid.cell
+                assert obj.side == ("left" if obj.x < grid.size // 2 else "right")
+    with pytest.raises(XmasError, match="object_radius 8 needs whole cells of at least 18 px"):
+        Grid.of({**small_generator_settings(), "object_radius": 8})

@@ -140,3 +140,11 @@ def test_unknown_kind_and_from_config_without_records_are_clear_errors():
         materialise({"name": "x", "kind": "magic"}, seed=0)
     with pytest.raises(XmasError, match="trains its tokenizer on the records"):
         materialise(resolve("demo-tiny", PRESETS), seed=0)
+
+
+def test_the_demo_targets_position_embeddings_stand_out_from_clips_init(small_demo, tmp_path):
+    init_model("demo-target", TARGETS, [small_demo["train"]], tmp_path / "target", 0, DEMO_SETTINGS, {},
+               StageStats("t"))
+    embeddings = load_checkpoint(tmp_path / "target")[0].model.vision_tower.embeddings
+    assert TARGETS["demo-target"]["position_embedding_std"] == 1.0
+    assert 0.9 < embeddings.position_embedding.weight.std().item() < 1.1  # CLIP's own init: 0.02

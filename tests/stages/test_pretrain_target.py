@@ -16,13 +16,15 @@ from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint
 from xmas.models.recipe import PROJECTOR
 from xmas.progress import StageStats
 
+from conftest import small_generator_settings
+
 
 @pytest.fixture(scope="module")
 def captions(small_demo, tmp_path_factory):
     """Twelve captioned scenes of their own, their images beside the small demo's."""
     path = tmp_path_factory.mktemp("captions") / "captions.json"
     rng = np.random.default_rng(0)
-    examples = caption_examples({"image_size": 64, "captions": {"records": 12}}, rng)
+    examples = caption_examples({**small_generator_settings(), "captions": {"records": 12}}, rng)
     write_records(write_split("captions-test", examples, small_demo["images"], 64, rng, StageStats("t")), path)
     return path
 
@@ -49,11 +51,17 @@ def test_the_tokenizer_knows_every_word_of_the_captions(base, captions):
         assert tokenizer.unk_token_id not in tokenizer(record["conversations"][1]["value"])["input_ids"]
 
 
-def test_all_trains_every_part_of_a_target_with_random_weights(base, captions, small_demo, tmp_path):
+def test_all_trains_projector_and_language_model_and_keeps_the_frozen_vision_tower(base, captions, small_demo,
+                                                                                   tmp_path):
     changed = align(base, captions, small_demo, tmp_path / "aligned", "--trainable", "all")
-    assert any("vision_tower" in name for name in changed) and any(PROJECTOR in name for name in changed)
-    assert any("language_model" in name for name in changed)
+    assert any(PROJECTOR in name for name in changed) and any("language_model" in name for name in changed)
+    assert not any("vision_tower" in name for name in changed)
     assert (tmp_path / "aligned" / FINETUNE_RUN_FILE).is_file()
+
+
+def test_all_trains_the_vision_tower_too_when_it_is_not_frozen(base, captions, small_demo, tmp_path):
+    changed = align(base, captions, small_demo, tmp_path / "aligned", "--trainable", "all", "--no-freeze-vision-tower")
+    assert any("vision_tower" in name for name in changed)
 
 
 def test_projector_trains_the_projector_alone_as_llava_stage_one(base, captions, small_demo, tmp_path):

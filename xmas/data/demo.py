@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from xmas.errors import XmasError
 from xmas.io import atomic_path, write_records
 from xmas.progress import StageStats, progress
 from xmas.resources import resource
@@ -40,37 +41,63 @@ class Shape:
     x: int
     y: int
     radius: int
+    side: str  # "left" or "right" of the image's middle
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Where objects go: one per cell of a ``cells`` × ``cells`` grid, each drawn whole inside its cell
+    at one ``radius``. With cells as large as the demo target's image patches, every patch sees one
+    object whole, and an object's area alone tells its shape."""
+
+    size: int
+    cells: int
+    radius: int
+
+    @classmethod
+    def of(cls, settings: dict) -> Grid:
+        grid = cls(settings["image_size"], settings["grid"], settings["object_radius"])
+        if grid.size % grid.cells or grid.cell < 2 * grid.radius + 2:
+            raise XmasError(f"demo settings: a {grid.size}-px image in a {grid.cells} × {grid.cells} grid has cells of "
+                            f"{grid.size / grid.cells:g} px; object_radius {grid.radius} needs whole cells of at least "
+                            f"{2 * grid.radius + 2} px")
+        return grid
 
     @property
-    def side(self) -> str:
-        return "left" if self.x < 32 else "right"
+    def cell(self) -> int:
+        return self.size // self.cells
+
+    def centres(self, index: int) -> tuple[int, int]:
+        """The lowest and highest centre (on one axis) that keeps an object inside cell ``index``."""
+        start = index * self.cell
+        return start + self.radius + 1, start + self.cell - self.radius - 1
+
+    def side(self, column: int) -> str:
+        return "left" if 2 * column < self.cells else "right"
+
+    def cell_of(self, obj: Shape) -> int:
+        return (obj.y // self.cell) * self.cells + obj.x // self.cell
 
 
-def random_scene(rng: np.random.Generator, size: int, n_objects: int) -> list[Shape]:
-    """Objects with distinct shapes and distinct colours, so every question has one answer."""
+def random_scene(rng: np.random.Generator, grid: Grid, n_objects: int) -> list[Shape]:
+    """Objects with distinct shapes, colours and cells, so every question has one answer."""
     kinds = rng.choice(SHAPES, n_objects, replace=False)
     colors = rng.choice(list(COLORS), n_objects, replace=False)
-    placed: list[Shape] = []
-    for kind, color in zip(kinds, colors):
-        for _ in range(100):
-            radius = int(rng.integers(7, 12))
-            x, y = (int(v) for v in rng.integers(radius + 1, size - radius - 1, 2))
-            if abs(x - size // 2) < 4:
-                continue  # keep left/right unambiguous
-            if all((x - o.x) ** 2 + (y - o.y) ** 2 > (radius + o.radius + 2) ** 2 for o in placed):
-                placed.append(Shape(str(kind), str(color), x, y, radius))
-                break
-    return placed
+    scene = []
+    for kind, color, cell in zip(kinds, colors, rng.choice(grid.cells**2, n_objects, replace=False)):
+        row, column = divmod(int(cell), grid.cells)
+        x, y = (int(rng.integers(low, high + 1)) for low, high in (grid.centres(column), grid.centres(row)))
+        scene.append(Shape(str(kind), str(color), x, y, grid.radius, grid.side(column)))
+    return scene
 
 
-def jitter(scene: list[Shape], rng: np.random.Generator, size: int) -> list[Shape]:
-    """A near-duplicate: each object moved by up to 2 px, staying on its side of the image."""
+def jitter(scene: list[Shape], rng: np.random.Generator, grid: Grid) -> list[Shape]:
+    """A near-duplicate: each object moved by up to 2 px, staying in its cell."""
     moved = []
     for obj in scene:
-        x = int(np.clip(obj.x + rng.integers(-2, 3), obj.radius + 1, size - obj.radius - 2))
-        y = int(np.clip(obj.y + rng.integers(-2, 3), obj.radius + 1, size - obj.radius - 2))
-        if (x < size // 2) != (obj.x < size // 2):
-            x = obj.x
+        row, column = divmod(grid.cell_of(obj), grid.cells)
+        x = int(np.clip(obj.x + rng.integers(-2, 3), *grid.centres(column)))
+        y = int(np.clip(obj.y + rng.integers(-2, 3), *grid.centres(row)))
         moved.append(dataclasses.replace(obj, x=x, y=y))
     return moved
 
@@ -104,9 +131,9 @@ def question(kind: str, scene: list[Shape], rng: np.random.Generator) -> tuple[s
     return template.format(shape=obj.kind, color=obj.color), answer
 
 
-def scene_for(kind: str, rng: np.random.Generator, size: int) -> list[Shape]:
+def scene_for(kind: str, rng: np.random.Generator, grid: Grid) -> list[Shape]:
     n_objects = int(rng.integers(1, 4)) if kind in ("count", "shape") else int(rng.integers(1, 3))
-    return random_scene(rng, size, n_objects)
+    return random_scene(rng, grid, n_objects)
 
 
 @dataclasses.dataclass
@@ -128,10 +155,10 @@ class Example:
         return record
 
 
-def make_example(kind: str, rng: np.random.Generator, size: int, second_turn_fraction: float) -> Example:
+def make_example(kind: str, rng: np.random.Generator, grid: Grid, second_turn_fraction: float) -> Example:
     if kind == "text":
         return Example(kind, [question(kind, [], rng)], None)
-    scene = scene_for(kind, rng, size)
+    scene = scene_for(kind, rng, grid)
     turns = [question(kind, scene, rng)]
     if rng.random() < second_turn_fraction:
         other = str(rng.choice([t for t in IMAGE_TYPES if t != kind]))
@@ -140,7 +167,7 @@ def make_example(kind: str, rng: np.random.Generator, size: int, second_turn_fra
 
 
 def train_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
-    size, spec = settings["image_size"], settings["train"]
+    grid, spec = Grid.of(settings), settings["train"]
     weights = spec["type_weights"]
     counts = {kind: int(round(spec["records"] * weights[kind])) for kind in TYPES}
     dominant = max(counts, key=counts.get)
@@ -148,20 +175,20 @@ def train_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
     duplicated = int(counts[dominant] * spec["duplicate_fraction"])
     low, high = spec["duplicate_group_size"]
     while duplicated > 0:
-        base = make_example(dominant, rng, size, 0.0)
+        base = make_example(dominant, rng, grid, 0.0)
         copies = min(int(rng.integers(low, high + 1)), duplicated)
-        examples += [Example(dominant, base.turns, jitter(base.scene, rng, size)) for _ in range(copies)]
+        examples += [Example(dominant, base.turns, jitter(base.scene, rng, grid)) for _ in range(copies)]
         duplicated -= copies
     counts[dominant] -= int(counts[dominant] * spec["duplicate_fraction"])
     for kind in TYPES:
-        examples += [make_example(kind, rng, size, spec["second_turn_fraction"]) for _ in range(counts[kind])]
+        examples += [make_example(kind, rng, grid, spec["second_turn_fraction"]) for _ in range(counts[kind])]
     return [examples[i] for i in rng.permutation(len(examples))]
 
 
 def test_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
     """A held-out split with the same number of single-turn records of every type."""
-    size, per_type = settings["image_size"], settings["test"]["per_type"]
-    return [make_example(kind, rng, size, 0.0) for kind in TYPES for _ in range(per_type)]
+    grid, per_type = Grid.of(settings), settings["test"]["per_type"]
+    return [make_example(kind, rng, grid, 0.0) for kind in TYPES for _ in range(per_type)]
 
 
 CAPTION_PROMPTS = ("What can you see in the image?", "Tell me what is in the image.", "What is in the image?")
@@ -178,10 +205,10 @@ def caption(scene: list[Shape]) -> str:
 def caption_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
     """Scenes of their own (not the instruction records, not the held-out split), each with its caption:
     what a target aligns its vision to before instruction tuning, as LLaVA's first stage does."""
-    size, spec = settings["image_size"], settings["captions"]
+    grid, spec = Grid.of(settings), settings["captions"]
     examples = []
     for _ in range(spec["records"]):
-        scene = random_scene(rng, size, int(rng.integers(1, 4)))
+        scene = random_scene(rng, grid, int(rng.integers(1, 4)))
         examples.append(Example("caption", [(str(rng.choice(CAPTION_PROMPTS)), caption(scene))], scene))
     return examples
 

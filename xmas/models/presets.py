@@ -127,6 +127,9 @@ def build_from_config(preset: dict, texts: list[str], template: str, seed: int):
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    if preset.get("position_embedding_std"):
+        with torch.no_grad():
+            model.model.vision_tower.embeddings.position_embedding.weight.normal_(0, preset["position_embedding_std"])
     return model, processor
 
 

@@ -2,7 +2,8 @@
 
 LLaVA-1.5 starts instruction tuning from a projector that a first stage (feature alignment) trained
 on image–caption pairs, the vision tower and language model frozen (``--trainable projector``). The
-demo target starts from random weights everywhere, so it trains them all (``--trainable all``) on the
+demo target's projector and language model start from random weights, so it trains them all
+(``--trainable all``; its vision tower stays frozen and random, ``--freeze-vision-tower``) on the
 captions the demo generator writes for scenes of its own. Both run on the fine-tuning engine
 (:func:`xmas.training.finetune.finetune`), with the alignment's epochs, batch and learning rate
 and the target section's engine settings (precision, DeepSpeed, micro-batches).
@@ -20,13 +21,12 @@ from xmas.training.finetune import finetune
 
 
 def alignment_settings(args: argparse.Namespace) -> dict:
-    """The fine-tuning engine's settings for the alignment: all weights or the projector, no LoRA, no saves."""
+    """The fine-tuning engine's settings for the alignment: all weights (but a frozen vision tower) or the
+    projector, no LoRA, no saves."""
     settings = {**defaults("finetune-target"), **settings_of(args, "pretrain-target")}
     trainable = settings.pop("trainable")
     return {**settings, "lora_r": 0, "projector_learning_rate": settings["learning_rate"],
-            # projector_only freezes the vision tower with the rest; `all` must not inherit the fine-tunes' frozen one
-            "freeze_vision_tower": False, "projector_only": trainable == "projector",
-            "save_every_steps": 0}
+            "projector_only": trainable == "projector", "save_every_steps": 0}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
