@@ -150,3 +150,76 @@ def workflow_run(tmp_path_factory) -> Path:
     project = reduced_project(tmp_path_factory.mktemp("run1"))
     snakemake(project, "--cores", "2", *TARGETS)
     return project
+
+
+# Today's families (xmas.models.families) and the model each is tested with: a proxy preset (its Hub repo
+# mapped to the stand-in) or a stand-in's folder. The Llava family is the paper's models' (test_real_models).
+MODERN_FAMILIES = {
+    "qwen2_5_vl": "qwen2.5-vl-3b",
+    "qwen3_vl": "qwen3-vl-2b",
+    "idefics3": "smolvlm-256m",
+    "smolvlm": "SmolVLM2-256M-Video-Instruct",
+}
+# Images of many shapes: wide, tall, square, tiny, extreme (an aspect ratio of 7.5).
+VARIED_SIZES = [(100, 60), (60, 100), (300, 40), (64, 64), (200, 150), (33, 47)]
+
+
+def varied_records() -> list[dict]:
+    """Image records of every size above (one and two turns, the tag before or after the question) and
+    text-only ones."""
+    records = []
+    for number, (width, height) in enumerate(VARIED_SIZES):
+        question = "What is the man holding?" if number % 2 else "How many shapes are in the image?"
+        first = f"<image>\n{question}" if number % 3 else f"{question}\n<image>"
+        answer = "A red umbrella." if number % 2 else "two"
+        turns = [{"from": "human", "value": first}, {"from": "gpt", "value": answer}]
+        if number % 2:
+            turns += [{"from": "human", "value": "Is it raining?"}, {"from": "gpt", "value": "Yes, it is."}]
+        records.append({"id": f"image-{number}", "image": f"{width}x{height}.png", "conversations": turns})
+    for number in range(2):
+        records.append({"id": f"text-{number}", "conversations": [
+            {"from": "human", "value": "Explain how a compiler works."},
+            {"from": "gpt", "value": "It starts with a simple idea that grows over time." * (number + 1)}]})
+    return records
+
+
+@pytest.fixture(scope="session")
+def varied_data(tmp_path_factory) -> dict:
+    """Noisy images of VARIED_SIZES with coloured shapes, and varied_records() over them (train.json)."""
+    import numpy as np
+    from PIL import Image
+
+    from xmas.io import write_records
+
+    root = tmp_path_factory.mktemp("varied")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for width, height in VARIED_SIZES:
+        pixels = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        pixels[height // 4 : height // 2, width // 4 : width // 2] = (220, 30, 30)
+        Image.fromarray(pixels).save(images / f"{width}x{height}.png")
+    write_records(varied_records(), root / "train.json")
+    return {"train": root / "train.json", "images": images}
+
+
+def modern_checkpoint(family: str, standins: dict, annotations: Path, out: Path, **settings) -> Path:
+    """Checkpoint 0 of the family's model (MODERN_FAMILIES), as proxy-init writes it."""
+    from xmas.models.presets import init_model, load_presets
+    from xmas.models.standins import STANDINS
+    from xmas.progress import StageStats
+
+    model = MODERN_FAMILIES[family]
+    if model in STANDINS:  # a folder, as `proxy.model: /models/<name>`
+        model = standins[STANDINS[model][0]]
+    init_model(model, load_presets(), [annotations], out, 0, {**DEMO_SETTINGS, **settings}, standins,
+               StageStats("test"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def modern_checkpoints(standins, varied_data, tmp_path_factory) -> dict[str, Path]:
+    """Checkpoint 0 of every family of MODERN_FAMILIES, max_length 2048."""
+    root = tmp_path_factory.mktemp("modern")
+    return {family: modern_checkpoint(family, standins, varied_data["train"], root / family, max_length=2048)
+            for family in MODERN_FAMILIES}

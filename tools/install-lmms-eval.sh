@@ -22,6 +22,8 @@ PYTHON=${PYTHON:-python}
 # decord: imported by the llava_hf model file (for videos) even when only images are evaluated.
 "$PYTHON" -m pip install --no-deps "lmms-eval==0.7.3"
 
-# What `python -m lmms_eval --model llava_hf` imports, so a missing module fails here, not mid-run.
+# What `python -m lmms_eval --model llava_hf` (the Llava family) and `--model xmas_qwen2_5_vl` / `xmas_qwen3_vl`
+# (the Qwen families: lmms-eval's Qwen models as xmas registers them) import, so a missing module fails here.
 "$PYTHON" -c "import lmms_eval.__main__, lmms_eval.evaluator, lmms_eval.models.simple.llava_hf, \
-lmms_eval.models.chat.llava_hf, pytablewriter; print('lmms-eval', __import__('importlib.metadata').metadata.version('lmms-eval'), 'ready')"
+lmms_eval.models.chat.llava_hf, xmas.evaluation.lmms_eval_qwen, pytablewriter; \
+print('lmms-eval', __import__('importlib.metadata').metadata.version('lmms-eval'), 'ready')"

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import functools
 import shlex
+from pathlib import Path
 
 import yaml
 
@@ -152,6 +153,32 @@ def stage_flags(config: dict, stage: str) -> str:
         scope = config.get(setting.section, {}) if setting.section else config
         words += render(setting, scope.get(setting.key, setting.default))
     return shlex.join(words)
+
+
+# The section a model preset's `recipe` sets: the settings its model is trained with.
+RECIPE_SECTIONS = {"proxy": ("proxy_presets.yaml", "training"), "target": ("target_presets.yaml", "target")}
+
+
+def preset_of(config: dict, section: str) -> dict:
+    """The preset ``config[section]["model"]`` names ({} for a folder or a Hub id)."""
+    presets = config.get(section, {}).get("presets") or resource(RECIPE_SECTIONS[section][0])
+    return (yaml.safe_load(Path(presets).read_text()) or {}).get(config.get(section, {}).get("model"), {})
+
+
+def with_recipes(config: dict, explicit: dict) -> dict:
+    """The validated ``config``, changed in place, with its model presets' recipes: a preset's ``recipe``
+    values replace the schema's defaults of its section, and settings given in ``explicit`` (the config as
+    written, before validation filled in the defaults) stay as given."""
+    for section, (_, trained) in RECIPE_SECTIONS.items():
+        recipe = preset_of(config, section).get("recipe", {})
+        known = load_schema()["properties"][trained]["properties"]
+        unknown = sorted(set(recipe) - set(known))
+        if unknown:
+            raise ValueError(f"the recipe of {section} preset {config[section]['model']!r} sets {', '.join(unknown)}, "
+                             f"which are not settings of {trained}")
+        given = explicit.get(trained) or {}
+        config[trained] = {**config[trained], **{key: value for key, value in recipe.items() if key not in given}}
+    return config
 
 
 def job_resources(config: dict, rule: str) -> dict:

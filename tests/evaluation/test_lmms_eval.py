@@ -324,3 +324,69 @@ def test_heldout_needs_the_test_split(tiny_checkpoint, tmp_path):
                              "heldout,gqa", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "s.tsv")],
                             capture_output=True, text=True, cwd=REPO)
     assert result.returncode != 0 and "'heldout' of the lmms-eval suite needs --test" in result.stderr
+
+
+# --- today's families ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def questions_of_varied_sizes(varied_data, tmp_path_factory):
+    """The varied images as held-out colour and count questions."""
+    records = [{**record, "question_type": "count" if number % 2 else "color",
+                "conversations": record["conversations"][:2]}
+               for number, record in enumerate(read_all(varied_data["train"])) if record.get("image")]
+    path = tmp_path_factory.mktemp("varied-test") / "test.json"
+    write_records(records, path)
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_qwen_families_are_scored_by_lmms_evals_qwen_models_with_their_own_pixel_bounds(
+        family, lmms_eval, modern_checkpoints, questions_of_varied_sizes, varied_data, tmp_path):
+    from xmas.models.checkpoints import load_processor
+
+    checkpoint, scores = modern_checkpoints[family], tmp_path / "scores.tsv"
+    result = subprocess.run(
+        [sys.executable, "-m", "xmas", "evaluate", "--suite", "lmms-eval", "--benchmarks", "heldout",
+         "--model", str(checkpoint), "--test", str(questions_of_varied_sizes), "--image-root",
+         str(varied_data["images"]), "--out", str(scores), "--stats", str(tmp_path / "stats.json")],
+        capture_output=True, text=True, env=lmms_env(tmp_path), cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    size = load_processor(checkpoint).image_processor.size
+    bounds = f"min_pixels={size['shortest_edge']},max_pixels={size['longest_edge']}"
+    assert f"xmas_{family} (pretrained=" in result.stderr and bounds in result.stderr  # lmms-eval's own log line
+    table = pd.read_csv(scores, sep="\t")
+    assert dict(zip(table.benchmark, table.n)) == {"color": 3, "count": 3} and table.score.between(0, 100).all()
+    assert json.loads((tmp_path / "stats.json").read_text())["lmms_eval_model"] == f"xmas_{family}"
+    logged = samples(tmp_path / "scores", task_name("color"))
+    assert [sample["input_media"] for sample in logged] == [[str(varied_data["images"] / record["image"])]
+                                                           for record in read_all(questions_of_varied_sizes)
+                                                           if record["question_type"] == "color"]
+
+
+def test_a_family_lmms_eval_has_no_model_for_is_refused_with_the_suite_that_scores_it(modern_checkpoints, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "xmas", "evaluate", "--suite", "lmms-eval", "--benchmarks", "gqa",
+                             "--model", str(modern_checkpoints["idefics3"]), "--out", str(tmp_path / "s.tsv")],
+                            capture_output=True, text=True, cwd=REPO, env=lmms_env(tmp_path))
+    assert result.returncode != 0
+    assert "lmms-eval has no model for idefics3 models; score them with evaluation.suite: exact-match" in result.stderr
+
+
+def test_images_reach_lmms_evals_qwen_models_resized_as_qwen_vl_utils_resizes_them(lmms_eval, varied_data):
+    from lmms_eval.models.model_utils.media_encoder import encode_image_to_data_url
+    from PIL import Image
+
+    from xmas.evaluation.lmms_eval_qwen import process_vision_info
+
+    pictures = [Image.open(varied_data["images"] / name) for name in ("100x60.png", "300x40.png")]
+    conversation = [{"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": [*({"type": "image", "image": encode_image_to_data_url(picture),
+                                                    "min_pixels": 3136, "max_pixels": 12544} for picture in pictures),
+                                                 {"type": "text", "text": "What color?"}]}]
+    images, videos = process_vision_info([conversation])
+    # each side rounded to a multiple of a merged patch (28 px), the area within the bounds
+    assert videos is None and [image.size for image in images] == [(112, 56), (308, 28)]
+    images, _, video_kwargs = process_vision_info(conversation, return_video_kwargs=True, image_patch_size=16)
+    assert [image.size for image in images] == [(96, 64), (288, 32)] and video_kwargs == {}  # Qwen3-VL: 32 px
+    with pytest.raises(XmasError, match="images only"):
+        process_vision_info([[{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]])

@@ -74,7 +74,7 @@ def test_composed_target_saves_as_a_standard_checkpoint(composed, images, tmp_pa
     model, processor = composed
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    Encoding("front", 2048, 16).save(tmp_path)
+    Encoding("front", 2048).save(tmp_path)
     loaded, loaded_processor = load_checkpoint(tmp_path)
     assert loaded_processor.chat_template == chat_template("vicuna_v1") and loaded.config.image_seq_length == 16
     batch = ConversationEncoder.of_checkpoint(tmp_path, loaded_processor, images)([RECORD])
@@ -86,7 +86,7 @@ def test_the_paper_presets_follow_their_recipes():
     proxy = resolve("tinyllava-stablelm2-clip336", PRESETS)
     assert proxy["kind"] == "compose" and proxy["language_model"] == "stabilityai/stablelm-2-zephyr-1_6b"
     assert proxy["vision_model"] == CLIP and proxy["vision_feature_layer"] == -2
-    assert (proxy["conversation"], proxy["image_preprocessing"]) == ("phi", "crop")
+    assert (proxy["conversation"], proxy["image_preprocessing"]) == ("phi", "native")
     target = resolve("llava-1.5-7b", TARGETS)
     assert target["language_model"] == VICUNA and target["projector_weights"] == f"{PROJECTOR}/mm_projector.bin"
     assert (target["conversation"], target["image_preprocessing"]) == ("vicuna_v1", "pad")

@@ -17,6 +17,7 @@ from xmas.io import write_parquet, write_records
 from xmas.models import standins as standin_models
 from xmas.models.checkpoints import load_checkpoint
 from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
+from xmas.models.families import FAMILIES
 from xmas.models.presets import TARGET_PRESETS, chat_template, image_processor_for, init_model, load_presets
 from xmas.progress import StageStats
 from xmas.stages.prepare import prepare
@@ -189,7 +190,7 @@ def test_images_are_padded_or_squashed_to_a_square_not_cropped(standins, images,
 
     clip = AutoImageProcessor.from_pretrained(standins["openai/clip-vit-large-patch14-336"])
     picture = Image.open(images / "wide.png").convert("RGB")
-    processor = image_processor_for(clip, mode)
+    processor = image_processor_for(clip, mode, FAMILIES["llava"])
     pixels = processor(picture, return_tensors="pt")["pixel_values"][0].numpy()
     np.testing.assert_allclose(pixels, expected_pixels(picture, processor, mode), atol=0.05)
     cropped = clip(picture, return_tensors="pt")["pixel_values"][0].numpy()

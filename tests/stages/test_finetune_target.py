@@ -17,7 +17,8 @@ from xmas.data.annotations import read_all
 from xmas.io import seal_path, write_records
 from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint, load_target
 from xmas.models.encoding import ConversationEncoder
-from xmas.models.recipe import PROJECTOR, language_model_linear_layers, parameter_groups
+from xmas.models.families import LLAVA
+from xmas.models.recipe import is_projector, language_model_linear_layers, parameter_groups
 from xmas.progress import StageStats
 from xmas.settings import defaults
 from xmas.training.engine import Distributed
@@ -42,7 +43,7 @@ def test_lora_goes_on_every_linear_layer_of_the_language_model_and_the_projector
     lora_a = {name for name in trainable if "lora_A" in name}
     assert len(lora_a) == 7 * layers  # q, k, v, o, gate, up, down of every decoder layer
     assert all(".language_model." in name for name in lora_a)
-    projector = {name for name in trainable if PROJECTOR in name}
+    projector = {name for name in trainable if is_projector(name, LLAVA)}
     assert projector and all("modules_to_save" in name for name in projector)
     assert trainable == lora_a | {n.replace("lora_A", "lora_B") for n in lora_a} | projector
     assert not any("vision_tower" in name or "lm_head" in name or "embed" in name for name in trainable)
@@ -70,7 +71,7 @@ def test_a_lora_run_saves_an_adapter_that_merges_into_the_same_model(tiny_checkp
     merged, processor = load_target(out)
     base, _ = load_checkpoint(tiny_checkpoint)
     changed = {name for name, p in merged.named_parameters() if not torch.equal(p, base.state_dict()[name])}
-    assert any(PROJECTOR in name for name in changed)
+    assert any(is_projector(name, LLAVA) for name in changed)
     assert any("self_attn.q_proj" in name for name in changed)
     assert not any("vision_tower" in name or "embed_tokens" in name for name in changed)
 

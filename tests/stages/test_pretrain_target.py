@@ -13,7 +13,8 @@ from xmas.data.annotations import read_all
 from xmas.data.demo import caption_examples, write_split
 from xmas.io import write_records
 from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint
-from xmas.models.recipe import PROJECTOR
+from xmas.models.families import LLAVA
+from xmas.models.recipe import is_projector
 from xmas.progress import StageStats
 
 from conftest import small_generator_settings
@@ -54,7 +55,7 @@ def test_the_tokenizer_knows_every_word_of_the_captions(base, captions):
 def test_all_trains_projector_and_language_model_and_keeps_the_frozen_vision_tower(base, captions, small_demo,
                                                                                    tmp_path):
     changed = align(base, captions, small_demo, tmp_path / "aligned", "--trainable", "all")
-    assert any(PROJECTOR in name for name in changed) and any("language_model" in name for name in changed)
+    assert any(is_projector(name, LLAVA) for name in changed) and any("language_model" in name for name in changed)
     assert not any("vision_tower" in name for name in changed)
     assert (tmp_path / "aligned" / FINETUNE_RUN_FILE).is_file()
 
@@ -66,7 +67,7 @@ def test_all_trains_the_vision_tower_too_when_it_is_not_frozen(base, captions, s
 
 def test_projector_trains_the_projector_alone_as_llava_stage_one(base, captions, small_demo, tmp_path):
     changed = align(base, captions, small_demo, tmp_path / "aligned", "--trainable", "projector")
-    assert changed and all(PROJECTOR in name for name in changed)
+    assert changed and all(is_projector(name, LLAVA) for name in changed)
 
 
 def test_a_fine_tune_starts_from_the_aligned_target(base, captions, small_demo, tmp_path):

@@ -6,6 +6,7 @@ import json
 
 from xmas.cli import main
 from xmas.models.checkpoints import load_checkpoint
+from xmas.models.image_tokens import ImageTokens
 from xmas.models.presets import chat_template
 
 
@@ -17,8 +18,8 @@ def test_llava_is_composed_with_vicuna_v1_and_a_mean_colour_pad(standins, small_
     model, processor = load_checkpoint(out)
     assert processor.chat_template == chat_template("vicuna_v1")
     assert processor.image_processor.do_pad and processor.tokenizer.pad_token == "<unk>"
-    assert json.loads((out / "xmas_encoding.json").read_text()) == {"image_position": "front", "max_length": 2048,
-                                                                     "image_tokens": 16}
+    assert json.loads((out / "xmas_encoding.json").read_text()) == {"image_position": "front", "max_length": 2048}
+    assert ImageTokens(processor).run(640, 480).image_tokens == 16
     assert type(model.model.language_model).__name__ == "LlamaModel"
 
 

@@ -68,7 +68,7 @@ def test_paper_configs_set_only_what_differs_from_the_defaults_each_with_its_sou
             assert f"{section}.{key}" in sourced, f"{section}.{key} has no source comment"
     assert paper["dataset"]["download"] == name and paper["proxy"]["model"] == "tinyllava-stablelm2-clip336"
     assert (paper["proxy"]["conversation"], paper["target"]["conversation"]) == ("phi", "vicuna_v1")
-    assert (paper["proxy"]["image_preprocessing"], paper["target"]["image_preprocessing"]) == ("crop", "pad")
+    assert (paper["proxy"]["image_preprocessing"], paper["target"]["image_preprocessing"]) == ("native", "pad")
     assert paper["selection"]["clusters"] == 1000
     validate(paper, str(SCHEMA))
 

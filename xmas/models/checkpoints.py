@@ -1,11 +1,17 @@
 """Checkpoint folders: a standard Hugging Face folder (``save_pretrained`` of model and processor,
 loadable with ``AutoModelForImageTextToText`` and ``AutoProcessor``) plus ``xmas_encoding.json``
 (:class:`xmas.models.encoding.Encoding`). A LoRA fine-tune's folder holds the adapter and names
-its base in ``xmas_finetune.json``."""
+its base in ``xmas_finetune.json``.
+
+Processors are loaded for images only (:func:`load_processor`): transformers builds the video
+processors of Qwen-VL and SmolVLM with torchvision alone, which a CPU machine often lacks, and the
+PIL image processors preprocess alike on every machine, with or without torchvision.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import pickle
 from pathlib import Path
 
@@ -13,6 +19,7 @@ import torch
 
 from xmas.errors import XmasError
 from xmas.io import named_on_failure, read_json, verify
+from xmas.models.families import family_of_model_type
 
 FINETUNE_RUN_FILE = "xmas_finetune.json"
 
@@ -29,7 +36,7 @@ def hub_errors(what: str, name: str | Path):
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None):
     """Model and processor from a checkpoint folder (or, for a ``pretrained`` preset, a Hugging Face id)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
         raise XmasError(f"{path} is not a model checkpoint (no config.json)")
@@ -39,7 +46,43 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
         kwargs["attn_implementation"] = attn_implementation
     with hub_errors("model", path), unreadable_files(Path(path)):
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
-        return model, AutoProcessor.from_pretrained(path)
+        return model, load_processor(path, model.config.model_type)
+
+
+def image_only(processor_class):
+    """The family's processor class without its video processor (the rest of it unchanged)."""
+    if "video_processor" not in processor_class.get_attributes():
+        return processor_class
+    from transformers.processing_utils import ProcessorMixin
+
+    class ImageOnly(processor_class):
+        # SmolVLM's own apply_chat_template reads video defaults from its video processor
+        apply_chat_template = ProcessorMixin.apply_chat_template
+
+        @classmethod
+        def get_attributes(cls):
+            return [name for name in processor_class.get_attributes() if name != "video_processor"]
+
+    ImageOnly.__name__ = ImageOnly.__qualname__ = processor_class.__name__  # what save_pretrained records
+    return ImageOnly
+
+
+def load_processor(path: str | Path, model_type: str | None = None):
+    """A checkpoint's processor (its family's class) with the PIL image processor and no video processor."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+    with hub_errors("processor", path), unreadable_files(Path(path)):
+        if model_type is None:
+            model_type = AutoConfig.from_pretrained(path).model_type
+        processor_class = family_of_model_type(model_type, str(path)).transformers_class("processor_class")
+        settings, _ = processor_class.get_processor_dict(path)
+        accepted = set(inspect.signature(processor_class.__init__).parameters) - {"self", "args", "kwargs"}
+        parts = {"image_processor": AutoImageProcessor.from_pretrained(path, backend="pil"),
+                 "tokenizer": AutoTokenizer.from_pretrained(path)}
+        if "video_processor" in accepted:
+            parts["video_processor"] = None
+        kept = {key: value for key, value in settings.items() if key in accepted and key not in parts}
+        return image_only(processor_class)(**parts, **kept)
 
 
 def unreadable_files(folder: Path):

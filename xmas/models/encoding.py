@@ -9,6 +9,9 @@ Each record is encoded on its own, with the tokenizer's special tokens (a BOS wh
 adds one), then cut to ``max_length`` at the end, as LLaVA truncates; a batch is padded on the
 right, as LLaVA trains. Labels cover the assistant turns only; they are found from the chat
 template itself (the text a turn adds after the generation prompt), not from any model's markers.
+Each image's tokens are its family's run for its size (:mod:`xmas.models.image_tokens`), counted
+without the pixels where only lengths are needed, and checked against the processor's output
+wherever a record is encoded.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from xmas.data.records import IMAGE_POSITIONS, IMAGE_TAG, image_paths, to_messages
+from xmas.data.records import IMAGE_POSITIONS, image_paths, to_messages
 from xmas.errors import XmasError
 from xmas.io import read_json
+from xmas.models.image_tokens import ImageTokens, Run
 from xmas.models.recipe import IGNORE_INDEX
 
 ENCODING_FILE = "xmas_encoding.json"
@@ -34,14 +38,10 @@ class Encoding:
 
     image_position: str  # front: the image moved to the front of its turn (LLaVA); keep: where the record has it
     max_length: int  # tokens after every image is expanded; longer conversations are cut at the end
-    image_tokens: int  # tokens one image expands into
 
     def __post_init__(self):
         if self.image_position not in IMAGE_POSITIONS:
             raise XmasError(f"image_position must be one of {', '.join(IMAGE_POSITIONS)}, got {self.image_position!r}")
-        if self.max_length <= self.image_tokens:
-            raise XmasError(f"max_length {self.max_length} leaves no room for text after an image of "
-                            f"{self.image_tokens} tokens")
 
     def save(self, folder: Path) -> None:
         (Path(folder) / ENCODING_FILE).write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -53,28 +53,29 @@ class Encoding:
             raise XmasError(f"{folder} has no {ENCODING_FILE}: it was not written by `xmas proxy-init` (or an "
                             "xmas stage that copies it); build the checkpoint with proxy-init")
         try:
-            return cls(**read_json(path))
-        except (json.JSONDecodeError, TypeError) as error:
+            saved = read_json(path)
+            saved.pop("image_tokens", None)  # written by xmas before tokens were counted per image
+            return cls(**saved)
+        except (json.JSONDecodeError, TypeError, AttributeError) as error:
             raise XmasError(f"{path}: not a valid encoding file ({error}); run proxy-init again") from None
 
 
-def image_tokens_of(processor) -> int:
-    """How many tokens the processor expands one image into, counted on a blank image."""
-    size = getattr(processor.image_processor, "crop_size", None) or getattr(processor.image_processor, "size", None)
-    side = max((size or {}).values(), default=224) if isinstance(size, dict) else 224
-    image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-    batch = processor(text=[IMAGE_TAG], images=[Image.new("RGB", (side, side))], return_tensors="pt")
-    return int((batch["input_ids"] == image_token_id).sum())
-
-
-def record_images(records: list[dict], image_root: Path) -> list[Image.Image]:
-    """The RGB images of the records, in record order (the processor's expected order)."""
+def open_images(record: dict, image_root: Path) -> list[Image.Image]:
+    """The record's images in RGB, in the order of its ``<image>`` tags (the processor's order)."""
     images = []
-    for record in records:
-        for path in image_paths(record):
-            with Image.open(Path(image_root) / path) as image:
-                images.append(image.convert("RGB"))
+    for path in image_paths(record):
+        with Image.open(Path(image_root) / path) as image:
+            images.append(image.convert("RGB"))
     return images
+
+
+def image_sizes(record: dict, image_root: Path) -> list[tuple[int, int]]:
+    """(width, height) of the record's images, read from their headers: no pixel is decoded."""
+    sizes = []
+    for path in image_paths(record):
+        with Image.open(Path(image_root) / path) as image:
+            sizes.append(image.size)
+    return sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +90,10 @@ class Length:
         return self.image_end < max_length if self.image_end else True
 
 
+# Inputs that run along the tokens, and what pads them; the processor's other outputs are the images'.
+PADDING = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+
 class ConversationEncoder:
     def __init__(self, processor, image_root: str | Path | None, encoding: Encoding,
                  device: torch.device | str = "cpu"):
@@ -96,29 +101,35 @@ class ConversationEncoder:
         self.device = torch.device(device)
         self.tokenizer = processor.tokenizer
         self.image_root = Path(image_root) if image_root is not None else None
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.images = ImageTokens(processor)
+        self.family = self.images.family
+        self.image_token_id = self.images.image_token_id
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             raise XmasError("the tokenizer has no pad token; proxy-init gives it one")
+        self.padding = {**PADDING, "input_ids": self.pad_token_id, **dict.fromkeys(self.family.token_inputs, 0)}
 
     @classmethod
     def of_checkpoint(cls, folder: Path, processor=None, image_root: str | Path | None = None,
                       device: torch.device | str = "cpu") -> ConversationEncoder:
         """The encoder a checkpoint folder was built and trained with: its processor and its Encoding."""
         if processor is None:
-            from transformers import AutoProcessor
+            from xmas.models.checkpoints import load_processor
 
             if not (Path(folder) / "config.json").is_file():
                 raise XmasError(f"{folder} is not a model checkpoint (no config.json); build it with `xmas proxy-init`")
-            processor = AutoProcessor.from_pretrained(folder)
+            processor = load_processor(folder)
         return cls(processor, image_root, Encoding.load(folder), device)
 
+    def messages(self, record: dict) -> list[dict]:
+        return to_messages(record, self.encoding.image_position)
+
     def text(self, record: dict) -> str:
-        return self.processor.apply_chat_template(to_messages(record, self.encoding.image_position), tokenize=False)
+        return self.processor.apply_chat_template(self.messages(record), tokenize=False)
 
     def render(self, record: dict) -> tuple[str, list[tuple[int, int]]]:
         """The chat-template text of the whole conversation and the character spans of assistant turns."""
-        messages = to_messages(record, self.encoding.image_position)
+        messages = self.messages(record)
         template = self.processor.apply_chat_template
         text = template(messages, tokenize=False)
         spans = []
@@ -133,70 +144,148 @@ class ConversationEncoder:
             spans.append((len(prompt), len(answered)))
         return text, spans
 
+    def sizes(self, record: dict) -> list[tuple[int, int]]:
+        """The sizes of the record's images, where the family's tokens depend on them (else unread)."""
+        if self.family.layout == "fixed":
+            return [(1, 1)] * len(image_paths(record))
+        if self.image_root is None:
+            raise XmasError(f"a {self.family.name} image's tokens depend on its size: the encoder needs the image root")
+        return image_sizes(record, self.image_root)
+
+    def runs(self, ids: list[int], sizes: list[tuple[int, int]], record: dict) -> list[Run]:
+        """The token run of each image placeholder of ``ids``, in order."""
+        placeholders = sum(1 for token in ids if token == self.image_token_id)
+        if placeholders != len(sizes):
+            raise XmasError(f"record {record.get('id')!r}: its text holds {placeholders} image tokens "
+                            f"({self.processor.image_token}) for {len(sizes)} images")
+        return [self.images.run(width, height) for width, height in sizes]
+
     def lengths(self, records: list[dict]) -> list[Length]:
-        """Token lengths of records, tokenized in one batch (fast tokenizers use every core)."""
+        """Token lengths of records, tokenized in one batch (fast tokenizers use every core), with each image's
+        tokens counted from its size."""
         ids = self.tokenizer([self.text(record) for record in records], add_special_tokens=True)["input_ids"]
-        extra = self.encoding.image_tokens - 1
-        lengths = []
-        for row in ids:
-            images = [position for position, token in enumerate(row) if token == self.image_token_id]
-            image_end = images[-1] + 1 + len(images) * extra if images else 0
-            lengths.append(Length(len(row) + len(images) * extra, image_end))
-        return lengths
+        return [self.length(row, self.runs(row, self.sizes(record), record)) for record, row in zip(records, ids)]
+
+    def lengths_or_errors(self, records: list[dict]) -> list[Length | str]:
+        """:meth:`lengths`, but a record the tokenizer, the template or its images' sizes cannot take gets its
+        error (as text) instead."""
+        try:
+            return self.lengths(records)
+        except Exception:  # noqa: BLE001 - find the records at fault, one by one
+            found = []
+            for record in records:
+                try:
+                    found += self.lengths([record])
+                except Exception as error:  # noqa: BLE001 - any failure means the record cannot be encoded
+                    found.append(f"{type(error).__name__}: {error}")
+            return found
+
+    def length(self, ids: list[int], runs: list[Run]) -> Length:
+        tokens = len(ids) + sum(len(run.ids) - 1 for run in runs)
+        if not runs:
+            return Length(tokens, 0)
+        last = max(position for position, token in enumerate(ids) if token == self.image_token_id)
+        before = sum(len(run.ids) - 1 for run in runs[:-1])
+        return Length(tokens, last + before + runs[-1].last_image + 1)
 
     def answer_mask(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
         encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
         mask = [any(start <= begin < end for start, end in spans) for begin, _ in encoded["offset_mapping"]]
         return encoded["input_ids"], mask
 
-    def expand_mask(self, ids: list[int], mask: list[bool], expanded: list[int]) -> list[bool]:
-        """Carry a per-token mask over the processor's expansion of each image token into many."""
-        out, position = [], 0
-        for token in expanded:
+    def expand(self, ids: list[int], mask: list[bool], runs: list[Run]) -> tuple[list[int], list[bool]]:
+        """``ids`` with each image placeholder replaced by its run; the mask carried over (False on images)."""
+        expanded, expanded_mask, images = [], [], iter(runs)
+        for token, flag in zip(ids, mask):
             if token == self.image_token_id:
-                out.append(False)
-                if position < len(ids) and ids[position] == self.image_token_id:
-                    position += 1
-                continue
-            if position >= len(ids) or ids[position] != token:
-                raise XmasError("processor output does not align with the tokenizer's; cannot place labels")
-            out.append(mask[position])
-            position += 1
-        return out
+                run = next(images)
+                expanded += run.ids
+                expanded_mask += [False] * len(run.ids)
+            else:
+                expanded.append(token)
+                expanded_mask.append(flag)
+        return expanded, expanded_mask
+
+    def processed(self, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """The processor's output for one text and its images (tiles layouts take images per sample)."""
+        if not images:
+            return self.processor(text=[text], return_tensors="pt")
+        batched = [images] if self.family.layout == "tiles" else images
+        return self.processor(text=[text], images=batched, return_tensors="pt")
+
+    def item(self, record: dict, text: str, spans: list[tuple[int, int]] | None,
+             images: list[Image.Image], cut: bool = True) -> dict[str, torch.Tensor]:
+        """One sample's inputs: the processor's, checked token by token against the runs its images should
+        become; cut to ``max_length`` (``cut``); labels on the ``spans`` (None: no labels)."""
+        ids, mask = self.answer_mask(text, spans or [])
+        expected, label_mask = self.expand(ids, mask, self.runs(ids, [image.size for image in images], record))
+        encoded = dict(self.processed(text, images))
+        written = encoded.pop("input_ids")[0]
+        encoded.pop("attention_mask", None)
+        if written.tolist() != expected:
+            raise XmasError(f"record {record.get('id')!r}: the {self.family.name} processor wrote other tokens for "
+                            "its images than xmas.models.image_tokens counts; the family's layout is misdeclared")
+        keep = min(len(written), self.encoding.max_length) if cut else len(written)
+        if int((written[:keep] == self.image_token_id).sum()) != int((written == self.image_token_id).sum()):
+            raise XmasError(f"record {record.get('id')!r}: its image does not fit in max_length "
+                            f"{self.encoding.max_length}; `xmas prepare` excludes such records")
+        item = {"input_ids": written[:keep]}
+        for name in self.family.token_inputs:
+            item[name] = encoded.pop(name)[0][:keep]
+        if spans is not None:
+            item["labels"] = torch.where(torch.tensor(label_mask), written, IGNORE_INDEX)[:keep]
+        return {**item, **encoded}
 
     def encode(self, record: dict, with_labels: bool) -> dict[str, torch.Tensor]:
         """One record's inputs, cut to ``max_length``; labels mark its assistant turns."""
-        text, spans = self.render(record) if with_labels else (self.text(record), [])
-        images = record_images([record], self.image_root) if image_paths(record) else []
-        encoded = self.processor(text=[text], images=images or None, return_tensors="pt")
-        ids = encoded.pop("input_ids")[0]
-        encoded.pop("attention_mask", None)
-        keep = min(len(ids), self.encoding.max_length)
-        if int((ids[:keep] == self.image_token_id).sum()) != len(images) * self.encoding.image_tokens:
-            raise XmasError(f"record {record.get('id')!r}: its image does not fit in max_length "
-                            f"{self.encoding.max_length}; `xmas prepare` excludes such records")
-        item = {"input_ids": ids[:keep], **encoded}
-        if with_labels:
-            mask = torch.tensor(self.expand_mask(*self.answer_mask(text, spans), ids.tolist()), dtype=torch.bool)
-            item["labels"] = torch.where(mask, ids, IGNORE_INDEX)[:keep]
-        return item
+        text, spans = self.render(record) if with_labels else (self.text(record), None)
+        images = open_images(record, self.image_root) if image_paths(record) else []
+        return self.item(record, text, spans, images)
+
+    def prompt(self, messages: list[dict], record: dict) -> dict[str, torch.Tensor]:
+        """The inputs that ask the model to answer after ``messages`` (the generation prompt), uncut."""
+        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images = open_images(record, self.image_root) if image_paths(record) else []
+        return self.item(record, text, None, images, cut=False)
+
+    def filler_with_an_image(self) -> dict[str, torch.Tensor]:
+        """A blank image alone in a user turn, nothing labelled: a row that runs the vision tower and projector
+        and adds nothing to the loss (DeepSpeed needs every process to run the same modules)."""
+        messages = [{"role": "user", "content": [{"type": "image"}]}]
+        text = self.processor.apply_chat_template(messages, tokenize=False)
+        side = self.images.smallest_side()
+        item = self.item({"id": "filler"}, text, None, [Image.new("RGB", (side, side))], cut=False)
+        return {**item, "labels": torch.full_like(item["input_ids"], IGNORE_INDEX)}
 
     def __call__(self, records: list[dict], with_labels: bool = True) -> dict[str, torch.Tensor]:
         return self.collate([self.encode(record, with_labels) for record in records])
 
-    def collate(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Pad on the right: ids with the pad token, labels with IGNORE_INDEX; image tensors are stacked."""
+    def collate(self, items: list[dict[str, torch.Tensor]], padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Token inputs padded (on the right, as LLaVA trains; on the left to generate); the images' inputs of
+        every item joined: image after image, or for tiles, tile after tile of one sample (the model takes
+        them in order, as the image tokens come)."""
         width = max(len(item["input_ids"]) for item in items)
-        batch = {"input_ids": torch.full((len(items), width), self.pad_token_id, dtype=torch.long),
-                 "attention_mask": torch.zeros((len(items), width), dtype=torch.long)}
-        if "labels" in items[0]:
-            batch["labels"] = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        token_names = [name for name in self.padding if name in items[0] or name == "attention_mask"]
+        batch = {name: torch.full((len(items), width), self.padding[name], dtype=torch.long) for name in token_names}
         for row, item in enumerate(items):
             length = len(item["input_ids"])
-            batch["input_ids"][row, :length] = item["input_ids"]
-            batch["attention_mask"][row, :length] = 1
-            if "labels" in batch:
-                batch["labels"][row, :length] = item["labels"]
-        for name in sorted(set().union(*items) - {"input_ids", "labels"}):  # pixel_values and the like
-            batch[name] = torch.cat([item[name] for item in items if name in item])
+            place = slice(0, length) if padding_side == "right" else slice(width - length, width)
+            batch["attention_mask"][row, place] = 1
+            for name in token_names:
+                if name != "attention_mask":
+                    batch[name][row, place] = item[name]
+        for name in sorted(set().union(*items) - set(self.padding)):  # pixel_values and the like
+            batch[name] = join_images([item[name] for item in items if name in item],
+                                      dim=1 if self.family.layout == "tiles" else 0)
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
+
+
+def join_images(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """Image inputs concatenated along ``dim``; trailing sizes that differ (tiles of other sizes) padded with 0."""
+    trailing = [max(tensor.shape[axis] for tensor in tensors) for axis in range(dim + 1, tensors[0].dim())]
+    padded = []
+    for tensor in tensors:
+        missing = [size - tensor.shape[axis] for axis, size in enumerate(trailing, start=dim + 1)]
+        pad = [amount for difference in reversed(missing) for amount in (0, difference)]
+        padded.append(torch.nn.functional.pad(tensor, pad) if any(missing) else tensor)
+    return torch.cat(padded, dim=dim)

@@ -22,7 +22,9 @@ from xmas.data.records import IMAGE_TAG, InvalidRecord, check_conversation
 from xmas.errors import XmasError
 from xmas.io import atomic_path
 from xmas.models.checkpoints import hub_errors, load_checkpoint
-from xmas.models.encoding import Encoding, image_tokens_of
+from xmas.models.encoding import Encoding
+from xmas.models.families import family_of
+from xmas.models.image_tokens import ImageTokens, bound_pixels, pixel_bounds
 from xmas.progress import StageStats, progress
 from xmas.resources import resource
 
@@ -32,7 +34,7 @@ CONVERSATIONS = resource("conversations.yaml")
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", IMAGE_TAG]
 # The conversation "model" keeps the chat template a ready model's processor brings.
 OWN_TEMPLATE = "model"
-IMAGE_PREPROCESSING = ("pad", "square", "crop")
+IMAGE_PREPROCESSING = ("pad", "square", "native")
 
 
 def load_presets(path: Path = PROXY_PRESETS) -> dict:
@@ -300,21 +302,26 @@ def materialise(spec: dict, seed: int, template: str | None = None, texts: list[
     raise XmasError(f"preset {spec['name']!r} has unknown kind {kind!r} ({', '.join(KINDS)})")
 
 
-def image_processor_for(image_processor, preprocessing: str):
+def image_processor_for(image_processor, preprocessing: str, family):
     """The model's image processor set to LLaVA's ``pad`` (a mean-colour square), TinyLLaVA's
-    ``square`` (resized to a square, nothing cut) or ``crop`` (its own: resize, centre crop)."""
+    ``square`` (resized to a square, nothing cut) or ``native`` (the family's own: CLIP's resize and
+    centre crop, Qwen's dynamic resolution, SmolVLM's tiles). ``pad`` and ``square`` make one square
+    of every image, so they are for families that take images at one size."""
     from transformers import LlavaImageProcessorPil
 
     if preprocessing not in IMAGE_PREPROCESSING:
         raise XmasError(f"image_preprocessing must be one of {', '.join(IMAGE_PREPROCESSING)}, got {preprocessing!r}")
-    if preprocessing == "crop":
+    if preprocessing == "native":
         return image_processor
+    if family.layout != "fixed":
+        raise XmasError(f"image_preprocessing {preprocessing!r}: a {family.name} model takes each image at its own "
+                        f"size ({family.layout} layout), so only native applies")
     settings = image_processor.to_dict()
     side = settings.get("crop_size") if settings.get("do_center_crop") else settings.get("size")
     side = (side or {}).get("height") or (side or {}).get("shortest_edge")
     if not side or settings.get("image_mean") is None:
         raise XmasError(f"image_preprocessing {preprocessing!r} needs a CLIP-style image processor (size, mean "
-                        f"colour); {type(image_processor).__name__} is not one: use crop")
+                        f"colour); {type(image_processor).__name__} is not one: use native")
     kept = {key: settings[key] for key in ("image_mean", "image_std", "resample", "do_rescale", "rescale_factor",
                                            "do_normalize", "do_convert_rgb") if key in settings}
     # Resizing the padded (or squashed) square to side x side is what resize-and-crop does to a square.
@@ -322,12 +329,15 @@ def image_processor_for(image_processor, preprocessing: str):
                                   do_center_crop=False)
 
 
-def conventions_of(spec: dict, settings: dict) -> tuple[str | None, str]:
-    """The chat template (None: the model's own) and the image preprocessing a model is set up with:
-    the config's when it names them, else the preset's."""
+def conventions_of(spec: dict, settings: dict) -> dict:
+    """How a model is set up: its chat template (None: the model's own), image preprocessing and pixel
+    bounds (None: the model's own); the config's where it names them, else the preset's."""
     conversation = settings.get("conversation") or spec.get("conversation") or OWN_TEMPLATE
-    preprocessing = settings.get("image_preprocessing") or spec.get("image_preprocessing") or "crop"
-    return (None if conversation == OWN_TEMPLATE else chat_template(conversation)), preprocessing
+    return {
+        "template": None if conversation == OWN_TEMPLATE else chat_template(conversation),
+        "image_preprocessing": settings.get("image_preprocessing") or spec.get("image_preprocessing") or "native",
+        **{bound: settings.get(bound) or spec.get(bound) for bound in ("min_pixels", "max_pixels")},
+    }
 
 
 def context_length(model) -> int:
@@ -341,24 +351,34 @@ def init_model(model: str, presets: dict, annotations: list[Path], out: Path, se
     (``settings``: conversation, image_position, image_preprocessing, max_length) and the :class:`Encoding`.
     A from-config model learns its tokenizer from the words of every file of ``annotations``."""
     spec = resolve(model, presets)
-    template, preprocessing = conventions_of(spec, settings)
+    conventions = conventions_of(spec, settings)
+    template = conventions["template"]
     texts = None
     if spec.get("kind") == "from-config":
         texts = [text for path in annotations for text in conversation_texts(path)]
     built, processor = materialise(spec, seed, template, texts, paths)
+    family = family_of(built)
     if template is not None:
         processor.chat_template = template
     if getattr(processor, "chat_template", None) is None:
         raise XmasError(f"model {model!r}: its processor has no chat template; name a conversation "
                         f"({', '.join(sorted(load_conversations()))})")
-    processor.image_processor = image_processor_for(processor.image_processor, preprocessing)
-    encoding = Encoding(settings["image_position"], settings.get("max_length") or context_length(built),
-                        image_tokens_of(processor))
+    image_processor = image_processor_for(processor.image_processor, conventions["image_preprocessing"], family)
+    processor.image_processor = bound_pixels(image_processor, family, conventions["min_pixels"],
+                                             conventions["max_pixels"])
+    encoding = Encoding(settings["image_position"], settings.get("max_length") or context_length(built))
+    images = ImageTokens(processor)
+    if encoding.max_length <= images.fewest():
+        raise XmasError(f"max_length {encoding.max_length} leaves no room for text after an image of "
+                        f"{images.fewest()} tokens")
     if texts is not None:
         stats.add("in", len(texts))
     stats.set("parameters", sum(p.numel() for p in built.parameters()))
     stats.set("model", spec["name"])
-    stats.set("encoding", {**vars(encoding), "image_preprocessing": preprocessing})
+    stats.set("family", family.name)
+    stats.set("encoding", {**vars(encoding), "image_preprocessing": conventions["image_preprocessing"],
+                           **pixel_bounds(processor.image_processor, family),
+                           "image_tokens": {"fewest": images.fewest(), "most_square": images.most()}})
     with atomic_path(out) as tmp:
         built.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -1,14 +1,18 @@
-"""Offline stand-ins of the paper's models, for rehearsing a real run and testing the real path.
+"""Offline stand-ins of real models, for rehearsing a real run and testing the real path.
 
 Each stand-in is written by the libraries the real model was made with, so it has the real
-family's tokenizer class and files, processor settings and checkpoint layout, with tiny random
-weights: what matters for the code is how the parts behave (a sentencepiece tokenizer that adds
-BOS and has no pad token, a CLIP processor that resizes and centre-crops, LLaVA's projector file),
-not what the weights know. Never downloaded; `config/rehearsal.yaml` maps each Hub id to one.
+family's tokenizer class and files, special tokens, chat template, processor settings (scaled
+down) and checkpoint layout, with tiny random weights: what matters for the code is how the parts
+behave (a sentencepiece tokenizer that adds BOS and has no pad token, a CLIP processor that resizes
+and centre-crops, LLaVA's projector file, Qwen's dynamic resolution and M-RoPE, SmolVLM's tiles),
+not what the weights know. Never downloaded; `config/rehearsal.yaml` and `config/modern.yaml` map
+each Hub id to one. The modern families' chat templates are the Hub repositories' own, verbatim
+(``xmas/resources/chat_templates/``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Callable
@@ -18,6 +22,7 @@ import torch
 
 from xmas.errors import XmasError
 from xmas.io import atomic_path
+from xmas.resources import resource
 
 # Sizes of the stand-ins; the projector's input and output follow the vision and language ones.
 LANGUAGE_HIDDEN = 64
@@ -134,6 +139,213 @@ def llava_projector(out: Path) -> None:
     torch.save(state, out / "mm_projector.bin")
 
 
+# ------------------------------------------------------------------------------ today's VLM families
+
+
+def byte_level_bpe(vocab_size: int = 600) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a byte-level BPE trained on CORPUS (what GPT-2-style tokenizers are built from)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(CORPUS.split(". ") * 20, trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    return bpe.get_vocab(), [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in merges]
+
+
+def save_vocab_files(tokenizer, out: Path) -> None:
+    """The tokenizer as its Hub repo holds it: tokenizer.json and tokenizer_config.json (the chat template
+    inside, as the real ones carry it), plus vocab.json and merges.txt."""
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+    tokenizer.backend_tokenizer.model.save(str(out))  # the tokenizers library writes vocab.json, merges.txt
+
+
+def save_chat_template_json(template: str, out: Path) -> None:
+    """``chat_template.json``, the processor's chat template as these Hub repos hold it (transformers reads
+    it, and writes chat_template.jinja instead since version 5)."""
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
+
+
+def chat_template_of(family: str) -> str:
+    return resource("chat_templates", f"{family}.jinja").read_text()
+
+
+# Qwen2's added tokens after the byte-level vocabulary, in the real tokenizer's order: the special ones
+# (<|endoftext|> 151643 ... <|video_pad|> 151656), then the plain ones; Qwen3 adds four more.
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_PLAIN = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+              "<|repo_name|>", "<|file_sep|>"]
+QWEN3_PLAIN = [*QWEN_PLAIN, "<tool_response>", "</tool_response>", "<think>", "</think>"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen:
+    """One Qwen-VL checkpoint: its family, size-dependent choices and processor settings (scaled down)."""
+
+    family: str  # qwen2_5_vl | qwen3_vl
+    tie_word_embeddings: bool  # the small ones tie (3B, 2B), the large ones do not (7B, 8B)
+    model_max_length: int
+    shard: str | None  # max_shard_size when the real checkpoint is sharded
+
+
+def qwen_tokenizer(plain: list[str], model_max_length: int, template: str):
+    """Qwen2Tokenizer as Qwen-VL's Instruct repos have it: byte-level BPE with Qwen's pre-tokenizer, no BOS,
+    EOS <|im_end|>, padding with <|endoftext|>, the vision tokens special."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = byte_level_bpe()
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>", errors="replace", split_special_tokens=False,
+                               model_max_length=model_max_length, chat_template=template)
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL],
+                         special_tokens=True)
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in plain])
+    return tokenizer
+
+
+def qwen_vl(out: Path, checkpoint: Qwen) -> None:
+    """Qwen2.5-VL / Qwen3-VL Instruct: Qwen2Tokenizer with the vision tokens, the repo's chat template (also in
+    chat_template.json), the image processor's pixel bounds scaled down (at most 64 tokens an image), M-RoPE
+    over a 2-layer language model, and a ViT with Qwen2.5-VL's window attention or Qwen3-VL's DeepStack."""
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessorPil,
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    template = chat_template_of(checkpoint.family)
+    qwen3 = checkpoint.family == "qwen3_vl"
+    tokenizer = qwen_tokenizer(QWEN3_PLAIN if qwen3 else QWEN_PLAIN, checkpoint.model_max_length, template)
+    save_vocab_files(tokenizer, out)
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
+    text = {"vocab_size": len(tokenizer), "hidden_size": LANGUAGE_HIDDEN, "intermediate_size": 2 * LANGUAGE_HIDDEN,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": checkpoint.model_max_length,
+            "tie_word_embeddings": checkpoint.tie_word_embeddings,
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"), "eos_token_id": tokenizer.eos_token_id}
+    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": 2 * VISION_HIDDEN, "num_heads": 2,
+              "out_hidden_size": LANGUAGE_HIDDEN, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    # mrope_section splits the 8 rotary frequencies of a 16-wide head between time, height and width, as the
+    # real [16, 24, 24] (Qwen2.5-VL) and [24, 20, 20] (Qwen3-VL, interleaved) split 64.
+    if qwen3:
+        text.update(head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
+                                               "mrope_interleaved": True}, rope_theta=5_000_000)
+        vision.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0],
+                      hidden_act="gelu_pytorch_tanh")
+        config = Qwen3VLConfig(text_config=text, vision_config=vision,
+                               tie_word_embeddings=checkpoint.tie_word_embeddings, **ids)
+        # Qwen3-VL's: 64 to 16384 tokens of 32x32 pixels; here 4 to 64
+        image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
+                                                   size={"shortest_edge": 64 * 64, "longest_edge": 256 * 256},
+                                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        model_class = Qwen3VLForConditionalGeneration
+    else:
+        text.update(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=1_000_000)
+        vision.update(patch_size=14, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
+        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
+                                  tie_word_embeddings=checkpoint.tie_word_embeddings, **ids)
+        # Qwen2.5-VL's: 4 to 16384 tokens of 28x28 pixels; here 4 to 64
+        image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
+                                                   min_pixels=56 * 56, max_pixels=224 * 224,
+                                                   image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+        model_class = Qwen2_5_VLForConditionalGeneration
+    image_processor.save_pretrained(out)
+    save_chat_template_json(template, out)
+    if qwen3:
+        write_qwen3_video_preprocessor_config(out)
+    torch.manual_seed(0)
+    model = model_class(config)
+    model.generation_config.update(bos_token_id=text["bos_token_id"], pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id])
+    model.to(torch.bfloat16).save_pretrained(out, **({"max_shard_size": checkpoint.shard} if checkpoint.shard else {}))
+
+
+def write_qwen3_video_preprocessor_config(out: Path) -> None:
+    """Qwen3-VL repos hold a video processor's settings beside the image processor's. transformers builds
+    that processor with torchvision alone, so here the file is written with the real one's keys (its
+    values scaled down like the image processor's): xmas must load a folder that has it without torchvision."""
+    settings = {"size": {"longest_edge": 256 * 256, "shortest_edge": 64 * 64}, "patch_size": 16,
+                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
+                "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor"}
+    (out / "video_preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+# SmolVLM's tokenizer (SmolLM2's): <|endoftext|>, <|im_start|>, <|im_end|> first, the byte-level vocabulary,
+# then <global-img>, the 36 <row_r_col_c> markers, <fake_token_around_image>, <image>, <end_of_utterance>.
+SMOLVLM_FIRST = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SMOLVLM_MARKERS = ["<global-img>", *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7))]
+SMOLVLM_SPECIAL = ["<fake_token_around_image>", "<image>", "<end_of_utterance>"]
+
+
+def smolvlm_tokenizer(template: str):
+    """GPT2Tokenizer as SmolVLM's repos have it: BOS <|im_start|> (the template writes it, the tokenizer adds
+    none), EOS and pad <|im_end|>, unk <|endoftext|>; generation stops at <end_of_utterance>."""
+    from tokenizers import AddedToken
+    from transformers import GPT2Tokenizer
+
+    vocab, merges = byte_level_bpe()
+    vocab = {**{token: position for position, token in enumerate(SMOLVLM_FIRST)},
+             **{token: len(SMOLVLM_FIRST) + position for position, token in enumerate(vocab)}}
+    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|im_start|>",
+                              eos_token="<|im_end|>", pad_token="<|im_end|>", add_prefix_space=False,
+                              model_max_length=8192, chat_template=template)
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in SMOLVLM_MARKERS])
+    tokenizer.add_special_tokens({"additional_special_tokens": SMOLVLM_SPECIAL})
+    return tokenizer
+
+
+def smolvlm(out: Path, family: str) -> None:
+    """SmolVLM-Instruct (model type idefics3) or SmolVLM2 (smolvlm): a SigLIP-style vision tower whose 8x8
+    patches of a 64 px tile become 4 tokens by pixel shuffle (the real: 16 px patches of 512 px tiles, 64
+    tokens), images resized to a 256 px longest edge (the real: 2048) and split into tiles plus a global
+    image, a Llama language model, the repo's chat template and processor_config.json's image_seq_len."""
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessorPil,
+    )
+
+    template = chat_template_of("smolvlm")
+    tokenizer = smolvlm_tokenizer(template)
+    save_vocab_files(tokenizer, out)
+    idefics3 = family == "idefics3"
+    image_processor = (Idefics3ImageProcessorPil if idefics3 else SmolVLMImageProcessorPil)(
+        do_image_splitting=True, size={"longest_edge": 4 * 64}, max_image_size={"longest_edge": 64}, resample=1,
+        image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    image_processor.save_pretrained(out)
+    processor_name = "Idefics3Processor" if idefics3 else "SmolVLMProcessor"
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_len": 4, "processor_class": processor_name},
+                                                          indent=2) + "\n")
+    save_chat_template_json(template, out)
+    config_class, model_class = ((Idefics3Config, Idefics3ForConditionalGeneration) if idefics3
+                                 else (SmolVLMConfig, SmolVLMForConditionalGeneration))
+    config = config_class(
+        vision_config={"hidden_size": VISION_HIDDEN, "intermediate_size": 2 * VISION_HIDDEN, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 64, "patch_size": 8},
+        text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": LANGUAGE_HIDDEN,
+                     "intermediate_size": 2 * LANGUAGE_HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 8192, "rope_theta": 100000,
+                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False},
+        scale_factor=4, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=2,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = model_class(config)
+    model.generation_config.update(bos_token_id=0, pad_token_id=2,
+                                   eos_token_id=tokenizer.convert_tokens_to_ids("<end_of_utterance>"))
+    model.to(torch.bfloat16).save_pretrained(out)
+
+
 # stand-in name (the folder) -> (the Hub id it stands for, what writes it)
 STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "vicuna-7b-v1.5": ("lmsys/vicuna-7b-v1.5", vicuna),
@@ -141,6 +353,17 @@ STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "clip-vit-large-patch14-336": ("openai/clip-vit-large-patch14-336", clip_336),
     "llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5": (
         "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5", llava_projector),
+    "Qwen2.5-VL-3B-Instruct": ("Qwen/Qwen2.5-VL-3B-Instruct", lambda out: qwen_vl(out, Qwen(
+        "qwen2_5_vl", tie_word_embeddings=True, model_max_length=131072, shard="100KB"))),
+    "Qwen2.5-VL-7B-Instruct": ("Qwen/Qwen2.5-VL-7B-Instruct", lambda out: qwen_vl(out, Qwen(
+        "qwen2_5_vl", tie_word_embeddings=False, model_max_length=131072, shard="100KB"))),
+    "Qwen3-VL-2B-Instruct": ("Qwen/Qwen3-VL-2B-Instruct", lambda out: qwen_vl(out, Qwen(
+        "qwen3_vl", tie_word_embeddings=True, model_max_length=262144, shard=None))),
+    "Qwen3-VL-8B-Instruct": ("Qwen/Qwen3-VL-8B-Instruct", lambda out: qwen_vl(out, Qwen(
+        "qwen3_vl", tie_word_embeddings=False, model_max_length=262144, shard="100KB"))),
+    "SmolVLM-256M-Instruct": ("HuggingFaceTB/SmolVLM-256M-Instruct", lambda out: smolvlm(out, "idefics3")),
+    "SmolVLM-500M-Instruct": ("HuggingFaceTB/SmolVLM-500M-Instruct", lambda out: smolvlm(out, "idefics3")),
+    "SmolVLM2-256M-Video-Instruct": ("HuggingFaceTB/SmolVLM2-256M-Video-Instruct", lambda out: smolvlm(out, "smolvlm")),
 }
 
 

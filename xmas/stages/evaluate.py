@@ -27,7 +27,7 @@ from xmas.evaluation.grouping import benchmark_names
 from xmas.evaluation.heldout_task_utils import normalize_answer
 from xmas.io import atomic_path, write_parquet
 from xmas.models.checkpoints import load_target
-from xmas.models.encoding import Encoding, record_images
+from xmas.models.encoding import ConversationEncoder, Encoding
 from xmas.progress import StageStats, add_threads_argument, log, progress, use_threads
 from xmas.settings import add_settings
 from xmas.training.engine import compute_device
@@ -48,21 +48,18 @@ def question_and_answer(record: dict, path: Path, position: int,
 
 
 class AnswerGenerator:
-    """Greedy answers for a batch of questions, with the processor's chat template and left padding."""
+    """Greedy answers for a batch of questions: the generation prompt of the chat template, the images as
+    training encodes them, left padding."""
 
-    def __init__(self, model, processor, image_root: Path, max_new_tokens: int, device: torch.device):
-        self.model, self.processor, self.device = model, processor, device
-        self.image_root = image_root
+    def __init__(self, model, encoder: ConversationEncoder, max_new_tokens: int):
+        self.model, self.encoder = model, encoder
         self.max_new_tokens = max_new_tokens
-        processor.tokenizer.padding_side = "left"
 
     @torch.no_grad()
     def __call__(self, prompts: list[list[dict]], records: list[dict]) -> list[str]:
-        texts = [self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                 for messages in prompts]
-        images = record_images(records, self.image_root)
-        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True).to(self.device)
-        tokenizer = self.processor.tokenizer
+        items = [self.encoder.prompt(messages, record) for messages, record in zip(prompts, records)]
+        inputs = self.encoder.collate(items, padding_side="left")
+        tokenizer = self.encoder.tokenizer
         output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -80,7 +77,8 @@ def evaluate_exact_match(model_path: Path, test: Path, image_root: Path, batch_s
     device = compute_device()
     model, processor = load_target(model_path)
     model.to(device).eval()
-    generate = AnswerGenerator(model, processor, image_root, max_new_tokens, device)
+    encoder = ConversationEncoder.of_checkpoint(model_path, processor, image_root, device)
+    generate = AnswerGenerator(model, encoder, max_new_tokens)
     answers = []
     starts = range(0, len(records), batch_size)
     for start in progress(starts, total=len(starts), desc="answer the test questions", unit="batch"):
@@ -171,6 +169,21 @@ def lmms_checkpoint(model_path: Path, work_dir: Path) -> Iterator[Path]:
         shutil.rmtree(linked, ignore_errors=True)
 
 
+def lmms_eval_model(checkpoint: Path, extra_model_args: dict) -> tuple[str, dict]:
+    """lmms-eval's model for the checkpoint's family, and its model arguments: the image bounds the checkpoint
+    was trained with (where the family has them), then the config's ``evaluation.model_args``."""
+    from xmas.models.checkpoints import load_processor
+    from xmas.models.families import family_of
+    from xmas.models.image_tokens import pixel_bounds
+
+    processor = load_processor(checkpoint)
+    family = family_of(processor)
+    if not family.lmms_eval_model:
+        raise XmasError(f"{checkpoint}: lmms-eval has no model for {family.name} models; score them with "
+                        "evaluation.suite: exact-match")
+    return family.lmms_eval_model, {**pixel_bounds(processor.image_processor, family), **extra_model_args}
+
+
 def evaluate_lmms(model_path: Path, args: argparse.Namespace, work_dir: Path, stats: StageStats) -> pd.DataFrame:
     """``evaluation.benchmarks`` through lmms-eval: one row (benchmark, score, n) each."""
     from xmas.evaluation.lmms_eval import check_lmms_eval_installed, run_lmms_eval
@@ -178,11 +191,13 @@ def evaluate_lmms(model_path: Path, args: argparse.Namespace, work_dir: Path, st
     names, table, include_path = lmms_benchmarks(model_path, args, work_dir, stats)
     check_lmms_eval_installed(judge=any(table[name].needs_judge for name in names))
     with lmms_checkpoint(model_path, work_dir) as checkpoint:
+        model, model_args = lmms_eval_model(checkpoint, args.model_args)
         # lmms-eval's llava_hf answers one question at a time (it asserts batch_size 1).
-        rows = run_lmms_eval(checkpoint, names, work_dir / "lmms-eval", gpus=args.gpus, batch_size=1,
-                             extra_model_args=args.model_args, allow_judge=args.allow_judge, table=table,
+        rows = run_lmms_eval(checkpoint, names, work_dir / "lmms-eval", gpus=args.gpus, batch_size=1, model=model,
+                             extra_model_args=model_args, allow_judge=args.allow_judge, table=table,
                              include_path=include_path)
     stats.add("in", len(names))
+    stats.set("lmms_eval_model", model)
     return pd.DataFrame(rows, columns=["benchmark", "score", "n"]).astype({"n": "Int64"})
 
 

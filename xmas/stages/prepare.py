@@ -187,20 +187,6 @@ def check_image_files(examples: pd.DataFrame, more_images: dict[int, list[str]],
     examples.loc[rows, "detail"] = [detail for _, detail in first_problem.values()]
 
 
-def record_lengths(encoder, records: list[dict]) -> list:
-    """Token lengths of a batch; a record the tokenizer or template cannot take gets its error instead."""
-    try:
-        return encoder.lengths(records)
-    except Exception:  # noqa: BLE001 - find the records at fault, one by one
-        lengths = []
-        for record in records:
-            try:
-                lengths += encoder.lengths([record])
-            except Exception as error:  # noqa: BLE001 - any failure means the record cannot be encoded
-                lengths.append(f"{type(error).__name__}: {error}")
-        return lengths
-
-
 def too_long(record: dict, max_length: int) -> str | None:
     """Why the record's conversation is too long to tokenize (see CHARS_PER_TOKEN); None if it is not."""
     sizes = [len(turn["value"]) for turn in record["conversations"]]
@@ -225,10 +211,10 @@ def exclude_too_long(examples: pd.DataFrame, rows, records: list[dict], max_leng
     return kept_rows, kept
 
 
-def check_lengths(examples: pd.DataFrame, annotations: Path, model: Path, stats: StageStats) -> None:
-    """Count every usable record's tokens with the proxy; exclude those whose image would be cut, and
-    those too long to tokenize."""
-    encoder = ConversationEncoder.of_checkpoint(model)
+def check_lengths(examples: pd.DataFrame, annotations: Path, image_root: Path, model: Path, stats: StageStats) -> None:
+    """Count every usable record's tokens with the proxy (its images' tokens from their sizes, where the
+    family's depend on them); exclude those whose image would be cut, and those too long to tokenize."""
+    encoder = ConversationEncoder.of_checkpoint(model, image_root=image_root)
     max_length = encoder.encoding.max_length
     usable = examples.index[examples.status == "ok"]
     tokens = pd.Series(pd.NA, index=examples.index, dtype="Int64")
@@ -237,7 +223,7 @@ def check_lengths(examples: pd.DataFrame, annotations: Path, model: Path, stats:
         done = 0
         for batch in progress(batches, total=len(batches), desc="count tokens", unit="batch"):
             rows, fitting = exclude_too_long(examples, batch, records[done : done + len(batch)], max_length)
-            for row, length in zip(rows, record_lengths(encoder, fitting) if fitting else []):
+            for row, length in zip(rows, encoder.lengths_or_errors(fitting) if fitting else []):
                 if isinstance(length, str):
                     exclude(examples, row, "not_encodable", length)
                     continue
@@ -263,7 +249,7 @@ def prepare(annotations: Path, image_root: Path, max_images: int, check_images: 
     examples, more_images = validate(Path(annotations), max_images)
     check_image_files(examples, more_images, Path(image_root), check_images, workers)
     if model is not None:
-        check_lengths(examples, Path(annotations), Path(model), stats)
+        check_lengths(examples, Path(annotations), Path(image_root), Path(model), stats)
     stats.add("in", len(examples))
     ok = examples[examples.status == "ok"]
     stats.add("ok", len(ok))

@@ -24,8 +24,9 @@ from xmas.data.examples import shard_slice, usable_image_examples
 from xmas.errors import XmasError
 from xmas.io import damage_of, read_json, read_seal, read_table, write_json, write_parquet
 from xmas.models.attention import CrossModalAttention, capture_output, top_singular_values
-from xmas.models.checkpoints import load_checkpoint
-from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder, Encoding
+from xmas.models.checkpoints import load_checkpoint, load_processor
+from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
+from xmas.models.image_tokens import ImageTokens
 from xmas.models.upstream_attention import UpstreamAttention, lowrank_singular_values
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, progress, use_threads
 from xmas.settings import add_settings, settings_of
@@ -47,14 +48,16 @@ def trajectory_table(uids: np.ndarray, checkpoint: int, columns: list[str], valu
 
 
 def check_top_k(model_path: Path, settings: dict) -> None:
-    """At most as many singular values as one image has tokens (the columns of an attention block)."""
+    """At most as many singular values as an image can have tokens (the columns of an attention block).
+    Where the count depends on the image's size, a record with fewer gets zeros for the missing values,
+    as one with fewer text rows does."""
     if settings.get("signal", "attention") != "attention":
         return
-    image_tokens = Encoding.load(model_path).image_tokens
+    image_tokens = ImageTokens(load_processor(model_path)).most()
     if settings["top_k"] > image_tokens:
-        raise XmasError(f"trajectory.top_k is {settings['top_k']}, but the proxy {model_path} has {image_tokens} "
-                        f"image tokens, so at most {image_tokens} singular values exist; set trajectory.top_k to "
-                        f"{image_tokens} or less")
+        raise XmasError(f"trajectory.top_k is {settings['top_k']}, but an image of the proxy {model_path} has at most "
+                        f"{image_tokens} image tokens, so at most {image_tokens} singular values exist; set "
+                        f"trajectory.top_k to {image_tokens} or less")
 
 
 def parse_layers(value: str) -> list[int] | None:

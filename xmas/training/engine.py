@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from xmas.errors import XmasError
-from xmas.models.recipe import IGNORE_INDEX
 from xmas.resources import resource
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -230,37 +229,12 @@ class DeepSpeedTraining:
         fillers = [MicroBatch(micro_batches[0].inputs, weight=0.0)] * (self.accumulation - len(micro_batches))
         total = torch.zeros((), device=self.context.device)
         for micro in [*micro_batches, *fillers]:
-            loss = self.engine(**self._with_an_image(micro.inputs), num_items_in_batch=items).loss * micro.weight
+            loss = self.engine(**micro.inputs, num_items_in_batch=items).loss * micro.weight
             # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
             self.engine.backward(loss * self.context.world_size * self.accumulation)
             self.engine.step()
             total += loss.detach().float()
         return total
-
-    def _with_an_image(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every process must run the same modules in every micro-batch: DeepSpeed gathers (ZeRO-3) and reduces
-        (ZeRO-2) the parameters of the modules that ran, in step across the processes. A micro-batch without
-        images would skip the vision tower and projector, so it gets one more row: a blank image's tokens,
-        none of them labelled, which adds nothing to the loss and zeros to their gradients (LLaVA's trainer
-        likewise runs text-only samples through an empty slice of image features)."""
-        if "pixel_values" in inputs or not hasattr(self.module.config, "vision_config"):
-            return inputs
-        config, ids = self.module.config, inputs["input_ids"]
-        vision = config.vision_config
-        length = max(ids.shape[1], config.image_seq_length)
-
-        def rows(tensor: torch.Tensor, blank_row: torch.Tensor, fill: int) -> torch.Tensor:
-            blank_row = blank_row.to(tensor.device, tensor.dtype).unsqueeze(0)
-            return torch.cat([pad(tensor, length, fill), pad(blank_row, length, fill)])
-
-        image = torch.full((config.image_seq_length,), config.image_token_id)
-        return {**inputs,
-                "input_ids": rows(ids, image, 0),
-                "attention_mask": rows(inputs["attention_mask"], torch.ones(config.image_seq_length), 0),
-                "labels": rows(inputs["labels"], torch.full((config.image_seq_length,), IGNORE_INDEX), IGNORE_INDEX),
-                "pixel_values": torch.zeros(1, getattr(vision, "num_channels", 3), vision.image_size,
-                                            vision.image_size, dtype=next(self.module.parameters()).dtype,
-                                            device=ids.device)}
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         if not (folder / self.STATE_DIR).is_dir():
@@ -279,11 +253,6 @@ class DeepSpeedTraining:
     def save_state(self, folder: Path) -> dict:
         self.engine.save_checkpoint(str(folder / self.STATE_DIR), tag=self.TAG)  # collective
         return {}
-
-
-def pad(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    """Rows padded on the right to ``length`` positions."""
-    return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
 
 def import_deepspeed():

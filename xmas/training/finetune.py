@@ -53,10 +53,10 @@ def subset_rows(path: Path) -> pd.DataFrame:
 
 
 def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStats) -> SourceRecords:
-    """The subset's records whose images fit in the target's ``max_length``.
+    """The subset's records the target can encode with their images within its ``max_length``.
 
-    ``prepare`` checked every record against the proxy; the target's tokenizer and image tokens may
-    differ, so a record that cannot be encoded whole for the target is left out here and named.
+    ``prepare`` checked every record against the proxy; the target's tokenizer, family and image tokens
+    may differ, so a record that cannot be encoded whole for the target is left out here and named.
     """
     rows = subset_rows(subset)
     fits = []
@@ -64,13 +64,23 @@ def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStat
         for start in progress(range(0, len(records), LENGTH_BATCH), total=-(-len(records) // LENGTH_BATCH),
                               desc="count tokens", unit="batch"):
             batch = records[start : start + LENGTH_BATCH]
-            for record, length in zip(batch, encoder.lengths(batch)):
-                fits.append(length.fits(encoder.encoding.max_length))
-                if not fits[-1]:
-                    log.warning("%s: record %r left out: its image ends at token %d, past the target's max_length %d",
-                                subset, record.get("id"), length.image_end, encoder.encoding.max_length)
-                    stats.exclude("image_cut_by_max_length")
+            for record, length in zip(batch, encoder.lengths_or_errors(batch)):
+                why = why_left_out(length, encoder.encoding.max_length)
+                fits.append(why is None)
+                if why is not None:
+                    log.warning("%s: record %r left out: %s", subset, record.get("id"), why[1])
+                    stats.exclude(why[0])
     return SourceRecords(subset, rows[fits])
+
+
+def why_left_out(length, max_length: int) -> tuple[str, str] | None:
+    """(reason, detail) of a subset record the target cannot train on; None when it can."""
+    if isinstance(length, str):
+        return "not_encodable", length
+    if not length.fits(max_length):
+        return "image_cut_by_max_length", f"its image ends at token {length.image_end}, past the target's " \
+                                          f"max_length {max_length}"
+    return None
 
 
 def prepare_model(base: Path, settings: dict, context):
@@ -121,7 +131,7 @@ def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings: di
     With ``save_every_steps``, the run's state is saved every that many steps next to ``out``
     (``<out>.partial/``), and a run started again with the same settings resumes from the last one.
     """
-    records = fitting_records(subset, ConversationEncoder.of_checkpoint(base), stats)
+    records = fitting_records(subset, ConversationEncoder.of_checkpoint(base, image_root=image_root), stats)
     if not len(records):
         raise XmasError(f"{subset}: the subset has no records the target can train on; there is nothing to fine-tune")
     schedule = {**settings, "records": len(records)}

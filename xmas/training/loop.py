@@ -54,8 +54,22 @@ def micro_batches_for(step: int, records, encoder: ConversationEncoder, settings
     """This rank's micro-batches of global step ``step``; an empty share becomes a weight-0 filler."""
     indices = batch_indices(step, settings)
     shares = rank_micro_batches(indices, context.rank, context.world_size, settings.get("micro_batch_size"))
-    return [MicroBatch(encoder([records[i] for i in share])) if len(share)
-            else MicroBatch(encoder([records[indices[0]]]), weight=0.0) for share in shares]
+    with_an_image = bool(settings.get("deepspeed"))
+    return [MicroBatch(encode_share(encoder, [records[i] for i in share], with_an_image)) if len(share)
+            else MicroBatch(encode_share(encoder, [records[indices[0]]], with_an_image), weight=0.0)
+            for share in shares]
+
+
+def encode_share(encoder: ConversationEncoder, share: list[dict], with_an_image: bool) -> dict[str, torch.Tensor]:
+    """The share's inputs. ``with_an_image``: a share without images gets one more row, a blank image with
+    nothing labelled. DeepSpeed gathers (ZeRO-3) and reduces (ZeRO-2) the parameters of the modules that
+    ran, in step across the processes, so every process must run the vision tower and projector in every
+    micro-batch; the row adds nothing to the loss and zeros to their gradients (LLaVA's trainer likewise
+    runs text-only samples through an empty slice of image features)."""
+    items = [encoder.encode(record, with_labels=True) for record in share]
+    if with_an_image and not any("pixel_values" in item for item in items):
+        items.append(encoder.filler_with_an_image())
+    return encoder.collate(items)
 
 
 # The schedules after the linear warmup, by their transformers names.

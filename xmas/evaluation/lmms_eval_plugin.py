@@ -1,0 +1,14 @@
+"""The lmms-eval models xmas registers, through lmms-eval's entry-point group ``lmms_eval.models``
+(pyproject.toml): lmms-eval finds them by name once xmas is installed beside it. Nothing here is imported
+unless lmms-eval asks for it."""
+
+from __future__ import annotations
+
+
+def manifests():
+    """``xmas_qwen2_5_vl`` and ``xmas_qwen3_vl``: lmms-eval's own Qwen-VL models, with images loaded as
+    training loaded them (:mod:`xmas.evaluation.lmms_eval_qwen`)."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return [ModelManifest(model_id=f"xmas_{name}", simple_class_path=f"xmas.evaluation.lmms_eval_qwen.{cls}")
+            for name, cls in (("qwen2_5_vl", "Qwen2_5_VL"), ("qwen3_vl", "Qwen3_VL"))]
