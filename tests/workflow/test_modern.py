@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from xmas.data.annotations import SourceRecords
-from xmas.models.checkpoints import load_checkpoint
+from xmas.models.checkpoints import load_checkpoint, load_processor
 from xmas.models.encoding import ConversationEncoder
 from xmas.models.families import family_of
 
@@ -76,3 +76,14 @@ def test_prepare_counted_each_images_tokens_for_the_smolvlm_proxy(modern):
             assert len(encoder.encode(record, with_labels=False)["input_ids"]) == min(tokens, 2048), record["id"]
     runs = {encoder.images.run(*size).image_tokens for size in ((96, 40), (40, 96), (64, 64))}
     assert len(runs) > 1  # tiles follow each photo's shape
+
+
+@pytest.mark.slow
+def test_the_pixel_bounds_of_checkpoint_0_reach_every_checkpoint_trained_from_it(modern):
+    def size(folder):
+        return dict(load_processor(modern / folder).image_processor.size)
+
+    target = size("results/target/base")
+    assert target == {"shortest_edge": 1024, "longest_edge": 262144}  # the target preset's min/max_pixels
+    assert size("results/target/xmas/0.5/seed-0") == size("results/target/full/1/seed-0") == target
+    assert size("results/proxy/checkpoint-5") == size("results/proxy/checkpoint-0")

@@ -73,7 +73,9 @@ def load_processor(path: str | Path, model_type: str | None = None):
 
     with hub_errors("processor", path), unreadable_files(Path(path)):
         if model_type is None:
-            model_type = AutoConfig.from_pretrained(path).model_type
+            run = Path(path) / FINETUNE_RUN_FILE  # a LoRA fine-tune holds its adapter; its base, the config
+            config_of = read_json(run)["base"] if run.is_file() and not (Path(path) / "config.json").is_file() else path
+            model_type = AutoConfig.from_pretrained(config_of).model_type
         processor_class = family_of_model_type(model_type, str(path)).transformers_class("processor_class")
         settings, _ = processor_class.get_processor_dict(path)
         accepted = set(inspect.signature(processor_class.__init__).parameters) - {"self", "args", "kwargs"}

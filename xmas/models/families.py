@@ -16,12 +16,6 @@ import dataclasses
 
 from xmas.errors import XmasError
 
-# How an image becomes tokens (xmas.models.image_tokens implements each):
-# fixed: one count for every image (the processor resizes to one size);
-# dynamic: one token per merged patch of the image resized within min/max pixels (Qwen's dynamic resolution);
-# tiles: the image split into tiles of one size plus a global image, each a fixed run of tokens with markers.
-LAYOUTS = ("fixed", "dynamic", "tiles")
-
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -34,15 +28,11 @@ class Family:
     projector: tuple[str, ...]  # module paths: trained with the projector's learning rate, whole under LoRA
     language_model: str  # module path of the decoder whose layers hold the captured attention and LoRA
     image_token: str  # the token whose positions are the attention block's columns
-    layout: str  # one of LAYOUTS
+    layout: str  # how an image becomes tokens: fixed, dynamic or tiles (xmas.models.image_tokens.LAYOUTS)
     lmms_eval_model: str  # lmms-eval's --model for the family ("" where it has none)
     # Processor outputs with one value per token, cut and padded with input_ids (Qwen's M-RoPE needs them).
     token_inputs: tuple[str, ...] = ()
     source: str = ""
-
-    def __post_init__(self):
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"family {self.name}: layout {self.layout!r} is not one of {LAYOUTS}")
 
     def transformers_class(self, attribute: str):
         """One of the family's transformers classes by its field (``model_class``, ``processor_class``, ...)."""

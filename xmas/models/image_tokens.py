@@ -2,11 +2,11 @@
 
 The chat template writes one placeholder token per image (``<image>``, Qwen's ``<|image_pad|>``); the
 processor replaces it by the image's run of tokens. How long that run is, and what is in it, depends
-on the family's layout (:data:`xmas.models.families.LAYOUTS`) and, for dynamic resolution and tiles,
-on the image's size. :class:`ImageTokens` gives the run for an image of a given size without its
-pixels (``prepare`` reads sizes from image headers), with the processor's own arithmetic and its
-own replacement text, so the counts are the processor's; the encoder checks every encoded record
-against it. The pixel bounds (``min_pixels``/``max_pixels``) are applied here too, per layout.
+on the family's layout (:data:`LAYOUTS`) and, for dynamic resolution and tiles, on the image's size.
+:class:`ImageTokens` gives the run for an image of a given size without its pixels (``prepare`` reads
+sizes from image headers), with the processor's own arithmetic and its own replacement text, so the
+counts are the processor's; the encoder checks every encoded record against it. Each layout also
+says how ``min_pixels``/``max_pixels`` bound its images.
 """
 
 from __future__ import annotations
@@ -30,109 +30,63 @@ class Run:
     image_tokens: int  # how many of ``ids`` are image tokens (the attention block's columns)
 
 
-class ImageTokens:
-    """Per image size, the run of tokens the family's processor writes in place of its placeholder."""
+class Fixed:
+    """Every image resized to one size: one count (Llava's CLIP or SigLIP tower)."""
 
-    def __init__(self, processor):
-        self.processor = processor
-        self.family: Family = family_of(processor)
-        self.tokenizer = processor.tokenizer
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
-        self._runs = functools.lru_cache(maxsize=4096)(self._run_of_key)
-        self._fixed: int | None = None
+    @staticmethod
+    def key(image_processor, width: int, height: int):
+        return None
 
-    def key(self, width: int, height: int):
-        """What the run depends on: nothing (fixed), the merged patch count (dynamic), the tile grid (tiles)."""
-        image_processor = self.processor.image_processor
-        if self.family.layout == "fixed":
-            return None
-        if self.family.layout == "dynamic":
-            try:
-                patches = image_processor.get_number_of_image_patches(height, width, {})
-            except ValueError as error:  # Qwen's smart_resize refuses aspect ratios beyond 200
-                raise XmasError(f"image of {width}x{height} pixels: {error}") from None
-            return patches // image_processor.merge_size**2
-        _, rows, cols = image_processor.get_number_of_image_patches(height, width, {})
-        return rows, cols
+    @staticmethod
+    def replacement(processor, key) -> str:
+        side = Fixed.smallest_side(processor.image_processor)
+        batch = processor(text=[processor.image_token], images=[Image.new("RGB", (side, side))], return_tensors="pt")
+        count = int((batch["input_ids"] == processor.tokenizer.convert_tokens_to_ids(processor.image_token)).sum())
+        return processor.image_token * count
 
-    def run(self, width: int, height: int) -> Run:
-        return self._runs(self.key(width, height))
-
-    def _run_of_key(self, key) -> Run:
-        ids = tuple(self.tokenizer(self._replacement(key), add_special_tokens=False)["input_ids"])
-        image = [position for position, token in enumerate(ids) if token == self.image_token_id]
-        if not image:
-            raise XmasError(f"{self.family.name}: the processor's text for an image holds no {self.family.image_token}")
-        return Run(ids, image[-1], len(image))
-
-    def _replacement(self, key) -> str:
-        """The text the processor puts where the placeholder was (its own replacement code where it has one)."""
-        if self.family.layout == "fixed":
-            return self.processor.image_token * self._fixed_count()
-        if self.family.layout == "dynamic":
-            return self.processor.image_token * key
-        rows, cols = key
-        return self.processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
-
-    def _fixed_count(self) -> int:
-        """Tokens of one image, counted by the processor on a blank image of its input size."""
-        if self._fixed is None:
-            self._fixed = self._count_on_blank_image()
-        return self._fixed
-
-    def _count_on_blank_image(self) -> int:
-        side = self.smallest_side()
-        batch = self.processor(text=[self.processor.image_token], images=[Image.new("RGB", (side, side))],
-                               return_tensors="pt")
-        return int((batch["input_ids"] == self.image_token_id).sum())
-
-    def smallest_side(self) -> int:
-        """The side of the smallest square image that takes the fewest tokens (a filler's blank image)."""
-        image_processor = self.processor.image_processor
-        if self.family.layout == "dynamic":
-            return image_processor.patch_size * image_processor.merge_size
-        if self.family.layout == "tiles":
-            return image_processor.max_image_size["longest_edge"]
+    @staticmethod
+    def smallest_side(image_processor) -> int:
         size = getattr(image_processor, "crop_size", None) or image_processor.size
         return max((value for value in dict(size).values() if isinstance(value, int)), default=224)
 
-    def fewest(self) -> int:
-        """Image tokens of the smallest image the settings allow (a lower bound over every image)."""
-        if self.family.layout == "fixed":
-            return self.run(1, 1).image_tokens
-        if self.family.layout == "dynamic":
-            return self.run(self.smallest_side(), self.smallest_side()).image_tokens
-        return self.processor.image_seq_len  # the global image alone
+    largest_side = smallest_side
 
-    def most(self) -> int:
-        """Image tokens of the largest square image the settings allow (an upper bound over square images)."""
-        side = largest_side(self.family, self.processor.image_processor)
-        return self.run(side, side).image_tokens
+    @staticmethod
+    def size(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
+        raise XmasError(f"min_pixels/max_pixels: a {family.name} model resizes every image to one size; leave them "
+                        "null")
+
+    @staticmethod
+    def bounds(image_processor) -> dict[str, int]:
+        return {}
 
 
-def largest_side(family: Family, image_processor) -> int:
-    if family.layout == "fixed":
-        return 1
-    if family.layout == "dynamic":
+class Dynamic:
+    """Qwen-VL's dynamic resolution: the image resized to a multiple of a merged patch within min/max pixels,
+    one token per merged patch."""
+
+    @staticmethod
+    def key(image_processor, width: int, height: int) -> int:
+        try:
+            patches = image_processor.get_number_of_image_patches(height, width, {})
+        except ValueError as error:  # Qwen's smart_resize refuses aspect ratios beyond 200
+            raise XmasError(f"image of {width}x{height} pixels: {error}") from None
+        return patches // image_processor.merge_size**2
+
+    @staticmethod
+    def replacement(processor, key: int) -> str:
+        return processor.image_token * key
+
+    @staticmethod
+    def smallest_side(image_processor) -> int:
+        return image_processor.patch_size * image_processor.merge_size
+
+    @staticmethod
+    def largest_side(image_processor) -> int:
         return math.isqrt(image_processor.size["longest_edge"])
-    return image_processor.size["longest_edge"]
 
-
-# ---------------------------------------------------------------------------------------- pixel bounds
-
-
-def bound_pixels(image_processor, family: Family, min_pixels: int | None, max_pixels: int | None):
-    """The image processor with the settings' bounds on an image's pixels (None: as it is), per layout:
-    dynamic resolution resizes every image to between ``min_pixels`` and ``max_pixels``; tiles resize the
-    longest edge to the largest multiple of the tile size whose square is within ``max_pixels``; a fixed
-    layout resizes every image to one size and takes no bounds."""
-    if min_pixels is None and max_pixels is None:
-        return image_processor
-    settings = {key: value for key, value in image_processor.to_dict().items() if key != "image_processor_type"}
-    if family.layout == "fixed":
-        raise XmasError(f"min_pixels/max_pixels: a {family.name} model resizes every image to one size "
-                        f"({type(image_processor).__name__}); leave them null")
-    if family.layout == "dynamic":
+    @staticmethod
+    def size(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
         size = dict(settings["size"])
         size.update({key: value for key, value in (("shortest_edge", min_pixels), ("longest_edge", max_pixels))
                      if value is not None})
@@ -142,7 +96,37 @@ def bound_pixels(image_processor, family: Family, min_pixels: int | None, max_pi
         if size["longest_edge"] < factor * factor:
             raise XmasError(f"max_pixels {size['longest_edge']} is below one {factor}x{factor} merged patch "
                             f"({factor * factor} pixels), the least a {family.name} image takes")
-    else:
+        return size
+
+    @staticmethod
+    def bounds(image_processor) -> dict[str, int]:
+        return {"min_pixels": image_processor.size["shortest_edge"], "max_pixels": image_processor.size["longest_edge"]}
+
+
+class Tiles:
+    """Idefics3's and SmolVLM's: the image's longest edge resized to one length, split into tiles of one size
+    plus the global image, each a fixed run of image tokens after its marker."""
+
+    @staticmethod
+    def key(image_processor, width: int, height: int) -> tuple[int, int]:
+        _, rows, cols = image_processor.get_number_of_image_patches(height, width, {})
+        return rows, cols
+
+    @staticmethod
+    def replacement(processor, key: tuple[int, int]) -> str:
+        rows, cols = key
+        return processor.replace_image_token({"rows": [[rows]], "cols": [[cols]]}, 0)
+
+    @staticmethod
+    def smallest_side(image_processor) -> int:
+        return image_processor.max_image_size["longest_edge"]  # one tile
+
+    @staticmethod
+    def largest_side(image_processor) -> int:
+        return image_processor.size["longest_edge"]
+
+    @staticmethod
+    def size(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
         if min_pixels is not None:
             raise XmasError(f"min_pixels: a {family.name} model resizes every image's longest edge to one length "
                             "(max_pixels sets it); it has no lower bound, leave min_pixels null")
@@ -151,14 +135,65 @@ def bound_pixels(image_processor, family: Family, min_pixels: int | None, max_pi
         if edge < tile:
             raise XmasError(f"max_pixels {max_pixels} is below one {tile}x{tile} tile ({tile * tile} pixels), "
                             f"the least a {family.name} image takes")
-        size = {"longest_edge": edge}
+        return {"longest_edge": edge}
+
+    @staticmethod
+    def bounds(image_processor) -> dict[str, int]:
+        return {"max_pixels": image_processor.size["longest_edge"] ** 2}
+
+
+LAYOUTS = {"fixed": Fixed, "dynamic": Dynamic, "tiles": Tiles}
+
+
+class ImageTokens:
+    """Per image size, the run of tokens the family's processor writes in place of its placeholder."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.family: Family = family_of(processor)
+        self.layout = LAYOUTS[self.family.layout]
+        self.tokenizer = processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self._runs = functools.lru_cache(maxsize=4096)(self._run_of_key)
+
+    def run(self, width: int, height: int) -> Run:
+        return self._runs(self.layout.key(self.processor.image_processor, width, height))
+
+    def _run_of_key(self, key) -> Run:
+        ids = tuple(self.tokenizer(self.layout.replacement(self.processor, key), add_special_tokens=False)["input_ids"])
+        image = [position for position, token in enumerate(ids) if token == self.image_token_id]
+        if not image:
+            raise XmasError(f"{self.family.name}: the processor's text for an image holds no {self.family.image_token}")
+        return Run(ids, image[-1], len(image))
+
+    def smallest_side(self) -> int:
+        """The side of a small square image the processor takes whole (one merged patch, one tile)."""
+        return self.layout.smallest_side(self.processor.image_processor)
+
+    def fewest(self) -> int:
+        """Image tokens of the fewest an image can take (a lower bound over every image)."""
+        if self.family.layout == "tiles":
+            return self.processor.image_seq_len  # the global image alone, where no image is split
+        return self.run(self.smallest_side(), self.smallest_side()).image_tokens
+
+    def most(self) -> int:
+        """Image tokens of the largest square image the settings allow (the square takes the most)."""
+        side = self.layout.largest_side(self.processor.image_processor)
+        return self.run(side, side).image_tokens
+
+
+def bound_pixels(image_processor, family: Family, min_pixels: int | None, max_pixels: int | None):
+    """The image processor with the settings' bounds on an image's pixels (None: as it is): dynamic
+    resolution resizes every image to between ``min_pixels`` and ``max_pixels``; tiles resize the longest
+    edge to the largest multiple of the tile size whose square is within ``max_pixels``; a fixed layout
+    resizes every image to one size and takes no bounds."""
+    if min_pixels is None and max_pixels is None:
+        return image_processor
+    settings = {key: value for key, value in image_processor.to_dict().items() if key != "image_processor_type"}
+    size = LAYOUTS[family.layout].size(settings, family, min_pixels, max_pixels)
     return type(image_processor)(**{**settings, "size": size})
 
 
 def pixel_bounds(image_processor, family: Family) -> dict[str, int]:
     """The bounds in effect, as min_pixels/max_pixels (what lmms-eval's Qwen models take as model_args)."""
-    if family.layout == "dynamic":
-        return {"min_pixels": image_processor.size["shortest_edge"], "max_pixels": image_processor.size["longest_edge"]}
-    if family.layout == "tiles":
-        return {"max_pixels": image_processor.size["longest_edge"] ** 2}
-    return {}
+    return LAYOUTS[family.layout].bounds(image_processor)

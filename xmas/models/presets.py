@@ -378,7 +378,7 @@ def init_model(model: str, presets: dict, annotations: list[Path], out: Path, se
     stats.set("family", family.name)
     stats.set("encoding", {**vars(encoding), "image_preprocessing": conventions["image_preprocessing"],
                            **pixel_bounds(processor.image_processor, family),
-                           "image_tokens": {"fewest": images.fewest(), "most_square": images.most()}})
+                           "image_tokens": {"fewest": images.fewest(), "most": images.most()}})
     with atomic_path(out) as tmp:
         built.save_pretrained(tmp)
         processor.save_pretrained(tmp)
