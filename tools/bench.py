@@ -274,6 +274,118 @@ class PeakMemory:
         return self._status("VmHWM") - self.base
 
 
+# Today's families (--family): the sizes their models are built at, in each config's own keys, over the
+# family's stand-in (xmas.models.standins: its processor, tokenizer and config). ``tiny`` is the Llava tiny
+# shape's widths; ``paper`` is the smallest real checkpoint of the family (config.json of its Hub repo,
+# reduced on a CPU like paper-cpu), with its preset's pixel bounds. mrope_section splits half a head.
+QWEN_TINY = {"text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+                      "num_key_value_heads": 8},
+             "vision": {"hidden_size": 128, "intermediate_size": 256, "depth": 2, "num_heads": 4},
+             "mrope_section": [4, 6, 6]}
+SMOLVLM_TINY = {"text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+                         "num_key_value_heads": 8},
+                "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+                           "num_attention_heads": 4}}
+SMOLVLM_256M = {"text": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                         "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49280},
+                "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                           "num_attention_heads": 12, "image_size": 512, "patch_size": 16},
+                "image_processor": {"size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512}},
+                "image_seq_len": 64}
+FAMILY_SHAPES = {
+    "qwen2_5_vl": ("Qwen2.5-VL-3B-Instruct", {
+        "tiny": QWEN_TINY,
+        "paper": {"text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                           "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936},
+                  "vision": {"hidden_size": 1280, "intermediate_size": 3420, "depth": 32, "num_heads": 16,
+                             "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
+                  "mrope_section": [16, 24, 24], "pixels": (12544, 451584)}}),
+    "qwen3_vl": ("Qwen3-VL-2B-Instruct", {
+        "tiny": {**QWEN_TINY, "text": {**QWEN_TINY["text"], "head_dim": 32}},
+        "paper": {"text": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
+                           "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
+                           "vocab_size": 151936},
+                  "vision": {"hidden_size": 1024, "intermediate_size": 4096, "depth": 24, "num_heads": 16,
+                             "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]},
+                  "mrope_section": [24, 20, 20], "pixels": (12544, 451584)}}),
+    "idefics3": ("SmolVLM-256M-Instruct", {"tiny": SMOLVLM_TINY, "paper": SMOLVLM_256M}),
+    "smolvlm": ("SmolVLM2-256M-Video-Instruct", {"tiny": SMOLVLM_TINY, "paper": SMOLVLM_256M}),
+}
+# Images of the family benchmarks: COCO-like photos (paper) or the stand-ins' sizes (tiny), wide and tall.
+FAMILY_IMAGE_SIZES = {"tiny": [(224, 168), (168, 224), (200, 200), (256, 128)],
+                      "paper": [(640, 480), (480, 640), (500, 375), (640, 427)]}
+
+
+def layers_of(config: dict) -> str:
+    return "depth" if "depth" in config else "num_hidden_layers"
+
+
+def family_bench(args: argparse.Namespace, work: Path):
+    """The family's model at the shape (random weights) and the encoder of its stand-in's processor."""
+    import torch
+    from transformers import AutoConfig
+
+    from xmas.models.checkpoints import load_processor
+    from xmas.models.encoding import ConversationEncoder, Encoding
+    from xmas.models.families import FAMILIES
+    from xmas.models.image_tokens import bound_pixels
+    from xmas.models.standins import write_standin
+
+    family = FAMILIES[args.family]
+    standin, shapes = FAMILY_SHAPES[args.family]
+    shape = shapes["paper" if args.shape == "paper" else "tiny"]
+    write_standin(standin, work / standin)
+    config = AutoConfig.from_pretrained(work / standin)
+    text, vision = dict(shape["text"]), dict(shape["vision"])
+    reduced = args.shape == "paper" and not torch.cuda.is_available()
+    for part, override in ((text, args.text_layers), (vision, args.vision_layers)):
+        if override or reduced:
+            part[layers_of(part)] = override or 2
+    if "vocab_size" not in text:
+        text["vocab_size"] = config.text_config.vocab_size
+    if family.layout == "dynamic":
+        vision["out_hidden_size"] = text["hidden_size"]
+        rope = {**config.text_config.rope_parameters, "mrope_section": shape["mrope_section"]}
+        config.text_config.rope_parameters = rope
+    config.text_config.update(text)
+    config.vision_config.update(vision)
+    if getattr(config.text_config, "layer_types", None):  # one per layer, as the stand-in's 2 were
+        config.text_config.layer_types = config.text_config.layer_types[:1] * config.text_config.num_hidden_layers
+    processor = load_processor(work / standin)
+    if "pixels" in shape:
+        processor.image_processor = bound_pixels(processor.image_processor, family, *shape["pixels"])
+    if "image_processor" in shape:
+        settings = {k: v for k, v in processor.image_processor.to_dict().items() if k != "image_processor_type"}
+        processor.image_processor = type(processor.image_processor)(**{**settings, **shape["image_processor"]})
+        processor.image_seq_len = shape["image_seq_len"]
+    torch.manual_seed(args.seed)
+    model = family.transformers_class("model_class")(config).eval()
+    return model, ConversationEncoder(processor, work / "images", Encoding("front", 1 << 20))
+
+
+def family_batches(encoder, shape_name: str, examples: int, batch_size: int, lengths: tuple[int, int],
+                   seed: int) -> list[dict]:
+    """Generated records (a photo of one of FAMILY_IMAGE_SIZES, a question, an answer of random words of a
+    length in ``lengths``), encoded by the family's processor, sorted by length and batched."""
+    import numpy as np
+    from PIL import Image
+
+    rng = random.Random(seed)
+    encoder.image_root.mkdir(parents=True, exist_ok=True)
+    records = []
+    for number in range(examples):
+        width, height = FAMILY_IMAGE_SIZES[shape_name][number % len(FAMILY_IMAGE_SIZES[shape_name])]
+        name = f"{width}x{height}.png"
+        if not (encoder.image_root / name).exists():
+            pixels = np.random.default_rng(number).integers(0, 255, (height, width, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(encoder.image_root / name)
+        answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*lengths)))
+        records.append({"id": str(number), "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": answer}]})
+    items = sorted((encoder.encode(record, with_labels=False) for record in records), key=lambda i: len(i["input_ids"]))
+    return [encoder.collate(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
+
+
 def eager_blocks(model, batch: dict):
     """The naive reference: every layer's full attention matrix, summed over heads and layers, then the block."""
     import torch
@@ -348,19 +460,27 @@ def run_trajectory(args: argparse.Namespace) -> int:
     device = compute_device()
     name, shape = bench_shape(args, device.type == "cuda")
     dtype = resolve_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    with torch.device(device) if args.build_on_device else contextlib.nullcontext():
-        reference = build_bench_model(shape, args.seed)
+    on_device = torch.device(device) if args.build_on_device else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory() as work, on_device:
+        if args.family == "llava":
+            reference = build_bench_model(shape, args.seed)
+            batches = bench_batches(reference, shape, args.seed)
+        else:
+            reference, encoder = family_bench(args, Path(work))
+            batches = family_batches(encoder, "paper" if args.shape == "paper" else "tiny", shape["examples"],
+                                     shape["batch_size"], shape["text_lengths"], args.seed)
     reference = reference.to(device)
     model = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
-    batches = [{key: value.to(device) for key, value in batch.items()}
-               for batch in bench_batches(reference, shape, args.seed)]
+    batches = [{key: value.to(device) for key, value in batch.items()} for batch in batches]
     half_batches = [{**batch, "pixel_values": batch["pixel_values"].to(dtype)} for batch in batches]
-    text, vision = shape["text"], shape["vision"]
-    print(f"shape {name}: LM {text['num_hidden_layers']} layers, hidden {text['hidden_size']}, "
-          f"{text['num_attention_heads']} heads; vision {vision['num_hidden_layers']} layers, hidden "
-          f"{vision['hidden_size']}, {reference.config.image_seq_length} image tokens; text lengths "
-          f"{shape['text_lengths'][0]}-{shape['text_lengths'][1]}; {shape['examples']} examples in batches of "
-          f"{shape['batch_size']}; device {device}, weights {str(dtype).removeprefix('torch.')} "
+    text, vision = reference.config.text_config, reference.config.vision_config
+    image_tokens = [int(count) for batch in batches
+                    for count in (batch["input_ids"] == reference.config.image_token_id).sum(dim=1)]
+    print(f"shape {name} ({args.family}): LM {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+          f"{text.num_attention_heads} heads; vision {getattr(vision, 'depth', None) or vision.num_hidden_layers} "
+          f"layers, hidden {vision.hidden_size}, {min(image_tokens)}-{max(image_tokens)} image tokens; text "
+          f"lengths {shape['text_lengths'][0]}-{shape['text_lengths'][1]}; {shape['examples']} examples in batches "
+          f"of {shape['batch_size']}; device {device}, weights {str(dtype).removeprefix('torch.')} "
           f"(eager reference float32), {torch.get_num_threads()} threads", flush=True)
     memory = PeakMemory(device)
     print(f"peak memory: {memory.method}; modes take turns on each batch after one warm-up batch each", flush=True)
@@ -406,6 +526,10 @@ def add_trajectory(subparsers) -> None:
                                    description=run_trajectory.__doc__ or __doc__)
     parser.add_argument("--shape", choices=tuple(SHAPES), default="tiny",
                         help="tiny, or paper (on a CPU reduced to paper-cpu unless overridden)")
+    parser.add_argument("--family", choices=("llava", *FAMILY_SHAPES), default="llava",
+                        help="llava: the paper's proxy (StableLM-2 + CLIP); any other family is built over its "
+                        "stand-in, paper being its smallest real checkpoint's sizes (Qwen2.5-VL-3B, Qwen3-VL-2B, "
+                        "SmolVLM-256M)")
     parser.add_argument("--examples", type=int, help="examples to run (paper: 64; paper-cpu: 4)")
     parser.add_argument("--batch-size", type=int, help="examples per batch (paper: 8; paper-cpu: 2)")
     parser.add_argument("--text-layers", type=int, help="LM decoder layers (paper: 24; paper-cpu: 2)")

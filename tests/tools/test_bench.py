@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 
+import pytest
 import torch
 
 from xmas.models.attention import CrossModalAttention, top_singular_values
@@ -45,7 +46,7 @@ def test_extraction_agrees_with_eager_on_a_small_paper_like_shape():
 def test_benchmark_prints_each_mode_and_the_ratio_line(capsys):
     assert main(["trajectory", "--shape", "tiny", "--examples", "4", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[0].startswith("shape tiny: LM 4 layers") and "peak memory: peak RSS growth" in out[1]
+    assert out[0].startswith("shape tiny (llava): LM 4 layers") and "peak memory: peak RSS growth" in out[1]
     assert [line.split(":")[0] for line in out[2:5]] == [
         "(a) plain forward, sdpa", "(b) extraction", "(c) eager output_attentions=True"]
     assert all(re.search(r"examples/s, peak memory \+\d+\.\d+ GiB$", line) for line in out[2:5])
@@ -73,3 +74,13 @@ def test_partition_agreement_measures():
     assert abs(adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]) + 0.5) < 1e-12  # worse than chance
     assert matched_share([0, 0, 0, 1], [1, 1, 2, 2]) == 0.75  # cluster 0 -> 1 (2 items), 1 -> 2 (1 item)
     assert matched_share([0, 0, 0, 0], [1, 1, 2, 2]) == 0.5  # one cluster matches one of the two
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm"])
+def test_the_benchmark_runs_each_family_on_its_processors_inputs_and_agrees_with_eager(family, capsys):
+    assert main(["trajectory", "--family", family, "--examples", "4", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    first = re.match(r"shape tiny \((\w+)\): LM 4 layers, hidden 256, 8 heads; .* (\d+)-(\d+) image tokens", out[0])
+    assert first and first[1] == family and int(first[2]) > 5
+    match = re.fullmatch(r"extraction_vs_eager=(\S+) overhead_vs_forward=(\S+) agree=(\S+)", out[-1])
+    assert match and float(match[3]) <= 1e-5

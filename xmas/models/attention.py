@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from xmas.errors import XmasError
@@ -69,18 +69,21 @@ class _Capture:
         self.seen: set[int] = set()
 
     def record(self, module, query, key, attention_mask, scaling: float) -> None:
+        """Add this layer's text-row x image-column probabilities. Keys serve their group of query heads (GQA)
+        without a copy per head; the mask goes in in place."""
         rows, cols = self.positions.rows, self.positions.cols
-        heads, head_dim = query.shape[1], query.shape[3]
-        query_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, head_dim)).float()
-        keys = repeat_kv(key, heads // key.shape[1]).float()
-        scores = query_rows @ keys.transpose(-1, -2) * scaling
+        batch, heads, head_dim = query.shape[0], query.shape[1], query.shape[3]
+        groups = key.shape[1]
+        query_rows = query.gather(2, rows[:, None, :, None].expand(-1, heads, -1, head_dim)).float() * scaling
+        grouped = query_rows.view(batch, groups, heads // groups, rows.shape[1], head_dim)
+        scores = (grouped @ key.float()[:, :, None].transpose(-1, -2)).flatten(1, 2)  # (B, H, T, L)
         if attention_mask is not None:
             index = rows[:, None, :, None].expand(-1, attention_mask.shape[1], -1, attention_mask.shape[-1])
             mask_rows = attention_mask.gather(2, index)
             if mask_rows.dtype == torch.bool:
-                scores = scores.masked_fill(~mask_rows, float("-inf"))
+                scores.masked_fill_(~mask_rows, float("-inf"))
             else:
-                scores = scores + mask_rows.float()
+                scores += mask_rows.float()
         probabilities = scores.softmax(dim=-1)
         block = probabilities.gather(3, cols[:, None, None, :].expand(-1, heads, rows.shape[1], -1))
         block = block.sum(dim=1) if self.head_reduce == "sum" else block.mean(dim=1)
