@@ -24,7 +24,7 @@ def test_the_modern_rehearsal_plans_every_stage_with_the_target_presets_recipe(t
     counts = job_counts(result.stdout)
     assert counts["standin_model"] == 2 and counts["trajectory"] == 5 * 2
     assert counts["finetune_target"] == counts["evaluate"] == 2 * 3 + 1
-    finetune = next(line for line in result.stdout.splitlines() if line.startswith("xmas finetune-target"))
+    finetune = next(line for line in result.stdout.splitlines() if "Shell command: xmas finetune-target" in line)
     # qwen2.5-vl-7b's recipe (LLaMA-Factory's) over the schema's defaults; the config's own values over both
     assert "--learning-rate 0.0001 " in finetune and "--lora-r 8 --lora-alpha 16 --lora-dropout 0.0" in finetune
     assert "--batch-size 32 " in finetune
@@ -34,7 +34,7 @@ def test_a_setting_the_config_gives_wins_over_the_presets_recipe(tmp_path):
     (tmp_path / "mine.yaml").write_text("target: {lora_r: 64}\n")
     result = snakemake(tmp_path, "-n", "-p", "results/eval/runs/xmas/0.5/seed-0.tsv", "--configfile", MODERN,
                        str(tmp_path / "mine.yaml"))
-    finetune = next(line for line in result.stdout.splitlines() if line.startswith("xmas finetune-target"))
+    finetune = next(line for line in result.stdout.splitlines() if "Shell command: xmas finetune-target" in line)
     assert "--lora-r 64 --lora-alpha 16 " in finetune
 
 
