@@ -206,7 +206,12 @@ def reference_markdown() -> str:
             lines += [description, ""]
         lines += ["| setting | default | stages | meaning |", "| --- | --- | --- | --- |"]
         for setting in settings:
-            meaning = " ".join(setting.spec.get("description", "").split()).replace("|", "\\|")
+            meaning = " ".join(setting.spec.get("description", "").split())
+            if setting.spec.get("x-choices") == "methods":
+                from xmas.methods import choices_markdown
+
+                meaning += ": " + choices_markdown()
+            meaning = meaning.replace("|", "\\|")
             stages = ", ".join(f"`{stage}`" for stage in setting.stages) or "workflow"
             default = yaml.safe_dump(setting.default, default_flow_style=True).strip().removesuffix("...").strip()
             lines.append(f"| `{setting.name}` | `{default}` | {stages} | {meaning} |")

@@ -21,6 +21,7 @@ from xmas.data.download import load_manifest, resolve_manifest
 from xmas.data.examples import usable_count
 from xmas.errors import XmasError
 from xmas.io import copy_sealed, set_aside_damaged
+from xmas.methods import METHODS
 from xmas.resources import resource
 from xmas.settings import job_resources, stage_flags
 from xmas.training.launch import launcher_prefix
@@ -119,8 +120,6 @@ PLANNED = {}
 EXAMPLES = "results/data/examples.parquet"
 CLUSTERS = "results/selection/clusters.parquet"
 SELECTION_METHODS = SELECTION["methods"]
-# Baselines whose subset changes with the seed; evaluation draws one subset per seed for them.
-SEEDED_METHODS = ("random", "cluster-random")
 # The reference every subset is measured against: all usable records, trained and evaluated alike.
 FULL = ("full", "1")
 PROXY_PRESETS = PROXY["presets"] or str(resource("proxy_presets.yaml"))
@@ -220,7 +219,7 @@ def methods_and_budgets():
 def subset_json(method, budget, seed=None):
     """results/{method}/seed-{seed}/subset_{budget}.json. Only seeded baselines draw one subset per
     evaluation seed; the others are fixed by selection.seed."""
-    seed = seed if method in SEEDED_METHODS and seed is not None else SELECTION["seed"]
+    seed = seed if METHODS[method].seeded and seed is not None else SELECTION["seed"]
     return f"results/{method}/seed-{seed}/subset_{budget}.json"
 
 
@@ -232,10 +231,15 @@ def all_subsets():
     return [subset_json(method, budget) for method, budget in methods_and_budgets()]
 
 
+def signal_folder(signal):
+    """Where a signal's trajectories and clusters go: results/ for XMAS's attention, results/<signal>/ else."""
+    return "results" if signal == "attention" else f"results/{signal}"
+
+
 def clusters_of(method):
-    """The clusters a method samples from: the loss baseline has its own; random and full none."""
-    xmas_clusters = {"xmas": CLUSTERS, "xmas-proportional": CLUSTERS, "cluster-random": CLUSTERS}
-    return {"loss": "results/loss/selection/clusters.parquet", **xmas_clusters}.get(method)
+    """The clusters a method samples from (xmas.methods: those of its signal's trajectories), else None."""
+    signal = METHODS[method].signal
+    return None if signal is None else f"{signal_folder(signal)}/selection/clusters.parquet"
 
 
 def sample_inputs(method):

@@ -1,14 +1,12 @@
 """Rule ``sample``: pick the subset for a budget and account for every source record.
 
-``xmas``: balanced sampling over the trajectory clusters, visiting groups from the smallest;
-inside an image cluster the most stable examples win. Text-only records form one more group
-(``text_only_share: cluster``, upstream's rule) or keep their share of the usable records while
-the image clusters share the rest (``proportional``; the method ``xmas-proportional`` always
-does). Baselines: ``loss``, the same on clusters of per-example loss trajectories;
-``cluster-random``, XMAS's clusters and quotas with a random draw inside each cluster (isolates
-the stability rule); ``random``, a uniform draw of the same size; ``full``, every usable record
-(the reference a subset is measured against). All write the selected source records unchanged,
-in source order, and a manifest with one row per source record.
+The methods are declared in :mod:`xmas.methods`. A clustered method (``xmas``, ``loss``, ...) samples
+balanced over its clusters, visiting groups from the smallest; inside an image cluster the most stable
+examples win, or a seeded draw (``cluster-random``). Text-only records form one more group
+(``text_only_share: cluster``, upstream's rule) or keep their share of the usable records while the
+image clusters share the rest (``proportional``). ``random`` draws uniformly; ``full`` takes every
+usable record (the reference a subset is measured against). All write the selected source records
+unchanged, in source order, and a manifest with one row per source record.
 """
 
 from __future__ import annotations
@@ -24,12 +22,10 @@ from xmas.data.annotations import SPAN_COLUMNS, SourceRecords
 from xmas.data.examples import TEXT_ONLY, read_examples
 from xmas.errors import XmasError
 from xmas.io import read_parquet, write_parquet, write_raw_records
+from xmas.methods import METHODS, method_named
 from xmas.progress import StageStats, add_input_arguments, log
 from xmas.settings import add_settings
 
-METHODS = ("xmas", "xmas-proportional", "loss", "cluster-random", "random", "full")
-CLUSTERED_METHODS = ("xmas", "xmas-proportional", "loss", "cluster-random")
-TEXT_ONLY_SHARES = ("cluster", "proportional")
 MANIFEST_COLUMNS = ["uid", "index", "cluster", "stability", "selected", "reason"]
 
 
@@ -165,8 +161,9 @@ def check_accounting(manifest: pd.DataFrame, examples: pd.DataFrame) -> None:
         raise XmasError("accounting failed: " + "; ".join(problems))
 
 
-def sample(method: str, budget: str, examples_path: Path, clusters_path: Path | None, min_cluster_size: int,
+def sample(method_name: str, budget: str, examples_path: Path, clusters_path: Path | None, min_cluster_size: int,
            seed: int, stats: StageStats, text_only_share: str = "cluster") -> pd.DataFrame:
+    method = method_named(method_name)
     examples = read_parquet(examples_path)
     valid = examples.loc[examples.status == "ok", ["uid", "index"]]
     if clusters_path is not None:
@@ -174,22 +171,19 @@ def sample(method: str, budget: str, examples_path: Path, clusters_path: Path | 
     else:
         valid = valid.assign(cluster=pd.NA, stability=np.nan)
     target = budget_size(budget, len(valid))
-    if method in CLUSTERED_METHODS:
+    if method.signal is not None:
         if clusters_path is None:
-            raise XmasError(f"method {method} needs --clusters")
+            raise XmasError(f"method {method.name} needs --clusters (of its {method.signal} trajectories)")
         if valid.cluster.isna().any():
             raise XmasError(f"{clusters_path} has no cluster for {int(valid.cluster.isna().sum())} usable records")
-        inside = "random" if method == "cluster-random" else "stability"
-        share = "proportional" if method == "xmas-proportional" else text_only_share
-        decided = xmas_select(valid, target, min_cluster_size, seed, inside, share)
-    elif method == "random":
-        decided = random_select(valid, target, seed)
-    elif method == "full":
+        decided = xmas_select(valid, target, min_cluster_size, seed, method.inside_clusters,
+                              method.text_only_share or text_only_share)
+    elif method.every_record:
         if target != len(valid):
-            raise XmasError(f"method full selects every usable record: its budget must be 1, got {budget!r}")
+            raise XmasError(f"method {method.name} selects every usable record: its budget must be 1, got {budget!r}")
         decided = select_all(valid)
     else:
-        raise XmasError(f"method must be one of {METHODS}, got {method!r}")
+        decided = random_select(valid, target, seed)
     manifest = manifest_of(examples, decided)
     check_accounting(manifest, examples)
     selected = int(manifest.selected.sum())
@@ -219,12 +213,14 @@ def write_subset(annotations: Path, examples: Path, manifest: pd.DataFrame, out:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=METHODS, default="xmas", help="selection method (default xmas)")
+    parser.add_argument("--method", choices=tuple(METHODS), default="xmas",
+                        help="selection method (default xmas): " + "; ".join(
+                            f"{name}: {method.description}" for name, method in METHODS.items()).replace("%", "%%"))
     parser.add_argument("--budget", required=True, help="fraction of the usable records to select, in (0, 1]")
     add_input_arguments(parser, "examples", "annotations")
     parser.add_argument("--clusters", type=Path,
-                        help="clusters.parquet from `xmas cluster` (needed by xmas, xmas-proportional, loss and "
-                        "cluster-random)")
+                        help="clusters.parquet from `xmas cluster` (needed by the clustered methods: " + ", ".join(
+                            name for name, method in METHODS.items() if method.signal) + ")")
     parser.add_argument("--out", required=True, type=Path, help="subset JSON to write (LLaVA format)")
     parser.add_argument("--manifest", type=Path, help="manifest parquet (default: <out>.manifest.parquet)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random draws (random, cluster-random, "

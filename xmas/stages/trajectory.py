@@ -23,6 +23,7 @@ from xmas.data.annotations import SourceRecords
 from xmas.data.examples import shard_slice, usable_image_examples
 from xmas.errors import XmasError
 from xmas.io import damage_of, read_json, read_seal, read_table, write_json, write_parquet
+from xmas.methods import SIGNALS
 from xmas.models.attention import CrossModalAttention, capture_output, top_singular_values
 from xmas.models.checkpoints import load_checkpoint, load_processor
 from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
@@ -242,7 +243,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", required=True, type=int, help="which shard (0-based)")
     add_input_arguments(parser, "examples", "annotations", "image_root")
     parser.add_argument("--out", required=True, type=Path, help="shard parquet to write")
-    parser.add_argument("--signal", choices=("attention", "loss"), default="attention",
+    parser.add_argument("--signal", choices=SIGNALS, default="attention",
                         help="attention: top-k singular values of the text-to-image attention (XMAS); "
                         "loss: each example's mean loss on its answers (the loss baseline)")
     add_threads_argument(parser)

@@ -1,0 +1,71 @@
+"""The selection methods, each declared once: what it samples from and how.
+
+``xmas sample`` dispatches on these declarations, the workflow derives each method's inputs and
+seeds from them, and a test holds the config schema's list of methods to this one. Adding a method
+is one entry here (and, for a new way of choosing, its branch in ``xmas/stages/sample.py``) plus its
+test: the schema's ``selection.methods`` takes any name declared here (the workflow checks it, and
+docs/configuration.md lists them). Imports nothing heavy: the workflow reads it while it builds the DAG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from xmas.errors import XmasError
+
+SIGNALS = ("attention", "loss")  # what a trajectory job records per example and checkpoint (xmas trajectory)
+INSIDE_CLUSTERS = ("stability", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str
+    description: str
+    # The signal whose trajectories' clusters it samples from (balanced over the clusters); None: no clusters.
+    signal: str | None = None
+    inside_clusters: str | None = None  # stability: the most stable first; random: a seeded draw
+    text_only_share: str | None = None  # fixed here (proportional), else the setting selection.text_only_share
+    # A new subset per evaluation seed (the draw is what it measures); otherwise selection.seed fixes it.
+    seeded: bool = False
+    every_record: bool = False  # every usable record (the reference), whatever the budget says
+    evaluated_only: bool = False  # not a selection of its own: the evaluation adds it, not selection.methods
+
+    def __post_init__(self):
+        if self.signal is not None and (self.signal not in SIGNALS or self.inside_clusters not in INSIDE_CLUSTERS):
+            raise ValueError(f"method {self.name}: signal {self.signal!r} and inside_clusters "
+                             f"{self.inside_clusters!r} must be one of {SIGNALS} and {INSIDE_CLUSTERS}")
+
+
+METHODS: dict[str, Method] = {method.name: method for method in (
+    Method("xmas", "balanced over the clusters of attention trajectories, the most stable examples first",
+           signal="attention", inside_clusters="stability"),
+    Method("xmas-proportional", "xmas, the text-only records keeping their share of the usable records",
+           signal="attention", inside_clusters="stability", text_only_share="proportional"),
+    Method("loss", "xmas's rule on the clusters of per-example loss trajectories (the paper's other signal)",
+           signal="loss", inside_clusters="stability"),
+    Method("cluster-random", "xmas's clusters and quotas, a random draw inside each cluster (isolates the "
+           "stability rule)", signal="attention", inside_clusters="random", seeded=True),
+    Method("random", "a uniform random draw of the same size", seeded=True),
+    Method("full", "every usable record: the reference each subset is measured against", every_record=True,
+           evaluated_only=True),
+)}
+SELECTABLE = tuple(name for name, method in METHODS.items() if not method.evaluated_only)
+
+
+def method_named(name: str) -> Method:
+    if name not in METHODS:
+        raise XmasError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
+    return METHODS[name]
+
+
+def check_selected(names: list[str]) -> None:
+    """``selection.methods`` names methods one can select with."""
+    unknown = [name for name in names if name not in SELECTABLE]
+    if unknown:
+        raise XmasError(f"selection.methods: {', '.join(map(repr, unknown))} is not a selection method; choose from "
+                        f"{', '.join(SELECTABLE)} (xmas/methods.py)")
+
+
+def choices_markdown() -> str:
+    """The methods as docs/configuration.md lists them."""
+    return "; ".join(f"`{name}`: {METHODS[name].description}" for name in SELECTABLE)
