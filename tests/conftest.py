@@ -38,7 +38,6 @@ def small_demo(tmp_path_factory) -> dict:
     return paths
 
 
-DEMO_SETTINGS = {"conversation": None, "image_position": "front", "image_preprocessing": None, "max_length": None}
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +45,11 @@ def tiny_checkpoint(small_demo, tmp_path_factory) -> Path:
     """Checkpoint 0 of the demo-tiny proxy for the small dataset."""
     from xmas.models.presets import init_model, load_presets
     from xmas.progress import StageStats
+    from xmas.settings import stage_defaults
 
     out = tmp_path_factory.mktemp("proxy") / "checkpoint-0"
-    init_model("demo-tiny", load_presets(), [small_demo["train"]], out, 0, DEMO_SETTINGS, {}, StageStats("test"))
+    init_model(stage_defaults("proxy-init", model="demo-tiny"), load_presets(), [small_demo["train"]], out,
+               StageStats("test"))
     return out
 
 
@@ -208,12 +209,13 @@ def modern_checkpoint(family: str, standins: dict, annotations: Path, out: Path,
     from xmas.models.presets import init_model, load_presets
     from xmas.models.standins import STANDINS
     from xmas.progress import StageStats
+    from xmas.settings import stage_defaults
 
     model = MODERN_FAMILIES[family]
     if model in STANDINS:  # a folder, as `proxy.model: /models/<name>`
         model = standins[STANDINS[model][0]]
-    init_model(model, load_presets(), [annotations], out, 0, {**DEMO_SETTINGS, **settings}, standins,
-               StageStats("test"))
+    init_model(stage_defaults("proxy-init", model=model, model_paths=standins, **settings), load_presets(),
+               [annotations], out, StageStats("test"))
     return out
 
 

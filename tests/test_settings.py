@@ -4,6 +4,7 @@ workflow's flags, and the configuration reference in the docs."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shlex
 
 import pytest
@@ -11,7 +12,17 @@ import yaml
 from snakemake.utils import validate
 
 from xmas.cli import STAGES, build_parser, stage_module
-from xmas.settings import SCHEMA, add_settings, all_settings, defaults, reference_markdown, settings_of, stage_flags
+from xmas.settings import (
+    SCHEMA,
+    add_settings,
+    all_settings,
+    defaults,
+    reference_markdown,
+    settings_class,
+    settings_of,
+    stage_defaults,
+    stage_flags,
+)
 
 from conftest import REPO
 
@@ -67,7 +78,18 @@ def settings_parser(stage: str) -> argparse.ArgumentParser:
 def test_a_stage_takes_its_settings_with_the_schemas_defaults(stage):
     flags = {action.dest for action in stage_parser(stage)._actions}
     assert set(defaults(stage)) <= flags
-    assert settings_of(settings_parser(stage).parse_args([]), stage) == defaults(stage)
+    settings = settings_of(settings_parser(stage).parse_args([]), stage)
+    assert settings == stage_defaults(stage) and dataclasses.asdict(settings) == defaults(stage)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # a stage cannot change its settings on the way
+        settings.__setattr__(next(iter(defaults(stage))), None)
+
+
+def test_settings_are_typed_and_refuse_a_name_the_schema_does_not_have():
+    fields = {field.name: field.type for field in dataclasses.fields(settings_class("trajectory"))}
+    assert fields["top_k"] == "int" and fields["group_by_length"] == "bool" and fields["dtype"] == "str"
+    assert stage_defaults("trajectory").group_by_length is True  # the schema's default, not a fallback in code
+    with pytest.raises(TypeError, match="top_kk"):
+        stage_defaults("trajectory", top_kk=3)
 
 
 @pytest.mark.parametrize("config_file", ["llava665k.yaml", "visionflan.yaml", "rehearsal.yaml"])
@@ -78,7 +100,7 @@ def test_the_workflows_flags_give_each_stage_the_configs_values(config_file):
         parsed = settings_parser(stage).parse_args(shlex.split(stage_flags(config, stage)))
         for setting in [s for s in all_settings() if stage in s.stages]:
             expected = (config[setting.section] if setting.section else config)[setting.key]
-            got = settings_of(parsed, stage)[setting.key]
+            got = getattr(settings_of(parsed, stage), setting.key)
             if setting.key == "layers" or setting.key == "clusters":  # alternatives arrive as text
                 got, expected = str(got), str(expected).replace("[", "").replace("]", "").replace(" ", "")
             assert got == expected, (stage, setting.name)

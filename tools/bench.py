@@ -112,14 +112,15 @@ def paper_proxy(work: Path, annotations: Path) -> Path:
     from xmas.models.presets import init_model, load_presets
     from xmas.models.standins import STANDINS, write_standin
     from xmas.progress import StageStats
+    from xmas.settings import stage_defaults
 
     paths = {}
     for name in ("stablelm-2-zephyr-1_6b", "clip-vit-large-patch14-336"):
         write_standin(name, work / name)
         paths[STANDINS[name][0]] = str(work / name)
-    settings = {"conversation": "phi", "image_position": "front", "image_preprocessing": None, "max_length": 2048}
-    init_model("tinyllava-stablelm2-clip336", load_presets(), [annotations], work / "checkpoint-0", 0, settings, paths,
-               StageStats("proxy-init"))
+    settings = stage_defaults("proxy-init", model="tinyllava-stablelm2-clip336", conversation="phi", max_length=2048,
+                              model_paths=paths)
+    init_model(settings, load_presets(), [annotations], work / "checkpoint-0", StageStats("proxy-init"))
     return work / "checkpoint-0"
 
 

@@ -68,9 +68,43 @@ def stage_settings(stage: str) -> list[Setting]:
     return [setting for setting in all_settings() if stage in setting.stages]
 
 
+def annotation(spec: dict) -> str:
+    """The Python type of a setting's value, as text (the settings classes' annotations)."""
+    kinds = spec.get("type", "string" if "enum" in spec or "anyOf" in spec or "oneOf" in spec else None)
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
+    names = {"integer": "int", "number": "float", "string": "str", "boolean": "bool", "array": "list",
+             "object": "dict", "null": "None"}
+    typed = [names[kind] for kind in kinds if kind in names]
+    if "oneOf" in spec or "anyOf" in spec or not typed:
+        return "object"  # alternatives (auto or a number, a preset or a file): the stage reads them
+    return " | ".join(typed)
+
+
+@functools.cache
+def settings_class(stage: str) -> type:
+    """The stage's settings as a frozen dataclass: a field per setting of the stage, with the schema's
+    type and default. ``settings_class("cluster")(feature="sv1")`` is the cluster stage's settings at the
+    schema's defaults but ``feature``; an unknown name is an error."""
+    fields = []
+    for setting in stage_settings(stage):
+        default = setting.default
+        if isinstance(default, (list, dict)):
+            field = dataclasses.field(default_factory=lambda default=default: type(default)(default))
+        else:
+            field = dataclasses.field(default=default)
+        fields.append((setting.key, annotation(setting.spec), field))
+    name = "".join(part.capitalize() for part in stage.split("-")) + "Settings"
+    return dataclasses.make_dataclass(name, fields, frozen=True)
+
+
+def stage_defaults(stage: str, **changes):
+    """A stage's settings: the schema's defaults, but for ``changes`` (what tests and callers build)."""
+    return settings_class(stage)(**changes)
+
+
 def defaults(stage: str) -> dict:
-    """A stage's settings at their schema defaults."""
-    return {setting.key: setting.default for setting in stage_settings(stage)}
+    """A stage's settings at their schema defaults, by name."""
+    return dataclasses.asdict(stage_defaults(stage))
 
 
 def value_type(spec: dict):
@@ -125,13 +159,13 @@ def add_settings(parser: argparse.ArgumentParser, stage: str) -> None:
         group.add_argument(setting.flag, dest=setting.key, **options)
 
 
-def settings_of(args: argparse.Namespace, stage: str) -> dict:
-    """The stage's settings from its parsed options."""
+def settings_of(args: argparse.Namespace, stage: str):
+    """The stage's settings (:func:`settings_class`) from its parsed options."""
     values = {}
     for setting in stage_settings(stage):
         value = getattr(args, setting.key)
         values[setting.key] = dict(value) if setting.spec.get("type") == "object" else value
-    return values
+    return settings_class(stage)(**values)
 
 
 def render(setting: Setting, value) -> list[str]:
@@ -144,6 +178,15 @@ def render(setting: Setting, value) -> list[str]:
     if isinstance(value, list):
         return [setting.flag, ",".join(map(str, value))]
     return [setting.flag, str(value)]
+
+
+def config_settings(config: dict, stage: str):
+    """A stage's settings (:func:`settings_class`) from a validated config: what its rule's flags pass it."""
+    values = {}
+    for setting in stage_settings(stage):
+        scope = config[setting.section] if setting.section else config
+        values[setting.key] = scope[setting.key]
+    return settings_class(stage)(**values)
 
 
 def stage_flags(config: dict, stage: str) -> str:

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from xmas.models.recipe import freeze_vision_tower, parameter_groups, with_lora  # noqa: E402
+from xmas.settings import stage_defaults  # noqa: E402
 from xmas.training.engine import (  # noqa: E402
     MicroBatch,
     attention_implementation,
@@ -264,8 +265,8 @@ def engine(kind: str, model, settings: dict, steps: dict, context):
     learning_rate, projector_rate = LEARNING_RATES[kind]
     optimizer = torch.optim.AdamW(steps["parameter_groups"](model, learning_rate, projector_rate, 0.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return prepare_training(model, optimizer, scheduler, context, {
-        "precision": "bf16", "max_grad_norm": 1.0, "gradient_checkpointing": settings["checkpointing"]})
+    return prepare_training(model, optimizer, scheduler, context, stage_defaults(
+        "finetune-target", precision="bf16", max_grad_norm=1.0, gradient_checkpointing=settings["checkpointing"]))
 
 
 def report_batch(name: str, settings: dict, batches: list[MicroBatch], memory: Memory) -> int:

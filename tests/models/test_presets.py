@@ -11,8 +11,7 @@ from xmas.models.checkpoints import load_checkpoint
 from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder, Encoding
 from xmas.models.presets import TARGET_PRESETS, chat_template, init_model, load_presets, locate, materialise, resolve
 from xmas.progress import StageStats
-
-from conftest import DEMO_SETTINGS
+from xmas.settings import stage_defaults
 
 PRESETS = load_presets()
 TARGETS = load_presets(TARGET_PRESETS)
@@ -118,8 +117,8 @@ def test_missing_model_names_the_key_and_value(standins):
 def test_a_composed_model_without_a_conversation_is_refused(standins, tmp_path):
     (tmp_path / "train.json").write_text("[]")
     with pytest.raises(XmasError, match="its processor has no chat template; name a conversation"):
-        init_model("llava-1.5-7b", TARGETS, [tmp_path / "train.json"], tmp_path / "out", 0,
-                   {**DEMO_SETTINGS, "conversation": "model"}, standins, StageStats("t"))
+        init_model(stage_defaults("target-init", model="llava-1.5-7b", conversation="model", model_paths=standins),
+                   TARGETS, [tmp_path / "train.json"], tmp_path / "out", StageStats("t"))
     with pytest.raises(XmasError, match="conversation 'vicuna' is not one of demo, phi, vicuna_v1, zephyr"):
         chat_template("vicuna")
 
@@ -143,7 +142,7 @@ def test_unknown_kind_and_from_config_without_records_are_clear_errors():
 
 
 def test_the_demo_targets_position_embeddings_stand_out_from_clips_init(small_demo, tmp_path):
-    init_model("demo-target", TARGETS, [small_demo["train"]], tmp_path / "target", 0, DEMO_SETTINGS, {},
+    init_model(stage_defaults("target-init", model="demo-target"), TARGETS, [small_demo["train"]], tmp_path / "target",
                StageStats("t"))
     embeddings = load_checkpoint(tmp_path / "target")[0].model.vision_tower.embeddings
     assert TARGETS["demo-target"]["position_embedding_std"] == 1.0

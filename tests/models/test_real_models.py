@@ -20,11 +20,10 @@ from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
 from xmas.models.families import FAMILIES
 from xmas.models.presets import TARGET_PRESETS, chat_template, image_processor_for, init_model, load_presets
 from xmas.progress import StageStats
+from xmas.settings import stage_defaults
 from xmas.stages.prepare import prepare
 from xmas.stages.trajectory import extract_shard
 from xmas.training.finetune import fitting_records
-
-from conftest import DEMO_SETTINGS
 
 PROXIES = load_presets()
 TARGETS = load_presets(TARGET_PRESETS)
@@ -62,8 +61,9 @@ def images(tmp_path_factory):
 
 
 def build(model: str, presets: dict, paths: dict, out, annotations, **settings):
-    encoding = init_model(model, presets, [annotations], out, 0, {**DEMO_SETTINGS, **settings}, paths, StageStats("t"))
-    return encoding
+    stage = "target-init" if presets is TARGETS else "proxy-init"
+    return init_model(stage_defaults(stage, model=model, model_paths=paths, **settings), presets, [annotations], out,
+                      StageStats("t"))
 
 
 @pytest.fixture(scope="module")
@@ -246,10 +246,10 @@ def test_a_record_longer_than_max_length_is_cut_and_cannot_fail_a_shard(short_co
     with pytest.raises(XmasError, match="'late-image': its image does not fit in max_length 96"):
         encoder([long_records()[2]])
     shard = shard_slice(usable_image_examples(root / "examples.parquet"), 0, 1)
-    settings = {"layers": None, "head_reduce": "sum", "layer_reduce": "sum", "batch_size": 2, "chunk_size": 2,
-                "top_k": 5, "group_by_length": True}
+    settings = stage_defaults("trajectory", batch_size=2, chunk_size=2)
     stats = StageStats("t")
-    extract_shard(root / "checkpoint-0", 1, shard, root / "train.json", images, root / "shard.parquet", settings, stats)
+    extract_shard(root / "checkpoint-0", 1, shard, root / "train.json", images, root / "shard.parquet", settings,
+                  "attention", stats)
     values = pq.read_table(root / "shard.parquet").to_pandas()
     assert values.uid.tolist() == ["two-turns", "long-answer"] and (values.sv1 > 0).all()
 

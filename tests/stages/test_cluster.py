@@ -7,6 +7,7 @@ import pandas as pd
 
 from xmas.io import write_parquet
 from xmas.progress import StageStats
+from xmas.settings import stage_defaults
 from xmas.stages.cluster import cluster, default_clusters, feature_of, stability
 
 
@@ -44,7 +45,7 @@ def synthetic_inputs(tmp_path, groups=3, per_group=30, checkpoints=4):
 
 def test_clusters_recover_trajectory_shapes_and_are_reproducible(tmp_path):
     examples, trajectories = synthetic_inputs(tmp_path)
-    settings = {"clusters": 3, "feature": "sum_topk", "kmeans_iterations": 20, "seed": 0, "min_cluster_size": 3}
+    settings = stage_defaults("cluster", clusters=3, kmeans_iterations=20, seed=0)
     result = cluster(examples, trajectories, settings, StageStats("t"))
     assert result.uid.tolist()[-2:] == ["t0", "t1"] and "x" not in set(result.uid)
     assert (result.cluster.iloc[-2:] == -1).all() and result.stability.iloc[-2:].isna().all()
@@ -58,7 +59,7 @@ def test_clusters_recover_trajectory_shapes_and_are_reproducible(tmp_path):
 def test_more_clusters_than_the_examples_can_fill_are_capped(tmp_path, caplog):
     """The paper's K = 1000 on a small dataset would leave every cluster below min_cluster_size."""
     examples, trajectories = synthetic_inputs(tmp_path)  # 90 image examples
-    settings = {"clusters": 1000, "feature": "sum_topk", "kmeans_iterations": 20, "seed": 0, "min_cluster_size": 3}
+    settings = stage_defaults("cluster", clusters=1000, kmeans_iterations=20, seed=0)
     stats = StageStats("t")
     result = cluster(examples, trajectories, settings, stats)
     assert stats.as_dict()["clusters"] == 30 and result.cluster[result.cluster >= 0].nunique() <= 30

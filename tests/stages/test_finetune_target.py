@@ -20,13 +20,12 @@ from xmas.models.encoding import ConversationEncoder
 from xmas.models.families import LLAVA
 from xmas.models.recipe import is_projector, language_model_linear_layers, parameter_groups
 from xmas.progress import StageStats
-from xmas.settings import defaults
+from xmas.settings import stage_defaults
 from xmas.training.engine import Distributed
 from xmas.training.finetune import finetune, prepare_model
 
-SETTINGS = {**defaults("finetune-target"), "seed": 0, "epochs": 1, "batch_size": 8, "learning_rate": 1e-3,
-            "projector_learning_rate": 1e-4, "warmup_ratio": 0.0, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0,
-            "freeze_vision_tower": True}
+SETTINGS = stage_defaults("finetune-target", epochs=1, batch_size=8, learning_rate=1e-3, projector_learning_rate=1e-4,
+                          warmup_ratio=0.0, lora_r=4, lora_alpha=8, lora_dropout=0.0, freeze_vision_tower=True)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +36,7 @@ def subset(small_demo, tmp_path_factory):
 
 
 def test_lora_goes_on_every_linear_layer_of_the_language_model_and_the_projector_trains_in_full(tiny_checkpoint):
-    model, _ = prepare_model(tiny_checkpoint, SETTINGS, Distributed())
+    model, _ = prepare_model(tiny_checkpoint, SETTINGS, Distributed(), seed=0)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     layers = model.config.text_config.num_hidden_layers
     lora_a = {name for name in trainable if "lora_A" in name}
@@ -50,7 +49,7 @@ def test_lora_goes_on_every_linear_layer_of_the_language_model_and_the_projector
 
 
 def test_the_projector_learns_at_its_own_rate(tiny_checkpoint):
-    model, _ = prepare_model(tiny_checkpoint, SETTINGS, Distributed())
+    model, _ = prepare_model(tiny_checkpoint, SETTINGS, Distributed(), seed=0)
     groups = {group["name"]: group for group in parameter_groups(model, 2e-4, 2e-5, 0.0)}
     assert groups["projector"]["lr"] == 2e-5 and groups["model"]["lr"] == 2e-4
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == sum(
@@ -66,7 +65,7 @@ def test_linear_layer_names_come_from_the_model_not_a_family_list(tiny_checkpoin
 
 def test_a_lora_run_saves_an_adapter_that_merges_into_the_same_model(tiny_checkpoint, subset, small_demo, tmp_path):
     out = tmp_path / "target"
-    finetune(tiny_checkpoint, subset, small_demo["images"], out, SETTINGS, StageStats("test"))
+    finetune(tiny_checkpoint, subset, small_demo["images"], out, SETTINGS, 0, StageStats("test"))
     assert (out / "adapter_config.json").is_file() and not (out / "model.safetensors").exists()
     merged, processor = load_target(out)
     base, _ = load_checkpoint(tiny_checkpoint)
@@ -88,9 +87,9 @@ def test_a_lora_run_saves_an_adapter_that_merges_into_the_same_model(tiny_checkp
 def test_the_paper_recipe_zero3_config_keeps_the_global_batch_of_128(gpus, accumulation):
     from xmas.training.engine import deepspeed_config
 
-    settings = {"batch_size": 128, "micro_batch_size": 16, "precision": "bf16", "max_grad_norm": 1.0,
-                "hidden_size": 4096}
-    config = deepspeed_config("zero3", settings, world_size=gpus)
+    settings = stage_defaults("finetune-target", batch_size=128, micro_batch_size=16, precision="bf16",
+                              max_grad_norm=1.0, deepspeed="zero3")
+    config = deepspeed_config(settings, world_size=gpus, hidden_size=4096)
     assert config["zero_optimization"]["stage"] == 3
     assert config["train_batch_size"] == 128 and config["train_micro_batch_size_per_gpu"] == 16
     assert config["gradient_accumulation_steps"] == accumulation

@@ -7,11 +7,11 @@ import pytest
 from xmas.data.examples import shard_slice, usable_image_examples
 from xmas.errors import XmasError
 from xmas.progress import StageStats
-from xmas.settings import defaults
+from xmas.settings import stage_defaults
 from xmas.stages.merge import merge
 from xmas.stages.trajectory import extract_shard
 
-SETTINGS = {**defaults("trajectory"), "layers": None, "batch_size": 8, "chunk_size": 16}
+SETTINGS = stage_defaults("trajectory", batch_size=8, chunk_size=16)
 
 
 def test_merge_names_missing_examples_and_their_shards(tiny_checkpoint, small_demo, small_examples, tmp_path):
@@ -20,7 +20,7 @@ def test_merge_names_missing_examples_and_their_shards(tiny_checkpoint, small_de
     for s in range(2):
         files.append(tmp_path / f"shard-{s}.parquet")
         extract_shard(tiny_checkpoint, 1, shard_slice(usable, s, 2), small_demo["train"], small_demo["images"],
-                      files[-1], SETTINGS, StageStats("t"))
+                      files[-1], SETTINGS, "attention", StageStats("t"))
     merged = merge(files, small_examples, 1, 2, StageStats("t")).to_pandas()
     assert merged.uid.tolist() == usable.uid.tolist()
     with pytest.raises(XmasError) as caught:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -14,16 +15,16 @@ from xmas.errors import XmasError
 from xmas.io import seal_path
 from xmas.models.checkpoints import load_checkpoint
 from xmas.progress import StageStats
-from xmas.settings import defaults
+from xmas.settings import stage_defaults
 from xmas.stages.train_segment import train_segment
 
-SETTINGS = {**defaults("train-segment"), "epochs": 1, "batch_size": 24, "checkpoints": 3, "learning_rate": 2e-3,
-            "warmup_ratio": 0.1}
+SETTINGS = stage_defaults("train-segment", epochs=1, batch_size=24, checkpoints=3, learning_rate=2e-3,
+                          warmup_ratio=0.1)
 
 
 def train(previous, out, checkpoint, small_demo, small_examples, **overrides):
-    train_segment(previous, out, checkpoint, {**SETTINGS, **overrides}, small_examples, small_demo["train"],
-                  small_demo["images"], StageStats("t"))
+    train_segment(previous, out, checkpoint, dataclasses.replace(SETTINGS, **overrides), small_examples,
+                  small_demo["train"], small_demo["images"], StageStats("t"))
 
 
 def weights(checkpoint):

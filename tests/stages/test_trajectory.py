@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
@@ -11,11 +13,11 @@ import torch
 from xmas.data.examples import shard_slice, usable_image_examples
 from xmas.errors import XmasError
 from xmas.progress import StageStats
+from xmas.settings import stage_defaults
 from xmas.stages import trajectory
 from xmas.stages.trajectory import extract_shard
 
-SETTINGS = {"layers": None, "head_reduce": "sum", "layer_reduce": "sum", "batch_size": 8, "chunk_size": 16,
-            "top_k": 5}
+SETTINGS = stage_defaults("trajectory", batch_size=8, chunk_size=16)
 
 
 def test_shards_partition_the_usable_image_examples(small_examples):
@@ -27,9 +29,10 @@ def test_shards_partition_the_usable_image_examples(small_examples):
         shard_slice(usable, 3, 3)
 
 
-def run_shard(tiny_checkpoint, small_demo, shard, out, stats=None, settings=SETTINGS):
+def run_shard(tiny_checkpoint, small_demo, shard, out, stats=None, signal="attention", **changes):
     stats = stats or StageStats("t")
-    extract_shard(tiny_checkpoint, 1, shard, small_demo["train"], small_demo["images"], out, settings, stats)
+    extract_shard(tiny_checkpoint, 1, shard, small_demo["train"], small_demo["images"], out,
+                  dataclasses.replace(SETTINGS, **changes), signal, stats)
     return stats
 
 
@@ -87,7 +90,7 @@ def test_parts_from_other_settings_are_not_reused(tiny_checkpoint, small_demo, s
     parts = out.with_name(out.name + ".parts")
     monkeypatch.setattr(trajectory, "extract_chunk", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "top_k": 3})
+        run_shard(tiny_checkpoint, small_demo, shard, out, top_k=3)
     (parts / "part-00000.parquet").write_bytes(b"stale")  # as if left by a run with top_k 3
     monkeypatch.undo()
     stats = run_shard(tiny_checkpoint, small_demo, shard, out)
@@ -101,14 +104,34 @@ def test_batches_grouped_by_length_restore_source_order():
     assert values[:, 0].tolist() == [0, 10, 20, 30, 40]
 
 
-def test_length_grouping_and_half_precision_keep_results(tiny_checkpoint, small_demo, shard, clean_run, tmp_path):
-    out = tmp_path / "grouped.parquet"
-    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "group_by_length": True})
-    grouped = pq.read_table(out).to_pandas()
-    assert grouped.uid.tolist() == clean_run.uid.tolist()
+def batches_run(tiny_checkpoint, small_demo, shard, out, monkeypatch, **changes) -> list[list[int]]:
+    """The token lengths of every batch a run computes (the setting under test must shape them)."""
+    real, seen = trajectory.run_batches, []
+
+    def recording(records, batches, compute):
+        seen.extend(shard.set_index("uid").loc[[records[i]["id"] for i in b], "tokens"].tolist() for b in batches)
+        return real(records, batches, compute)
+
+    monkeypatch.setattr(trajectory, "run_batches", recording)
+    run_shard(tiny_checkpoint, small_demo, shard, out, **changes)
+    monkeypatch.undo()
+    return seen
+
+
+def test_length_grouping_and_half_precision_keep_results(tiny_checkpoint, small_demo, shard, clean_run, tmp_path,
+                                                         monkeypatch):
+    out = tmp_path / "in-order.parquet"
+    grouped = batches_run(tiny_checkpoint, small_demo, shard, tmp_path / "grouped.parquet", monkeypatch)
+    in_order = batches_run(tiny_checkpoint, small_demo, shard, out, monkeypatch, group_by_length=False)
+    assert SETTINGS.group_by_length  # the schema's default, which the clean run used
+    assert all(batch == sorted(batch) for batch in grouped) and grouped != in_order  # the setting took effect
+    padded = sum(len(b) * max(b) - sum(b) for b in grouped), sum(len(b) * max(b) - sum(b) for b in in_order)
+    assert padded[0] < padded[1]
+    ungrouped = pq.read_table(out).to_pandas()
+    assert ungrouped.uid.tolist() == clean_run.uid.tolist()
     columns = [f"sv{k}" for k in range(1, 6)]
-    np.testing.assert_allclose(grouped[columns].to_numpy(), clean_run[columns].to_numpy(), rtol=1e-4, atol=1e-6)
-    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "dtype": "bfloat16"})
+    np.testing.assert_allclose(ungrouped[columns].to_numpy(), clean_run[columns].to_numpy(), rtol=1e-4, atol=1e-6)
+    run_shard(tiny_checkpoint, small_demo, shard, out, dtype="bfloat16")
     half = pq.read_table(out).to_pandas()
     np.testing.assert_allclose(half[columns].to_numpy(), clean_run[columns].to_numpy(), rtol=0.1, atol=1e-3)
 
@@ -119,7 +142,7 @@ def test_the_loss_signal_is_each_examples_own_training_loss(tiny_checkpoint, sma
     from xmas.models.encoding import ConversationEncoder
 
     out = tmp_path / "loss.parquet"
-    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "signal": "loss", "group_by_length": True})
+    run_shard(tiny_checkpoint, small_demo, shard, out, signal="loss")
     losses = pq.read_table(out).to_pandas()
     assert list(losses.columns) == ["uid", "checkpoint", "loss"] and losses.uid.tolist() == shard.uid.tolist()
     model, processor = load_checkpoint(tiny_checkpoint)
@@ -163,10 +186,9 @@ def test_damaged_parts_are_computed_again_not_reused(tiny_checkpoint, small_demo
 
 def test_the_upstream_definition_writes_its_own_values(tiny_checkpoint, small_demo, shard, clean_run, tmp_path):
     out = tmp_path / "upstream.parquet"
-    run_shard(tiny_checkpoint, small_demo, shard, out, settings={**SETTINGS, "definition": "upstream"})
+    run_shard(tiny_checkpoint, small_demo, shard, out, definition="upstream")
     upstream = pq.read_table(out).to_pandas()
     assert list(upstream.columns) == list(clean_run.columns) and upstream.uid.tolist() == clean_run.uid.tolist()
     assert (upstream.sv1 > 0).all() and not np.allclose(upstream.sv1, clean_run.sv1, rtol=1e-2)
-    run_shard(tiny_checkpoint, small_demo, shard, tmp_path / "again.parquet",
-              settings={**SETTINGS, "definition": "upstream"})
+    run_shard(tiny_checkpoint, small_demo, shard, tmp_path / "again.parquet", definition="upstream")
     assert (tmp_path / "again.parquet").read_bytes() == out.read_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from xmas.errors import XmasError
+from xmas.settings import stage_defaults
 from xmas.training.engine import (
     Distributed,
     attention_implementation,
@@ -19,7 +21,7 @@ from xmas.training.engine import (
     resolve_dtype,
 )
 
-SETTINGS = {"batch_size": 24, "max_grad_norm": 1.0, "precision": "fp32"}
+SETTINGS = stage_defaults("finetune-target", batch_size=24)
 
 
 def test_dtype_names_from_config_and_cli():
@@ -49,22 +51,23 @@ def test_context_from_torchrun_environment():
 
 
 def test_deepspeed_presets_fill_their_auto_values():
-    settings = {"batch_size": 32, "micro_batch_size": 4, "max_grad_norm": 1.0, "precision": "bf16", "hidden_size": 64}
-    config = deepspeed_config("zero3", settings, world_size=4)
+    settings = dataclasses.replace(SETTINGS, batch_size=32, micro_batch_size=4, precision="bf16", deepspeed="zero3")
+    config = deepspeed_config(settings, world_size=4, hidden_size=64)
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (4, 2)
     assert config["train_batch_size"] == 32 and config["gradient_clipping"] == 1.0
     assert config["bf16"]["enabled"] is True and config["fp16"]["enabled"] is False
     assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["reduce_bucket_size"] == 64 * 64
-    assert deepspeed_config("zero2", {**settings, "precision": "fp16"}, 1)["fp16"]["enabled"] is True
+    fp16_zero2 = dataclasses.replace(settings, precision="fp16", deepspeed="zero2")
+    assert deepspeed_config(fp16_zero2, 1)["fp16"]["enabled"] is True
 
 
 def test_deepspeed_config_errors_name_the_file(tmp_path):
     with pytest.raises(XmasError, match="'zero4' is neither zero2 nor zero3"):
-        deepspeed_config("zero4", SETTINGS, 1)
+        deepspeed_config(dataclasses.replace(SETTINGS, deepspeed="zero4"), 1)
     custom = tmp_path / "ds.json"
     custom.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
     with pytest.raises(XmasError, match=r"ds\.json: cannot fill 'auto' for zero_optimization\.reduce_bucket_size"):
-        deepspeed_config(str(custom), SETTINGS, 1)
+        deepspeed_config(dataclasses.replace(SETTINGS, deepspeed=str(custom)), 1)
 
 
 def test_deepspeed_requested_without_the_package_is_a_clear_error(monkeypatch):
@@ -72,4 +75,4 @@ def test_deepspeed_requested_without_the_package_is_a_clear_error(monkeypatch):
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(XmasError, match=r'DeepSpeed is not installed: pip install -e "\.\[gpu\]"'):
-        prepare_training(model, optimizer, None, Distributed(), {**SETTINGS, "deepspeed": "zero2"})
+        prepare_training(model, optimizer, None, Distributed(), dataclasses.replace(SETTINGS, deepspeed="zero2"))

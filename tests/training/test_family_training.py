@@ -3,6 +3,8 @@ and a LoRA fine-tune, a resumed one, evaluation), on their stand-ins."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
@@ -15,7 +17,7 @@ from xmas.models.encoding import ConversationEncoder
 from xmas.models.families import FAMILIES
 from xmas.models.recipe import is_projector, is_vision_tower
 from xmas.progress import StageStats
-from xmas.settings import defaults
+from xmas.settings import stage_defaults
 from xmas.stages.evaluate import evaluate_exact_match
 from xmas.stages.prepare import prepare
 from xmas.stages.train_segment import train_segment
@@ -27,13 +29,11 @@ from conftest import MODERN_FAMILIES, varied_records
 
 pytestmark = [pytest.mark.parametrize("family", list(MODERN_FAMILIES)), pytest.mark.slow]
 RECORDS = varied_records()  # 6 image records, 2 text-only
-SEGMENT = {**defaults("train-segment"), "epochs": 1, "batch_size": 4, "checkpoints": 2, "learning_rate": 1e-3,
-           "warmup_ratio": 0.0,
-           "freeze_vision_tower": True}
-TRAJECTORY = {"layers": None, "head_reduce": "sum", "layer_reduce": "sum", "batch_size": 3, "chunk_size": 4,
-              "top_k": 5, "group_by_length": True}
-LORA = {**defaults("finetune-target"), "seed": 0, "epochs": 1, "batch_size": 4, "learning_rate": 1e-3,
-        "projector_learning_rate": 1e-3, "warmup_ratio": 0.0, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}
+SEGMENT = stage_defaults("train-segment", epochs=1, batch_size=4, checkpoints=2, learning_rate=1e-3, warmup_ratio=0.0,
+                         freeze_vision_tower=True)
+TRAJECTORY = stage_defaults("trajectory", batch_size=3, chunk_size=4)
+LORA = stage_defaults("finetune-target", epochs=1, batch_size=4, learning_rate=1e-3, projector_learning_rate=1e-3,
+                      warmup_ratio=0.0, lora_r=4, lora_alpha=8, lora_dropout=0.0)
 
 
 def changed(before: dict, after: dict) -> set[str]:
@@ -60,8 +60,8 @@ def test_the_proxy_trains_a_segment_then_gives_trajectories_and_losses(family, m
     shard = shard_slice(usable_image_examples(tmp_path / "examples.parquet"), 0, 1)
     for signal, column in (("attention", "sv1"), ("loss", "loss")):
         out = tmp_path / f"{signal}.parquet"
-        extract_shard(trained, 1, shard, varied_data["train"], varied_data["images"], out,
-                      {**TRAJECTORY, "signal": signal}, StageStats("t"))
+        extract_shard(trained, 1, shard, varied_data["train"], varied_data["images"], out, TRAJECTORY, signal,
+                      StageStats("t"))
         values = pd.read_parquet(out)
         assert values.uid.tolist() == shard.uid.tolist() and len(values) == 6
         assert (values[column] > 0).all() and values[column].notna().all()
@@ -74,8 +74,8 @@ def subset(tmp_path):
 
 
 def test_a_full_fine_tune_trains_all_but_the_vision_tower(family, modern_checkpoints, varied_data, subset, tmp_path):
-    settings = {**LORA, "lora_r": 0, "freeze_vision_tower": True}
-    finetuning.finetune(modern_checkpoints[family], subset, varied_data["images"], tmp_path / "full", settings,
+    settings = dataclasses.replace(LORA, lora_r=0, freeze_vision_tower=True)
+    finetuning.finetune(modern_checkpoints[family], subset, varied_data["images"], tmp_path / "full", settings, 0,
                         StageStats("t"))
     before, after = state(load_checkpoint(modern_checkpoints[family])[0]), state(load_target(tmp_path / "full")[0])
     updated, family_ = changed(before, after), FAMILIES[family]
@@ -91,8 +91,8 @@ def test_a_lora_fine_tune_cut_short_resumes_to_the_same_adapter_and_is_evaluated
                                                                                  varied_data, subset, tmp_path,
                                                                                  monkeypatch):
     base, images = modern_checkpoints[family], varied_data["images"]
-    settings = {**LORA, "save_every_steps": 1}  # 8 records in batches of 4: 2 steps
-    finetuning.finetune(base, subset, images, tmp_path / "straight", settings, StageStats("t"))
+    settings = dataclasses.replace(LORA, save_every_steps=1)  # 8 records in batches of 4: 2 steps
+    finetuning.finetune(base, subset, images, tmp_path / "straight", settings, 0, StageStats("t"))
 
     save_partial = finetuning.save_partial
 
@@ -102,10 +102,10 @@ def test_a_lora_fine_tune_cut_short_resumes_to_the_same_adapter_and_is_evaluated
 
     monkeypatch.setattr(finetuning, "save_partial", save_then_stop)
     with pytest.raises(Interrupted):
-        finetuning.finetune(base, subset, images, tmp_path / "resumed", settings, StageStats("t"))
+        finetuning.finetune(base, subset, images, tmp_path / "resumed", settings, 0, StageStats("t"))
     monkeypatch.undo()
     stats = StageStats("t")
-    finetuning.finetune(base, subset, images, tmp_path / "resumed", settings, stats)
+    finetuning.finetune(base, subset, images, tmp_path / "resumed", settings, 0, stats)
     assert stats.as_dict()["counts"]["resumed_at_step"] == 1
     straight, resumed = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("straight", "resumed"))
     assert straight.keys() == resumed.keys() and all(torch.equal(straight[key], resumed[key]) for key in straight)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,19 +14,20 @@ import torch
 from safetensors.torch import load_file
 
 from xmas.progress import StageStats
-from xmas.settings import defaults
+from xmas.settings import stage_defaults
 from xmas.stages.train_segment import train_segment
+from xmas.training import loop
 from xmas.training.launch import launcher_prefix
-from xmas.training.loop import batch_indices, make_optimizer, rank_micro_batches
+from xmas.training.loop import DataOrder, make_optimizer, rank_micro_batches
 
-SETTINGS = {**defaults("train-segment"), "epochs": 1, "batch_size": 24, "checkpoints": 3, "learning_rate": 2e-3,
-            "warmup_ratio": 0.1}
+SETTINGS = stage_defaults("train-segment", epochs=1, batch_size=24, checkpoints=3, learning_rate=2e-3,
+                          warmup_ratio=0.1)
 
 
 @pytest.mark.parametrize(("schedule", "halfway", "end"), [("cosine", 0.5, 0.0), ("linear", 0.5, 0.0),
                                                           ("constant", 1.0, 1.0)])
 def test_the_learning_rate_follows_the_schedule_after_the_warmup(schedule, halfway, end):
-    settings = {**SETTINGS, "learning_rate": 1.0, "warmup_ratio": 0.0, "lr_schedule": schedule}
+    settings = dataclasses.replace(SETTINGS, learning_rate=1.0, warmup_ratio=0.0, lr_schedule=schedule)
     optimizer, scheduler = make_optimizer(torch.nn.Linear(2, 2), settings, total_steps=10)
     rates = []
     for _ in range(10):
@@ -36,11 +38,11 @@ def test_the_learning_rate_follows_the_schedule_after_the_warmup(schedule, halfw
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():
-    settings = {"records": 100, "batch_size": 32, "seed": 0}
+    order = DataOrder(records=100, batch_size=32, seed=0)
     for epoch in range(2):
-        seen = np.concatenate([batch_indices(step, settings) for step in range(4 * epoch, 4 * epoch + 4)])
+        seen = np.concatenate([order.indices(step) for step in range(4 * epoch, 4 * epoch + 4)])
         assert sorted(seen) == list(range(100))  # every record once per epoch
-    assert not np.array_equal(batch_indices(0, settings), batch_indices(4, settings))  # reshuffled per epoch
+    assert not np.array_equal(order.indices(0), order.indices(4))  # reshuffled per epoch
 
 
 def test_rank_shares_cover_the_batch_with_equal_call_counts():
@@ -53,14 +55,31 @@ def test_rank_shares_cover_the_batch_with_equal_call_counts():
 
 
 def single_process(previous, out, small_demo, small_examples, **overrides):
-    train_segment(previous, out, 1, {**SETTINGS, **overrides}, small_examples, small_demo["train"],
+    train_segment(previous, out, 1, dataclasses.replace(SETTINGS, **overrides), small_examples, small_demo["train"],
                   small_demo["images"], StageStats("t"))
     return load_file(out / "model.safetensors")
 
 
-def test_micro_batches_give_the_same_step_as_whole_batches(tiny_checkpoint, small_demo, small_examples, tmp_path):
+def forward_sizes(monkeypatch) -> list[int]:
+    """The number of records of every forward/backward the training runs from here on."""
+    real, sizes = loop.encode_share, []
+
+    def recording(encoder, share, with_an_image):
+        sizes.append(len(share))
+        return real(encoder, share, with_an_image)
+
+    monkeypatch.setattr(loop, "encode_share", recording)
+    return sizes
+
+
+def test_micro_batches_give_the_same_step_as_whole_batches(tiny_checkpoint, small_demo, small_examples, tmp_path,
+                                                           monkeypatch):
+    sizes = forward_sizes(monkeypatch)
     whole = single_process(tiny_checkpoint, tmp_path / "whole", small_demo, small_examples)
+    assert sizes and set(sizes) == {24}  # the whole global batch at once
+    sizes.clear()
     accumulated = single_process(tiny_checkpoint, tmp_path / "micro", small_demo, small_examples, micro_batch_size=7)
+    assert sizes and set(sizes) == {6}  # the setting took effect: 24 records in 4 micro-batches of at most 7
     for name in whole:
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)
 

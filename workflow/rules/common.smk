@@ -23,7 +23,7 @@ from xmas.errors import XmasError
 from xmas.io import copy_sealed, set_aside_damaged
 from xmas.methods import METHODS
 from xmas.resources import resource
-from xmas.settings import job_resources, stage_flags
+from xmas.settings import config_settings, job_resources, stage_flags
 from xmas.training.launch import launcher_prefix
 from xmas.training.schedule import checkpoint_count
 
@@ -264,7 +264,7 @@ def proxy_checkpoints():
     training, which needs the usable records counted (the prepare checkpoint)."""
     if TRAINING["save_every_steps"] is None:
         return TRAINING["checkpoints"]
-    return checkpoint_count(usable_count(checkpoints.prepare.get().output[0]), TRAINING)
+    return checkpoint_count(usable_count(checkpoints.prepare.get().output[0]), config_settings(config, "merge"))
 
 
 def trajectory_shards(folder):

@@ -329,14 +329,15 @@ def image_processor_for(image_processor, preprocessing: str, family):
                                   do_center_crop=False)
 
 
-def conventions_of(spec: dict, settings: dict) -> dict:
+def conventions_of(spec: dict, settings) -> dict:
     """How a model is set up: its chat template (None: the model's own), image preprocessing and pixel
     bounds (None: the model's own); the config's where it names them, else the preset's."""
-    conversation = settings.get("conversation") or spec.get("conversation") or OWN_TEMPLATE
+    conversation = settings.conversation or spec.get("conversation") or OWN_TEMPLATE
     return {
         "template": None if conversation == OWN_TEMPLATE else chat_template(conversation),
-        "image_preprocessing": settings.get("image_preprocessing") or spec.get("image_preprocessing") or "native",
-        **{bound: settings.get(bound) or spec.get(bound) for bound in ("min_pixels", "max_pixels")},
+        "image_preprocessing": settings.image_preprocessing or spec.get("image_preprocessing") or "native",
+        "min_pixels": settings.min_pixels or spec.get("min_pixels"),
+        "max_pixels": settings.max_pixels or spec.get("max_pixels"),
     }
 
 
@@ -345,11 +346,11 @@ def context_length(model) -> int:
     return int(config.max_position_embeddings)
 
 
-def init_model(model: str, presets: dict, annotations: list[Path], out: Path, seed: int, settings: dict,
-               paths: dict[str, str], stats: StageStats) -> Encoding:
-    """Checkpoint 0 of a proxy or target: the model, its processor set to the conventions
-    (``settings``: conversation, image_position, image_preprocessing, max_length) and the :class:`Encoding`.
+def init_model(settings, presets: dict, annotations: list[Path], out: Path, stats: StageStats) -> Encoding:
+    """Checkpoint 0 of a proxy or target (``settings``: the proxy-init or target-init stage's): the model, its
+    processor set to the conventions (conversation, image preprocessing, pixel bounds) and the :class:`Encoding`.
     A from-config model learns its tokenizer from the words of every file of ``annotations``."""
+    model, seed, paths = settings.model, settings.seed, settings.model_paths
     spec = resolve(model, presets)
     conventions = conventions_of(spec, settings)
     template = conventions["template"]
@@ -366,7 +367,7 @@ def init_model(model: str, presets: dict, annotations: list[Path], out: Path, se
     image_processor = image_processor_for(processor.image_processor, conventions["image_preprocessing"], family)
     processor.image_processor = bound_pixels(image_processor, family, conventions["min_pixels"],
                                              conventions["max_pixels"])
-    encoding = Encoding(settings["image_position"], settings.get("max_length") or context_length(built))
+    encoding = Encoding(settings.image_position, settings.max_length or context_length(built))
     images = ImageTokens(processor)
     if encoding.max_length <= images.fewest():
         raise XmasError(f"max_length {encoding.max_length} leaves no room for text after an image of "
@@ -403,6 +404,5 @@ def run_init(args, stage: str, default_presets: Path) -> None:
 
     settings = settings_of(args, stage)
     stats = StageStats(stage)
-    init_model(settings["model"], load_presets(settings["presets"] or default_presets), args.annotations, args.out,
-               settings["seed"], settings, settings["model_paths"], stats)
+    init_model(settings, load_presets(settings.presets or default_presets), args.annotations, args.out, stats)
     stats.finish(args.stats)

@@ -90,14 +90,15 @@ def kmeans(points: np.ndarray, k: int, iterations: int, seed: int) -> np.ndarray
     return labels[:, 0].astype(np.int32)
 
 
-def cluster(examples: Path, trajectories: Path, settings: dict, stats: StageStats) -> pd.DataFrame:
+def cluster(examples: Path, trajectories: Path, settings, stats: StageStats) -> pd.DataFrame:
+    """The clusters and stability of every usable record (``settings``: the cluster stage's)."""
     table = read_parquet(examples, columns=["uid", "index", "has_image", "status"])
     usable = table[table.status == "ok"].sort_values("index")
     images = usable[usable.has_image]
-    features = feature_of(trajectory_tensor(read_parquet(trajectories), list(images.uid)), settings["feature"])
-    k = cluster_count(settings["clusters"], len(images), settings["min_cluster_size"])
+    features = feature_of(trajectory_tensor(read_parquet(trajectories), list(images.uid)), settings.feature)
+    k = cluster_count(settings.clusters, len(images), settings.min_cluster_size)
     points = features.reshape(len(images), -1)
-    labels = kmeans(points, k, settings["kmeans_iterations"], settings["seed"]) if len(images) else []
+    labels = kmeans(points, k, settings.kmeans_iterations, settings.seed) if len(images) else []
     result = usable[["uid"]].assign(cluster=np.int32(TEXT_ONLY), stability=np.nan)
     result.loc[usable.has_image.to_numpy(), "cluster"] = labels
     result.loc[usable.has_image.to_numpy(), "stability"] = stability(features)

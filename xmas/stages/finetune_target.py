@@ -31,6 +31,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     use_threads(args.threads)
     stats = StageStats(f"finetune-target {args.out}")
-    settings = {**settings_of(args, "finetune-target"), "seed": args.seed}
-    finetune(args.base, args.subset, args.image_root, args.out, settings, stats)
+    finetune(args.base, args.subset, args.image_root, args.out, settings_of(args, "finetune-target"), args.seed, stats)
     stats.finish(args.stats if context_from_environment().is_main else None)

@@ -12,21 +12,23 @@ and the target section's engine settings (precision, DeepSpeed, micro-batches).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, use_threads
-from xmas.settings import add_settings, defaults, settings_of
+from xmas.settings import add_settings, settings_class, settings_of
 from xmas.training.engine import context_from_environment
 from xmas.training.finetune import finetune
 
 
-def alignment_settings(args: argparse.Namespace) -> dict:
-    """The fine-tuning engine's settings for the alignment: all weights (but a frozen vision tower) or the
-    projector, no LoRA, no saves."""
-    settings = {**defaults("finetune-target"), **settings_of(args, "pretrain-target")}
-    trainable = settings.pop("trainable")
-    return {**settings, "lora_r": 0, "projector_learning_rate": settings["learning_rate"],
-            "projector_only": trainable == "projector", "save_every_steps": 0}
+def alignment_settings(alignment):
+    """The fine-tuning engine's settings for the alignment (``alignment``: the pretrain-target stage's): its
+    own and the target section's engine settings, all weights (but a frozen vision tower) or the projector
+    (``trainable``, :func:`run`), no LoRA, no saves."""
+    fine_tune = {field.name for field in dataclasses.fields(settings_class("finetune-target"))}
+    shared = {key: value for key, value in dataclasses.asdict(alignment).items() if key in fine_tune}
+    return settings_class("finetune-target")(**shared, lora_r=0, projector_learning_rate=alignment.learning_rate,
+                                              save_every_steps=0)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,5 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     use_threads(args.threads)
     stats = StageStats(f"pretrain-target {args.out}")
-    finetune(args.base, args.captions, args.image_root, args.out, alignment_settings(args), stats)
+    alignment = settings_of(args, "pretrain-target")
+    finetune(args.base, args.captions, args.image_root, args.out, alignment_settings(alignment), alignment.seed, stats,
+             projector_only=alignment.trainable == "projector")
     stats.finish(args.stats if context_from_environment().is_main else None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -34,7 +35,7 @@ from xmas.training.engine import (
     distributed,
     prepare_training,
 )
-from xmas.training.loop import fit_steps, make_optimizer, micro_batches_for
+from xmas.training.loop import DataOrder, fit_steps, make_optimizer, micro_batches_for
 from xmas.training.schedule import checkpoint_count, checkpoint_step
 
 STATE_FILE = "training_state.pt"
@@ -45,6 +46,7 @@ MAY_CHANGE = {"micro_batch_size", "precision", "gradient_checkpointing", "attn_i
 
 
 def load_state(previous: Path, settings: dict, checkpoint: int) -> dict | None:
+    """(``settings``: the segment's, by name, with the usable records' count.)"""
     """The previous segment's training state, checked against the current settings; None for checkpoint 0.
 
     Only checkpoint 0 (from proxy-init) has none: segment ``checkpoint`` resumes from checkpoint
@@ -69,31 +71,33 @@ def load_state(previous: Path, settings: dict, checkpoint: int) -> dict | None:
     return state
 
 
-def load_model(previous: Path, settings: dict, device: torch.device):
+def load_model(previous: Path, settings, device: torch.device):
     """The previous checkpoint in float32 (the master weights), with the requested attention."""
-    implementation = attention_implementation(settings.get("attn_implementation", "auto"), device)
+    implementation = attention_implementation(settings.attn_implementation, device)
     model, processor = load_checkpoint(previous, attn_implementation=implementation)
     return model.to(device), processor
 
 
-def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, examples: Path, annotations: Path,
+def train_segment(previous: Path, out: Path, checkpoint: int, settings, examples: Path, annotations: Path,
                   image_root: Path, stats: StageStats) -> None:
+    """``settings``: the train-segment stage's (:func:`xmas.settings.settings_class`)."""
     records = usable_records(examples, annotations)
-    settings = {**settings, "records": len(records)}
     if not records:
         raise XmasError(f"{examples}: no usable records to train on")
     count = checkpoint_count(len(records), settings)
     if not 1 <= checkpoint <= count:
         raise XmasError(f"--checkpoint must be in 1..{count} (the proxy's checkpoints), got {checkpoint}")
-    state = load_state(verify(previous), settings, checkpoint)
+    run = {**dataclasses.asdict(settings), "records": len(records)}  # what a chain of segments must share
+    state = load_state(verify(previous), run, checkpoint)
     with distributed() as context:
         model, processor = load_model(previous, settings, context.device)
         encoder = ConversationEncoder.of_checkpoint(previous, processor, image_root, context.device)
         total = checkpoint_step(count, len(records), settings)
         start, stop = 0, checkpoint_step(checkpoint, len(records), settings)
-        if settings["freeze_vision_tower"]:
+        if settings.freeze_vision_tower:
             freeze_vision_tower(model)
         optimizer, scheduler = make_optimizer(model, settings, total)
+        order = DataOrder(len(records), settings.batch_size, settings.seed)
         training = prepare_training(model, optimizer, scheduler, context, settings)
         if state is not None:
             start = state["step"]
@@ -101,9 +105,9 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings: dict, ex
         if start > stop:
             raise XmasError(f"{previous} is at step {start}, past checkpoint {checkpoint} (step {stop})")
         model.train()
-        losses = fit_steps(training, lambda step: micro_batches_for(step, records, encoder, settings, context),
+        losses = fit_steps(training, lambda step: micro_batches_for(step, order, records, encoder, settings, context),
                            start, stop, context, desc=f"train to checkpoint {checkpoint}")
-        save_segment(training, processor, encoder.encoding, out, {"step": stop, "settings": settings}, start, losses,
+        save_segment(training, processor, encoder.encoding, out, {"step": stop, "settings": run}, start, losses,
                      context)
     stats.add("steps", stop - start)
     stats.add("in", len(records))

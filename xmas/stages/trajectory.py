@@ -7,6 +7,7 @@ output, so a killed job resumes where it stopped. The shard file is written at t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -48,15 +49,15 @@ def trajectory_table(uids: np.ndarray, checkpoint: int, columns: list[str], valu
     return pa.Table.from_pandas(frame, schema=trajectory_schema(columns), preserve_index=False)
 
 
-def check_top_k(model_path: Path, settings: dict) -> None:
+def check_top_k(model_path: Path, settings, signal: str) -> None:
     """At most as many singular values as an image can have tokens (the columns of an attention block).
     Where the count depends on the image's size, a record with fewer gets zeros for the missing values,
     as one with fewer text rows does."""
-    if settings.get("signal", "attention") != "attention":
+    if signal != "attention":
         return
     image_tokens = ImageTokens(load_processor(model_path)).most()
-    if settings["top_k"] > image_tokens:
-        raise XmasError(f"trajectory.top_k is {settings['top_k']}, but an image of the proxy {model_path} has at most "
+    if settings.top_k > image_tokens:
+        raise XmasError(f"trajectory.top_k is {settings.top_k}, but an image of the proxy {model_path} has at most "
                         f"{image_tokens} image tokens, so at most {image_tokens} singular values exist; set "
                         f"trajectory.top_k to {image_tokens} or less")
 
@@ -70,12 +71,14 @@ def parse_layers(value: str) -> list[int] | None:
         raise XmasError(f"--layers must be 'all' or a comma-separated list of layer numbers, got {value!r}") from None
 
 
-def fingerprint(model_path: Path, checkpoint: int, shard: pd.DataFrame, settings: dict) -> dict:
+def fingerprint(model_path: Path, checkpoint: int, shard: pd.DataFrame, settings, signal: str) -> dict:
     """What the part files depend on: a part written under another fingerprint is not reused."""
     files = [path for path in Path(model_path).iterdir() if path.is_file()]
     model_files = sorted((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in files)
     uids = hashlib.sha256("\n".join(shard["uid"]).encode()).hexdigest()
-    return {"model": str(model_path), "model_files": model_files, "checkpoint": checkpoint, "uids": uids, **settings}
+    computed = {key: value for key, value in dataclasses.asdict(settings).items() if key not in NOT_FINGERPRINTED}
+    return {"model": str(model_path), "model_files": model_files, "checkpoint": checkpoint, "uids": uids,
+            **computed, "signal": signal}
 
 
 def reset_stale_parts(parts: Path, current: dict) -> None:
@@ -185,40 +188,42 @@ def extract_chunk(signal, records: list[dict], batch_size: int, lengths: list[in
     return run_batches(records, batch_positions(lengths, len(records), batch_size), signal)
 
 
-def load_signal(model_path: Path, image_root: Path, settings: dict, device: torch.device):
-    """The checkpoint in the extraction dtype, wrapped as the signal the settings ask for."""
-    dtype = resolve_dtype(settings.get("dtype", "float32"))
+def load_signal(model_path: Path, image_root: Path, settings, signal: str, device: torch.device):
+    """The checkpoint in the extraction dtype, wrapped as the signal asked for, as the settings define it."""
+    dtype = resolve_dtype(settings.dtype)
     model, processor = load_checkpoint(model_path, dtype=dtype)
     model.to(device).eval()
     encoder = ConversationEncoder.of_checkpoint(model_path, processor, image_root, device)
-    if settings.get("signal", "attention") == "loss":
+    if signal == "loss":
         return ExampleLoss(model, encoder)
-    if settings.get("definition", "exact") == "upstream":
-        return UpstreamSingularValues(UpstreamAttention(model, settings["layers"], settings["layer_reduce"]), encoder,
-                                      settings["top_k"])
-    output = capture_output(settings.get("attn_implementation", "auto"), device, dtype)
-    attention = CrossModalAttention(model, settings["layers"], settings["head_reduce"], settings["layer_reduce"],
+    layers = parse_layers(settings.layers)
+    if settings.definition == "upstream":
+        return UpstreamSingularValues(UpstreamAttention(model, layers, settings.layer_reduce), encoder, settings.top_k)
+    output = capture_output(settings.attn_implementation, device, dtype)
+    attention = CrossModalAttention(model, layers, settings.head_reduce, settings.layer_reduce,
                                     output=output)
-    return SingularValues(attention, encoder, settings["top_k"])
+    return SingularValues(attention, encoder, settings.top_k)
 
 
 def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annotations: Path, image_root: Path,
-                  out: Path, settings: dict, stats: StageStats) -> None:
-    check_top_k(model_path, settings)
+                  out: Path, settings, signal: str, stats: StageStats) -> None:
+    """One shard's rows of ``signal`` (attention or loss) at checkpoint ``checkpoint``, the trajectory stage's
+    ``settings`` defining it."""
+    check_top_k(model_path, settings, signal)
     parts = out.with_name(out.name + ".parts")
-    reset_stale_parts(parts, fingerprint(model_path, checkpoint, shard, settings))
-    chunk_size = settings["chunk_size"]
+    reset_stale_parts(parts, fingerprint(model_path, checkpoint, shard, settings, signal))
+    chunk_size = settings.chunk_size
     chunks = [shard.iloc[i : i + chunk_size] for i in range(0, len(shard), chunk_size)]
     todo = [(n, chunk) for n, chunk in enumerate(chunks) if not reusable_part(parts / f"part-{n:05d}.parquet")]
     stats.add("in", len(shard))
     stats.add("resumed_rows", len(shard) - sum(len(chunk) for _, chunk in todo))
-    columns = signal_columns(settings)
+    columns = signal_columns(settings, signal)
     if todo:
-        signal = load_signal(model_path, image_root, settings, compute_device())
+        values_of = load_signal(model_path, image_root, settings, signal, compute_device())
         for n, chunk in progress(todo, total=len(todo), desc=f"checkpoint {checkpoint} chunks", unit="chunk"):
-            lengths = chunk["tokens"].tolist() if settings.get("group_by_length", False) else None
+            lengths = chunk["tokens"].tolist() if settings.group_by_length else None
             with SourceRecords(annotations, chunk) as records:
-                values = extract_chunk(signal, records[:], settings["batch_size"], lengths)
+                values = extract_chunk(values_of, records[:], settings.batch_size, lengths)
             write_parquet(trajectory_table(chunk["uid"].to_numpy(), checkpoint, columns, values),
                           parts / f"part-{n:05d}.parquet")
             stats.add("computed_rows", len(chunk))
@@ -231,10 +236,10 @@ def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annota
     shutil.rmtree(parts)
 
 
-def signal_columns(settings: dict) -> list[str]:
-    if settings.get("signal", "attention") == "loss":
+def signal_columns(settings, signal: str) -> list[str]:
+    if signal == "loss":
         return ExampleLoss.columns
-    return singular_value_columns(settings["top_k"])
+    return singular_value_columns(settings.top_k)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,8 +262,8 @@ NOT_FINGERPRINTED = ("shards",)
 def run(args: argparse.Namespace) -> None:
     use_threads(args.threads)
     stats = StageStats(f"trajectory checkpoint {args.checkpoint} shard {args.shard}")
-    settings = {key: value for key, value in settings_of(args, "trajectory").items() if key not in NOT_FINGERPRINTED}
-    settings.update(signal=args.signal, layers=parse_layers(args.layers))
+    settings = settings_of(args, "trajectory")
     shard = shard_slice(usable_image_examples(args.examples), args.shard, args.shards)
-    extract_shard(args.model, args.checkpoint, shard, args.annotations, args.image_root, args.out, settings, stats)
+    extract_shard(args.model, args.checkpoint, shard, args.annotations, args.image_root, args.out, settings,
+                  args.signal, stats)
     stats.finish(args.stats)

@@ -263,8 +263,10 @@ def import_deepspeed():
     return deepspeed
 
 
-def deepspeed_config(choice: str, settings: dict, world_size: int) -> dict:
-    """A shipped preset (zero2, zero3) or a JSON file, with its "auto" values filled from the settings."""
+def deepspeed_config(settings, world_size: int, hidden_size: int | None = None) -> dict:
+    """``settings.deepspeed``, a shipped preset (zero2, zero3) or a JSON file, with its "auto" values filled
+    from the training stage's ``settings`` and, for ZeRO-3's bucket sizes, the language model's hidden size."""
+    choice = settings.deepspeed
     path = resource("deepspeed", f"{choice}.json") if choice in DEEPSPEED_PRESETS else Path(choice)
     if not path.is_file():
         raise XmasError(f"training.deepspeed {choice!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} "
@@ -273,20 +275,20 @@ def deepspeed_config(choice: str, settings: dict, world_size: int) -> dict:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise XmasError(f"{path}: not valid JSON ({error})") from None
-    per_rank = math.ceil(settings["batch_size"] / world_size)
-    micro = settings.get("micro_batch_size") or per_rank
+    per_rank = math.ceil(settings.batch_size / world_size)
+    micro = settings.micro_batch_size or per_rank
     accumulation = max(1, math.ceil(per_rank / micro))
-    precision = settings.get("precision", "fp32")
+    precision = settings.precision
     filled = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
               "train_batch_size": micro * accumulation * world_size,
-              "gradient_clipping": settings["max_grad_norm"]}
+              "gradient_clipping": settings.max_grad_norm}
     for key, value in filled.items():
         if config.get(key, "auto") == "auto":
             config[key] = value
     for section, wanted in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
         if config.get(section, {}).get("enabled") == "auto":
             config[section]["enabled"] = wanted
-    _fill_zero_sizes(config.get("zero_optimization", {}), settings.get("hidden_size"))
+    _fill_zero_sizes(config.get("zero_optimization", {}), hidden_size)
     leftover = [key for key, value in _flatten(config) if value == "auto"]
     if leftover:
         raise XmasError(f"{path}: cannot fill 'auto' for {', '.join(leftover)}; set numbers there")
@@ -319,12 +321,11 @@ def hidden_size_of(model_config) -> int | None:
 
 
 @contextlib.contextmanager
-def partitioned_loading(settings: dict, model_config, world_size: int) -> Iterator[None]:
+def partitioned_loading(settings, model_config, world_size: int) -> Iterator[None]:
     """Under ZeRO-3, a model loaded inside is partitioned over the processes as its weights are read
     (transformers builds it under ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` is alive), so no
     process ever holds the whole model. Elsewhere, nothing changes."""
-    config = deepspeed_config(settings["deepspeed"], {**settings, "hidden_size": hidden_size_of(model_config)},
-                              world_size) if settings.get("deepspeed") else {}
+    config = deepspeed_config(settings, world_size, hidden_size_of(model_config)) if settings.deepspeed else {}
     if config.get("zero_optimization", {}).get("stage") != 3:
         yield
         return
@@ -350,14 +351,13 @@ def parameters_held(parameters) -> int:
                for parameter in parameters)
 
 
-def prepare_training(model, optimizer, scheduler, context: Distributed, settings: dict):
-    """The model and optimizer wrapped as the settings ask: DeepSpeed when ``deepspeed`` is set, else torch."""
-    if settings.get("gradient_checkpointing"):
+def prepare_training(model, optimizer, scheduler, context: Distributed, settings):
+    """The model and optimizer wrapped as the training stage's ``settings`` ask: DeepSpeed when ``deepspeed``
+    is set, else torch."""
+    if settings.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if settings.get("deepspeed"):
+    if settings.deepspeed:
         import_deepspeed()  # before anything else: the missing package is the error to report
-        hidden = hidden_size_of(getattr(model, "config", None))
-        config = deepspeed_config(settings["deepspeed"], {**settings, "hidden_size": hidden}, context.world_size)
+        config = deepspeed_config(settings, context.world_size, hidden_size_of(getattr(model, "config", None)))
         return DeepSpeedTraining(model, optimizer, scheduler, context, config)
-    return TorchTraining(model, optimizer, scheduler, context, settings.get("precision", "fp32"),
-                         settings["max_grad_norm"])
+    return TorchTraining(model, optimizer, scheduler, context, settings.precision, settings.max_grad_norm)

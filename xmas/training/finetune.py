@@ -14,6 +14,7 @@ Two recipes share this code path:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -39,7 +40,7 @@ from xmas.training.engine import (
     prepare_training,
     resolve_dtype,
 )
-from xmas.training.loop import fit_steps, make_optimizer, micro_batches_for
+from xmas.training.loop import DataOrder, fit_steps, make_optimizer, micro_batches_for
 from xmas.training.schedule import steps_per_epoch
 
 LENGTH_BATCH = 1024
@@ -83,30 +84,31 @@ def why_left_out(length, max_length: int) -> tuple[str, str] | None:
     return None
 
 
-def prepare_model(base: Path, settings: dict, context):
-    """The base target on this process's device, with LoRA when asked and the vision tower frozen when asked.
+def prepare_model(base: Path, settings, context, seed: int, projector_only: bool = False):
+    """The base target on this process's device, with LoRA when asked (initialised from ``seed``) and the vision
+    tower frozen when asked, or (``projector_only``) everything but the projector frozen.
 
     Without DeepSpeed, LoRA runs keep the frozen base weights in the run's half precision (a 7B model in
     float32 would not fit); what trains (LoRA, projector) stays float32 under autocast. Under DeepSpeed
     the base loads in the run's precision, DeepSpeed keeping float32 master weights, and under ZeRO-3
     every process loads only its partition of it.
     """
-    half = settings["precision"] != "fp32" and (settings["lora_r"] or settings["deepspeed"])
-    dtype = resolve_dtype(settings["precision"]) if half else torch.float32
-    implementation = attention_implementation(settings["attn_implementation"], context.device)
+    half = settings.precision != "fp32" and (settings.lora_r or settings.deepspeed)
+    dtype = resolve_dtype(settings.precision) if half else torch.float32
+    implementation = attention_implementation(settings.attn_implementation, context.device)
     with partitioned_loading(settings, model_config(base), context.world_size):
         model, processor = load_checkpoint(base, dtype, attn_implementation=implementation)
     log.info("base loaded in %s; this process holds %.0f%% of its %d parameters", dtype,
              100 * parameters_held(model.parameters()) / parameter_count(model.parameters()),
              parameter_count(model.parameters()))
-    torch.manual_seed(settings["seed"])  # LoRA's initialisation
-    if settings["lora_r"]:
-        model = with_lora(model, settings["lora_r"], settings["lora_alpha"], settings["lora_dropout"])
-    if settings["freeze_vision_tower"]:
+    torch.manual_seed(seed)  # LoRA's initialisation
+    if settings.lora_r:
+        model = with_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout)
+    if settings.freeze_vision_tower:
         freeze_vision_tower(model)
-    if settings.get("projector_only"):
+    if projector_only:
         train_projector_only(model)
-    if settings["deepspeed"]:
+    if settings.deepspeed:
         # DeepSpeed casts the model to the run's precision itself, but not one it holds partitioned (ZeRO-3):
         # the parameters made after loading (LoRA's) must then match the base's.
         for parameter in model.parameters():
@@ -125,8 +127,10 @@ def model_config(base: Path):
     return AutoConfig.from_pretrained(base)
 
 
-def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings: dict, stats: StageStats) -> None:
-    """``epochs`` passes over the subset in seeded order (the proxy's batching and engine), then save.
+def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings, seed: int, stats: StageStats,
+             projector_only: bool = False) -> None:
+    """``epochs`` passes over the subset in the order ``seed`` draws (the proxy's batching and engine), then save.
+    ``settings``: the finetune-target stage's (:func:`xmas.settings.settings_class`).
 
     With ``save_every_steps``, the run's state is saved every that many steps next to ``out``
     (``<out>.partial/``), and a run started again with the same settings resumes from the last one.
@@ -134,25 +138,27 @@ def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings: di
     records = fitting_records(subset, ConversationEncoder.of_checkpoint(base, image_root=image_root), stats)
     if not len(records):
         raise XmasError(f"{subset}: the subset has no records the target can train on; there is nothing to fine-tune")
-    schedule = {**settings, "records": len(records)}
-    total = settings["epochs"] * steps_per_epoch(len(records), settings["batch_size"])
+    order = DataOrder(len(records), settings.batch_size, seed)
+    total = settings.epochs * steps_per_epoch(len(records), settings.batch_size)
+    identity = {**dataclasses.asdict(settings), "seed": seed, "projector_only": projector_only}  # what resumes
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
     with distributed() as context, records:
-        model, processor = prepare_model(base, settings, context)
+        model, processor = prepare_model(base, settings, context, seed, projector_only)
         encoder = ConversationEncoder.of_checkpoint(base, processor, image_root, context.device)
-        optimizer, scheduler = make_optimizer(model, settings, total)
+        optimizer, scheduler = make_optimizer(model, settings, total, settings.projector_learning_rate)
         training = prepare_training(model, optimizer, scheduler, context, settings)
         model.train()
-        start, losses = resume(partial, training, model, settings, total, context)
-        every = settings["save_every_steps"] or total
+        start, losses = resume(partial, training, model, identity, total, context)
+        every = settings.save_every_steps or total
         for first in range(start, total, every):
             last = min(first + every, total)
-            losses += fit_steps(training, lambda step: micro_batches_for(step, records, encoder, schedule, context),
+            losses += fit_steps(training, lambda step: micro_batches_for(step, order, records, encoder, settings,
+                                                                         context),
                                 first, last, context, desc=f"fine-tune steps {first + 1}-{last} of {total}")
             if last < total:
-                save_partial(partial, training, model, settings, last, losses, context)
+                save_partial(partial, training, model, identity, last, losses, context)
         run = {"base": str(Path(base).resolve()), "subset": str(subset), "records": len(records),
-               "settings": settings, "losses": losses}
+               "settings": identity, "losses": losses}
         save_target(training, processor, encoder.encoding, out, run, context)
         if context.is_main:
             shutil.rmtree(partial, ignore_errors=True)

@@ -10,6 +10,7 @@ functions of the settings and the global step alone, so a run cut into segments 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -23,12 +24,19 @@ from xmas.training.engine import Distributed, MicroBatch
 from xmas.training.schedule import steps_per_epoch
 
 
-def batch_indices(step: int, settings: dict) -> np.ndarray:
-    """Record positions of global step ``step``: a seeded permutation per epoch, cut into batches."""
-    per_epoch = steps_per_epoch(settings["records"], settings["batch_size"])
-    epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([settings["seed"], epoch]).permutation(settings["records"])
-    return order[offset * settings["batch_size"] : (offset + 1) * settings["batch_size"]]
+@dataclasses.dataclass(frozen=True)
+class DataOrder:
+    """Which records each global step takes: a seeded permutation per epoch, cut into global batches."""
+
+    records: int
+    batch_size: int
+    seed: int
+
+    def indices(self, step: int) -> np.ndarray:
+        """Record positions of global step ``step``."""
+        epoch, offset = divmod(step, steps_per_epoch(self.records, self.batch_size))
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.records)
+        return order[offset * self.batch_size : (offset + 1) * self.batch_size]
 
 
 def rank_micro_batches(indices: np.ndarray, rank: int, world_size: int,
@@ -49,12 +57,13 @@ def label_tokens(inputs: dict[str, torch.Tensor]) -> int:
     return int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def micro_batches_for(step: int, records, encoder: ConversationEncoder, settings: dict,
+def micro_batches_for(step: int, order: DataOrder, records, encoder: ConversationEncoder, settings,
                       context: Distributed) -> list[MicroBatch]:
-    """This rank's micro-batches of global step ``step``; an empty share becomes a weight-0 filler."""
-    indices = batch_indices(step, settings)
-    shares = rank_micro_batches(indices, context.rank, context.world_size, settings.get("micro_batch_size"))
-    with_an_image = bool(settings.get("deepspeed"))
+    """This rank's micro-batches of global step ``step``; an empty share becomes a weight-0 filler.
+    ``settings``: the training stage's (its micro_batch_size and deepspeed)."""
+    indices = order.indices(step)
+    shares = rank_micro_batches(indices, context.rank, context.world_size, settings.micro_batch_size)
+    with_an_image = settings.deepspeed is not None
     return [MicroBatch(encode_share(encoder, [records[i] for i in share], with_an_image)) if len(share)
             else MicroBatch(encode_share(encoder, [records[indices[0]]], with_an_image), weight=0.0)
             for share in shares]
@@ -76,15 +85,15 @@ def encode_share(encoder: ConversationEncoder, share: list[dict], with_an_image:
 SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
 
-def make_optimizer(model, settings: dict, total_steps: int):
-    """AdamW over the trainable parameters; linear warmup, then the ``lr_schedule``."""
+def make_optimizer(model, settings, total_steps: int, projector_learning_rate: float | None = None):
+    """AdamW over the trainable parameters, the projector at ``projector_learning_rate`` (None: the
+    learning rate); linear warmup, then the ``lr_schedule`` of ``settings`` (the training stage's)."""
     from transformers import get_scheduler
 
-    groups = parameter_groups(model, settings["learning_rate"], settings.get("projector_learning_rate"),
-                              settings["weight_decay"])
+    groups = parameter_groups(model, settings.learning_rate, projector_learning_rate, settings.weight_decay)
     optimizer = torch.optim.AdamW(groups)
-    warmup = math.ceil(settings["warmup_ratio"] * total_steps)
-    schedule = get_scheduler(SCHEDULES[settings["lr_schedule"]], optimizer, num_warmup_steps=warmup,
+    warmup = math.ceil(settings.warmup_ratio * total_steps)
+    schedule = get_scheduler(SCHEDULES[settings.lr_schedule], optimizer, num_warmup_steps=warmup,
                              num_training_steps=total_steps)
     return optimizer, schedule
 
