@@ -23,7 +23,7 @@ from xmas.io import (
     read_json,
     read_parquet,
     seal_path,
-    set_aside_damaged,
+    set_aside,
     verify,
     write_json,
     write_parquet,
@@ -57,10 +57,12 @@ def test_damaged_outputs_are_set_aside_and_whole_ones_kept(tmp_path):
     write_json({"n": list(range(100))}, cut)
     written = cut.stat().st_size
     cut.write_text(cut.read_text()[:50])
-    assert set_aside_damaged(tmp_path) == [
-        f"{cut} holds 50 bytes, {written} were written: set aside as {cut}.damaged; {cut} is made again"]
+    damaged = damaged_outputs(tmp_path)
+    assert [damage.path for damage in damaged] == [cut]  # found, read only
+    assert cut.exists() and seal_path(cut).exists()
+    assert set_aside(damaged) == [f"{cut} holds 50 bytes, {written} were written: set aside as {cut}.damaged"]
     assert not cut.exists() and not seal_path(cut).exists() and (tmp_path / "sub/cut.json.damaged").exists()
-    assert read_json(whole) == {"n": 1} and set_aside_damaged(tmp_path) == []
+    assert read_json(whole) == {"n": 1} and damaged_outputs(tmp_path) == []
 
 
 def try_mount(folder) -> str | None:

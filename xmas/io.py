@@ -146,20 +146,18 @@ def damaged_outputs(root: str | Path) -> list[Damage]:
     return [damage for damage in found if damage is not None]
 
 
-def set_aside_damaged(root: str | Path) -> list[str]:
-    """Rename each damaged output under ``root`` to ``<name>.damaged``, so that Snakemake makes it again.
-
-    Snakemake judges an output by its time stamp (and its inputs' checksums) and would keep a cut-short
-    file forever; a missing one it makes again, in a dry run too. Returns one line per output.
-    """
+def set_aside(damaged: list[Damage]) -> list[str]:
+    """Rename each damaged output to ``<name>.damaged`` (the run that remakes it does this before it starts);
+    one line per output."""
     lines = []
-    for damage in damaged_outputs(root):
+    for damage in damaged:
         aside = damage.path.with_name(damage.path.name + ".damaged")
         if aside.is_dir():
             shutil.rmtree(aside)
-        os.replace(damage.path, aside)
+        if damage.path.exists():
+            os.replace(damage.path, aside)
         seal_path(damage.path).unlink(missing_ok=True)
-        lines.append(f"{damage.what}: set aside as {aside}; {damage.path} is made again")
+        lines.append(f"{damage.what}: set aside as {aside}")
     return lines
 
 

@@ -233,3 +233,23 @@ def test_a_refused_partition_is_explained(slurm_cluster, tmp_path):
     assert "invalid partition specified: no-such-partition" in result.stderr
     assert "Slurm refused the jobs' account or partition" in result.stderr
     assert "export SBATCH_ACCOUNT=<account> SBATCH_PARTITION=<partition>" in result.stderr
+
+
+def test_the_plan_warns_of_jobs_no_node_could_run(slurm_cluster, tmp_path):
+    """A 3-CPU trajectory job on this cluster's 2-CPU node would stay pending for ever; `plan` says so."""
+    nodes = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %m"], capture_output=True, text=True, check=True)
+    cpus, memory = (int(value) for value in nodes.stdout.split())
+    fits = reduced_project(tmp_path / "fits")
+    assert "warning" not in run_on_slurm(fits, "plan", timeout=120).stderr
+    too_big = reduced_project(tmp_path / "too-big", trajectory={**REDUCED_DEMO["trajectory"], "threads": cpus + 1},
+                              resources={"merge": {"mem_mb": memory + 1}})
+    result = run_on_slurm(too_big, "plan", timeout=120)
+    succeeded(result)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        f"warning: rule trajectory: its jobs ask for {cpus + 1} CPUs, but no node of partition main has more than "
+        f"{cpus}: Slurm would leave them pending for ever",
+        f"warning: rule merge: its jobs ask for {memory + 1} MB of memory, but no node of partition main has more "
+        f"than {memory}: Slurm would leave them pending for ever",
+    ]
+    assert not (too_big / "logs").exists() and not (too_big / "results").exists()

@@ -22,24 +22,26 @@ if DOWNLOAD is not None:
             " --stats {log.stats} 2> {log.log}"
 
 
-rule demo_data:
-    input:
-        settings=DEMO_SETTINGS,
-    output:
-        train="results/demo/train.json",
-        test="results/demo/test.json",
-        images=directory("results/demo/images"),
-        captions=[] if ALIGN_CAPTIONS != "results/demo/captions.json" else ["results/demo/captions.json"],
-    log:
-        log="logs/demo_data.log",
-        stats="logs/stats/demo_data.json",
-    resources:
-        **job("demo_data"),
-    params:
-        captions=lambda w, output: f"--captions-json {output.captions}" if output.captions else "",
-    shell:
-        "xmas demo-data --settings {input.settings} --train-json {output.train} --test-json {output.test}"
-        " --image-root {output.images} {params.captions} --stats {log.stats} 2> {log.log}"
+if GENERATED:
+
+    rule demo_data:
+        input:
+            settings=DEMO_SETTINGS,
+        output:
+            train="results/demo/train.json",
+            test="results/demo/test.json",
+            images=directory("results/demo/images"),
+            captions=[] if ALIGN_CAPTIONS != "results/demo/captions.json" else ["results/demo/captions.json"],
+        log:
+            log="logs/demo_data.log",
+            stats="logs/stats/demo_data.json",
+        resources:
+            **job("demo_data"),
+        params:
+            captions=lambda w, output: f"--captions-json {output.captions}" if output.captions else "",
+        shell:
+            "xmas demo-data --settings {input.settings} --train-json {output.train} --test-json {output.test}"
+            " --image-root {output.images} {params.captions} --stats {log.stats} 2> {log.log}"
 
 
 # A checkpoint: with training.save_every_steps, how many proxy checkpoints there are depends on how many

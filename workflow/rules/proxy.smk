@@ -4,16 +4,18 @@
 # written here too.
 
 
-rule standin_model:
-    output:
-        directory(f"{STANDINS}/{{name}}"),
-    log:
-        log="logs/standins/{name}.log",
-        stats="logs/stats/standins/{name}.json",
-    resources:
-        **job("standin_model"),
-    shell:
-        "xmas standin-model --name {wildcards.name} --out {output} --stats {log.stats} 2> {log.log}"
+if USES_STANDINS:
+
+    rule standin_model:
+        output:
+            directory(f"{STANDINS}/{{name}}"),
+        log:
+            log="logs/standins/{name}.log",
+            stats="logs/stats/standins/{name}.json",
+        resources:
+            **job("standin_model"),
+        shell:
+            "xmas standin-model --name {wildcards.name} --out {output} --stats {log.stats} 2> {log.log}"
 
 
 rule proxy_init:

@@ -1,6 +1,7 @@
 # The reports: results/report.html, what was selected and why, from the selection alone (no
 # fine-tune waits on it); results/eval/report.html, the same page with the evaluation's comparison.
-# `snakemake plan` prints what every rule's jobs ask a cluster for.
+# `snakemake plan` prints what every rule's jobs ask a cluster for (and, with profiles/slurm, which of them
+# no node of their partition could run); it writes no file.
 import json
 
 
@@ -55,9 +56,6 @@ use rule report as evaluation_report with:
 
 
 rule plan:
-    log:
-        "logs/plan.log",
     localrule: True
     run:
-        Path(log[0]).write_text(plan_table() + "\n")
-        print(plan_table())
+        print_plan()

@@ -22,15 +22,17 @@ rule cluster:
         " {params.options} --stats {log.stats} 2> {log.log}"
 
 
-use rule cluster as cluster_loss with:
-    input:
-        examples=EXAMPLES,
-        trajectories="results/loss/trajectories.parquet",
-    output:
-        clusters_of("loss"),
-    log:
-        log="logs/loss/cluster.log",
-        stats="logs/stats/loss/cluster.json",
+if "loss" in SIGNALS_USED:
+
+    use rule cluster as cluster_loss with:
+        input:
+            examples=EXAMPLES,
+            trajectories="results/loss/trajectories.parquet",
+        output:
+            clusters_of("loss"),
+        log:
+            log="logs/loss/cluster.log",
+            stats="logs/stats/loss/cluster.json",
 
 
 rule sample:

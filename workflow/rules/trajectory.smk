@@ -27,16 +27,18 @@ rule trajectory:
         " --stats {log.stats} 2> {log.log}"
 
 
-use rule trajectory as trajectory_loss with:
-    output:
-        "results/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
-    log:
-        log="logs/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
-        stats="logs/stats/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",
-    params:
-        image_root=IMAGE_ROOT,
-        signal="loss",
-        options=flags("trajectory"),
+if "loss" in SIGNALS_USED:
+
+    use rule trajectory as trajectory_loss with:
+        output:
+            "results/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
+        log:
+            log="logs/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
+            stats="logs/stats/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",
+        params:
+            image_root=IMAGE_ROOT,
+            signal="loss",
+            options=flags("trajectory"),
 
 
 rule merge:
@@ -57,12 +59,14 @@ rule merge:
         " --stats {log.stats} 2> {log.log}"
 
 
-use rule merge as merge_loss with:
-    input:
-        shards=lambda w: trajectory_shards("results/loss/trajectories"),
-        examples=EXAMPLES,
-    output:
-        "results/loss/trajectories.parquet",
-    log:
-        log="logs/loss/merge.log",
-        stats="logs/stats/loss/merge.json",
+if "loss" in SIGNALS_USED:
+
+    use rule merge as merge_loss with:
+        input:
+            shards=lambda w: trajectory_shards("results/loss/trajectories"),
+            examples=EXAMPLES,
+        output:
+            "results/loss/trajectories.parquet",
+        log:
+            log="logs/loss/merge.log",
+            stats="logs/stats/loss/merge.json",

@@ -1,0 +1,68 @@
+# Where outputs go, and the wildcards' forms.
+
+TARGET_BASE = "results/target/base"
+TARGET_ALIGNED = "results/target/aligned"
+EXAMPLES = "results/data/examples.parquet"
+CLUSTERS = "results/selection/clusters.parquet"
+SELECTION_METHODS = SELECTION["methods"]
+# The signals whose trajectories the selected methods sample from (their rules exist only then).
+SIGNALS_USED = {METHODS[method].signal for method in SELECTION_METHODS} - {None}
+# The reference every subset is measured against: all usable records, trained and evaluated alike.
+FULL = ("full", "1")
+PROXY_PRESETS = PROXY["presets"] or str(resource("proxy_presets.yaml"))
+TARGET_PRESETS = TARGET["presets"] or str(resource("target_presets.yaml"))
+STANDINS = "results/standins"
+# Offline stand-ins of Hub models (config model_paths of the rehearsals), written by the standin_model rule.
+USES_STANDINS = any(path.startswith(STANDINS) for path in MODEL_PATHS.values())
+EVAL_SUMMARY = "results/eval/summary.tsv"
+SHARDS = TRAJECTORY["shards"]
+
+
+wildcard_constraints:
+    budget=r"(0?\.\d*[1-9]\d*|1(\.0*)?)",
+    checkpoint=r"[1-9]\d*",
+    shard=r"\d+",
+    seed=r"\d+",
+    method=r"[a-z][a-z-]*",
+
+
+def checkpoint_dir(c):
+    return f"results/proxy/checkpoint-{c}"
+
+
+def methods_and_budgets():
+    return [(method, budget) for method in SELECTION_METHODS for budget in SELECTION["budgets"]]
+
+
+def subset_json(method, budget, seed=None):
+    """results/{method}/seed-{seed}/subset_{budget}.json. Only seeded baselines draw one subset per
+    evaluation seed; the others are fixed by selection.seed."""
+    seed = seed if METHODS[method].seeded and seed is not None else SELECTION["seed"]
+    return f"results/{method}/seed-{seed}/subset_{budget}.json"
+
+
+def subset_manifest(method, budget):
+    return subset_json(method, budget).replace(".json", ".manifest.parquet")
+
+
+def all_subsets():
+    return [subset_json(method, budget) for method, budget in methods_and_budgets()]
+
+
+def signal_folder(signal):
+    """Where a signal's trajectories and clusters go: results/ for XMAS's attention, results/<signal>/ else."""
+    return "results" if signal == "attention" else f"results/{signal}"
+
+
+def clusters_of(method):
+    """The clusters a method samples from (xmas.methods: those of its signal's trajectories), else None."""
+    signal = METHODS[method].signal
+    return None if signal is None else f"{signal_folder(signal)}/selection/clusters.parquet"
+
+
+def target_dir(method, budget, seed):
+    return f"results/target/{method}/{budget}/seed-{seed}"
+
+
+def scores_tsv(method, budget, seed):
+    return f"results/eval/runs/{method}/{budget}/seed-{seed}.tsv"

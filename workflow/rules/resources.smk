@@ -1,0 +1,121 @@
+# What a job asks a cluster for: CPUs and GPUs from the settings, memory and wall time from the config's
+# resources section (xmas.settings.job_resources), one node.
+
+# CPUs (Slurm --cpus-per-task) and GPUs of the rules that use more than one CPU or can use a GPU.
+THREADS = {
+    "prepare": 2,
+    "train_segment": TRAINING["threads"],
+    "trajectory": TRAJECTORY["threads"],
+    "pretrain_target": ALIGNMENT["threads"],
+    "finetune_target": TARGET["threads"],
+    "evaluate": EVALUATION["threads"],
+}
+GPUS = {
+    "train_segment": TRAINING["gpus"],
+    "trajectory": TRAJECTORY["gpus"],
+    "pretrain_target": TARGET["gpus"],
+    "finetune_target": TARGET["gpus"],
+    "evaluate": EVALUATION["gpus"],
+}
+
+
+def job(rule_name):
+    """The resources a job of ``rule_name`` asks a cluster for. Memory (growing with the retry
+    attempt) and wall time come from the config's resources; one node; the GPUs of its settings.
+    Jobs that use a GPU go to the partition XMAS_GPU_PARTITION names, when set (profiles/slurm)."""
+    wanted = job_resources(config, rule_name)
+    resources = {
+        "mem_mb": lambda wildcards, attempt: wanted["mem_mb"] * attempt,
+        "runtime": wanted["runtime"],
+        # torchrun --standalone runs every process of a job on one node
+        "nodes": 1,
+    }
+    if rule_name in GPUS:
+        resources["gpu"] = GPUS[rule_name]
+    if GPUS.get(rule_name) and os.environ.get("XMAS_GPU_PARTITION"):
+        resources["slurm_partition"] = os.environ["XMAS_GPU_PARTITION"]
+    # which job it is, for `snakemake plan` (executors pass on only the resources they know)
+    resources["xmas_job"] = rule_name
+    return resources
+
+
+def asks(rule_name):
+    """What a job of ``rule_name`` asks for on its first attempt, as job() gives it."""
+    wanted = job_resources(config, rule_name)
+    partition = os.environ.get("XMAS_GPU_PARTITION") if GPUS.get(rule_name) else None
+    return {
+        "CPUs": THREADS.get(rule_name, 1),
+        "GPUs": GPUS.get(rule_name, 0),
+        "nodes": 1,
+        **wanted,
+        "partition": partition,
+    }
+
+
+def planned_jobs():
+    """{rule: what its jobs ask for on their first attempt}, for every rule of this config that runs as a
+    job; a rule derived from another with `use rule` asks for what that one does."""
+    return {
+        defined.name: asks(defined.resources["xmas_job"].value)
+        for defined in workflow.rules
+        if "xmas_job" in defined.resources
+    }
+
+
+def plan_table():
+    """`snakemake plan`: what each rule's jobs ask for under this config, as a Markdown table."""
+    rows = [
+        "| rule | CPUs | GPUs | nodes | memory (MB) | runtime (min) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, asked in planned_jobs().items():
+        rows.append(
+            f"| {name} | {asked['CPUs']} | {asked['GPUs']} | {asked['nodes']} | {asked['mem_mb']} | {asked['runtime']} |"
+        )
+    return "\n".join(rows)
+
+
+def slurm_nodes():
+    """{partition: [(CPUs, memory MB, GPUs) of each node]} as sinfo reports them, and the default partition."""
+    listed = subprocess.run(["sinfo", "-h", "-N", "-o", "%P|%c|%m|%G"], capture_output=True, text=True, check=True)
+    nodes, default = {}, None
+    for line in listed.stdout.splitlines():
+        partition, cpus, memory, gres = line.strip().split("|")
+        if partition.endswith("*"):
+            partition = default = partition[:-1]
+        gpus = sum(int(count) for count in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+        nodes.setdefault(partition, []).append((int(cpus), int(re.sub(r"\D", "", memory) or 0), gpus))
+    return nodes, default
+
+
+def unplaceable_jobs(plan, nodes, default):
+    """One line per rule whose jobs ask for more CPUs, memory or GPUs than any node of their partition offers
+    (Slurm would leave them pending for ever)."""
+    lines = []
+    for name, asked in plan.items():
+        partition = asked["partition"] or os.environ.get("SBATCH_PARTITION") or default
+        offered = nodes.get(partition, [])
+        if not offered:
+            lines.append(f"{name}: its partition {partition!r} is not one of sinfo's ({', '.join(nodes)})")
+            continue
+        for what, unit, position in (("CPUs", "CPUs", 0), ("mem_mb", "MB of memory", 1), ("GPUs", "GPUs", 2)):
+            most = max(node[position] for node in offered)
+            if asked[what] > most:
+                lines.append(
+                    f"{name}: its jobs ask for {asked[what]} {unit}, but no node of partition {partition} "
+                    f"has more than {most}: Slurm would leave them pending for ever"
+                )
+    return lines
+
+
+def print_plan():
+    """`snakemake plan`: the table on stdout; with the Slurm executor, the jobs no node could run on stderr."""
+    print(plan_table())
+    if workflow.executor_plugin.name == "slurm":
+        for line in unplaceable_jobs(planned_jobs(), *slurm_nodes()):
+            print(f"warning: rule {line}", file=sys.stderr)
+
+
+def launcher(gpus):
+    """`xmas` on up to one GPU, torchrun with one process per GPU beyond."""
+    return " ".join(launcher_prefix(gpus))
