@@ -38,8 +38,6 @@ def small_demo(tmp_path_factory) -> dict:
     return paths
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny_checkpoint(small_demo, tmp_path_factory) -> Path:
     """Checkpoint 0 of the demo-tiny proxy for the small dataset."""
@@ -48,8 +46,9 @@ def tiny_checkpoint(small_demo, tmp_path_factory) -> Path:
     from xmas.settings import stage_defaults
 
     out = tmp_path_factory.mktemp("proxy") / "checkpoint-0"
-    init_model(stage_defaults("proxy-init", model="demo-tiny"), load_presets(), [small_demo["train"]], out,
-               StageStats("test"))
+    init_model(
+        stage_defaults("proxy-init", model="demo-tiny"), load_presets(), [small_demo["train"]], out, StageStats("test")
+    )
     return out
 
 
@@ -96,20 +95,35 @@ SUBSET_DIGESTS = {
 def snakemake_command(workdir: Path, *args: str) -> list[str]:
     """`snakemake` for a project folder, with the folder's config.yaml when it has one."""
     config = [f"--configfile={workdir / 'config.yaml'}"] if (workdir / "config.yaml").is_file() else []
-    return [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow/Snakefile"),
-            "--directory", str(workdir), *config, *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "workflow/Snakefile"),
+        "--directory",
+        str(workdir),
+        *config,
+        *args,
+    ]
 
 
 def workflow_environment(**extra: str) -> dict[str, str]:
     """Jobs run `xmas` and `python -m snakemake` from the environment of the tests; loopback servers
     are reached without a proxy."""
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **extra}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+        **extra,
+    }
 
 
 def run_snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(snakemake_command(workdir, *args), capture_output=True, text=True,
-                          env=workflow_environment(), timeout=timeout)
+    return subprocess.run(
+        snakemake_command(workdir, *args), capture_output=True, text=True, env=workflow_environment(), timeout=timeout
+    )
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -178,9 +192,15 @@ def varied_records() -> list[dict]:
             turns += [{"from": "human", "value": "Is it raining?"}, {"from": "gpt", "value": "Yes, it is."}]
         records.append({"id": f"image-{number}", "image": f"{width}x{height}.png", "conversations": turns})
     for number in range(2):
-        records.append({"id": f"text-{number}", "conversations": [
-            {"from": "human", "value": "Explain how a compiler works."},
-            {"from": "gpt", "value": "It starts with a simple idea that grows over time." * (number + 1)}]})
+        records.append(
+            {
+                "id": f"text-{number}",
+                "conversations": [
+                    {"from": "human", "value": "Explain how a compiler works."},
+                    {"from": "gpt", "value": "It starts with a simple idea that grows over time." * (number + 1)},
+                ],
+            }
+        )
     return records
 
 
@@ -214,8 +234,13 @@ def modern_checkpoint(family: str, standins: dict, annotations: Path, out: Path,
     model = MODERN_FAMILIES[family]
     if model in STANDINS:  # a folder, as `proxy.model: /models/<name>`
         model = standins[STANDINS[model][0]]
-    init_model(stage_defaults("proxy-init", model=model, model_paths=standins, **settings), load_presets(),
-               [annotations], out, StageStats("test"))
+    init_model(
+        stage_defaults("proxy-init", model=model, model_paths=standins, **settings),
+        load_presets(),
+        [annotations],
+        out,
+        StageStats("test"),
+    )
     return out
 
 
@@ -223,5 +248,7 @@ def modern_checkpoint(family: str, standins: dict, annotations: Path, out: Path,
 def modern_checkpoints(standins, varied_data, tmp_path_factory) -> dict[str, Path]:
     """Checkpoint 0 of every family of MODERN_FAMILIES, max_length 2048."""
     root = tmp_path_factory.mktemp("modern")
-    return {family: modern_checkpoint(family, standins, varied_data["train"], root / family, max_length=2048)
-            for family in MODERN_FAMILIES}
+    return {
+        family: modern_checkpoint(family, standins, varied_data["train"], root / family, max_length=2048)
+        for family in MODERN_FAMILIES
+    }

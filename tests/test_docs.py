@@ -23,11 +23,16 @@ def misnamed(text: str, quoted: bool = True) -> list[str]:
     and files between backticks when ``quoted``) but that do not exist."""
     settings, path = r"([a-z_]+\.[a-z_]+)", r"((?:config|xmas|tools|docs|tests|workflow|profiles)/[\w./-]*\w)"
     settings, path = (f"`{settings}`", f"`{path}`") if quoted else (rf"(?<![\w./]){settings}\b", path)
-    wrong = [f"xmas {stage}" for stage in re.findall(r"(?:^|`|  )xmas ([a-z][a-z-]+)", text, re.MULTILINE)
-             if stage not in STAGES]
-    wrong += [f"setting {name}" for name in re.findall(settings, text)
-              if name.split(".")[0] in SECTIONS and not name.endswith((".json", ".yaml", ".parquet"))
-              and name not in SETTINGS]
+    wrong = [
+        f"xmas {stage}"
+        for stage in re.findall(r"(?:^|`|  )xmas ([a-z][a-z-]+)", text, re.MULTILINE)
+        if stage not in STAGES
+    ]
+    wrong += [
+        f"setting {name}"
+        for name in re.findall(settings, text)
+        if name.split(".")[0] in SECTIONS and not name.endswith((".json", ".yaml", ".parquet")) and name not in SETTINGS
+    ]
     wrong += [named for named in re.findall(path, text) if not (REPO / named).exists()]
     return wrong
 

@@ -67,8 +67,9 @@ def test_damaged_outputs_are_set_aside_and_whole_ones_kept(tmp_path):
 
 def try_mount(folder) -> str | None:
     folder.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     return None if result.returncode == 0 else (result.stderr.strip() or f"mount exited {result.returncode}")
 
 
@@ -96,8 +97,11 @@ def full_disk(tmp_path):
 def test_a_full_disk_under_torch_save_names_the_file_and_leaves_nothing(full_disk):
     target = full_disk / "checkpoint-1" / "training_state.pt"
     target.parent.mkdir()
-    with pytest.raises(XmasError, match=rf"no space left on the device while writing {target} .*nothing was "
-                                        "half-written; free some space and run again") as raised:
+    with pytest.raises(
+        XmasError,
+        match=rf"no space left on the device while writing {target} .*nothing was "
+        "half-written; free some space and run again",
+    ) as raised:
         with atomic_path(target) as tmp:
             torch.save({"weights": torch.zeros(100_000)}, tmp)  # torch reports it as "[enforce fail ...]"
     assert isinstance(raised.value.__cause__, RuntimeError)
@@ -105,11 +109,32 @@ def test_a_full_disk_under_torch_save_names_the_file_and_leaves_nothing(full_dis
 
 
 def test_a_stage_on_a_full_disk_fails_naming_the_file_then_completes_once_there_is_room(
-        full_disk, tiny_checkpoint, small_demo, small_examples, tmp_path, capfd):
+    full_disk, tiny_checkpoint, small_demo, small_examples, tmp_path, capfd
+):
     def trajectory(out):
-        return main(["trajectory", "--model", str(tiny_checkpoint), "--checkpoint", "1", "--shard", "0", "--shards",
-                     "4", "--examples", str(small_examples), "--annotations", str(small_demo["train"]),
-                     "--image-root", str(small_demo["images"]), "--out", str(out), "--threads", "1"])
+        return main(
+            [
+                "trajectory",
+                "--model",
+                str(tiny_checkpoint),
+                "--checkpoint",
+                "1",
+                "--shard",
+                "0",
+                "--shards",
+                "4",
+                "--examples",
+                str(small_examples),
+                "--annotations",
+                str(small_demo["train"]),
+                "--image-root",
+                str(small_demo["images"]),
+                "--out",
+                str(out),
+                "--threads",
+                "1",
+            ]
+        )
 
     out = full_disk / "shard-0.parquet"
     assert trajectory(out) == 1

@@ -31,7 +31,8 @@ def sample_jobs(dry_run: str) -> dict[str, list[str]]:
 
 def test_each_method_is_planned_from_its_declaration(tmp_path):
     (tmp_path / "config.yaml").write_text(
-        f"selection: {{methods: [{', '.join(SELECTABLE)}], budgets: [0.5]}}\nevaluation: {{seeds: [0, 1]}}\n")
+        f"selection: {{methods: [{', '.join(SELECTABLE)}], budgets: [0.5]}}\nevaluation: {{seeds: [0, 1]}}\n"
+    )
     jobs = sample_jobs(snakemake(tmp_path, "-n", "-p", "results/eval/summary.tsv").stdout)
     assert set(jobs) == set(METHODS)
     for name, method in METHODS.items():

@@ -48,8 +48,19 @@ def test_console_script_lists_the_stages():
 
 def test_stage_error_is_one_clear_line(tmp_path, capfd):
     missing = tmp_path / "nope.json"
-    code = main(["prepare", "--annotations", str(missing), "--image-root", str(tmp_path),
-                 "--model", str(tmp_path), "--out", str(tmp_path / "e.parquet")])
+    code = main(
+        [
+            "prepare",
+            "--annotations",
+            str(missing),
+            "--image-root",
+            str(tmp_path),
+            "--model",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "e.parquet"),
+        ]
+    )
     err = capfd.readouterr().err
     assert code == 1 and f"prepare failed: {missing}: annotation file not found" in err and "Traceback" not in err
 

@@ -39,13 +39,16 @@ def test_an_empty_config_is_the_demo_with_every_default_filled_in():
     assert config["selection"]["min_cluster_size"] == 3 and config["model_paths"] == {}
 
 
-@pytest.mark.parametrize(("config", "named"), [
-    ({"training": {"checkpoints": 1}}, "checkpoints"),
-    ({"selection": {"feature": "svd"}}, "svd"),
-    ({"trajectory": {"head_reduce": "max"}}, "max"),
-    ({"training": {"epoch": 3}}, "epoch"),
-    ({"dataset": {"annotations": "a.json"}}, "image_root"),
-])
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        ({"training": {"checkpoints": 1}}, "checkpoints"),
+        ({"selection": {"feature": "svd"}}, "svd"),
+        ({"trajectory": {"head_reduce": "max"}}, "max"),
+        ({"training": {"epoch": 3}}, "epoch"),
+        ({"dataset": {"annotations": "a.json"}}, "image_root"),
+    ],
+)
 def test_config_errors_name_the_key_or_value(config, named):
     with pytest.raises(Exception) as caught:
         schema_check(config)

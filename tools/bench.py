@@ -57,11 +57,13 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("the a image shows what is of in on and to with man woman dog cat car street table food people "
-         "color red blue green white black two three left right top bottom behind near large small sitting "
-         "standing holding wearing playing looking building sign tree sky water field room window door light "
-         "question answer describe explain why how many where which code function python list value return "
-         "error file data model train write story poem summary example number because however therefore").split()
+WORDS = (
+    "the a image shows what is of in on and to with man woman dog cat car street table food people "
+    "color red blue green white black two three left right top bottom behind near large small sitting "
+    "standing holding wearing playing looking building sign tree sky water field room window door light "
+    "question answer describe explain why how many where which code function python list value return "
+    "error file data model train write story poem summary example number because however therefore"
+).split()
 NON_ASCII = ["café", "naïve", "Zürich", "東京", "данные", "😀", "señor", "über"]
 
 
@@ -118,8 +120,9 @@ def paper_proxy(work: Path, annotations: Path) -> Path:
     for name in ("stablelm-2-zephyr-1_6b", "clip-vit-large-patch14-336"):
         write_standin(name, work / name)
         paths[STANDINS[name][0]] = str(work / name)
-    settings = stage_defaults("proxy-init", model="tinyllava-stablelm2-clip336", conversation="phi", max_length=2048,
-                              model_paths=paths)
+    settings = stage_defaults(
+        "proxy-init", model="tinyllava-stablelm2-clip336", conversation="phi", max_length=2048, model_paths=paths
+    )
     init_model(settings, load_presets(), [annotations], work / "checkpoint-0", StageStats("proxy-init"))
     return work / "checkpoint-0"
 
@@ -130,17 +133,37 @@ def run_prepare(args: argparse.Namespace) -> int:
     if args.file is None or not annotations.exists():
         start = time.monotonic()
         generate(annotations, args.records, args.seed, args.non_ascii, args.indent)
-        print(f"generated {args.records} records, {annotations.stat().st_size / 1e9:.2f} GB, in "
-              f"{time.monotonic() - start:.0f}s: {annotations}", flush=True)
+        print(
+            f"generated {args.records} records, {annotations.stat().st_size / 1e9:.2f} GB, in "
+            f"{time.monotonic() - start:.0f}s: {annotations}",
+            flush=True,
+        )
     out = work / "examples.parquet"
     model = args.model or paper_proxy(work, annotations)
-    command = [sys.executable, "-m", "xmas", "prepare", "--annotations", str(annotations), "--image-root", str(work),
-               "--model", str(model), "--out", str(out), "--no-check-images", "--stats", str(work / "prepare.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "xmas",
+        "prepare",
+        "--annotations",
+        str(annotations),
+        "--image-root",
+        str(work),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--no-check-images",
+        "--stats",
+        str(work / "prepare.json"),
+    ]
     seconds, peak = measure(command)
     counts = json.loads((work / "prepare.json").read_text())["counts"]
     met = seconds <= args.max_seconds and peak <= args.max_gb * 1e9
-    print(f"prepare: {counts['in']} records in {seconds:.1f} s wall, peak memory {peak / 1e9:.2f} GB "
-          f"({counts['in'] / seconds:,.0f} records/s)")
+    print(
+        f"prepare: {counts['in']} records in {seconds:.1f} s wall, peak memory {peak / 1e9:.2f} GB "
+        f"({counts['in'] / seconds:,.0f} records/s)"
+    )
     print(f"target: <= {args.max_seconds:g} s and <= {args.max_gb:g} GB: {'met' if met else 'NOT met'}")
     if args.keep:
         print(f"kept in {work}")
@@ -150,12 +173,18 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def add_prepare(subparsers) -> None:
-    parser = subparsers.add_parser("prepare", help="time `xmas prepare` on a generated 665k-record file",
-                                   description=run_prepare.__doc__ or __doc__)
+    parser = subparsers.add_parser(
+        "prepare",
+        help="time `xmas prepare` on a generated 665k-record file",
+        description=run_prepare.__doc__ or __doc__,
+    )
     parser.add_argument("--records", type=int, default=665_000, help="records to generate (default 665,000)")
     parser.add_argument("--file", type=Path, help="annotation file to use; generated there if it does not exist")
-    parser.add_argument("--model", type=Path, help="the proxy's checkpoint 0 that counts tokens (default: the "
-                        "paper's proxy composed from stand-ins)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="the proxy's checkpoint 0 that counts tokens (default: the paper's proxy composed from stand-ins)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (generated file, examples.parquet)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--non-ascii", type=float, default=0.01, help="share of records with non-ASCII text")
@@ -166,16 +195,48 @@ def add_prepare(subparsers) -> None:
 
 
 SHAPES = {
-    "tiny": {"text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
-                      "num_key_value_heads": 8, "vocab_size": 1000},
-             "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-                        "num_attention_heads": 4, "image_size": 112, "patch_size": 14},
-             "text_lengths": (16, 64), "examples": 8, "batch_size": 4},
-    "paper": {"text": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24,
-                       "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 100352},
-              "vision": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
-                         "num_attention_heads": 16, "image_size": 336, "patch_size": 14},
-              "text_lengths": (64, 512), "examples": 64, "batch_size": 8},
+    "tiny": {
+        "text": {
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 8,
+            "vocab_size": 1000,
+        },
+        "vision": {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 112,
+            "patch_size": 14,
+        },
+        "text_lengths": (16, 64),
+        "examples": 8,
+        "batch_size": 4,
+    },
+    "paper": {
+        "text": {
+            "hidden_size": 2048,
+            "intermediate_size": 5632,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 32,
+            "num_key_value_heads": 32,
+            "vocab_size": 100352,
+        },
+        "vision": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 16,
+            "image_size": 336,
+            "patch_size": 14,
+        },
+        "text_lengths": (64, 512),
+        "examples": 64,
+        "batch_size": 8,
+    },
 }
 PAPER_CPU = {"text_layers": 2, "vision_layers": 2, "examples": 4, "batch_size": 2}
 PROMPT_TOKENS = 4  # text before the image (a BOS and a role marker in a real template)
@@ -207,8 +268,11 @@ def build_bench_model(shape: dict, seed: int):
     vocab = shape["text"]["vocab_size"]
     vision = CLIPVisionConfig(**shape["vision"])
     config = LlavaConfig(
-        vision_config=vision, image_token_index=vocab - 1, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+        vision_config=vision,
+        image_token_index=vocab - 1,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
         text_config=StableLmConfig(max_position_embeddings=4096, pad_token_id=0, **shape["text"]),
     )
     torch.manual_seed(seed)
@@ -245,8 +309,11 @@ class PeakMemory:
 
     def __init__(self, device):
         self.device = device
-        self.method = ("torch.cuda.max_memory_allocated growth" if device.type == "cuda"
-                       else "peak RSS growth (VmHWM reset via /proc/self/clear_refs)")
+        self.method = (
+            "torch.cuda.max_memory_allocated growth"
+            if device.type == "cuda"
+            else "peak RSS growth (VmHWM reset via /proc/self/clear_refs)"
+        )
 
     @staticmethod
     def _status(field: str) -> int:
@@ -279,42 +346,109 @@ class PeakMemory:
 # family's stand-in (xmas.models.standins: its processor, tokenizer and config). ``tiny`` is the Llava tiny
 # shape's widths; ``paper`` is the smallest real checkpoint of the family (config.json of its Hub repo,
 # reduced on a CPU like paper-cpu), with its preset's pixel bounds. mrope_section splits half a head.
-QWEN_TINY = {"text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
-                      "num_key_value_heads": 8},
-             "vision": {"hidden_size": 128, "intermediate_size": 256, "depth": 2, "num_heads": 4},
-             "mrope_section": [4, 6, 6]}
-SMOLVLM_TINY = {"text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
-                         "num_key_value_heads": 8},
-                "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-                           "num_attention_heads": 4}}
-SMOLVLM_256M = {"text": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                         "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49280},
-                "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                           "num_attention_heads": 12, "image_size": 512, "patch_size": 16},
-                "image_processor": {"size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512}},
-                "image_seq_len": 64}
+QWEN_TINY = {
+    "text": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+    "vision": {"hidden_size": 128, "intermediate_size": 256, "depth": 2, "num_heads": 4},
+    "mrope_section": [4, 6, 6],
+}
+SMOLVLM_TINY = {
+    "text": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 8,
+    },
+    "vision": {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4},
+}
+SMOLVLM_256M = {
+    "text": {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49280,
+    },
+    "vision": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "image_size": 512,
+        "patch_size": 16,
+    },
+    "image_processor": {"size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512}},
+    "image_seq_len": 64,
+}
 FAMILY_SHAPES = {
-    "qwen2_5_vl": ("Qwen2.5-VL-3B-Instruct", {
-        "tiny": QWEN_TINY,
-        "paper": {"text": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-                           "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936},
-                  "vision": {"hidden_size": 1280, "intermediate_size": 3420, "depth": 32, "num_heads": 16,
-                             "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]},
-                  "mrope_section": [16, 24, 24], "pixels": (12544, 451584)}}),
-    "qwen3_vl": ("Qwen3-VL-2B-Instruct", {
-        "tiny": {**QWEN_TINY, "text": {**QWEN_TINY["text"], "head_dim": 32}},
-        "paper": {"text": {"hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28,
-                           "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128,
-                           "vocab_size": 151936},
-                  "vision": {"hidden_size": 1024, "intermediate_size": 4096, "depth": 24, "num_heads": 16,
-                             "num_position_embeddings": 2304, "deepstack_visual_indexes": [5, 11, 17]},
-                  "mrope_section": [24, 20, 20], "pixels": (12544, 451584)}}),
+    "qwen2_5_vl": (
+        "Qwen2.5-VL-3B-Instruct",
+        {
+            "tiny": QWEN_TINY,
+            "paper": {
+                "text": {
+                    "hidden_size": 2048,
+                    "intermediate_size": 11008,
+                    "num_hidden_layers": 36,
+                    "num_attention_heads": 16,
+                    "num_key_value_heads": 2,
+                    "vocab_size": 151936,
+                },
+                "vision": {
+                    "hidden_size": 1280,
+                    "intermediate_size": 3420,
+                    "depth": 32,
+                    "num_heads": 16,
+                    "window_size": 112,
+                    "fullatt_block_indexes": [7, 15, 23, 31],
+                },
+                "mrope_section": [16, 24, 24],
+                "pixels": (12544, 451584),
+            },
+        },
+    ),
+    "qwen3_vl": (
+        "Qwen3-VL-2B-Instruct",
+        {
+            "tiny": {**QWEN_TINY, "text": {**QWEN_TINY["text"], "head_dim": 32}},
+            "paper": {
+                "text": {
+                    "hidden_size": 2048,
+                    "intermediate_size": 6144,
+                    "num_hidden_layers": 28,
+                    "num_attention_heads": 16,
+                    "num_key_value_heads": 8,
+                    "head_dim": 128,
+                    "vocab_size": 151936,
+                },
+                "vision": {
+                    "hidden_size": 1024,
+                    "intermediate_size": 4096,
+                    "depth": 24,
+                    "num_heads": 16,
+                    "num_position_embeddings": 2304,
+                    "deepstack_visual_indexes": [5, 11, 17],
+                },
+                "mrope_section": [24, 20, 20],
+                "pixels": (12544, 451584),
+            },
+        },
+    ),
     "idefics3": ("SmolVLM-256M-Instruct", {"tiny": SMOLVLM_TINY, "paper": SMOLVLM_256M}),
     "smolvlm": ("SmolVLM2-256M-Video-Instruct", {"tiny": SMOLVLM_TINY, "paper": SMOLVLM_256M}),
 }
 # Images of the family benchmarks: COCO-like photos (paper) or the stand-ins' sizes (tiny), wide and tall.
-FAMILY_IMAGE_SIZES = {"tiny": [(224, 168), (168, 224), (200, 200), (256, 128)],
-                      "paper": [(640, 480), (480, 640), (500, 375), (640, 427)]}
+FAMILY_IMAGE_SIZES = {
+    "tiny": [(224, 168), (168, 224), (200, 200), (256, 128)],
+    "paper": [(640, 480), (480, 640), (500, 375), (640, 427)],
+}
 
 
 def layers_of(config: dict) -> str:
@@ -364,8 +498,9 @@ def family_bench(args: argparse.Namespace, work: Path):
     return model, ConversationEncoder(processor, work / "images", Encoding("front", 1 << 20))
 
 
-def family_batches(encoder, shape_name: str, examples: int, batch_size: int, lengths: tuple[int, int],
-                   seed: int) -> list[dict]:
+def family_batches(
+    encoder, shape_name: str, examples: int, batch_size: int, lengths: tuple[int, int], seed: int
+) -> list[dict]:
     """Generated records (a photo of one of FAMILY_IMAGE_SIZES, a question, an answer of random words of a
     length in ``lengths``), encoded by the family's processor, sorted by length and batched."""
     import numpy as np
@@ -381,8 +516,16 @@ def family_batches(encoder, shape_name: str, examples: int, batch_size: int, len
             pixels = np.random.default_rng(number).integers(0, 255, (height, width, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(encoder.image_root / name)
         answer = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*lengths)))
-        records.append({"id": str(number), "image": name, "conversations": [
-            {"from": "human", "value": "<image>\nWhat is in the image?"}, {"from": "gpt", "value": answer}]})
+        records.append(
+            {
+                "id": str(number),
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat is in the image?"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
     items = sorted((encoder.encode(record, with_labels=False) for record in records), key=lambda i: len(i["input_ids"]))
     return [encoder.collate(items[start : start + batch_size]) for start in range(0, len(items), batch_size)]
 
@@ -432,8 +575,11 @@ def measure_modes(modes: dict, batches_of: dict, memory: PeakMemory, repeats: in
 
 def report_mode(name: str, result: dict, examples: int) -> None:
     seconds = result["seconds"]
-    print(f"{name}: {examples} examples in {seconds:.2f} s, {examples / seconds:.3f} examples/s, "
-          f"peak memory +{result['peak'] / 2**30:.2f} GiB", flush=True)
+    print(
+        f"{name}: {examples} examples in {seconds:.2f} s, {examples / seconds:.3f} examples/s, "
+        f"peak memory +{result['peak'] / 2**30:.2f} GiB",
+        flush=True,
+    )
 
 
 def max_relative_difference(ours: list, reference: list) -> float:
@@ -468,21 +614,31 @@ def run_trajectory(args: argparse.Namespace) -> int:
             batches = bench_batches(reference, shape, args.seed)
         else:
             reference, encoder = family_bench(args, Path(work))
-            batches = family_batches(encoder, "paper" if args.shape == "paper" else "tiny", shape["examples"],
-                                     shape["batch_size"], shape["text_lengths"], args.seed)
+            batches = family_batches(
+                encoder,
+                "paper" if args.shape == "paper" else "tiny",
+                shape["examples"],
+                shape["batch_size"],
+                shape["text_lengths"],
+                args.seed,
+            )
     reference = reference.to(device)
     model = reference if dtype == torch.float32 else copy.deepcopy(reference).to(dtype)
     batches = [{key: value.to(device) for key, value in batch.items()} for batch in batches]
     half_batches = [{**batch, "pixel_values": batch["pixel_values"].to(dtype)} for batch in batches]
     text, vision = reference.config.text_config, reference.config.vision_config
-    image_tokens = [int(count) for batch in batches
-                    for count in (batch["input_ids"] == reference.config.image_token_id).sum(dim=1)]
-    print(f"shape {name} ({args.family}): LM {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
-          f"{text.num_attention_heads} heads; vision {getattr(vision, 'depth', None) or vision.num_hidden_layers} "
-          f"layers, hidden {vision.hidden_size}, {min(image_tokens)}-{max(image_tokens)} image tokens; text "
-          f"lengths {shape['text_lengths'][0]}-{shape['text_lengths'][1]}; {shape['examples']} examples in batches "
-          f"of {shape['batch_size']}; device {device}, weights {str(dtype).removeprefix('torch.')} "
-          f"(eager reference float32), {torch.get_num_threads()} threads", flush=True)
+    image_tokens = [
+        int(count) for batch in batches for count in (batch["input_ids"] == reference.config.image_token_id).sum(dim=1)
+    ]
+    print(
+        f"shape {name} ({args.family}): LM {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+        f"{text.num_attention_heads} heads; vision {getattr(vision, 'depth', None) or vision.num_hidden_layers} "
+        f"layers, hidden {vision.hidden_size}, {min(image_tokens)}-{max(image_tokens)} image tokens; text "
+        f"lengths {shape['text_lengths'][0]}-{shape['text_lengths'][1]}; {shape['examples']} examples in batches "
+        f"of {shape['batch_size']}; device {device}, weights {str(dtype).removeprefix('torch.')} "
+        f"(eager reference float32), {torch.get_num_threads()} threads",
+        flush=True,
+    )
     memory = PeakMemory(device)
     print(f"peak memory: {memory.method}; modes take turns on each batch after one warm-up batch each", flush=True)
     forward_attention = attention_implementation("auto", device) if dtype != torch.float32 else "sdpa"
@@ -503,17 +659,27 @@ def run_trajectory(args: argparse.Namespace) -> int:
         blocks = eager_blocks(reference, batch)
         return blocks, top_singular_values(blocks, 5)
 
-    names = {"plain": f"(a) plain forward, {forward_attention}", "extract": "(b) extraction",
-             "eager": "(c) eager output_attentions=True"}
-    results = measure_modes({"plain": plain, "extract": extract, "eager": eager},
-                            {"plain": half_batches, "extract": half_batches, "eager": batches}, memory, args.repeats)
+    names = {
+        "plain": f"(a) plain forward, {forward_attention}",
+        "extract": "(b) extraction",
+        "eager": "(c) eager output_attentions=True",
+    }
+    results = measure_modes(
+        {"plain": plain, "extract": extract, "eager": eager},
+        {"plain": half_batches, "extract": half_batches, "eager": batches},
+        memory,
+        args.repeats,
+    )
     for key, label in names.items():
         report_mode(label, results[key], shape["examples"])
-    agree = max_relative_difference([b for b, _ in results["extract"]["outputs"]],
-                                    [b for b, _ in results["eager"]["outputs"]])
+    agree = max_relative_difference(
+        [b for b, _ in results["extract"]["outputs"]], [b for b, _ in results["eager"]["outputs"]]
+    )
     seconds = {key: result["seconds"] for key, result in results.items()}
-    print(f"extraction_vs_eager={seconds['eager'] / seconds['extract']:.2f} "
-          f"overhead_vs_forward={seconds['extract'] / seconds['plain']:.2f} agree={agree:.2e}")
+    print(
+        f"extraction_vs_eager={seconds['eager'] / seconds['extract']:.2f} "
+        f"overhead_vs_forward={seconds['extract'] / seconds['plain']:.2f} agree={agree:.2e}"
+    )
     if args.max_disagreement is None:
         return 0
     met = agree <= args.max_disagreement
@@ -522,26 +688,45 @@ def run_trajectory(args: argparse.Namespace) -> int:
 
 
 def add_trajectory(subparsers) -> None:
-    parser = subparsers.add_parser("trajectory",
-                                   help="trajectory extraction vs a plain forward and the eager reference",
-                                   description=run_trajectory.__doc__ or __doc__)
-    parser.add_argument("--shape", choices=tuple(SHAPES), default="tiny",
-                        help="tiny, or paper (on a CPU reduced to paper-cpu unless overridden)")
-    parser.add_argument("--family", choices=("llava", *FAMILY_SHAPES), default="llava",
-                        help="llava: the paper's proxy (StableLM-2 + CLIP); any other family is built over its "
-                        "stand-in, paper being its smallest real checkpoint's sizes (Qwen2.5-VL-3B, Qwen3-VL-2B, "
-                        "SmolVLM-256M)")
+    parser = subparsers.add_parser(
+        "trajectory",
+        help="trajectory extraction vs a plain forward and the eager reference",
+        description=run_trajectory.__doc__ or __doc__,
+    )
+    parser.add_argument(
+        "--shape",
+        choices=tuple(SHAPES),
+        default="tiny",
+        help="tiny, or paper (on a CPU reduced to paper-cpu unless overridden)",
+    )
+    parser.add_argument(
+        "--family",
+        choices=("llava", *FAMILY_SHAPES),
+        default="llava",
+        help="llava: the paper's proxy (StableLM-2 + CLIP); any other family is built over its "
+        "stand-in, paper being its smallest real checkpoint's sizes (Qwen2.5-VL-3B, Qwen3-VL-2B, "
+        "SmolVLM-256M)",
+    )
     parser.add_argument("--examples", type=int, help="examples to run (paper: 64; paper-cpu: 4)")
     parser.add_argument("--batch-size", type=int, help="examples per batch (paper: 8; paper-cpu: 2)")
     parser.add_argument("--text-layers", type=int, help="LM decoder layers (paper: 24; paper-cpu: 2)")
     parser.add_argument("--vision-layers", type=int, help="vision tower layers, at least 2 (paper: 24; paper-cpu: 2)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                        help="weights of (a) and (b); default bfloat16 on CUDA, float32 on a CPU")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="weights of (a) and (b); default bfloat16 on CUDA, float32 on a CPU",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="runs of each batch per mode; the fastest counts")
-    parser.add_argument("--build-on-device", action="store_true",
-                        help="build the random model on the compute device (default: on the CPU, then moved)")
-    parser.add_argument("--max-disagreement", type=float,
-                        help="exit 1 unless agree (the largest relative difference of a block) is at most this")
+    parser.add_argument(
+        "--build-on-device",
+        action="store_true",
+        help="build the random model on the compute device (default: on the CPU, then moved)",
+    )
+    parser.add_argument(
+        "--max-disagreement",
+        type=float,
+        help="exit 1 unless agree (the largest relative difference of a block) is at most this",
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run_trajectory)
@@ -556,9 +741,23 @@ def run_dag(args: argparse.Namespace) -> int:
     times = []
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory(prefix="xmas-bench-dag-") as work:
-            command = [sys.executable, "-X", "importtime", "-m", "snakemake", "--snakefile",
-                       str(REPO / "workflow/Snakefile"), "--directory", work, *args.targets, "-n", "--quiet", "all",
-                       "--configfile", str(args.config)]
+            command = [
+                sys.executable,
+                "-X",
+                "importtime",
+                "-m",
+                "snakemake",
+                "--snakefile",
+                str(REPO / "workflow/Snakefile"),
+                "--directory",
+                work,
+                *args.targets,
+                "-n",
+                "--quiet",
+                "all",
+                "--configfile",
+                str(args.config),
+            ]
             start = time.monotonic()
             result = subprocess.run(command, capture_output=True, text=True)
             times.append(time.monotonic() - start)
@@ -568,18 +767,22 @@ def run_dag(args: argparse.Namespace) -> int:
             torch_imported = any(line.rstrip().endswith("| torch") for line in result.stderr.splitlines())
     best, median = min(times), sorted(times)[len(times) // 2]
     met = median <= args.max_seconds and not torch_imported
-    print(f"dag: {args.config.name} -n {' '.join(args.targets)}: median {median:.2f} s, best {best:.2f} s "
-          f"over {len(times)} runs; torch imported: {'yes' if torch_imported else 'no'}")
+    print(
+        f"dag: {args.config.name} -n {' '.join(args.targets)}: median {median:.2f} s, best {best:.2f} s "
+        f"over {len(times)} runs; torch imported: {'yes' if torch_imported else 'no'}"
+    )
     print(f"target: <= {args.max_seconds:g} s without torch: {'met' if met else 'NOT met'}")
     return 0 if met else 1
 
 
 def add_dag(subparsers) -> None:
-    parser = subparsers.add_parser("dag", help="time `snakemake -n` on a config (the login node's wait)",
-                                   description=run_dag.__doc__)
+    parser = subparsers.add_parser(
+        "dag", help="time `snakemake -n` on a config (the login node's wait)", description=run_dag.__doc__
+    )
     parser.add_argument("--config", type=Path, default=REPO / "config/llava665k.yaml", help="config file")
-    parser.add_argument("--targets", nargs="*", default=["results/eval/summary.tsv", "results/report.html"],
-                        help="targets to plan")
+    parser.add_argument(
+        "--targets", nargs="*", default=["results/eval/summary.tsv", "results/report.html"], help="targets to plan"
+    )
     parser.add_argument("--repeats", type=int, default=5, help="dry runs to time (default 5)")
     parser.add_argument("--max-seconds", type=float, default=5.0, help="target median (default 5)")
     parser.set_defaults(run=run_dag)
@@ -635,32 +838,59 @@ def run_definitions(args: argparse.Namespace) -> int:
         if definition == "upstream" and not folder.exists():  # the same proxy: only trajectories on differ
             shutil.copytree(args.work / "exact", folder, symlinks=True)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(yaml.safe_dump({"trajectory": {"definition": definition},
-                                                            "selection": {"budgets": args.budgets}}))
+        (folder / "config.yaml").write_text(
+            yaml.safe_dump({"trajectory": {"definition": definition}, "selection": {"budgets": args.budgets}})
+        )
         start = time.monotonic()
-        subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "workflow/Snakefile"),
-                        "--directory", str(folder), *targets, "--configfile", str(folder / "config.yaml"), "--cores",
-                        str(args.cores), "--quiet", "all"], check=True, env=with_this_python_on_path())
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "--snakefile",
+                str(REPO / "workflow/Snakefile"),
+                "--directory",
+                str(folder),
+                *targets,
+                "--configfile",
+                str(folder / "config.yaml"),
+                "--cores",
+                str(args.cores),
+                "--quiet",
+                "all",
+            ],
+            check=True,
+            env=with_this_python_on_path(),
+        )
         runs[definition] = folder
         print(f"{definition}: {folder} ({time.monotonic() - start:.0f} s)")
     clusters = [pd.read_parquet(runs[d] / "results/selection/clusters.parquet") for d in ("exact", "upstream")]
     joined = clusters[0].merge(clusters[1], on="uid", suffixes=("_exact", "_upstream"))
     images = joined[joined.cluster_exact >= 0]
-    print(f"clusters: {images.cluster_exact.nunique()} exact, {images.cluster_upstream.nunique()} upstream, over "
-          f"{len(images)} image examples; adjusted Rand index "
-          f"{adjusted_rand_index(images.cluster_exact, images.cluster_upstream):.3f}; same cluster after matching "
-          f"{matched_share(images.cluster_exact, images.cluster_upstream):.1%}")
+    print(
+        f"clusters: {images.cluster_exact.nunique()} exact, {images.cluster_upstream.nunique()} upstream, over "
+        f"{len(images)} image examples; adjusted Rand index "
+        f"{adjusted_rand_index(images.cluster_exact, images.cluster_upstream):.3f}; same cluster after matching "
+        f"{matched_share(images.cluster_exact, images.cluster_upstream):.1%}"
+    )
     for budget in budgets:
-        chosen = [set(pd.read_parquet(runs[d] / f"results/subset_{budget}.manifest.parquet").query("selected").uid)
-                  for d in ("exact", "upstream")]
-        print(f"subset {budget}: {len(chosen[0])} records; in both {len(chosen[0] & chosen[1])} "
-              f"({len(chosen[0] & chosen[1]) / max(len(chosen[0]), 1):.1%})")
+        chosen = [
+            set(pd.read_parquet(runs[d] / f"results/subset_{budget}.manifest.parquet").query("selected").uid)
+            for d in ("exact", "upstream")
+        ]
+        print(
+            f"subset {budget}: {len(chosen[0])} records; in both {len(chosen[0] & chosen[1])} "
+            f"({len(chosen[0] & chosen[1]) / max(len(chosen[0]), 1):.1%})"
+        )
     return 0
 
 
 def add_definitions(subparsers) -> None:
-    parser = subparsers.add_parser("definitions", help="agreement of the exact and upstream trajectory definitions "
-                                   "on the demo", description=run_definitions.__doc__)
+    parser = subparsers.add_parser(
+        "definitions",
+        help="agreement of the exact and upstream trajectory definitions on the demo",
+        description=run_definitions.__doc__,
+    )
     parser.add_argument("--work", type=Path, default=Path("bench-definitions"), help="folder of the two runs")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.5], help="subsets to compare")
     parser.add_argument("--cores", type=int, default=2, help="snakemake --cores (default 2)")
@@ -671,8 +901,9 @@ BENCHMARKS = [add_prepare, add_trajectory, add_dag, add_definitions]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python tools/bench.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python tools/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     subparsers = parser.add_subparsers(dest="benchmark", metavar="<benchmark>", required=True)
     for add in BENCHMARKS:
         add(subparsers)

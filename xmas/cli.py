@@ -18,57 +18,87 @@ from xmas.progress import setup_logging
 # xmas/stages/train_segment.py. Stage -> (one-line summary, example). Modules import lazily: torch is
 # slow to load.
 STAGES = {
-    "demo-data": ("generate a dataset to run on: the demo's shape scenes, or a small LLaVA-665k-shaped set",
-                  "xmas demo-data --settings shapes --train-json results/demo/train.json "
-                  "--test-json results/demo/test.json --image-root results/demo/images"),
-    "download": ("download a real dataset (llava665k, visionflan): resumable, verified, unpacked",
-                 "xmas download --dataset llava665k --dest data/llava665k --report data/llava665k/download.json"),
-    "standin-model": ("write an offline stand-in of a real model (tiny random weights, the real files' layout)",
-                      "xmas standin-model --name vicuna-7b-v1.5 --out results/standins/vicuna-7b-v1.5"),
-    "proxy-init": ("build the proxy's checkpoint 0 from a preset, a model folder or a Hugging Face id",
-                   "xmas proxy-init --model demo-tiny --annotations results/demo/train.json "
-                   "--out results/proxy/checkpoint-0"),
-    "prepare": ("validate the annotations against the proxy, write results/data/examples.parquet",
-                "xmas prepare --annotations data/llava.json --image-root data/images "
-                "--model results/proxy/checkpoint-0 --out results/data/examples.parquet"),
-    "train-segment": ("train the proxy from checkpoint c-1 to checkpoint c",
-                      "xmas train-segment --checkpoint 1 --checkpoints 5 --previous results/proxy/checkpoint-0 "
-                      "--out results/proxy/checkpoint-1 --examples results/data/examples.parquet "
-                      "--annotations results/demo/train.json --image-root results/demo/images"),
-    "trajectory": ("top-k singular values of text-to-image attention, one shard of one checkpoint",
-                   "xmas trajectory --model results/proxy/checkpoint-1 --checkpoint 1 --shard 0 --shards 2 "
-                   "--examples results/data/examples.parquet --annotations results/demo/train.json "
-                   "--image-root results/demo/images --out results/trajectories/checkpoint-1/shard-0.parquet"),
-    "merge": ("merge the shards into results/trajectories.parquet, checking completeness",
-              "xmas merge --examples results/data/examples.parquet --checkpoints 5 --shards 2 "
-              "--out results/trajectories.parquet results/trajectories/checkpoint-*/shard-*.parquet"),
-    "cluster": ("stability and k-means clusters of the trajectories",
-                "xmas cluster --examples results/data/examples.parquet --trajectories results/trajectories.parquet "
-                "--out results/selection/clusters.parquet"),
-    "sample": ("pick a subset for a budget (xmas balanced sampling or a baseline)",
-               "xmas sample --method xmas --budget 0.5 --examples results/data/examples.parquet "
-               "--clusters results/selection/clusters.parquet --annotations results/demo/train.json "
-               "--out results/xmas/seed-0/subset_0.5.json"),
-    "target-init": ("build the target's checkpoint 0 from a preset, a model folder or a Hugging Face id",
-                    "xmas target-init --model demo-target --annotations results/demo/train.json "
-                    "--out results/target/base"),
-    "pretrain-target": ("align the target on image-caption pairs (LLaVA's first stage), once, before every fine-tune",
-                        "xmas pretrain-target --base results/target/base --captions results/demo/captions.json "
-                        "--image-root results/demo/images --out results/target/aligned"),
-    "finetune-target": ("fine-tune the target model on a subset (LoRA or all weights)",
-                        "xmas finetune-target --base results/target/base --subset results/xmas/seed-0/subset_0.5.json "
-                        "--image-root results/demo/images --out results/target/xmas/0.5/seed-0"),
-    "evaluate": ("score a fine-tuned target: a held-out split by exact match, or the paper's benchmarks (lmms-eval)",
-                 "xmas evaluate --model results/target/xmas/0.5/seed-0 --suite exact-match "
-                 "--test results/demo/test.json --image-root results/demo/images "
-                 "--out results/eval/runs/xmas/0.5/seed-0.tsv"),
-    "summarize": ("collect the evaluation runs into results/eval/summary.tsv with ARP",
-                  "xmas summarize --run xmas 0.5 0 results/eval/runs/xmas/0.5/seed-0.tsv "
-                  "--run full 1 0 results/eval/runs/full/1/seed-0.tsv --out results/eval/summary.tsv"),
-    "report": ("write the HTML report: trajectories, clusters, stability, composition, settings",
-               "xmas report --examples results/data/examples.parquet --annotations results/demo/train.json "
-               "--clusters results/selection/clusters.parquet --trajectories results/trajectories.parquet "
-               "--manifest xmas 0.5 results/xmas/seed-0/subset_0.5.manifest.parquet --out results/report.html"),
+    "demo-data": (
+        "generate a dataset to run on: the demo's shape scenes, or a small LLaVA-665k-shaped set",
+        "xmas demo-data --settings shapes --train-json results/demo/train.json "
+        "--test-json results/demo/test.json --image-root results/demo/images",
+    ),
+    "download": (
+        "download a real dataset (llava665k, visionflan): resumable, verified, unpacked",
+        "xmas download --dataset llava665k --dest data/llava665k --report data/llava665k/download.json",
+    ),
+    "standin-model": (
+        "write an offline stand-in of a real model (tiny random weights, the real files' layout)",
+        "xmas standin-model --name vicuna-7b-v1.5 --out results/standins/vicuna-7b-v1.5",
+    ),
+    "proxy-init": (
+        "build the proxy's checkpoint 0 from a preset, a model folder or a Hugging Face id",
+        "xmas proxy-init --model demo-tiny --annotations results/demo/train.json --out results/proxy/checkpoint-0",
+    ),
+    "prepare": (
+        "validate the annotations against the proxy, write results/data/examples.parquet",
+        "xmas prepare --annotations data/llava.json --image-root data/images "
+        "--model results/proxy/checkpoint-0 --out results/data/examples.parquet",
+    ),
+    "train-segment": (
+        "train the proxy from checkpoint c-1 to checkpoint c",
+        "xmas train-segment --checkpoint 1 --checkpoints 5 --previous results/proxy/checkpoint-0 "
+        "--out results/proxy/checkpoint-1 --examples results/data/examples.parquet "
+        "--annotations results/demo/train.json --image-root results/demo/images",
+    ),
+    "trajectory": (
+        "top-k singular values of text-to-image attention, one shard of one checkpoint",
+        "xmas trajectory --model results/proxy/checkpoint-1 --checkpoint 1 --shard 0 --shards 2 "
+        "--examples results/data/examples.parquet --annotations results/demo/train.json "
+        "--image-root results/demo/images --out results/trajectories/checkpoint-1/shard-0.parquet",
+    ),
+    "merge": (
+        "merge the shards into results/trajectories.parquet, checking completeness",
+        "xmas merge --examples results/data/examples.parquet --checkpoints 5 --shards 2 "
+        "--out results/trajectories.parquet results/trajectories/checkpoint-*/shard-*.parquet",
+    ),
+    "cluster": (
+        "stability and k-means clusters of the trajectories",
+        "xmas cluster --examples results/data/examples.parquet --trajectories results/trajectories.parquet "
+        "--out results/selection/clusters.parquet",
+    ),
+    "sample": (
+        "pick a subset for a budget (xmas balanced sampling or a baseline)",
+        "xmas sample --method xmas --budget 0.5 --examples results/data/examples.parquet "
+        "--clusters results/selection/clusters.parquet --annotations results/demo/train.json "
+        "--out results/xmas/seed-0/subset_0.5.json",
+    ),
+    "target-init": (
+        "build the target's checkpoint 0 from a preset, a model folder or a Hugging Face id",
+        "xmas target-init --model demo-target --annotations results/demo/train.json --out results/target/base",
+    ),
+    "pretrain-target": (
+        "align the target on image-caption pairs (LLaVA's first stage), once, before every fine-tune",
+        "xmas pretrain-target --base results/target/base --captions results/demo/captions.json "
+        "--image-root results/demo/images --out results/target/aligned",
+    ),
+    "finetune-target": (
+        "fine-tune the target model on a subset (LoRA or all weights)",
+        "xmas finetune-target --base results/target/base --subset results/xmas/seed-0/subset_0.5.json "
+        "--image-root results/demo/images --out results/target/xmas/0.5/seed-0",
+    ),
+    "evaluate": (
+        "score a fine-tuned target: a held-out split by exact match, or the paper's benchmarks (lmms-eval)",
+        "xmas evaluate --model results/target/xmas/0.5/seed-0 --suite exact-match "
+        "--test results/demo/test.json --image-root results/demo/images "
+        "--out results/eval/runs/xmas/0.5/seed-0.tsv",
+    ),
+    "summarize": (
+        "collect the evaluation runs into results/eval/summary.tsv with ARP",
+        "xmas summarize --run xmas 0.5 0 results/eval/runs/xmas/0.5/seed-0.tsv "
+        "--run full 1 0 results/eval/runs/full/1/seed-0.tsv --out results/eval/summary.tsv",
+    ),
+    "report": (
+        "write the HTML report: trajectories, clusters, stability, composition, settings",
+        "xmas report --examples results/data/examples.parquet --annotations results/demo/train.json "
+        "--clusters results/selection/clusters.parquet --trajectories results/trajectories.parquet "
+        "--manifest xmas 0.5 results/xmas/seed-0/subset_0.5.manifest.parquet --out results/report.html",
+    ),
 }
 
 

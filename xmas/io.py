@@ -76,8 +76,10 @@ class Damage:
         redo = f"snakemake --force {shlex.quote(str(self.path))}"
         made_by = f" (made by `{shlex.join(self.command[:2])}`)" if self.command else ""
         alone = f"; or on its own: {shlex.join(self.command)}" if self.command else ""
-        return (f"{self.path}{made_by} is damaged: {self.what}. It is not used; redo it with: {redo} "
-                f"(with the --configfile and --profile you ran){alone}")
+        return (
+            f"{self.path}{made_by} is damaged: {self.what}. It is not used; redo it with: {redo} "
+            f"(with the --configfile and --profile you ran){alone}"
+        )
 
 
 class DamagedOutput(XmasError):
@@ -198,8 +200,10 @@ def atomic_path(target: str | Path, seal: bool = True) -> Iterator[Path]:
             if not is_disk_full(error, target.parent):
                 raise
             free = shutil.disk_usage(target.parent).free
-            raise XmasError(f"no space left on the device while writing {target} ({free / 2**20:.1f} MiB free in "
-                            f"{target.parent}): nothing was half-written; free some space and run again") from error
+            raise XmasError(
+                f"no space left on the device while writing {target} ({free / 2**20:.1f} MiB free in "
+                f"{target.parent}): nothing was half-written; free some space and run again"
+            ) from error
         if target.is_dir():
             shutil.rmtree(target)
         os.replace(tmp, target)

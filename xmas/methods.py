@@ -32,23 +32,50 @@ class Method:
 
     def __post_init__(self):
         if self.signal is not None and (self.signal not in SIGNALS or self.inside_clusters not in INSIDE_CLUSTERS):
-            raise ValueError(f"method {self.name}: signal {self.signal!r} and inside_clusters "
-                             f"{self.inside_clusters!r} must be one of {SIGNALS} and {INSIDE_CLUSTERS}")
+            raise ValueError(
+                f"method {self.name}: signal {self.signal!r} and inside_clusters "
+                f"{self.inside_clusters!r} must be one of {SIGNALS} and {INSIDE_CLUSTERS}"
+            )
 
 
-METHODS: dict[str, Method] = {method.name: method for method in (
-    Method("xmas", "balanced over the clusters of attention trajectories, the most stable examples first",
-           signal="attention", inside_clusters="stability"),
-    Method("xmas-proportional", "xmas, the text-only records keeping their share of the usable records",
-           signal="attention", inside_clusters="stability", text_only_share="proportional"),
-    Method("loss", "xmas's rule on the clusters of per-example loss trajectories (the paper's other signal)",
-           signal="loss", inside_clusters="stability"),
-    Method("cluster-random", "xmas's clusters and quotas, a random draw inside each cluster (isolates the "
-           "stability rule)", signal="attention", inside_clusters="random", seeded=True),
-    Method("random", "a uniform random draw of the same size", seeded=True),
-    Method("full", "every usable record: the reference each subset is measured against", every_record=True,
-           evaluated_only=True),
-)}
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in (
+        Method(
+            "xmas",
+            "balanced over the clusters of attention trajectories, the most stable examples first",
+            signal="attention",
+            inside_clusters="stability",
+        ),
+        Method(
+            "xmas-proportional",
+            "xmas, the text-only records keeping their share of the usable records",
+            signal="attention",
+            inside_clusters="stability",
+            text_only_share="proportional",
+        ),
+        Method(
+            "loss",
+            "xmas's rule on the clusters of per-example loss trajectories (the paper's other signal)",
+            signal="loss",
+            inside_clusters="stability",
+        ),
+        Method(
+            "cluster-random",
+            "xmas's clusters and quotas, a random draw inside each cluster (isolates the stability rule)",
+            signal="attention",
+            inside_clusters="random",
+            seeded=True,
+        ),
+        Method("random", "a uniform random draw of the same size", seeded=True),
+        Method(
+            "full",
+            "every usable record: the reference each subset is measured against",
+            every_record=True,
+            evaluated_only=True,
+        ),
+    )
+}
 SELECTABLE = tuple(name for name, method in METHODS.items() if not method.evaluated_only)
 
 
@@ -62,8 +89,10 @@ def check_selected(names: list[str]) -> None:
     """``selection.methods`` names methods one can select with."""
     unknown = [name for name in names if name not in SELECTABLE]
     if unknown:
-        raise XmasError(f"selection.methods: {', '.join(map(repr, unknown))} is not a selection method; choose from "
-                        f"{', '.join(SELECTABLE)} (xmas/methods.py)")
+        raise XmasError(
+            f"selection.methods: {', '.join(map(repr, unknown))} is not a selection method; choose from "
+            f"{', '.join(SELECTABLE)} (xmas/methods.py)"
+        )
 
 
 def choices_markdown() -> str:

@@ -32,8 +32,12 @@ def add_input_arguments(parser, *names: str) -> None:
 
 
 def add_threads_argument(parser) -> None:
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (the workflow passes the job's threads; default: torch's own)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (the workflow passes the job's threads; default: torch's own)",
+    )
 
 
 def use_threads(threads: int | None) -> None:

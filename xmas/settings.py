@@ -72,8 +72,15 @@ def annotation(spec: dict) -> str:
     """The Python type of a setting's value, as text (the settings classes' annotations)."""
     kinds = spec.get("type", "string" if "enum" in spec or "anyOf" in spec or "oneOf" in spec else None)
     kinds = [kinds] if isinstance(kinds, str) else list(kinds or [])
-    names = {"integer": "int", "number": "float", "string": "str", "boolean": "bool", "array": "list",
-             "object": "dict", "null": "None"}
+    names = {
+        "integer": "int",
+        "number": "float",
+        "string": "str",
+        "boolean": "bool",
+        "array": "list",
+        "object": "dict",
+        "null": "None",
+    }
     typed = [names[kind] for kind in kinds if kind in names]
     if "oneOf" in spec or "anyOf" in spec or not typed:
         return "object"  # alternatives (auto or a number, a preset or a file): the stage reads them
@@ -118,6 +125,7 @@ def value_type(spec: dict):
 def comma_list(item_type):
     def parse(text: str) -> list:
         return [item_type(part) for part in text.split(",") if part]
+
     parse.__name__ = f"comma-separated {item_type.__name__}"
     return parse
 
@@ -217,8 +225,10 @@ def with_recipes(config: dict, explicit: dict) -> dict:
         known = load_schema()["properties"][trained]["properties"]
         unknown = sorted(set(recipe) - set(known))
         if unknown:
-            raise ValueError(f"the recipe of {section} preset {config[section]['model']!r} sets {', '.join(unknown)}, "
-                             f"which are not settings of {trained}")
+            raise ValueError(
+                f"the recipe of {section} preset {config[section]['model']!r} sets {', '.join(unknown)}, "
+                f"which are not settings of {trained}"
+            )
         given = explicit.get(trained) or {}
         config[trained] = {**config[trained], **{key: value for key, value in recipe.items() if key not in given}}
     return config
@@ -235,10 +245,14 @@ def job_resources(config: dict, rule: str) -> dict:
 def reference_markdown() -> str:
     """``docs/configuration.md``: every setting with its default, its stages and its meaning."""
     schema = load_schema()
-    lines = ["# Configuration reference", "",
-             "Generated from `xmas/resources/config.schema.yaml` by `python tools/docs.py`; a test fails when it is",
-             "stale. Defaults are the demo's; `config/llava665k.yaml` and `config/visionflan.yaml` set what the",
-             "paper changes. A setting marked with stages is also an option of those `xmas` stages.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `xmas/resources/config.schema.yaml` by `python tools/docs.py`; a test fails when it is",
+        "stale. Defaults are the demo's; `config/llava665k.yaml` and `config/visionflan.yaml` set what the",
+        "paper changes. A setting marked with stages is also an option of those `xmas` stages.",
+        "",
+    ]
     sections: dict[str | None, list[Setting]] = {}
     for setting in all_settings():
         sections.setdefault(setting.section, []).append(setting)

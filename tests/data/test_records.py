@@ -29,7 +29,10 @@ def test_the_image_moves_to_the_front_of_its_turn_as_llava_does():
 def test_keep_leaves_the_image_where_the_record_has_it():
     record = {"conversations": turns("Look: <image> What is it?", "a cat")}
     assert to_messages(record, "keep")[0]["content"] == [
-        {"type": "text", "text": "Look: "}, {"type": "image"}, {"type": "text", "text": " What is it?"}]
+        {"type": "text", "text": "Look: "},
+        {"type": "image"},
+        {"type": "text", "text": " What is it?"},
+    ]
 
 
 @pytest.mark.parametrize(

@@ -43,24 +43,52 @@ INSTALL = "bash tools/install-lmms-eval.sh"
 
 def test_cpu_command_runs_the_module_with_this_interpreter_on_the_cpu():
     command = lmms_eval_command("/ckpt/xmas-0.1", ["gqa", "mme"], "/out/eval", batch_size=2)
-    assert command == [sys.executable, "-m", "lmms_eval", "--model", "llava_hf",
-                       "--model_args", "pretrained=/ckpt/xmas-0.1,device=cpu,device_map=cpu", "--tasks", "gqa,mme",
-                       "--batch_size", "2", "--output_path", "/out/eval", "--log_samples", "--force_simple"]
+    assert command == [
+        sys.executable,
+        "-m",
+        "lmms_eval",
+        "--model",
+        "llava_hf",
+        "--model_args",
+        "pretrained=/ckpt/xmas-0.1,device=cpu,device_map=cpu",
+        "--tasks",
+        "gqa,mme",
+        "--batch_size",
+        "2",
+        "--output_path",
+        "/out/eval",
+        "--log_samples",
+        "--force_simple",
+    ]
 
 
 def test_one_gpu_gets_an_explicit_device_map_which_the_config_can_override():
     command = lmms_eval_command("/ckpt", ["gqa"], "/out", gpus=1)
     assert command[command.index("--model_args") + 1] == "pretrained=/ckpt,device_map=cuda"
-    command = lmms_eval_command("/ckpt", ["gqa"], "/out", gpus=1,
-                                extra_model_args={"device_map": "auto", "attn_implementation": "sdpa"})
+    command = lmms_eval_command(
+        "/ckpt", ["gqa"], "/out", gpus=1, extra_model_args={"device_map": "auto", "attn_implementation": "sdpa"}
+    )
     assert command[command.index("--model_args") + 1] == "pretrained=/ckpt,device_map=auto,attn_implementation=sdpa"
 
 
 def test_several_gpus_go_through_accelerate_launch():
-    command = lmms_eval_command("/ckpt", ["vqav2", "vizwiz", "mmbench"], "/out", gpus=4,
-                                extra_model_args={"attn_implementation": "sdpa"}, include_path="/tasks")
-    assert command[:7] == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "4",
-                           "-m", "lmms_eval"]
+    command = lmms_eval_command(
+        "/ckpt",
+        ["vqav2", "vizwiz", "mmbench"],
+        "/out",
+        gpus=4,
+        extra_model_args={"attn_implementation": "sdpa"},
+        include_path="/tasks",
+    )
+    assert command[:7] == [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "4",
+        "-m",
+        "lmms_eval",
+    ]
     assert command[command.index("--model_args") + 1] == "pretrained=/ckpt,attn_implementation=sdpa"
     assert command[command.index("--tasks") + 1] == "vqav2_val,vizwiz_vqa_val,mmbench_en_dev"
     assert command[-2:] == ["--include_path", "/tasks"]
@@ -88,8 +116,9 @@ def test_a_task_without_a_known_metric_is_refused_with_the_setting_that_adds_it(
 
 
 def test_any_task_runs_once_given_its_metric_and_the_config_can_change_a_built_in_one():
-    table = benchmark_table({"seedbench": "seed_image*100", "mme": "mme_percetion_score",
-                             "ok_vqa": "exact_match,flexible-extract*100"})
+    table = benchmark_table(
+        {"seedbench": "seed_image*100", "mme": "mme_percetion_score", "ok_vqa": "exact_match,flexible-extract*100"}
+    )
     assert table["seedbench"] == Benchmark("seedbench", "seed_image", 100.0)
     assert table["mme"] == Benchmark("mme", "mme_percetion_score", 1.0, False, BENCHMARKS["mme"].note)
     assert (table["seedbench"].key, table["ok_vqa"].key) == ("seed_image,none", "exact_match,flexible-extract")
@@ -107,14 +136,17 @@ def test_a_malformed_metric_names_the_setting(spec):
         benchmark_table({"task": spec})
 
 
-@pytest.mark.parametrize(("kwargs", "named"), [
-    ({"checkpoint": "/ckpt,v2"}, "pretrained"),
-    ({"extra_model_args": {"dtype": "a=b"}}, "dtype"),
-    ({"gpus": -1}, "gpus"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"benchmarks": []}, "no benchmarks"),
-    ({"benchmarks": ["gqa", "gqa"]}, "twice"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [
+        ({"checkpoint": "/ckpt,v2"}, "pretrained"),
+        ({"extra_model_args": {"dtype": "a=b"}}, "dtype"),
+        ({"gpus": -1}, "gpus"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"benchmarks": []}, "no benchmarks"),
+        ({"benchmarks": ["gqa", "gqa"]}, "twice"),
+    ],
+)
 def test_bad_arguments_are_named(kwargs, named):
     arguments = {"checkpoint": "/ckpt", "benchmarks": ["gqa"], "output_dir": "/out", **kwargs}
     with pytest.raises(XmasError, match=named):
@@ -158,8 +190,10 @@ def test_the_evaluation_checkpoint_takes_string_content_and_renders_lists_as_bef
     linked = evaluation_checkpoint(tiny_checkpoint, tmp_path / "linked")
     assert (linked / "model.safetensors").resolve() == (tiny_checkpoint / "model.safetensors").resolve()
     ours, theirs = AutoProcessor.from_pretrained(tiny_checkpoint), AutoProcessor.from_pretrained(linked)
-    items = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat color?"}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    items = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat color?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
     assert theirs.apply_chat_template(items, tokenize=False) == ours.apply_chat_template(items, tokenize=False)
     # what lmms-eval's llava_hf sends: one string, "<image>" inside
     text = [{"role": "user", "content": "<image>\nWhat color?"}]
@@ -191,8 +225,9 @@ def rigged_test(small_demo, tiny_checkpoint, tmp_path_factory):
     scores 50% on a question type exactly when it answers each question as the exact-match suite did.
     """
     records = read_all(small_demo["test"])
-    _, predictions = evaluate_exact_match(tiny_checkpoint, small_demo["test"], small_demo["images"], 1, 8,
-                                          StageStats("t"))
+    _, predictions = evaluate_exact_match(
+        tiny_checkpoint, small_demo["test"], small_demo["images"], 1, 8, StageStats("t")
+    )
     seen = Counter()
     for record, answer in zip(records, predictions.answer):
         seen[record["question_type"]] += 1
@@ -209,10 +244,32 @@ def heldout_run(lmms_eval, rigged_test, small_demo, tiny_checkpoint, tmp_path_fa
     root = tmp_path_factory.mktemp("lmms")
     scores = root / "scores.tsv"
     result = subprocess.run(
-        [sys.executable, "-m", "xmas", "evaluate", "--suite", "lmms-eval", "--benchmarks", "heldout",
-         "--model", str(tiny_checkpoint), "--test", str(rigged_test), "--image-root", str(small_demo["images"]),
-         "--out", str(scores), "--stats", str(root / "stats.json")],
-        capture_output=True, text=True, env=lmms_env(root), cwd=root, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "xmas",
+            "evaluate",
+            "--suite",
+            "lmms-eval",
+            "--benchmarks",
+            "heldout",
+            "--model",
+            str(tiny_checkpoint),
+            "--test",
+            str(rigged_test),
+            "--image-root",
+            str(small_demo["images"]),
+            "--out",
+            str(scores),
+            "--stats",
+            str(root / "stats.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=lmms_env(root),
+        cwd=root,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     return {"scores": scores, "work": root / "scores", "stats": root / "stats.json", "result": result}
 
@@ -240,8 +297,9 @@ def test_real_run_scores_match_a_recomputation_from_lmms_eval_samples(heldout_ru
     table = pd.read_csv(heldout_run["scores"], sep="\t")
     for benchmark, score in zip(table.benchmark, table.score):
         logged = samples(heldout_run["work"], task_name(benchmark))
-        correct = [normalize_answer(sample["filtered_resps"]) == normalize_answer(sample["target"])
-                   for sample in logged]
+        correct = [
+            normalize_answer(sample["filtered_resps"]) == normalize_answer(sample["target"]) for sample in logged
+        ]
         assert [sample["exact_match"] for sample in logged] == [float(c) for c in correct]
         assert score == pytest.approx(100 * sum(correct) / len(correct))
 
@@ -260,8 +318,9 @@ def real_results(heldout_run, tmp_path):
     """A copy of the real results file to edit, and the table that reads it."""
     source = find_results_file(heldout_run["work"] / "lmms-eval")
     data = json.loads(source.read_text())
-    table = benchmark_table(None, {task.removeprefix("xmas_heldout_"): Benchmark(task, "exact_match", 100.0)
-                                   for task in data["results"]})
+    table = benchmark_table(
+        None, {task.removeprefix("xmas_heldout_"): Benchmark(task, "exact_match", 100.0) for task in data["results"]}
+    )
 
     def edited(edit):
         copy = json.loads(source.read_text())
@@ -315,14 +374,29 @@ def test_an_lmms_eval_error_after_start_is_not_taken_for_results(lmms_eval, tiny
     # lmms-eval prints errors during evaluation and still exits 0; here its task lookup fails
     table = benchmark_table({"no_such_task": "exact_match"})
     with pytest.raises(XmasError, match="exited 0 but wrote no new results file"):
-        run_lmms_eval(tiny_checkpoint, ["no_such_task"], tmp_path / "eval", table=table,
-                      extra_env=lmms_env(tmp_path))
+        run_lmms_eval(tiny_checkpoint, ["no_such_task"], tmp_path / "eval", table=table, extra_env=lmms_env(tmp_path))
 
 
 def test_heldout_needs_the_test_split(tiny_checkpoint, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "xmas", "evaluate", "--suite", "lmms-eval", "--benchmarks",
-                             "heldout,gqa", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "s.tsv")],
-                            capture_output=True, text=True, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xmas",
+            "evaluate",
+            "--suite",
+            "lmms-eval",
+            "--benchmarks",
+            "heldout,gqa",
+            "--model",
+            str(tiny_checkpoint),
+            "--out",
+            str(tmp_path / "s.tsv"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert result.returncode != 0 and "'heldout' of the lmms-eval suite needs --test" in result.stderr
 
 
@@ -332,9 +406,11 @@ def test_heldout_needs_the_test_split(tiny_checkpoint, tmp_path):
 @pytest.fixture(scope="module")
 def questions_of_varied_sizes(varied_data, tmp_path_factory):
     """The varied images as held-out colour and count questions."""
-    records = [{**record, "question_type": "count" if number % 2 else "color",
-                "conversations": record["conversations"][:2]}
-               for number, record in enumerate(read_all(varied_data["train"])) if record.get("image")]
+    records = [
+        {**record, "question_type": "count" if number % 2 else "color", "conversations": record["conversations"][:2]}
+        for number, record in enumerate(read_all(varied_data["train"]))
+        if record.get("image")
+    ]
     path = tmp_path_factory.mktemp("varied-test") / "test.json"
     write_records(records, path)
     return path
@@ -342,15 +418,38 @@ def questions_of_varied_sizes(varied_data, tmp_path_factory):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
 def test_the_qwen_families_are_scored_by_lmms_evals_qwen_models_with_their_own_pixel_bounds(
-        family, lmms_eval, modern_checkpoints, questions_of_varied_sizes, varied_data, tmp_path):
+    family, lmms_eval, modern_checkpoints, questions_of_varied_sizes, varied_data, tmp_path
+):
     from xmas.models.checkpoints import load_processor
 
     checkpoint, scores = modern_checkpoints[family], tmp_path / "scores.tsv"
     result = subprocess.run(
-        [sys.executable, "-m", "xmas", "evaluate", "--suite", "lmms-eval", "--benchmarks", "heldout",
-         "--model", str(checkpoint), "--test", str(questions_of_varied_sizes), "--image-root",
-         str(varied_data["images"]), "--out", str(scores), "--stats", str(tmp_path / "stats.json")],
-        capture_output=True, text=True, env=lmms_env(tmp_path), cwd=tmp_path, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "xmas",
+            "evaluate",
+            "--suite",
+            "lmms-eval",
+            "--benchmarks",
+            "heldout",
+            "--model",
+            str(checkpoint),
+            "--test",
+            str(questions_of_varied_sizes),
+            "--image-root",
+            str(varied_data["images"]),
+            "--out",
+            str(scores),
+            "--stats",
+            str(tmp_path / "stats.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=lmms_env(tmp_path),
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-5000:]
     size = load_processor(checkpoint).image_processor.size
     bounds = f"min_pixels={size['shortest_edge']},max_pixels={size['longest_edge']}"
@@ -359,15 +458,34 @@ def test_the_qwen_families_are_scored_by_lmms_evals_qwen_models_with_their_own_p
     assert dict(zip(table.benchmark, table.n)) == {"color": 3, "count": 3} and table.score.between(0, 100).all()
     assert json.loads((tmp_path / "stats.json").read_text())["lmms_eval_model"] == f"xmas_{family}"
     logged = samples(tmp_path / "scores", task_name("color"))
-    assert [sample["input_media"] for sample in logged] == [[str(varied_data["images"] / record["image"])]
-                                                           for record in read_all(questions_of_varied_sizes)
-                                                           if record["question_type"] == "color"]
+    assert [sample["input_media"] for sample in logged] == [
+        [str(varied_data["images"] / record["image"])]
+        for record in read_all(questions_of_varied_sizes)
+        if record["question_type"] == "color"
+    ]
 
 
 def test_a_family_lmms_eval_has_no_model_for_is_refused_with_the_suite_that_scores_it(modern_checkpoints, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "xmas", "evaluate", "--suite", "lmms-eval", "--benchmarks", "gqa",
-                             "--model", str(modern_checkpoints["idefics3"]), "--out", str(tmp_path / "s.tsv")],
-                            capture_output=True, text=True, cwd=REPO, env=lmms_env(tmp_path))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xmas",
+            "evaluate",
+            "--suite",
+            "lmms-eval",
+            "--benchmarks",
+            "gqa",
+            "--model",
+            str(modern_checkpoints["idefics3"]),
+            "--out",
+            str(tmp_path / "s.tsv"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=lmms_env(tmp_path),
+    )
     assert result.returncode != 0
     assert "lmms-eval has no model for idefics3 models; score them with evaluation.suite: exact-match" in result.stderr
 
@@ -379,10 +497,24 @@ def test_images_reach_lmms_evals_qwen_models_resized_as_qwen_vl_utils_resizes_th
     from xmas.evaluation.lmms_eval_qwen import process_vision_info
 
     pictures = [Image.open(varied_data["images"] / name) for name in ("100x60.png", "300x40.png")]
-    conversation = [{"role": "system", "content": "You are a helpful assistant."},
-                    {"role": "user", "content": [*({"type": "image", "image": encode_image_to_data_url(picture),
-                                                    "min_pixels": 3136, "max_pixels": 12544} for picture in pictures),
-                                                 {"type": "text", "text": "What color?"}]}]
+    conversation = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {
+            "role": "user",
+            "content": [
+                *(
+                    {
+                        "type": "image",
+                        "image": encode_image_to_data_url(picture),
+                        "min_pixels": 3136,
+                        "max_pixels": 12544,
+                    }
+                    for picture in pictures
+                ),
+                {"type": "text", "text": "What color?"},
+            ],
+        },
+    ]
     images, videos = process_vision_info([conversation])
     # each side rounded to a multiple of a merged patch (28 px), the area within the bounds
     assert videos is None and [image.size for image in images] == [(112, 56), (308, 28)]

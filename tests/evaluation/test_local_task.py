@@ -48,8 +48,9 @@ def test_task_yaml_names_local_data_and_the_functions_of_its_utils(local):
     assert data == str(local.folder / "data" / f"{task.name}.jsonl")
     assert config["dataset_kwargs"]["cache_dir"].startswith(str(local.folder))
     assert config["metric_list"] == [{"metric": METRIC, "aggregation": "mean", "higher_is_better": True}]
-    functions = [config[key] for key in ("doc_to_visual", "doc_to_text", "doc_to_target", "doc_to_messages",
-                                         "process_results")]
+    functions = [
+        config[key] for key in ("doc_to_visual", "doc_to_text", "doc_to_target", "doc_to_messages", "process_results")
+    ]
     assert all(f.startswith("!function utils.") and hasattr(utils, f.split(".")[1]) for f in functions)
     assert (local.folder / "utils.py").read_text() == open(utils.__file__).read()
 
@@ -82,18 +83,28 @@ def test_process_results_scores_by_normalized_exact_match(answer, correct):
 
 def record(question_type, turns=("What color?\n<image>", "red"), image="shapes/test/000000.png", id_="q1"):
     sides = ["human", "gpt"] * len(turns)
-    return {"id": id_, "image": image, "question_type": question_type,
-            "conversations": [{"from": side, "value": value} for side, value in zip(sides, turns)]}
+    return {
+        "id": id_,
+        "image": image,
+        "question_type": question_type,
+        "conversations": [{"from": side, "value": value} for side, value in zip(sides, turns)],
+    }
 
 
-@pytest.mark.parametrize(("records", "message"), [
-    ([record("color", turns=("Hi <image>", "hello", "And?", "red"))], r"record 0 \(id 'q1'\): field 'conversations'"),
-    ([record("color", image="nowhere.png")], r"image 'nowhere.png' not found"),
-    ([record("color", image=7)], r"record 0 \(id 'q1'\): 'image' must be a string"),
-    ([record("color", turns=("What color?", "red"))], r"0 <image> tag\(s\) for 1 image\(s\)"),
-    ([record("a b"), record("a-b", id_="q2")], "benchmark 'a-b' and 'a b'"),
-    ([record("color", turns=("What is 2+2?", "4"), image=None)], "no record has an image"),
-])
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        (
+            [record("color", turns=("Hi <image>", "hello", "And?", "red"))],
+            r"record 0 \(id 'q1'\): field 'conversations'",
+        ),
+        ([record("color", image="nowhere.png")], r"image 'nowhere.png' not found"),
+        ([record("color", image=7)], r"record 0 \(id 'q1'\): 'image' must be a string"),
+        ([record("color", turns=("What color?", "red"))], r"0 <image> tag\(s\) for 1 image\(s\)"),
+        ([record("a b"), record("a-b", id_="q2")], "benchmark 'a-b' and 'a b'"),
+        ([record("color", turns=("What is 2+2?", "4"), image=None)], "no record has an image"),
+    ],
+)
 def test_what_lmms_eval_cannot_ask_is_named(records, message, small_demo, tmp_path):
     test = tmp_path / "test.json"
     write_records(records, test)
@@ -105,8 +116,10 @@ def test_without_question_types_the_tasks_are_the_sources_else_the_file(small_de
     test = tmp_path / "my_split.json"
     write_records([{**record(""), "source": "coco"}, {**record("color", id_="q2"), "source": "gqa"}], test)
     tasks = write_local_tasks(test, small_demo["images"], tmp_path / "by-source").tasks
-    assert [(task.name, task.benchmark) for task in tasks] == [("xmas_heldout_coco", "coco"),
-                                                                ("xmas_heldout_gqa", "gqa")]
+    assert [(task.name, task.benchmark) for task in tasks] == [
+        ("xmas_heldout_coco", "coco"),
+        ("xmas_heldout_gqa", "gqa"),
+    ]
     write_records([record("", id_="q1"), record("color", id_="q2")], test)
     tasks = write_local_tasks(test, small_demo["images"], tmp_path / "one").tasks
     assert [(task.name, task.benchmark, task.questions) for task in tasks] == [("xmas_heldout_my_split", "my_split", 2)]

@@ -18,19 +18,31 @@ def figures(line: str) -> dict[str, str]:
 
 
 def test_the_smoke_run_prints_each_check_and_passes(tmp_path):
-    result = subprocess.run(["bash", "tests/gpu/check.sh", "--cpu-smoke"], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PYTHON": sys.executable, "XMAS_CHECK_LOGS": str(tmp_path)}, timeout=300)
+    result = subprocess.run(
+        ["bash", "tests/gpu/check.sh", "--cpu-smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable, "XMAS_CHECK_LOGS": str(tmp_path)},
+        timeout=300,
+    )
     out = result.stdout
     assert result.returncode == 0, out[-4000:] + result.stderr[-2000:]
     assert re.search(r"^torch \S+ \(CUDA \S+\), transformers \S+, peft \S+, accelerate \S+$", out, re.MULTILINE)
     assert "GPU: none (CPU smoke run" in out
-    summary = out[out.index("== summary"):].splitlines()
+    summary = out[out.index("== summary") :].splitlines()
     assert [line.split()[:3] for line in summary[1:4]] == [
-        ["RESULT", "trajectory-bench", "PASS"], ["RESULT", "proxy-step", "PASS"], ["RESULT", "lora-7b-step", "PASS"]]
+        ["RESULT", "trajectory-bench", "PASS"],
+        ["RESULT", "proxy-step", "PASS"],
+        ["RESULT", "lora-7b-step", "PASS"],
+    ]
     assert summary[-1] == "check: PASS"
     assert (tmp_path / "summary.txt").read_text().splitlines() == summary[1:4]
     assert sorted(path.name for path in tmp_path.glob("*.log")) == [
-        "lora-7b-step.log", "proxy-step.log", "trajectory-bench.log"]
+        "lora-7b-step.log",
+        "proxy-step.log",
+        "trajectory-bench.log",
+    ]
     bench = figures(summary[1])
     assert float(bench["agree"]) <= float(bench["max_disagreement"]) == 0.05
     assert float(bench["extraction_vs_eager"]) > 0 and float(bench["extract_examples_per_s"]) > 0
@@ -45,6 +57,23 @@ def test_the_smoke_run_prints_each_check_and_passes(tmp_path):
 
 
 def test_the_bench_fails_when_the_agreement_is_not_met(capsys):
-    assert bench_main(["trajectory", "--shape", "tiny", "--examples", "2", "--batch-size", "2", "--dtype", "bfloat16",
-                       "--build-on-device", "--max-disagreement", "1e-12"]) == 1
+    assert (
+        bench_main(
+            [
+                "trajectory",
+                "--shape",
+                "tiny",
+                "--examples",
+                "2",
+                "--batch-size",
+                "2",
+                "--dtype",
+                "bfloat16",
+                "--build-on-device",
+                "--max-disagreement",
+                "1e-12",
+            ]
+        )
+        == 1
+    )
     assert re.search(r"^agreement: \S+ <= 1\.00e-12: NOT met$", capsys.readouterr().out, re.MULTILINE)

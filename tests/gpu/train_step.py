@@ -53,22 +53,70 @@ from bench import PROMPT_TOKENS, PeakMemory, bench_batches  # noqa: E402
 IGNORE_INDEX = -100
 PROJECTOR = "multi_modal_projector"
 GIB = 2**30
-CLIP_L_336 = {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
-              "image_size": 336, "patch_size": 14, "projection_dim": 768}
-TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-               "image_size": 56, "patch_size": 14, "projection_dim": 32}
-TINY_TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 4, "vocab_size": 256}
-STABLELM_2_1_6B = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 32,
-                   "num_key_value_heads": 32, "vocab_size": 100352}
-VICUNA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-             "num_key_value_heads": 32, "vocab_size": 32001}  # 32000 + the image token, as target-init adds it
+CLIP_L_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+}
+TINY_VISION = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 56,
+    "patch_size": 14,
+    "projection_dim": 32,
+}
+TINY_TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "vocab_size": 256,
+}
+STABLELM_2_1_6B = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 100352,
+}
+VICUNA_7B = {
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32001,
+}  # 32000 + the image token, as target-init adds it
 
 CHECKS = {
-    "proxy": {"name": "proxy-step", "text": STABLELM_2_1_6B, "vision": CLIP_L_336, "examples": 32,
-              "micro_batches": 4, "text_lengths": (64, 512), "lora": None, "checkpointing": False},
-    "lora": {"name": "lora-7b-step", "text": VICUNA_7B, "vision": CLIP_L_336, "examples": 16, "micro_batches": 1,
-             "text_lengths": (64, 512), "lora": {"rank": 128, "alpha": 256, "dropout": 0.05}, "checkpointing": True},
+    "proxy": {
+        "name": "proxy-step",
+        "text": STABLELM_2_1_6B,
+        "vision": CLIP_L_336,
+        "examples": 32,
+        "micro_batches": 4,
+        "text_lengths": (64, 512),
+        "lora": None,
+        "checkpointing": False,
+    },
+    "lora": {
+        "name": "lora-7b-step",
+        "text": VICUNA_7B,
+        "vision": CLIP_L_336,
+        "examples": 16,
+        "micro_batches": 1,
+        "text_lengths": (64, 512),
+        "lora": {"rank": 128, "alpha": 256, "dropout": 0.05},
+        "checkpointing": True,
+    },
 }
 SMOKE = {"text": TINY_TEXT, "vision": TINY_VISION, "examples": 4, "micro_batches": 2, "text_lengths": (8, 24)}
 SMOKE_LORA = {"rank": 8, "alpha": 16, "dropout": 0.05}
@@ -92,15 +140,29 @@ def llava_config(kind: str, settings: dict):
 
     text = settings["text"]
     if kind == "proxy":
-        text_config = StableLmConfig(max_position_embeddings=4096, partial_rotary_factor=0.25, use_qkv_bias=True,
-                                     layer_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0, **text)
+        text_config = StableLmConfig(
+            max_position_embeddings=4096,
+            partial_rotary_factor=0.25,
+            use_qkv_bias=True,
+            layer_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            pad_token_id=0,
+            **text,
+        )
     else:
-        text_config = LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                  pad_token_id=0, **text)
+        text_config = LlamaConfig(
+            max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False, pad_token_id=0, **text
+        )
     vision = CLIPVisionConfig(**settings["vision"])
-    return LlavaConfig(vision_config=vision, text_config=text_config, image_token_index=text["vocab_size"] - 1,
-                       projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
-                       image_seq_length=(vision.image_size // vision.patch_size) ** 2)
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text_config,
+        image_token_index=text["vocab_size"] - 1,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
+    )
 
 
 def build_model(config, device: torch.device, dtype: torch.dtype, attention: str, seed: int = 0):
@@ -117,8 +179,10 @@ def build_model(config, device: torch.device, dtype: torch.dtype, attention: str
 
 def recipe() -> tuple[dict, str]:
     """with_lora, freeze_vision_tower and parameter_groups: xmas's (they import torch and peft alone)."""
-    return ({"with_lora": with_lora, "freeze_vision_tower": freeze_vision_tower, "parameter_groups": parameter_groups},
-            "xmas.models.recipe")
+    return (
+        {"with_lora": with_lora, "freeze_vision_tower": freeze_vision_tower, "parameter_groups": parameter_groups},
+        "xmas.models.recipe",
+    )
 
 
 def prepare_model(kind: str, settings: dict, device: torch.device, steps: dict):
@@ -153,8 +217,10 @@ def micro_batches(model, settings: dict, device: torch.device, seed: int = 0) ->
     shape = {"text_lengths": settings["text_lengths"], "examples": settings["examples"], "batch_size": per_micro}
     config = model.config
     batches = bench_batches(model, shape, seed)
-    return [MicroBatch({key: value.to(device) for key, value in with_labels(batch, config.image_token_id).items()})
-            for batch in batches]
+    return [
+        MicroBatch({key: value.to(device) for key, value in with_labels(batch, config.image_token_id).items()})
+        for batch in batches
+    ]
 
 
 def label_tokens(micro: MicroBatch) -> int:
@@ -170,8 +236,11 @@ class Memory:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.method = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
-                       else "peak resident set (VmHWM, reset before each step)")
+        self.method = (
+            "torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else "peak resident set (VmHWM, reset before each step)"
+        )
 
     def start(self) -> None:
         PeakMemory(self.device).start()  # resets the CUDA peak, or VmHWM through /proc/self/clear_refs
@@ -198,10 +267,12 @@ def probes(model) -> dict[str, bool]:
     """A few parameters and whether a step must change them: the first trainable projector, LoRA (or
     language model) and vision tower weights, and for LoRA a frozen base weight."""
     names = [name for name, _ in model.named_parameters()]
-    rules = [(r"multi_modal_projector\.(modules_to_save\.default\.)?linear_1\.weight$", True),
-             (r"lora_B\.default\.weight$", True),
-             (r"language_model\.layers\.0\..*q_proj\.(base_layer\.)?weight$", None),
-             (r"vision_tower\..*\.weight$", False)]
+    rules = [
+        (r"multi_modal_projector\.(modules_to_save\.default\.)?linear_1\.weight$", True),
+        (r"lora_B\.default\.weight$", True),
+        (r"language_model\.layers\.0\..*q_proj\.(base_layer\.)?weight$", None),
+        (r"vision_tower\..*\.weight$", False),
+    ]
     chosen = {}
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     for pattern, changes in rules:
@@ -242,21 +313,29 @@ def describe(kind: str, settings: dict, model, attention: str, device: torch.dev
     text, vision = settings["text"], settings["vision"]
     lm = "StableLM-2" if kind == "proxy" else "Llama"
     dtype = "float32 under bf16 autocast" if not settings["lora"] else "bfloat16 base, float32 trainable, bf16 autocast"
-    return (f"{lm} LM {text['num_hidden_layers']} layers, hidden {text['hidden_size']}, {text['num_attention_heads']} "
-            f"heads, vocab {text['vocab_size']}; CLIP {vision['num_hidden_layers']} layers, hidden "
-            f"{vision['hidden_size']}, {model.config.image_seq_length} image tokens; random weights, {dtype}; "
-            f"device {device}, attention {attention}")
+    return (
+        f"{lm} LM {text['num_hidden_layers']} layers, hidden {text['hidden_size']}, {text['num_attention_heads']} "
+        f"heads, vocab {text['vocab_size']}; CLIP {vision['num_hidden_layers']} layers, hidden "
+        f"{vision['hidden_size']}, {model.config.image_seq_length} image tokens; random weights, {dtype}; "
+        f"device {device}, attention {attention}"
+    )
 
 
 def report_parameters(name: str, settings: dict, model, source: str) -> dict[str, str]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lora = settings["lora"]
-    trained = (f"LoRA r={lora['rank']} alpha={lora['alpha']} dropout={lora['dropout']} on the LM's linear layers, "
-               "projector in full" if lora else "LM and projector trained")
-    print(f"{name}: {total / 1e6:,.1f}M parameters, {trainable / 1e6:,.1f}M trainable ({trained}, vision tower "
-          f"frozen, gradient checkpointing {'on' if settings['checkpointing'] else 'off'}); recipe: {source}",
-          flush=True)
+    trained = (
+        f"LoRA r={lora['rank']} alpha={lora['alpha']} dropout={lora['dropout']} on the LM's linear layers, "
+        "projector in full"
+        if lora
+        else "LM and projector trained"
+    )
+    print(
+        f"{name}: {total / 1e6:,.1f}M parameters, {trainable / 1e6:,.1f}M trainable ({trained}, vision tower "
+        f"frozen, gradient checkpointing {'on' if settings['checkpointing'] else 'off'}); recipe: {source}",
+        flush=True,
+    )
     return {"parameters_m": f"{total / 1e6:.1f}", "trainable_m": f"{trainable / 1e6:.1f}"}
 
 
@@ -265,29 +344,43 @@ def engine(kind: str, model, settings: dict, steps: dict, context):
     learning_rate, projector_rate = LEARNING_RATES[kind]
     optimizer = torch.optim.AdamW(steps["parameter_groups"](model, learning_rate, projector_rate, 0.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return prepare_training(model, optimizer, scheduler, context, stage_defaults(
-        "finetune-target", precision="bf16", max_grad_norm=1.0, gradient_checkpointing=settings["checkpointing"]))
+    return prepare_training(
+        model,
+        optimizer,
+        scheduler,
+        context,
+        stage_defaults(
+            "finetune-target", precision="bf16", max_grad_norm=1.0, gradient_checkpointing=settings["checkpointing"]
+        ),
+    )
 
 
 def report_batch(name: str, settings: dict, batches: list[MicroBatch], memory: Memory) -> int:
     tokens = sum(int(micro.inputs["attention_mask"].sum()) for micro in batches)
     low, high = settings["text_lengths"]
-    print(f"{name}: batch of {settings['examples']} examples in {len(batches)} micro-batch(es) of "
-          f"{len(batches[0].inputs['input_ids'])}, {tokens:,} tokens (text lengths {low}-{high}), "
-          f"{sum(label_tokens(m) for m in batches):,} label tokens; {memory.now() / GIB:.2f} GiB in use before "
-          f"the first step; peak memory: {memory.method}", flush=True)
+    print(
+        f"{name}: batch of {settings['examples']} examples in {len(batches)} micro-batch(es) of "
+        f"{len(batches[0].inputs['input_ids'])}, {tokens:,} tokens (text lengths {low}-{high}), "
+        f"{sum(label_tokens(m) for m in batches):,} label tokens; {memory.now() / GIB:.2f} GiB in use before "
+        f"the first step; peak memory: {memory.method}",
+        flush=True,
+    )
     return tokens
 
 
-def run_steps(name: str, training, batches: list[MicroBatch], context, memory: Memory, count: int,
-              tokens: int) -> list[tuple[float, float, int]]:
+def run_steps(
+    name: str, training, batches: list[MicroBatch], context, memory: Memory, count: int, tokens: int
+) -> list[tuple[float, float, int]]:
     results = []
     for step in range(1, count + 1):
         seconds, loss, peak = timed_step(training, batches, context, memory)
         results.append((seconds, loss, peak))
         label = " (warm-up)" if step == 1 and count > 1 else ""
-        print(f"{name}: step {step}{label}: {seconds:.2f} s, loss {loss:.4f}, peak memory {peak / GIB:.2f} GiB"
-              f"{memory.reserved()}, {tokens / seconds:,.0f} tokens/s", flush=True)
+        print(
+            f"{name}: step {step}{label}: {seconds:.2f} s, loss {loss:.4f}, peak memory {peak / GIB:.2f} GiB"
+            f"{memory.reserved()}, {tokens / seconds:,.0f} tokens/s",
+            flush=True,
+        )
     return results
 
 
@@ -297,9 +390,11 @@ def verdict(name: str, results: list, problems: list[str], settings: dict, token
         print(f"{name}: problem: {problem}", flush=True)
     seconds, loss, _ = results[-1]
     peak = max(result[2] for result in results)
-    figures = (f"step_s={seconds:.3f} first_step_s={results[0][0]:.3f} peak_gib={peak / GIB:.2f} "
-               f"tokens_per_s={tokens / seconds:.0f} loss={loss:.4f} examples={settings['examples']} tokens={tokens} "
-               + " ".join(f"{key}={value}" for key, value in sizes.items()))
+    figures = (
+        f"step_s={seconds:.3f} first_step_s={results[0][0]:.3f} peak_gib={peak / GIB:.2f} "
+        f"tokens_per_s={tokens / seconds:.0f} loss={loss:.4f} examples={settings['examples']} tokens={tokens} "
+        + " ".join(f"{key}={value}" for key, value in sizes.items())
+    )
     print(f"RESULT {name} {'FAIL' if problems else 'PASS'} {figures}", flush=True)
     return 1 if problems else 0
 
@@ -312,8 +407,11 @@ def run(kind: str, smoke: bool, steps_count: int = 2) -> int:
     memory = Memory(context.device)
     start = time.monotonic()
     model, attention = prepare_model(kind, settings, context.device, steps)
-    print(f"{name}: {describe(kind, settings, model, attention, context.device)}; built in "
-          f"{time.monotonic() - start:.1f} s", flush=True)
+    print(
+        f"{name}: {describe(kind, settings, model, attention, context.device)}; built in "
+        f"{time.monotonic() - start:.1f} s",
+        flush=True,
+    )
     sizes = report_parameters(name, settings, model, source)
     training = engine(kind, model, settings, steps, context)
     model.train()

@@ -25,12 +25,24 @@ from xmas.stages.prepare import prepare
 from conftest import MODERN_FAMILIES, VARIED_SIZES, modern_checkpoint, varied_records
 
 # The stand-in of each family's own repo layout, and the text that closes an assistant turn in its template.
-FAMILY_STANDIN = {"qwen2_5_vl": "Qwen2.5-VL-3B-Instruct", "qwen3_vl": "Qwen3-VL-2B-Instruct",
-                  "idefics3": "SmolVLM-256M-Instruct", "smolvlm": "SmolVLM2-256M-Video-Instruct"}
-END_OF_TURN = {"qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>", "idefics3": "<end_of_utterance>",
-               "smolvlm": "<end_of_utterance>"}
-GENERATION_PROMPT = {"qwen2_5_vl": "<|im_start|>assistant\n", "qwen3_vl": "<|im_start|>assistant\n",
-                     "idefics3": "Assistant:", "smolvlm": "Assistant:"}
+FAMILY_STANDIN = {
+    "qwen2_5_vl": "Qwen2.5-VL-3B-Instruct",
+    "qwen3_vl": "Qwen3-VL-2B-Instruct",
+    "idefics3": "SmolVLM-256M-Instruct",
+    "smolvlm": "SmolVLM2-256M-Video-Instruct",
+}
+END_OF_TURN = {
+    "qwen2_5_vl": "<|im_end|>",
+    "qwen3_vl": "<|im_end|>",
+    "idefics3": "<end_of_utterance>",
+    "smolvlm": "<end_of_utterance>",
+}
+GENERATION_PROMPT = {
+    "qwen2_5_vl": "<|im_start|>assistant\n",
+    "qwen3_vl": "<|im_start|>assistant\n",
+    "idefics3": "Assistant:",
+    "smolvlm": "Assistant:",
+}
 TEMPLATE = {"qwen2_5_vl": "qwen2_5_vl", "qwen3_vl": "qwen3_vl", "idefics3": "smolvlm", "smolvlm": "smolvlm"}
 RECORDS = varied_records()
 IMAGE_RECORDS = [record for record in RECORDS if "image" in record]
@@ -160,12 +172,15 @@ def test_the_evaluation_prompt_ends_with_the_generation_prompt(family, encoder):
     item = encoder.prompt(messages, TWO_TURNS)
     text = encoder.tokenizer.decode(item["input_ids"])
     assert text.endswith(GENERATION_PROMPT[family]) and "A red umbrella" not in text
-    assert int((item["input_ids"] == encoder.image_token_id).sum()) == encoder.images.run(
-        *Image.open(encoder.image_root / TWO_TURNS["image"]).size).image_tokens
+    assert (
+        int((item["input_ids"] == encoder.image_token_id).sum())
+        == encoder.images.run(*Image.open(encoder.image_root / TWO_TURNS["image"]).size).image_tokens
+    )
 
 
-def test_prepare_counts_each_records_tokens_and_excludes_an_image_cut_by_max_length(family, standins, varied_data,
-                                                                                   encoder, tmp_path):
+def test_prepare_counts_each_records_tokens_and_excludes_an_image_cut_by_max_length(
+    family, standins, varied_data, encoder, tmp_path
+):
     ends = sorted(length.image_end for length in encoder.lengths(IMAGE_RECORDS))
     max_length = ends[len(ends) // 2]  # about half the images end past it
     checkpoint = modern_checkpoint(family, standins, varied_data["train"], tmp_path / "short", max_length=max_length)
@@ -178,21 +193,25 @@ def test_prepare_counts_each_records_tokens_and_excludes_an_image_cut_by_max_len
     assert (examples.reason == "image_cut_by_max_length").sum() >= 2 and (examples.status == "ok").sum() >= 4
 
 
-def test_pixel_bounds_reach_the_saved_processor_and_bound_each_images_tokens(family, standins, varied_data, encoder,
-                                                                           tmp_path):
+def test_pixel_bounds_reach_the_saved_processor_and_bound_each_images_tokens(
+    family, standins, varied_data, encoder, tmp_path
+):
     layout = FAMILIES[family].layout
     if layout == "dynamic":
         factor = encoder.images.smallest_side()  # one token per factor x factor pixels
         bounds = {"min_pixels": 9 * factor**2, "max_pixels": 16 * factor**2}
         checkpoint = modern_checkpoint(family, standins, varied_data["train"], tmp_path / "bounded", **bounds)
         bounded = ImageTokens(load_processor(checkpoint))
-        assert dict(bounded.processor.image_processor.size) == {"shortest_edge": 9 * factor**2,
-                                                                "longest_edge": 16 * factor**2}
+        assert dict(bounded.processor.image_processor.size) == {
+            "shortest_edge": 9 * factor**2,
+            "longest_edge": 16 * factor**2,
+        }
         assert {bounded.run(*size).image_tokens for size in VARIED_SIZES} <= set(range(9, 17))
         assert bounded.run(200, 150).image_tokens < encoder.images.run(200, 150).image_tokens
     else:
-        checkpoint = modern_checkpoint(family, standins, varied_data["train"], tmp_path / "bounded",
-                                       max_pixels=128 * 128 + 1)
+        checkpoint = modern_checkpoint(
+            family, standins, varied_data["train"], tmp_path / "bounded", max_pixels=128 * 128 + 1
+        )
         bounded = ImageTokens(load_processor(checkpoint))
         assert bounded.processor.image_processor.size["longest_edge"] == 128  # two 64 px tiles, not four
         assert bounded.most() < encoder.images.most()

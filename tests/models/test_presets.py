@@ -15,9 +15,16 @@ from xmas.settings import stage_defaults
 
 PRESETS = load_presets()
 TARGETS = load_presets(TARGET_PRESETS)
-RECORD = {"id": "r1", "image": "red.png", "conversations": [
-    {"from": "human", "value": "<image>\nWhat color is it?"}, {"from": "gpt", "value": "It is red."},
-    {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]}
+RECORD = {
+    "id": "r1",
+    "image": "red.png",
+    "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is it?"},
+        {"from": "gpt", "value": "It is red."},
+        {"from": "human", "value": "Sure?"},
+        {"from": "gpt", "value": "Yes."},
+    ],
+}
 VICUNA = "lmsys/vicuna-7b-v1.5"
 CLIP = "openai/clip-vit-large-patch14-336"
 PROJECTOR = "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5"
@@ -53,10 +60,12 @@ def test_compose_carries_every_pretrained_part(standins, composed):
     for name, tensor in model.model.vision_tower.state_dict().items():
         torch.testing.assert_close(tensor, vision[name], msg=name)
     projector = torch.load(f"{standins[PROJECTOR]}/mm_projector.bin", weights_only=True)
-    torch.testing.assert_close(model.model.multi_modal_projector.linear_1.weight,
-                               projector["model.mm_projector.0.weight"].float())
-    torch.testing.assert_close(model.model.multi_modal_projector.linear_2.bias,
-                               projector["model.mm_projector.2.bias"].float())
+    torch.testing.assert_close(
+        model.model.multi_modal_projector.linear_1.weight, projector["model.mm_projector.0.weight"].float()
+    )
+    torch.testing.assert_close(
+        model.model.multi_modal_projector.linear_2.bias, projector["model.mm_projector.2.bias"].float()
+    )
     assert model.config.projector_hidden_act == "gelu" and model.config.vision_feature_layer == -2
 
 
@@ -117,8 +126,13 @@ def test_missing_model_names_the_key_and_value(standins):
 def test_a_composed_model_without_a_conversation_is_refused(standins, tmp_path):
     (tmp_path / "train.json").write_text("[]")
     with pytest.raises(XmasError, match="its processor has no chat template; name a conversation"):
-        init_model(stage_defaults("target-init", model="llava-1.5-7b", conversation="model", model_paths=standins),
-                   TARGETS, [tmp_path / "train.json"], tmp_path / "out", StageStats("t"))
+        init_model(
+            stage_defaults("target-init", model="llava-1.5-7b", conversation="model", model_paths=standins),
+            TARGETS,
+            [tmp_path / "train.json"],
+            tmp_path / "out",
+            StageStats("t"),
+        )
     with pytest.raises(XmasError, match="conversation 'vicuna' is not one of demo, phi, vicuna_v1, zephyr"):
         chat_template("vicuna")
 
@@ -142,8 +156,13 @@ def test_unknown_kind_and_from_config_without_records_are_clear_errors():
 
 
 def test_the_demo_targets_position_embeddings_stand_out_from_clips_init(small_demo, tmp_path):
-    init_model(stage_defaults("target-init", model="demo-target"), TARGETS, [small_demo["train"]], tmp_path / "target",
-               StageStats("t"))
+    init_model(
+        stage_defaults("target-init", model="demo-target"),
+        TARGETS,
+        [small_demo["train"]],
+        tmp_path / "target",
+        StageStats("t"),
+    )
     embeddings = load_checkpoint(tmp_path / "target")[0].model.vision_tower.embeddings
     assert TARGETS["demo-target"]["position_embedding_std"] == 1.0
     assert 0.9 < embeddings.position_embedding.weight.std().item() < 1.1  # CLIP's own init: 0.02

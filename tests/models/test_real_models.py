@@ -28,24 +28,39 @@ from xmas.training.finetune import fitting_records
 PROXIES = load_presets()
 TARGETS = load_presets(TARGET_PRESETS)
 VICUNA = "lmsys/vicuna-7b-v1.5"
-TWO_TURNS = {"id": "two-turns", "image": "wide.png", "conversations": [
-    {"from": "human", "value": "What is the man holding?\n<image>"}, {"from": "gpt", "value": "A red umbrella."},
-    {"from": "human", "value": "Is it raining?"}, {"from": "gpt", "value": "Yes, it is."}]}
-TEXT_ONLY = {"id": "text-only", "conversations": [
-    {"from": "human", "value": "Explain how a compiler works."},
-    {"from": "gpt", "value": "It starts with a simple idea."}]}
+TWO_TURNS = {
+    "id": "two-turns",
+    "image": "wide.png",
+    "conversations": [
+        {"from": "human", "value": "What is the man holding?\n<image>"},
+        {"from": "gpt", "value": "A red umbrella."},
+        {"from": "human", "value": "Is it raining?"},
+        {"from": "gpt", "value": "Yes, it is."},
+    ],
+}
+TEXT_ONLY = {
+    "id": "text-only",
+    "conversations": [
+        {"from": "human", "value": "Explain how a compiler works."},
+        {"from": "gpt", "value": "It starts with a simple idea."},
+    ],
+}
 # What LLaVA's own code writes for TWO_TURNS: llava/train/train.py's preprocess_multimodal (the image
 # moved to the front of its turn) and conv_vicuna_v1.get_prompt() of llava/conversation.py, run on
 # the record (haotian-liu/LLaVA at main); the string is copied from that run's output.
-LLAVA_VICUNA_V1 = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
-                   "helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is the man "
-                   "holding? ASSISTANT: A red umbrella.</s>USER: Is it raining? ASSISTANT: Yes, it is.</s>")
+LLAVA_VICUNA_V1 = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions. USER: <image>\nWhat is the man "
+    "holding? ASSISTANT: A red umbrella.</s>USER: Is it raining? ASSISTANT: Yes, it is.</s>"
+)
 # The same record through TinyLLaVA_Factory's `phi` template (tinyllava/data/template/phi_template.py
 # with base.py's _prompt, as upstream XMAS vendors them), run on the record; copied from its output.
 TINYLLAVA_PHI = LLAVA_VICUNA_V1.replace("</s>", "<|endoftext|>")
-LLAVA_VICUNA_V1_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
-                          "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\n"
-                          "What is the man holding? ASSISTANT:")
+LLAVA_VICUNA_V1_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions. USER: <image>\n"
+    "What is the man holding? ASSISTANT:"
+)
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +77,9 @@ def images(tmp_path_factory):
 
 def build(model: str, presets: dict, paths: dict, out, annotations, **settings):
     stage = "target-init" if presets is TARGETS else "proxy-init"
-    return init_model(stage_defaults(stage, model=model, model_paths=paths, **settings), presets, [annotations], out,
-                      StageStats("t"))
+    return init_model(
+        stage_defaults(stage, model=model, model_paths=paths, **settings), presets, [annotations], out, StageStats("t")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +169,9 @@ def test_vicuna_v1_renders_the_text_llavas_conversation_code_writes(llava, image
     assert [text[start:end] for start, end in spans] == [" A red umbrella.</s>", " Yes, it is.</s>"]
     prompt = encoder.processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is the man holding?"}]}],
-        tokenize=False, add_generation_prompt=True)
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert prompt == LLAVA_VICUNA_V1_PROMPT
 
 
@@ -204,11 +222,21 @@ def long_records() -> list[dict]:
     words = " ".join(["word"] * 200)
     return [
         TWO_TURNS,
-        {"id": "long-answer", "image": "wide.png", "conversations": [
-            {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": words}]},
-        {"id": "late-image", "image": "wide.png", "conversations": [
-            {"from": "human", "value": words}, {"from": "gpt", "value": "ok"},
-            {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "red"}]},
+        {
+            "id": "long-answer",
+            "image": "wide.png",
+            "conversations": [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": words}],
+        },
+        {
+            "id": "late-image",
+            "image": "wide.png",
+            "conversations": [
+                {"from": "human", "value": words},
+                {"from": "gpt", "value": "ok"},
+                {"from": "human", "value": "<image>\nAnd this?"},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
         {"id": "long-text", "conversations": [{"from": "human", "value": words}, {"from": "gpt", "value": words}]},
     ]
 
@@ -248,8 +276,17 @@ def test_a_record_longer_than_max_length_is_cut_and_cannot_fail_a_shard(short_co
     shard = shard_slice(usable_image_examples(root / "examples.parquet"), 0, 1)
     settings = stage_defaults("trajectory", batch_size=2, chunk_size=2)
     stats = StageStats("t")
-    extract_shard(root / "checkpoint-0", 1, shard, root / "train.json", images, root / "shard.parquet", settings,
-                  "attention", stats)
+    extract_shard(
+        root / "checkpoint-0",
+        1,
+        shard,
+        root / "train.json",
+        images,
+        root / "shard.parquet",
+        settings,
+        "attention",
+        stats,
+    )
     values = pq.read_table(root / "shard.parquet").to_pandas()
     assert values.uid.tolist() == ["two-turns", "long-answer"] and (values.sv1 > 0).all()
 

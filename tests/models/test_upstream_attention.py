@@ -74,8 +74,7 @@ def test_upstream_values_do_not_depend_on_the_batch_and_rerun_identically(model_
     model, encoder = model_and_encoder
     upstream = UpstreamAttention(model)
     together = lowrank_singular_values(*upstream.blocks(encoder(records, with_labels=False)), 5)
-    alone = torch.cat([lowrank_singular_values(*upstream.blocks(encoder([r], with_labels=False)), 5)
-                       for r in records])
+    alone = torch.cat([lowrank_singular_values(*upstream.blocks(encoder([r], with_labels=False)), 5) for r in records])
     torch.testing.assert_close(together, alone, rtol=1e-3, atol=1e-4)
     again = lowrank_singular_values(*upstream.blocks(encoder(records, with_labels=False)), 5)
     assert torch.equal(together, again)

@@ -35,9 +35,14 @@ def synthetic_inputs(tmp_path, groups=3, per_group=30, checkpoints=4):
             for c in range(checkpoints):
                 value = shape[c] + rng.normal(0, 0.01)
                 rows.append({"uid": uid, "checkpoint": c + 1, "sv1": value * 0.8, "sv2": value * 0.2})
-    examples = pd.DataFrame({"uid": uids + ["t0", "t1", "x"], "index": range(len(uids) + 3),
-                             "has_image": [True] * len(uids) + [False, False, True],
-                             "status": ["ok"] * (len(uids) + 2) + ["excluded"]})
+    examples = pd.DataFrame(
+        {
+            "uid": uids + ["t0", "t1", "x"],
+            "index": range(len(uids) + 3),
+            "has_image": [True] * len(uids) + [False, False, True],
+            "status": ["ok"] * (len(uids) + 2) + ["excluded"],
+        }
+    )
     write_parquet(examples, tmp_path / "examples.parquet")
     write_parquet(pd.DataFrame(rows), tmp_path / "trajectories.parquet")
     return tmp_path / "examples.parquet", tmp_path / "trajectories.parquet"

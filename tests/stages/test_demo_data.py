@@ -20,8 +20,22 @@ def rehearsal_data(tmp_path_factory):
     settings["test"]["per_type"] = 2
     (root / "settings.yaml").write_text(yaml.safe_dump(settings))
     paths = {"train": root / "train.json", "test": root / "test.json", "images": root / "images"}
-    assert main(["demo-data", "--settings", str(root / "settings.yaml"), "--train-json", str(paths["train"]),
-                 "--test-json", str(paths["test"]), "--image-root", str(paths["images"])]) == 0
+    assert (
+        main(
+            [
+                "demo-data",
+                "--settings",
+                str(root / "settings.yaml"),
+                "--train-json",
+                str(paths["train"]),
+                "--test-json",
+                str(paths["test"]),
+                "--image-root",
+                str(paths["images"]),
+            ]
+        )
+        == 0
+    )
     return paths
 
 
@@ -44,21 +58,55 @@ def test_the_rehearsal_set_has_what_llava665k_has(rehearsal_data):
 
 def test_a_settings_file_of_an_unknown_kind_is_refused(tmp_path, capfd):
     (tmp_path / "s.yaml").write_text("kind: videos\n")
-    code = main(["demo-data", "--settings", str(tmp_path / "s.yaml"), "--train-json", str(tmp_path / "t.json"),
-                 "--test-json", str(tmp_path / "e.json"), "--image-root", str(tmp_path / "i")])
+    code = main(
+        [
+            "demo-data",
+            "--settings",
+            str(tmp_path / "s.yaml"),
+            "--train-json",
+            str(tmp_path / "t.json"),
+            "--test-json",
+            str(tmp_path / "e.json"),
+            "--image-root",
+            str(tmp_path / "i"),
+        ]
+    )
     assert code == 1 and "kind 'videos' is not one of shapes, llava665k-like" in capfd.readouterr().err
 
 
 def test_a_shipped_generator_is_named_and_a_missing_file_is_clear(tmp_path, capfd):
-    code = main(["demo-data", "--settings", "nonesuch", "--train-json", str(tmp_path / "t.json"),
-                 "--test-json", str(tmp_path / "e.json"), "--image-root", str(tmp_path / "i")])
+    code = main(
+        [
+            "demo-data",
+            "--settings",
+            "nonesuch",
+            "--train-json",
+            str(tmp_path / "t.json"),
+            "--test-json",
+            str(tmp_path / "e.json"),
+            "--image-root",
+            str(tmp_path / "i"),
+        ]
+    )
     assert code == 1
     assert "demo settings 'nonesuch': no such file, and not one of shapes, rehearsal" in capfd.readouterr().err
 
 
 def test_only_the_shape_scenes_write_captions(tmp_path, capfd):
-    code = main(["demo-data", "--settings", "rehearsal", "--train-json", str(tmp_path / "t.json"),
-                 "--test-json", str(tmp_path / "e.json"), "--image-root", str(tmp_path / "i"),
-                 "--captions-json", str(tmp_path / "c.json")])
+    code = main(
+        [
+            "demo-data",
+            "--settings",
+            "rehearsal",
+            "--train-json",
+            str(tmp_path / "t.json"),
+            "--test-json",
+            str(tmp_path / "e.json"),
+            "--image-root",
+            str(tmp_path / "i"),
+            "--captions-json",
+            str(tmp_path / "c.json"),
+        ]
+    )
     assert code == 1 and "a llava665k-like dataset has no captions" in capfd.readouterr().err
     assert not (tmp_path / "t.json").exists()

@@ -42,8 +42,9 @@ def sha256(data: bytes) -> str:
 
 
 def write_manifest(path: Path, files: list[dict]) -> Path:
-    path.write_text(yaml.safe_dump({"name": "fixture", "annotations": "train.json", "image_root": "images",
-                                    "files": files}))
+    path.write_text(
+        yaml.safe_dump({"name": "fixture", "annotations": "train.json", "image_root": "images", "files": files})
+    )
     return path
 
 
@@ -56,8 +57,13 @@ def test_shipped_manifests_load_and_lay_out_the_llava_folders():
     llava = load_manifest(resolve_manifest("llava665k"))
     assert llava.annotations == "llava_v1_5_mix665k.json" and llava.image_root == "images"
     folders = {entry.unpack["to"] for entry in llava.entries if entry.unpack}
-    assert folders == {"images/coco/train2017", "images/gqa/images", "images/textvqa/train_images",
-                       "images/vg/VG_100K", "images/vg/VG_100K_2"}
+    assert folders == {
+        "images/coco/train2017",
+        "images/gqa/images",
+        "images/textvqa/train_images",
+        "images/vg/VG_100K",
+        "images/vg/VG_100K_2",
+    }
     assert any(entry.url_list and entry.url_list["prefix"] == "ocr_vqa/images/" for entry in llava.entries)
     flan = load_manifest(resolve_manifest("visionflan"))
     assert (flan.annotations, flan.image_root) == ("annotation_191-task_1k.json", "images_191task_1k")
@@ -68,11 +74,23 @@ def test_shipped_manifests_load_and_lay_out_the_llava_folders():
 def test_full_download_publishes_the_file_and_unpacks_the_archive(tmp_path):
     archive = zipped({"imgs/1.png": b"one", "imgs/sub/2.png": b"two"})
     with FileServer({"/train.json": ANNOTATIONS, "/coco.zip": archive}) as server:
-        manifest = write_manifest(tmp_path / "m.yaml", [
-            {"name": "annotations", "url": server.url("/train.json"), "save_as": "train.json",
-             "size": len(ANNOTATIONS), "sha256": sha256(ANNOTATIONS)},
-            {"name": "coco", "url": server.url("/coco.zip"), "unpack": {"member": "imgs", "to": "images/coco/imgs"}},
-        ])
+        manifest = write_manifest(
+            tmp_path / "m.yaml",
+            [
+                {
+                    "name": "annotations",
+                    "url": server.url("/train.json"),
+                    "save_as": "train.json",
+                    "size": len(ANNOTATIONS),
+                    "sha256": sha256(ANNOTATIONS),
+                },
+                {
+                    "name": "coco",
+                    "url": server.url("/coco.zip"),
+                    "unpack": {"member": "imgs", "to": "images/coco/imgs"},
+                },
+            ],
+        )
         dest = tmp_path / "data"
         code = main(["download", "--dataset", str(manifest), "--dest", str(dest), "--retry-wait", "0"])
         assert code == 0
@@ -100,8 +118,10 @@ def test_an_interrupted_transfer_resumes_where_it_stopped(tmp_path):
     with FileServer({"/big.bin": PAYLOAD}) as server:
         cut = BLOCK + 123
         server.cut_after["/big.bin"] = cut
-        manifest = write_manifest(tmp_path / "m.yaml", [
-            {"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin", "sha256": sha256(PAYLOAD)}])
+        manifest = write_manifest(
+            tmp_path / "m.yaml",
+            [{"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin", "sha256": sha256(PAYLOAD)}],
+        )
         download(manifest, tmp_path / "data", retries=2)
         assert (tmp_path / "data/big.bin").read_bytes() == PAYLOAD
         requests = server.served("/big.bin")
@@ -113,8 +133,10 @@ def test_a_download_interrupted_for_good_is_resumed_by_the_next_run(tmp_path):
     with FileServer({"/big.bin": PAYLOAD}) as server:
         cut = 2 * BLOCK + 5
         server.cut_after["/big.bin"] = cut
-        manifest = write_manifest(tmp_path / "m.yaml", [
-            {"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin", "size": len(PAYLOAD)}])
+        manifest = write_manifest(
+            tmp_path / "m.yaml",
+            [{"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin", "size": len(PAYLOAD)}],
+        )
         with pytest.raises(XmasError, match=r"big: transfer of .* interrupted .* run again to resume"):
             download(manifest, tmp_path / "data", retries=0)
         part = tmp_path / "data/downloads/big-big.bin.part"
@@ -127,8 +149,9 @@ def test_a_download_interrupted_for_good_is_resumed_by_the_next_run(tmp_path):
 
 def test_a_complete_part_file_is_not_fetched_again(tmp_path):
     with FileServer({"/big.bin": PAYLOAD}) as server:
-        manifest = write_manifest(tmp_path / "m.yaml", [
-            {"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin"}])
+        manifest = write_manifest(
+            tmp_path / "m.yaml", [{"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin"}]
+        )
         (tmp_path / "data/downloads").mkdir(parents=True)
         (tmp_path / "data/downloads/big-big.bin.part").write_bytes(PAYLOAD)  # killed right after the last byte
         download(manifest, tmp_path / "data")
@@ -140,8 +163,10 @@ def test_a_server_that_ignores_range_gets_a_clean_restart(tmp_path):
     with FileServer({"/big.bin": PAYLOAD}) as server:
         server.cut_after["/big.bin"] = BLOCK
         server.ignore_range.add("/big.bin")
-        manifest = write_manifest(tmp_path / "m.yaml", [
-            {"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin", "sha256": sha256(PAYLOAD)}])
+        manifest = write_manifest(
+            tmp_path / "m.yaml",
+            [{"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin", "sha256": sha256(PAYLOAD)}],
+        )
         download(manifest, tmp_path / "data", retries=1)
         assert (tmp_path / "data/big.bin").read_bytes() == PAYLOAD
 
@@ -149,8 +174,10 @@ def test_a_server_that_ignores_range_gets_a_clean_restart(tmp_path):
 def test_a_checksum_mismatch_fails_and_discards_the_download(tmp_path):
     with FileServer({"/train.json": ANNOTATIONS}) as server:
         wrong = "0" * 64
-        manifest = write_manifest(tmp_path / "m.yaml", [
-            {"name": "annotations", "url": server.url("/train.json"), "save_as": "train.json", "sha256": wrong}])
+        manifest = write_manifest(
+            tmp_path / "m.yaml",
+            [{"name": "annotations", "url": server.url("/train.json"), "save_as": "train.json", "sha256": wrong}],
+        )
         with pytest.raises(XmasError) as caught:
             download(manifest, tmp_path / "data")
         message = str(caught.value)
@@ -161,16 +188,26 @@ def test_a_checksum_mismatch_fails_and_discards_the_download(tmp_path):
 
 def test_a_size_other_than_the_manifest_says_fails(tmp_path):
     with FileServer({"/train.json": ANNOTATIONS}) as server:
-        manifest = write_manifest(tmp_path / "m.yaml", [{"name": "annotations", "url": server.url("/train.json"),
-                                                         "save_as": "train.json", "size": len(ANNOTATIONS) + 1}])
+        manifest = write_manifest(
+            tmp_path / "m.yaml",
+            [
+                {
+                    "name": "annotations",
+                    "url": server.url("/train.json"),
+                    "save_as": "train.json",
+                    "size": len(ANNOTATIONS) + 1,
+                }
+            ],
+        )
         with pytest.raises(XmasError, match=f"is {len(ANNOTATIONS)} bytes, the manifest says {len(ANNOTATIONS) + 1}"):
             download(manifest, tmp_path / "data")
 
 
 def test_a_missing_file_is_a_clear_404(tmp_path, capfd):
     with FileServer() as server:
-        manifest = write_manifest(tmp_path / "m.yaml", [
-            {"name": "annotations", "url": server.url("/gone.json"), "save_as": "train.json"}])
+        manifest = write_manifest(
+            tmp_path / "m.yaml", [{"name": "annotations", "url": server.url("/gone.json"), "save_as": "train.json"}]
+        )
         code = main(["download", "--dataset", str(manifest), "--dest", str(tmp_path / "data")])
     err = capfd.readouterr().err
     assert code == 1 and "Traceback" not in err
@@ -181,8 +218,9 @@ def test_a_full_disk_is_a_clear_error(tmp_path):
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full")
     with FileServer({"/big.bin": PAYLOAD}) as server:
-        manifest = write_manifest(tmp_path / "m.yaml", [
-            {"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin"}])
+        manifest = write_manifest(
+            tmp_path / "m.yaml", [{"name": "big", "url": server.url("/big.bin"), "save_as": "big.bin"}]
+        )
         (tmp_path / "data/downloads").mkdir(parents=True)
         os.symlink("/dev/full", tmp_path / "data/downloads/big-big.bin.part")  # every write: ENOSPC
         with pytest.raises(XmasError, match=r"big: disk full while writing .*big-big\.bin\.part"):
@@ -192,11 +230,18 @@ def test_a_full_disk_is_a_clear_error(tmp_path):
 def test_a_url_list_fetches_the_referenced_images_and_lists_the_dead_links(tmp_path):
     records = [{"id": str(i), "image": f"ocr_vqa/images/{i}.jpg", "conversations": []} for i in (1, 2, 3)]
     with FileServer({"/train.json": json.dumps(records).encode(), "/img/1": b"jpeg-1", "/img/9": b"unused"}) as server:
-        listing = {"1": {"imageURL": server.url("/img/1")}, "2": {"imageURL": server.url("/img/2")},
-                   "9": {"imageURL": server.url("/img/9")}}
-        manifest = write_manifest(tmp_path / "m.yaml", [
-            {"name": "annotations", "url": server.url("/train.json"), "save_as": "train.json"},
-            {"name": "ocr", "optional": True, "url_list": {"list": "ocr.json", "prefix": "ocr_vqa/images/"}}])
+        listing = {
+            "1": {"imageURL": server.url("/img/1")},
+            "2": {"imageURL": server.url("/img/2")},
+            "9": {"imageURL": server.url("/img/9")},
+        }
+        manifest = write_manifest(
+            tmp_path / "m.yaml",
+            [
+                {"name": "annotations", "url": server.url("/train.json"), "save_as": "train.json"},
+                {"name": "ocr", "optional": True, "url_list": {"list": "ocr.json", "prefix": "ocr_vqa/images/"}},
+            ],
+        )
         dest = tmp_path / "data"
         missing = download(manifest, dest)
         assert missing["ocr"]["status"] == "missing"  # optional and no list yet: a warning, not an error

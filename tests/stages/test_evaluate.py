@@ -27,16 +27,56 @@ def subset(small_demo, tmp_path_factory):
 def test_finetune_then_evaluate_on_the_demo_test_split(tiny_checkpoint, subset, small_demo, tmp_path):
     target, scores = tmp_path / "target", tmp_path / "scores.tsv"
     xmas = [sys.executable, "-m", "xmas"]
-    subprocess.run([*xmas, "finetune-target", "--base", str(tiny_checkpoint), "--subset", str(subset),
-                    "--image-root", str(small_demo["images"]), "--out", str(target), "--lora-r", "0",
-                    "--epochs", "1", "--batch-size", "8", "--learning-rate", "1e-3",
-                    "--stats", str(tmp_path / "ft.json")],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            *xmas,
+            "finetune-target",
+            "--base",
+            str(tiny_checkpoint),
+            "--subset",
+            str(subset),
+            "--image-root",
+            str(small_demo["images"]),
+            "--out",
+            str(target),
+            "--lora-r",
+            "0",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--learning-rate",
+            "1e-3",
+            "--stats",
+            str(tmp_path / "ft.json"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     run = json.loads((target / "xmas_finetune.json").read_text())
     assert run["records"] == 24 and len(run["losses"]) == 3
-    subprocess.run([*xmas, "evaluate", "--model", str(target), "--test", str(small_demo["test"]),
-                    "--image-root", str(small_demo["images"]), "--out", str(scores), "--batch-size", "7",
-                    "--stats", str(tmp_path / "ev.json")], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [
+            *xmas,
+            "evaluate",
+            "--model",
+            str(target),
+            "--test",
+            str(small_demo["test"]),
+            "--image-root",
+            str(small_demo["images"]),
+            "--out",
+            str(scores),
+            "--batch-size",
+            "7",
+            "--stats",
+            str(tmp_path / "ev.json"),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     test = read_all(small_demo["test"])
     table = pd.read_csv(scores, sep="\t")
     assert list(table.columns) == ["benchmark", "score", "n"]
@@ -50,8 +90,9 @@ def test_finetune_then_evaluate_on_the_demo_test_split(tiny_checkpoint, subset, 
     assert stats["counts"]["in"] == len(test) and stats["counts"]["correct"] == sum(correct)
 
 
-@pytest.mark.parametrize("answer, reference", [("The Two.", "2"), ("  blue ", "Blue"), ("a red circle", "red circle"),
-                                               ("ten", "10")])
+@pytest.mark.parametrize(
+    "answer, reference", [("The Two.", "2"), ("  blue ", "Blue"), ("a red circle", "red circle"), ("ten", "10")]
+)
 def test_answers_match_after_normalization(answer, reference):
     assert normalize_answer(answer) == normalize_answer(reference)
 

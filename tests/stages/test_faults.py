@@ -33,8 +33,22 @@ def write(path, records):
 
 
 def run_prepare(annotations, image_root, model, out, *options) -> int:
-    return main(["prepare", "--annotations", str(annotations), "--image-root", str(image_root), "--model", str(model),
-                 "--out", str(out), "--workers", "1", *options])
+    return main(
+        [
+            "prepare",
+            "--annotations",
+            str(annotations),
+            "--image-root",
+            str(image_root),
+            "--model",
+            str(model),
+            "--out",
+            str(out),
+            "--workers",
+            "1",
+            *options,
+        ]
+    )
 
 
 def prepared(annotations, image_root, model, tmp_path, *options) -> pd.DataFrame:
@@ -43,12 +57,16 @@ def prepared(annotations, image_root, model, tmp_path, *options) -> pd.DataFrame
     return pd.read_parquet(out)
 
 
-def test_every_image_of_a_list_is_checked_and_an_ok_list_record_encodes(small_demo, tiny_checkpoint, tiny_encoder,
-                                                                        tmp_path):
+def test_every_image_of_a_list_is_checked_and_an_ok_list_record_encodes(
+    small_demo, tiny_checkpoint, tiny_encoder, tmp_path
+):
     first, second = demo_images(small_demo, 2)
     two_tags = [{"from": "human", "value": "<image><image>\nSame colour?"}, {"from": "gpt", "value": "no"}]
-    records = [record("one-in-a-list", [first]), record("two", [first, second], two_tags),
-               record("second-missing", [first, "shapes/nowhere.png"], two_tags)]
+    records = [
+        record("one-in-a-list", [first]),
+        record("two", [first, second], two_tags),
+        record("second-missing", [first, "shapes/nowhere.png"], two_tags),
+    ]
     annotations = write(tmp_path / "lists.json", records)
     examples = prepared(annotations, small_demo["images"], tiny_checkpoint, tmp_path, "--max-images", "2")
     assert examples.status.tolist() == ["ok", "ok", "excluded"]
@@ -70,8 +88,20 @@ def test_lone_surrogates_are_excluded_as_invalid_unicode(small_demo, tiny_checkp
     assert examples.detail.iloc[1].startswith("field ['id'] holds a lone surrogate")
     assert examples.detail.iloc[2].startswith("field ['conversations'][1]['value'] holds a lone surrogate")
     # checkpoint 0 is built from the same file before prepare runs: the tokenizer skips the record
-    assert main(["proxy-init", "--annotations", str(annotations), "--out", str(tmp_path / "checkpoint-0"),
-                 "--model", "demo-tiny"]) == 0
+    assert (
+        main(
+            [
+                "proxy-init",
+                "--annotations",
+                str(annotations),
+                "--out",
+                str(tmp_path / "checkpoint-0"),
+                "--model",
+                "demo-tiny",
+            ]
+        )
+        == 0
+    )
 
 
 def test_a_conversation_far_longer_than_max_length_is_excluded_as_too_long(small_demo, tiny_checkpoint, tmp_path):
@@ -102,8 +132,9 @@ def test_images_are_checked_where_their_links_lead(small_demo, tiny_checkpoint, 
     assert str(outside) in examples.detail.iloc[1] and "directory" in examples.detail.iloc[3]
 
 
-def test_nothing_usable_stops_prepare_with_the_reasons_and_keeps_the_table(small_demo, tiny_checkpoint, tmp_path,
-                                                                           capfd):
+def test_nothing_usable_stops_prepare_with_the_reasons_and_keeps_the_table(
+    small_demo, tiny_checkpoint, tmp_path, capfd
+):
     records = [record("missing", "shapes/nowhere.png"), record("no-turns", None, []), "not a record"]
     annotations = write(tmp_path / "bad.json", records)
     out, stats = tmp_path / "data" / "examples.parquet", tmp_path / "stats.json"
@@ -115,17 +146,43 @@ def test_nothing_usable_stops_prepare_with_the_reasons_and_keeps_the_table(small
     assert not out.exists()  # no output a later stage could take for a good one
     kept = pd.read_parquet(tmp_path / "data" / "examples.excluded.parquet")
     assert kept.reason.tolist() == ["image_missing", "conversations_empty", "record_not_object"]
-    assert json.loads(stats.read_text())["excluded"] == {"conversations_empty": 1, "image_missing": 1,
-                                                         "record_not_object": 1}
+    assert json.loads(stats.read_text())["excluded"] == {
+        "conversations_empty": 1,
+        "image_missing": 1,
+        "record_not_object": 1,
+    }
     write(annotations, [])
     assert run_prepare(annotations, small_demo["images"], tiny_checkpoint, out) == 1
     assert "holds no records" in capfd.readouterr().err
 
 
 def run_trajectory(model, examples, annotations, image_root, out, shard: int, shards: int, *options) -> int:
-    return main(["trajectory", "--model", str(model), "--checkpoint", "1", "--shard", str(shard), "--shards",
-                 str(shards), "--examples", str(examples), "--annotations", str(annotations), "--image-root",
-                 str(image_root), "--out", str(out), "--batch-size", "4", "--threads", "1", *options])
+    return main(
+        [
+            "trajectory",
+            "--model",
+            str(model),
+            "--checkpoint",
+            "1",
+            "--shard",
+            str(shard),
+            "--shards",
+            str(shards),
+            "--examples",
+            str(examples),
+            "--annotations",
+            str(annotations),
+            "--image-root",
+            str(image_root),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            *options,
+        ]
+    )
 
 
 @pytest.mark.parametrize("records, shards", [(1, 2), (2, 3)], ids=["one-record", "fewer-records-than-shards"])
@@ -147,8 +204,9 @@ def test_trajectory_shards_merge_whatever_their_size(tiny_checkpoint, small_demo
     assert main([*merge, *map(str, files)]) == 0
 
 
-def test_top_k_beyond_the_image_tokens_is_refused_before_any_work(tiny_checkpoint, small_demo, small_examples,
-                                                                   tmp_path, capfd):
+def test_top_k_beyond_the_image_tokens_is_refused_before_any_work(
+    tiny_checkpoint, small_demo, small_examples, tmp_path, capfd
+):
     out, demo = tmp_path / "shard.parquet", (small_demo["train"], small_demo["images"])
     assert run_trajectory(tiny_checkpoint, small_examples, *demo, out, 0, 60, "--top-k", "65") == 1
     error = capfd.readouterr().err

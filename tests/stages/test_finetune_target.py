@@ -24,8 +24,18 @@ from xmas.settings import stage_defaults
 from xmas.training.engine import Distributed
 from xmas.training.finetune import finetune, prepare_model
 
-SETTINGS = stage_defaults("finetune-target", epochs=1, batch_size=8, learning_rate=1e-3, projector_learning_rate=1e-4,
-                          warmup_ratio=0.0, lora_r=4, lora_alpha=8, lora_dropout=0.0, freeze_vision_tower=True)
+SETTINGS = stage_defaults(
+    "finetune-target",
+    epochs=1,
+    batch_size=8,
+    learning_rate=1e-3,
+    projector_learning_rate=1e-4,
+    warmup_ratio=0.0,
+    lora_r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+    freeze_vision_tower=True,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +63,8 @@ def test_the_projector_learns_at_its_own_rate(tiny_checkpoint):
     groups = {group["name"]: group for group in parameter_groups(model, 2e-4, 2e-5, 0.0)}
     assert groups["projector"]["lr"] == 2e-5 and groups["model"]["lr"] == 2e-4
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == sum(
-        p.numel() for p in model.parameters() if p.requires_grad)
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
 
 
 def test_linear_layer_names_come_from_the_model_not_a_family_list(tiny_checkpoint):
@@ -87,8 +98,9 @@ def test_a_lora_run_saves_an_adapter_that_merges_into_the_same_model(tiny_checkp
 def test_the_paper_recipe_zero3_config_keeps_the_global_batch_of_128(gpus, accumulation):
     from xmas.training.engine import deepspeed_config
 
-    settings = stage_defaults("finetune-target", batch_size=128, micro_batch_size=16, precision="bf16",
-                              max_grad_norm=1.0, deepspeed="zero3")
+    settings = stage_defaults(
+        "finetune-target", batch_size=128, micro_batch_size=16, precision="bf16", max_grad_norm=1.0, deepspeed="zero3"
+    )
     config = deepspeed_config(settings, world_size=gpus, hidden_size=4096)
     assert config["zero_optimization"]["stage"] == 3
     assert config["train_batch_size"] == 128 and config["train_micro_batch_size_per_gpu"] == 16
@@ -99,28 +111,58 @@ def test_the_paper_recipe_zero3_config_keeps_the_global_batch_of_128(gpus, accum
 def test_deepspeed_without_the_package_is_a_clear_error(tiny_checkpoint, subset, small_demo, tmp_path):
     """As on a machine without DeepSpeed: `import deepspeed` fails in the stage's process."""
     stage = [*finetune_command(tiny_checkpoint, subset, small_demo, tmp_path / "t")[3:], "--deepspeed", "zero3"]
-    without_deepspeed = ("import sys; sys.modules['deepspeed'] = None; from xmas.cli import main; "
-                         f"sys.exit(main({stage!r}))")
+    without_deepspeed = (
+        f"import sys; sys.modules['deepspeed'] = None; from xmas.cli import main; sys.exit(main({stage!r}))"
+    )
     result = subprocess.run([sys.executable, "-c", without_deepspeed], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1
     assert 'training.deepspeed is set but DeepSpeed is not installed: pip install -e ".[gpu]"' in result.stderr
 
 
 def finetune_command(tiny_checkpoint, subset, small_demo, out):
-    return [sys.executable, "-m", "xmas", "finetune-target", "--base", str(tiny_checkpoint), "--subset", str(subset),
-            "--image-root", str(small_demo["images"]), "--out", str(out), "--batch-size", "8", "--micro-batch-size",
-            "1", "--epochs", "3", "--save-every-steps", "3", "--threads", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "xmas",
+        "finetune-target",
+        "--base",
+        str(tiny_checkpoint),
+        "--subset",
+        str(subset),
+        "--image-root",
+        str(small_demo["images"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        "8",
+        "--micro-batch-size",
+        "1",
+        "--epochs",
+        "3",
+        "--save-every-steps",
+        "3",
+        "--threads",
+        "1",
+    ]
 
 
 @pytest.mark.slow
-def test_a_killed_fine_tune_resumes_from_its_last_saved_state_to_the_same_weights(tiny_checkpoint, subset, small_demo,
-                                                                                    tmp_path):
+def test_a_killed_fine_tune_resumes_from_its_last_saved_state_to_the_same_weights(
+    tiny_checkpoint, subset, small_demo, tmp_path
+):
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
-    subprocess.run(finetune_command(tiny_checkpoint, subset, small_demo, uninterrupted), check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        finetune_command(tiny_checkpoint, subset, small_demo, uninterrupted),
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     partial = tmp_path / "resumed.partial"
-    process = subprocess.Popen(finetune_command(tiny_checkpoint, subset, small_demo, resumed),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        finetune_command(tiny_checkpoint, subset, small_demo, resumed),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (partial / "step-6" / "step.json").is_file() and process.poll() is None:
@@ -136,8 +178,9 @@ def test_a_killed_fine_tune_resumes_from_its_last_saved_state_to_the_same_weight
     shutil.copyfile(seal_path(partial / last.name), seal_path(last))
     (last / "state.pt").write_bytes((last / "state.pt").read_bytes()[:100])
 
-    rerun = subprocess.run(finetune_command(tiny_checkpoint, subset, small_demo, resumed), capture_output=True,
-                           text=True, timeout=600)
+    rerun = subprocess.run(
+        finetune_command(tiny_checkpoint, subset, small_demo, resumed), capture_output=True, text=True, timeout=600
+    )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # 24 records in batches of 8 for 3 epochs: 9 steps, states saved after steps 3 and 6
     assert re.search(r"resuming from step 6 of 9 \(.*resumed\.partial/step-6\)", rerun.stderr), rerun.stderr[-3000:]
@@ -146,9 +189,11 @@ def test_a_killed_fine_tune_resumes_from_its_last_saved_state_to_the_same_weight
     assert runs[0]["losses"] == runs[1]["losses"] and not partial.exists()
 
     # a saved state cut short is not trusted: the fine-tune starts again from step 0, to the same weights
-    again = subprocess.run(finetune_command(tiny_checkpoint, subset, small_demo, damaged), capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(
+        finetune_command(tiny_checkpoint, subset, small_demo, damaged), capture_output=True, text=True, timeout=600
+    )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert re.search(rf"{last}/state\.pt holds 100 bytes, \d+ were written; starting the fine-tune from step 0",
-                     again.stderr), again.stderr[-3000:]
+    assert re.search(
+        rf"{last}/state\.pt holds 100 bytes, \d+ were written; starting the fine-tune from step 0", again.stderr
+    ), again.stderr[-3000:]
     assert (damaged / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()

@@ -19,8 +19,17 @@ def test_merge_names_missing_examples_and_their_shards(tiny_checkpoint, small_de
     files = []
     for s in range(2):
         files.append(tmp_path / f"shard-{s}.parquet")
-        extract_shard(tiny_checkpoint, 1, shard_slice(usable, s, 2), small_demo["train"], small_demo["images"],
-                      files[-1], SETTINGS, "attention", StageStats("t"))
+        extract_shard(
+            tiny_checkpoint,
+            1,
+            shard_slice(usable, s, 2),
+            small_demo["train"],
+            small_demo["images"],
+            files[-1],
+            SETTINGS,
+            "attention",
+            StageStats("t"),
+        )
     merged = merge(files, small_examples, 1, 2, StageStats("t")).to_pandas()
     assert merged.uid.tolist() == usable.uid.tolist()
     with pytest.raises(XmasError) as caught:

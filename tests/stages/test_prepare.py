@@ -43,8 +43,14 @@ def test_bad_records_are_excluded_with_reasons(tmp_path):
     examples = prepare(write(tmp_path / "data.json", records), images, 1, True, 2, StageStats("t"))
     assert list(examples.uid) == ["good", "text", "missing", "broken", "good#2", "record-5"]
     assert list(examples.status) == ["ok", "ok", "excluded", "excluded", "excluded", "excluded"]
-    assert list(examples.reason.fillna("-")) == ["-", "-", "image_missing", "image_unreadable",
-                                                  "conversations_empty", "record_not_object"]
+    assert list(examples.reason.fillna("-")) == [
+        "-",
+        "-",
+        "image_missing",
+        "image_unreadable",
+        "conversations_empty",
+        "record_not_object",
+    ]
     assert list(examples.source.fillna("-")) == ["coco", "text", "coco", "coco", "-", "-"]
     assert list(examples["index"]) == list(range(6))
 
@@ -88,8 +94,14 @@ def test_every_exclusion_reason_is_recorded_and_nothing_is_dropped(tmp_path):
 def test_vision_flan_task_names_become_the_source(tmp_path):
     (tmp_path / "VQA-E").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "VQA-E" / "1.jpg")
-    records = [{"id": "7", "task_name": "VQA-E+image_question_answer", "image": "VQA-E/1.jpg",
-                "conversations": turns("<image>\nWhat is it?", "a dog")}] * 3
+    records = [
+        {
+            "id": "7",
+            "task_name": "VQA-E+image_question_answer",
+            "image": "VQA-E/1.jpg",
+            "conversations": turns("<image>\nWhat is it?", "a dog"),
+        }
+    ] * 3
     examples = prepare(write(tmp_path / "flan.json", records), tmp_path, 1, True, 1, StageStats("t"))
     assert examples.source.tolist() == ["VQA-E+image_question_answer"] * 3
     assert examples.uid.tolist() == ["7", "7#2", "7#3"]  # Vision-Flan repeats ids within a task
@@ -103,8 +115,11 @@ def test_many_repeats_of_one_id_stay_unique_and_stable():
 def test_rows_record_each_records_bytes_so_stages_can_seek(tmp_path):
     from xmas.data.annotations import SourceRecords
 
-    records = [{"id": "a", "conversations": turns("héllo", "wörld")}, {"id": "b", "conversations": turns("q", "a")},
-               {"id": "a", "conversations": turns("again", "yes")}]
+    records = [
+        {"id": "a", "conversations": turns("héllo", "wörld")},
+        {"id": "b", "conversations": turns("q", "a")},
+        {"id": "a", "conversations": turns("again", "yes")},
+    ]
     path = write(tmp_path / "d.json", records)
     examples = prepare(path, tmp_path, 1, False, 1, StageStats("t"))
     data = path.read_bytes()

@@ -40,8 +40,27 @@ def base(small_demo, captions, tmp_path_factory):
 
 def align(base, captions, small_demo, out, *options) -> dict[str, torch.Tensor]:
     """Run the stage; the weights it changed, by name."""
-    assert main(["pretrain-target", "--base", str(base), "--captions", str(captions), "--image-root",
-                 str(small_demo["images"]), "--out", str(out), "--epochs", "1", "--batch-size", "4", *options]) == 0
+    assert (
+        main(
+            [
+                "pretrain-target",
+                "--base",
+                str(base),
+                "--captions",
+                str(captions),
+                "--image-root",
+                str(small_demo["images"]),
+                "--out",
+                str(out),
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                *options,
+            ]
+        )
+        == 0
+    )
     before, after = load_checkpoint(base)[0].state_dict(), load_checkpoint(out)[0].state_dict()
     return {name for name in before if not torch.equal(before[name], after[name])}
 
@@ -52,8 +71,9 @@ def test_the_tokenizer_knows_every_word_of_the_captions(base, captions):
         assert tokenizer.unk_token_id not in tokenizer(record["conversations"][1]["value"])["input_ids"]
 
 
-def test_all_trains_projector_and_language_model_and_keeps_the_frozen_vision_tower(base, captions, small_demo,
-                                                                                   tmp_path):
+def test_all_trains_projector_and_language_model_and_keeps_the_frozen_vision_tower(
+    base, captions, small_demo, tmp_path
+):
     changed = align(base, captions, small_demo, tmp_path / "aligned", "--trainable", "all")
     assert any(is_projector(name, LLAVA) for name in changed) and any("language_model" in name for name in changed)
     assert not any("vision_tower" in name for name in changed)
@@ -74,14 +94,44 @@ def test_a_fine_tune_starts_from_the_aligned_target(base, captions, small_demo, 
     align(base, captions, small_demo, tmp_path / "aligned", "--trainable", "projector")
     subset = tmp_path / "subset.json"
     write_records(read_all(small_demo["train"])[:8], subset)
-    assert main(["finetune-target", "--base", str(tmp_path / "aligned"), "--subset", str(subset), "--image-root",
-                 str(small_demo["images"]), "--out", str(tmp_path / "tuned"), "--epochs", "1"]) == 0
+    assert (
+        main(
+            [
+                "finetune-target",
+                "--base",
+                str(tmp_path / "aligned"),
+                "--subset",
+                str(subset),
+                "--image-root",
+                str(small_demo["images"]),
+                "--out",
+                str(tmp_path / "tuned"),
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     run = json.loads((tmp_path / "tuned" / FINETUNE_RUN_FILE).read_text())
     assert run["base"] == str((tmp_path / "aligned").resolve())
 
 
 def test_captions_that_do_not_exist_are_named(base, small_demo, tmp_path, capfd):
     missing = tmp_path / "no-captions.json"
-    assert main(["pretrain-target", "--base", str(base), "--captions", str(missing), "--image-root",
-                 str(small_demo["images"]), "--out", str(tmp_path / "aligned")]) == 1
+    assert (
+        main(
+            [
+                "pretrain-target",
+                "--base",
+                str(base),
+                "--captions",
+                str(missing),
+                "--image-root",
+                str(small_demo["images"]),
+                "--out",
+                str(tmp_path / "aligned"),
+            ]
+        )
+        == 1
+    )
     assert str(missing) in capfd.readouterr().err

@@ -54,9 +54,17 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1200,900"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1200,900",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -67,7 +75,8 @@ def browser():
 def test_every_figure_renders_in_chromium(evaluation_report, browser):
     browser.get(evaluation_report.as_uri())
     sizes = browser.execute_script(
-        "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);")
+        "return Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight]);"
+    )
     assert len(sizes) == EVALUATION_FIGURES
     assert all(complete and width > 0 and height > 0 for complete, width, height in sizes), sizes
     headings = browser.execute_script("return Array.from(document.querySelectorAll('h3')).map(h => h.textContent);")
@@ -105,20 +114,37 @@ def test_the_evaluation_report_compares_methods_over_seeds(evaluation_report, wo
 
 
 def test_arp_figure_and_table_from_an_evaluation_summary():
-    summary = pd.DataFrame({
-        "method": ["xmas"] * 4 + ["random"] * 4, "budget": [0.1, 0.1, 0.5, 0.5] * 2, "seed": [0, 1] * 4,
-        "benchmark": ["demo"] * 8, "score": [0.5] * 8, "ARP": [95.0, 96.0, 99.0, 100.0, 93.0, 94.0, 98.0, 99.0]})
+    summary = pd.DataFrame(
+        {
+            "method": ["xmas"] * 4 + ["random"] * 4,
+            "budget": [0.1, 0.1, 0.5, 0.5] * 2,
+            "seed": [0, 1] * 4,
+            "benchmark": ["demo"] * 8,
+            "score": [0.5] * 8,
+            "ARP": [95.0, 96.0, 99.0, 100.0, 93.0, 94.0, 98.0, 99.0],
+        }
+    )
     figure = arp_curves(summary)
     assert figure.png.startswith(b"\x89PNG") and "relative performance" in figure.title
 
 
 def test_stage_counts_table(tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "a/x.json").write_text(json.dumps({"stage": "prepare", "seconds": 1.5, "peak_memory_mb": 412,
-                                                   "counts": {"in": 3, "out": 3, "ok": 2}, "excluded_total": 1}))
+    (tmp_path / "a/x.json").write_text(
+        json.dumps(
+            {
+                "stage": "prepare",
+                "seconds": 1.5,
+                "peak_memory_mb": 412,
+                "counts": {"in": 3, "out": 3, "ok": 2},
+                "excluded_total": 1,
+            }
+        )
+    )
     table = stage_counts(tmp_path)
-    assert table.to_dict("records") == [{"stage": "prepare", "seconds": 1.5, "peak MB": 412, "in": 3, "out": 3,
-                                         "excluded": 1, "other counts": "ok=2"}]
+    assert table.to_dict("records") == [
+        {"stage": "prepare", "seconds": 1.5, "peak MB": 412, "in": 3, "out": 3, "excluded": 1, "other counts": "ok=2"}
+    ]
 
 
 def test_progress_in_a_log_file_is_a_line_every_tenth(capfd):

@@ -15,12 +15,19 @@ from xmas.stages.sample import budget_size, proportional_quotas, sample, water_f
 def valid_frame(clusters: list[int], stability: list[float] | None = None) -> pd.DataFrame:
     n = len(clusters)
     stability = stability if stability is not None else list(np.linspace(1, 2, n))
-    return pd.DataFrame({"uid": [f"u{i}" for i in range(n)], "index": range(n), "cluster": clusters,
-                         "stability": [np.nan if c == -1 else s for c, s in zip(clusters, stability)]})
+    return pd.DataFrame(
+        {
+            "uid": [f"u{i}" for i in range(n)],
+            "index": range(n),
+            "cluster": clusters,
+            "stability": [np.nan if c == -1 else s for c, s in zip(clusters, stability)],
+        }
+    )
 
 
-@pytest.mark.parametrize(("budget", "n", "size"), [("0.5", 11, 6), ("0.1", 25, 3), ("1", 7, 7), ("0.25", 10, 3),
-                                                   (".3", 10, 3)])
+@pytest.mark.parametrize(
+    ("budget", "n", "size"), [("0.5", 11, 6), ("0.1", 25, 3), ("1", 7, 7), ("0.25", 10, 3), (".3", 10, 3)]
+)
 def test_budget_size_rounds_half_up(budget, n, size):
     assert budget_size(budget, n) == size
 
@@ -75,8 +82,10 @@ def test_small_clusters_are_skipped():
 def test_text_only_records_keep_their_share_when_proportional():
     # 168 text-only records of 1000 usable at 50%, as on the demo: upstream's rule gives them one group's quota
     frame = valid_frame([-1] * 168 + [c for c in range(8) for _ in range(104)])
-    per_group = {share: xmas_select(frame, 500, 3, 0, text_only_share=share).query("selected").cluster.value_counts()
-                 for share in ("cluster", "proportional")}
+    per_group = {
+        share: xmas_select(frame, 500, 3, 0, text_only_share=share).query("selected").cluster.value_counts()
+        for share in ("cluster", "proportional")
+    }
     assert per_group["cluster"][-1] == 500 // 9 + 1 and per_group["proportional"][-1] == 84  # round(500 * 0.168)
     assert per_group["proportional"].drop(-1).tolist() == [52] * 8  # (500 - 84) / 8 clusters
     assert per_group["cluster"].sum() == per_group["proportional"].sum() == 500
@@ -96,9 +105,11 @@ def test_proportional_quotas_are_exact_and_give_back_what_images_cannot_fill():
 
 def test_xmas_proportional_is_xmas_with_the_proportional_share(small_selection):
     examples, clusters = small_selection
-    manifests = [sample("xmas-proportional", "0.5", examples, clusters, 3, 0, StageStats("t")),
-                 sample("xmas", "0.5", examples, clusters, 3, 0, StageStats("t"), text_only_share="proportional"),
-                 sample("xmas", "0.5", examples, clusters, 3, 0, StageStats("t"))]
+    manifests = [
+        sample("xmas-proportional", "0.5", examples, clusters, 3, 0, StageStats("t")),
+        sample("xmas", "0.5", examples, clusters, 3, 0, StageStats("t"), text_only_share="proportional"),
+        sample("xmas", "0.5", examples, clusters, 3, 0, StageStats("t")),
+    ]
     pd.testing.assert_frame_equal(manifests[0], manifests[1])
     text_selected = [int(m.selected[m.uid.isin(["r10", "r11"])].sum()) for m in manifests]
     assert text_selected == [1, 1, 1]  # round(6 * 2 / 12) = 1, as one group's quota here
@@ -107,15 +118,24 @@ def test_xmas_proportional_is_xmas_with_the_proportional_share(small_selection):
 @pytest.fixture
 def small_selection(tmp_path):
     """13 records: 10 usable image records in 3 clusters, 2 text-only, 1 excluded."""
-    examples = pd.DataFrame({
-        "uid": [f"r{i}" for i in range(13)], "index": range(13),
-        "has_image": [True] * 10 + [False, False, True],
-        "image": [f"i{i}.png" for i in range(10)] + [None, None, "x.png"],
-        "source": ["s"] * 13, "status": ["ok"] * 12 + ["excluded"], "reason": [None] * 12 + ["image_missing"],
-    })
-    clusters = pd.DataFrame({"uid": [f"r{i}" for i in range(12)],
-                             "cluster": [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, -1, -1],
-                             "stability": [0.3, 0.1, 0.2, 1, 2, 3, 4, 9, 8, 7, np.nan, np.nan]})
+    examples = pd.DataFrame(
+        {
+            "uid": [f"r{i}" for i in range(13)],
+            "index": range(13),
+            "has_image": [True] * 10 + [False, False, True],
+            "image": [f"i{i}.png" for i in range(10)] + [None, None, "x.png"],
+            "source": ["s"] * 13,
+            "status": ["ok"] * 12 + ["excluded"],
+            "reason": [None] * 12 + ["image_missing"],
+        }
+    )
+    clusters = pd.DataFrame(
+        {
+            "uid": [f"r{i}" for i in range(12)],
+            "cluster": [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, -1, -1],
+            "stability": [0.3, 0.1, 0.2, 1, 2, 3, 4, 9, 8, 7, np.nan, np.nan],
+        }
+    )
     write_parquet(examples, tmp_path / "examples.parquet")
     write_parquet(clusters, tmp_path / "clusters.parquet")
     return tmp_path / "examples.parquet", tmp_path / "clusters.parquet"

@@ -52,18 +52,23 @@ def test_the_table_shows_mean_and_spread_over_seeds_per_budget_and_method(runs):
 
 
 def test_benchmarks_the_full_runs_score_zero_on_are_left_out_of_arp(tmp_path):
-    runs = [("full", "1", "0", write_run(tmp_path, "f", {"a": 50.0, "hard": 0.0})),
-            ("xmas", "0.5", "0", write_run(tmp_path, "x", {"a": 25.0, "hard": 10.0}))]
+    runs = [
+        ("full", "1", "0", write_run(tmp_path, "f", {"a": 50.0, "hard": 0.0})),
+        ("xmas", "0.5", "0", write_run(tmp_path, "x", {"a": 25.0, "hard": 10.0})),
+    ]
     summary = summarize(runs, StageStats("test"))
     assert summary[summary.method == "xmas"].ARP.iloc[0] == pytest.approx(50.0)
 
 
-@pytest.mark.parametrize("problem, message", [
-    ("no full", "no run of method 'full'"),
-    ("missing benchmark", "run xmas 0.1 0 has no score for b"),
-    ("twice", "is given twice"),
-    ("bad columns", "missing column(s) score"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("no full", "no run of method 'full'"),
+        ("missing benchmark", "run xmas 0.1 0 has no score for b"),
+        ("twice", "is given twice"),
+        ("bad columns", "missing column(s) score"),
+    ],
+)
 def test_inconsistent_runs_fail_with_a_clear_error(tmp_path, problem, message):
     full = ("full", "1", "0", write_run(tmp_path, "f", {"a": 50.0, "b": 50.0}))
     xmas = ("xmas", "0.1", "0", write_run(tmp_path, "x", {"a": 50.0, "b": 50.0}))
@@ -90,8 +95,10 @@ def test_the_cli_writes_the_summary_and_prints_the_table(runs, tmp_path):
 
 def test_arp_is_left_empty_when_the_full_runs_score_zero_everywhere(tmp_path, caplog):
     """The scores of a long run are still written; the log says why there is no ARP."""
-    runs = [("full", "1", "0", write_run(tmp_path, "f", {"a": 0.0, "b": 0.0})),
-            ("xmas", "0.5", "0", write_run(tmp_path, "x", {"a": 5.0, "b": 0.0}))]
+    runs = [
+        ("full", "1", "0", write_run(tmp_path, "f", {"a": 0.0, "b": 0.0})),
+        ("xmas", "0.5", "0", write_run(tmp_path, "x", {"a": 5.0, "b": 0.0})),
+    ]
     summary = summarize(runs, StageStats("test"))
     assert summary.ARP.isna().all() and sorted(summary.score) == [0.0, 0.0, 0.0, 5.0]
     assert "score 0 on every benchmark: ARP (relative to them) is undefined" in caplog.text

@@ -13,8 +13,24 @@ from xmas.models.presets import chat_template
 def test_llava_is_composed_with_vicuna_v1_and_a_mean_colour_pad(standins, small_demo, tmp_path):
     out = tmp_path / "base"
     paths = [f"{hub}={folder}" for hub, folder in standins.items()]
-    assert main(["target-init", "--annotations", str(small_demo["train"]), "--out", str(out),
-                 "--model", "llava-1.5-7b", "--max-length", "2048", "--model-paths", *paths]) == 0
+    assert (
+        main(
+            [
+                "target-init",
+                "--annotations",
+                str(small_demo["train"]),
+                "--out",
+                str(out),
+                "--model",
+                "llava-1.5-7b",
+                "--max-length",
+                "2048",
+                "--model-paths",
+                *paths,
+            ]
+        )
+        == 0
+    )
     model, processor = load_checkpoint(out)
     assert processor.chat_template == chat_template("vicuna_v1")
     assert processor.image_processor.do_pad and processor.tokenizer.pad_token == "<unk>"

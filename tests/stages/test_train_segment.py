@@ -18,13 +18,20 @@ from xmas.progress import StageStats
 from xmas.settings import stage_defaults
 from xmas.stages.train_segment import train_segment
 
-SETTINGS = stage_defaults("train-segment", epochs=1, batch_size=24, checkpoints=3, learning_rate=2e-3,
-                          warmup_ratio=0.1)
+SETTINGS = stage_defaults("train-segment", epochs=1, batch_size=24, checkpoints=3, learning_rate=2e-3, warmup_ratio=0.1)
 
 
 def train(previous, out, checkpoint, small_demo, small_examples, **overrides):
-    train_segment(previous, out, checkpoint, dataclasses.replace(SETTINGS, **overrides), small_examples,
-                  small_demo["train"], small_demo["images"], StageStats("t"))
+    train_segment(
+        previous,
+        out,
+        checkpoint,
+        dataclasses.replace(SETTINGS, **overrides),
+        small_examples,
+        small_demo["train"],
+        small_demo["images"],
+        StageStats("t"),
+    )
 
 
 def weights(checkpoint):
@@ -87,8 +94,9 @@ def test_frozen_vision_tower_does_not_change(tiny_checkpoint, small_demo, small_
 
 
 @pytest.mark.parametrize("name", ["training_state.pt", "model.safetensors"])
-def test_a_cut_short_checkpoint_file_is_named_with_the_command_that_redoes_it(chain, small_demo, small_examples,
-                                                                             tmp_path, name):
+def test_a_cut_short_checkpoint_file_is_named_with_the_command_that_redoes_it(
+    chain, small_demo, small_examples, tmp_path, name
+):
     copied, path = tmp_path / "checkpoint-1", tmp_path / "checkpoint-1" / name
     shutil.copytree(chain / "checkpoint-1", copied)
     shutil.copyfile(seal_path(chain / "checkpoint-1"), seal_path(copied))
@@ -97,8 +105,10 @@ def test_a_cut_short_checkpoint_file_is_named_with_the_command_that_redoes_it(ch
     with pytest.raises(XmasError, match=rf"{damaged}.*redo it with: snakemake --force {re.escape(str(copied))} "):
         train(copied, tmp_path / "c2", 2, small_demo, small_examples)
     seal_path(copied).unlink()  # copied by hand: no seal, and the failed read names the file
-    unreadable = {"training_state.pt": rf"{re.escape(str(path))} is damaged: it cannot be read as a torch file",
-                  "model.safetensors": rf"{re.escape(str(copied))} is damaged: it cannot be loaded \(SafetensorError"}
+    unreadable = {
+        "training_state.pt": rf"{re.escape(str(path))} is damaged: it cannot be read as a torch file",
+        "model.safetensors": rf"{re.escape(str(copied))} is damaged: it cannot be loaded \(SafetensorError",
+    }
     with pytest.raises(XmasError, match=unreadable[name]):
         train(copied, tmp_path / "c2", 2, small_demo, small_examples)
     assert not (tmp_path / "c2").exists()

@@ -31,8 +31,17 @@ def test_shards_partition_the_usable_image_examples(small_examples):
 
 def run_shard(tiny_checkpoint, small_demo, shard, out, stats=None, signal="attention", **changes):
     stats = stats or StageStats("t")
-    extract_shard(tiny_checkpoint, 1, shard, small_demo["train"], small_demo["images"], out,
-                  dataclasses.replace(SETTINGS, **changes), signal, stats)
+    extract_shard(
+        tiny_checkpoint,
+        1,
+        shard,
+        small_demo["train"],
+        small_demo["images"],
+        out,
+        dataclasses.replace(SETTINGS, **changes),
+        signal,
+        stats,
+    )
     return stats
 
 
@@ -72,12 +81,15 @@ def crash_on_third_chunk(tiny_checkpoint, small_demo, shard, out, monkeypatch):
 
 
 def test_a_crashed_shard_resumes_without_recomputing_finished_rows(
-        tiny_checkpoint, small_demo, shard, clean_run, tmp_path, monkeypatch):
+    tiny_checkpoint, small_demo, shard, clean_run, tmp_path, monkeypatch
+):
     out = tmp_path / "shard-0.parquet"
     crash_on_third_chunk(tiny_checkpoint, small_demo, shard, out, monkeypatch)
     assert not out.exists()
-    assert sorted(p.name for p in out.with_name(out.name + ".parts").glob("part-*")) == ["part-00000.parquet",
-                                                                                         "part-00001.parquet"]
+    assert sorted(p.name for p in out.with_name(out.name + ".parts").glob("part-*")) == [
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
     stats = run_shard(tiny_checkpoint, small_demo, shard, out)
     assert stats.counts["resumed_rows"] == 32
     assert stats.counts["computed_rows"] == len(shard) - 32
@@ -118,8 +130,9 @@ def batches_run(tiny_checkpoint, small_demo, shard, out, monkeypatch, **changes)
     return seen
 
 
-def test_length_grouping_and_half_precision_keep_results(tiny_checkpoint, small_demo, shard, clean_run, tmp_path,
-                                                         monkeypatch):
+def test_length_grouping_and_half_precision_keep_results(
+    tiny_checkpoint, small_demo, shard, clean_run, tmp_path, monkeypatch
+):
     out = tmp_path / "in-order.parquet"
     grouped = batches_run(tiny_checkpoint, small_demo, shard, tmp_path / "grouped.parquet", monkeypatch)
     in_order = batches_run(tiny_checkpoint, small_demo, shard, out, monkeypatch, group_by_length=False)
@@ -158,8 +171,13 @@ def test_the_loss_trajectories_cluster_on_their_single_column(tmp_path, small_ex
 
     usable = usable_image_examples(small_examples)
     uids = usable.uid.tolist()[:4]
-    frame = pd.DataFrame({"uid": uids * 3, "checkpoint": np.repeat([1, 2, 3], 4),
-                          "loss": [2.0, 2.0, 1.0, 3.0, 1.0, 2.0, 1.0, 1.0, 0.5, 2.0, 1.0, 2.0]})
+    frame = pd.DataFrame(
+        {
+            "uid": uids * 3,
+            "checkpoint": np.repeat([1, 2, 3], 4),
+            "loss": [2.0, 2.0, 1.0, 3.0, 1.0, 2.0, 1.0, 1.0, 0.5, 2.0, 1.0, 2.0],
+        }
+    )
     tensor = trajectory_tensor(frame, uids)
     assert tensor.shape == (4, 3, 1)
     np.testing.assert_allclose(stability(tensor), [1.5, 0.0, 0.0, 3.0])
@@ -169,13 +187,18 @@ def cut_short(path):
     path.write_bytes(path.read_bytes()[:100])
 
 
-@pytest.mark.parametrize("damage, resumed", [
-    (lambda parts: cut_short(parts / "part-00001.parquet"), 16),
-    (lambda parts: (parts / "part-00000.parquet").write_bytes(b""), 16),
-    (lambda parts: cut_short(parts / "fingerprint.json"), 0),
-], ids=["part-cut-short", "part-emptied", "fingerprint-cut-short"])
-def test_damaged_parts_are_computed_again_not_reused(tiny_checkpoint, small_demo, shard, clean_run, tmp_path,
-                                                      monkeypatch, damage, resumed):
+@pytest.mark.parametrize(
+    "damage, resumed",
+    [
+        (lambda parts: cut_short(parts / "part-00001.parquet"), 16),
+        (lambda parts: (parts / "part-00000.parquet").write_bytes(b""), 16),
+        (lambda parts: cut_short(parts / "fingerprint.json"), 0),
+    ],
+    ids=["part-cut-short", "part-emptied", "fingerprint-cut-short"],
+)
+def test_damaged_parts_are_computed_again_not_reused(
+    tiny_checkpoint, small_demo, shard, clean_run, tmp_path, monkeypatch, damage, resumed
+):
     out = tmp_path / "shard-0.parquet"
     crash_on_third_chunk(tiny_checkpoint, small_demo, shard, out, monkeypatch)
     damage(out.with_name(out.name + ".parts"))

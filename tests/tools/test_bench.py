@@ -48,7 +48,10 @@ def test_benchmark_prints_each_mode_and_the_ratio_line(capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[0].startswith("shape tiny (llava): LM 4 layers") and "peak memory: peak RSS growth" in out[1]
     assert [line.split(":")[0] for line in out[2:5]] == [
-        "(a) plain forward, sdpa", "(b) extraction", "(c) eager output_attentions=True"]
+        "(a) plain forward, sdpa",
+        "(b) extraction",
+        "(c) eager output_attentions=True",
+    ]
     assert all(re.search(r"examples/s, peak memory \+\d+\.\d+ GiB$", line) for line in out[2:5])
     match = re.fullmatch(r"extraction_vs_eager=(\S+) overhead_vs_forward=(\S+) agree=(\S+)", out[-1])
     assert match and float(match[3]) <= 1e-5
@@ -64,8 +67,11 @@ def test_the_benchmark_generates_a_file_and_times_prepare(tmp_path, capsys):
 def test_dag_benchmark_times_the_paper_plan_without_torch(capsys):
     assert main(["dag", "--repeats", "1", "--max-seconds", "300"]) == 0
     first, verdict = capsys.readouterr().out.strip().splitlines()
-    assert re.fullmatch(r"dag: llava665k\.yaml -n results/eval/summary\.tsv results/report\.html: median [\d.]+ s, "
-                        r"best [\d.]+ s over 1 runs; torch imported: no", first), first
+    assert re.fullmatch(
+        r"dag: llava665k\.yaml -n results/eval/summary\.tsv results/report\.html: median [\d.]+ s, "
+        r"best [\d.]+ s over 1 runs; torch imported: no",
+        first,
+    ), first
     assert verdict == "target: <= 300 s without torch: met"
 
 

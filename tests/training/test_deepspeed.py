@@ -42,11 +42,34 @@ def short_last_batch(small_demo, tmp_path_factory):
 
 
 def finetune(tiny_checkpoint, subset, small_demo, out, *options, processes=2):
-    launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-              if processes > 1 else [sys.executable])
-    command = [*launch, "-m", "xmas", "finetune-target", "--base", str(tiny_checkpoint), "--subset", str(subset),
-               "--image-root", str(small_demo["images"]), "--out", str(out), "--batch-size", str(BATCH),
-               "--micro-batch-size", str(MICRO), "--epochs", "1", "--threads", "1", *options]
+    launch = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+        if processes > 1
+        else [sys.executable]
+    )
+    command = [
+        *launch,
+        "-m",
+        "xmas",
+        "finetune-target",
+        "--base",
+        str(tiny_checkpoint),
+        "--subset",
+        str(subset),
+        "--image-root",
+        str(small_demo["images"]),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(BATCH),
+        "--micro-batch-size",
+        str(MICRO),
+        "--epochs",
+        "1",
+        "--threads",
+        "1",
+        *options,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     return json.loads((out / "xmas_finetune.json").read_text())["losses"], result.stderr
@@ -54,14 +77,16 @@ def finetune(tiny_checkpoint, subset, small_demo, out, *options, processes=2):
 
 @pytest.fixture(scope="module")
 def one_process(tiny_checkpoint, short_last_batch, small_demo, tmp_path_factory):
-    losses, _ = finetune(tiny_checkpoint, short_last_batch, small_demo, tmp_path_factory.mktemp("torch") / "out",
-                         processes=1)
+    losses, _ = finetune(
+        tiny_checkpoint, short_last_batch, small_demo, tmp_path_factory.mktemp("torch") / "out", processes=1
+    )
     return losses
 
 
 @pytest.mark.parametrize("zero", ["zero2", "zero3"])
-def test_a_short_last_batch_trains_and_saves_like_one_process(zero, tiny_checkpoint, short_last_batch, small_demo,
-                                                               one_process, tmp_path):
+def test_a_short_last_batch_trains_and_saves_like_one_process(
+    zero, tiny_checkpoint, short_last_batch, small_demo, one_process, tmp_path
+):
     out = tmp_path / "out"
     losses, _ = finetune(tiny_checkpoint, short_last_batch, small_demo, out, "--deepspeed", zero)
     assert len(losses) == len(one_process) == -(-RECORDS // BATCH)
@@ -70,8 +95,9 @@ def test_a_short_last_batch_trains_and_saves_like_one_process(zero, tiny_checkpo
 
 
 def test_zero3_loads_each_process_a_half_of_the_base_in_bf16(tiny_checkpoint, short_last_batch, small_demo, tmp_path):
-    _, log = finetune(tiny_checkpoint, short_last_batch, small_demo, tmp_path / "out", "--deepspeed", "zero3",
-                      "--precision", "bf16")
+    _, log = finetune(
+        tiny_checkpoint, short_last_batch, small_demo, tmp_path / "out", "--deepspeed", "zero3", "--precision", "bf16"
+    )
     shares = re.findall(r"base loaded in torch\.(\w+); this process holds (\d+)% of its \d+ parameters", log)
     assert len(shares) == 2, log[-3000:]  # one line per process
     for dtype, share in shares:

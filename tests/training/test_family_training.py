@@ -29,11 +29,27 @@ from conftest import MODERN_FAMILIES, varied_records
 
 pytestmark = [pytest.mark.parametrize("family", list(MODERN_FAMILIES)), pytest.mark.slow]
 RECORDS = varied_records()  # 6 image records, 2 text-only
-SEGMENT = stage_defaults("train-segment", epochs=1, batch_size=4, checkpoints=2, learning_rate=1e-3, warmup_ratio=0.0,
-                         freeze_vision_tower=True)
+SEGMENT = stage_defaults(
+    "train-segment",
+    epochs=1,
+    batch_size=4,
+    checkpoints=2,
+    learning_rate=1e-3,
+    warmup_ratio=0.0,
+    freeze_vision_tower=True,
+)
 TRAJECTORY = stage_defaults("trajectory", batch_size=3, chunk_size=4)
-LORA = stage_defaults("finetune-target", epochs=1, batch_size=4, learning_rate=1e-3, projector_learning_rate=1e-3,
-                      warmup_ratio=0.0, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+LORA = stage_defaults(
+    "finetune-target",
+    epochs=1,
+    batch_size=4,
+    learning_rate=1e-3,
+    projector_learning_rate=1e-3,
+    warmup_ratio=0.0,
+    lora_r=4,
+    lora_alpha=8,
+    lora_dropout=0.0,
+)
 
 
 def changed(before: dict, after: dict) -> set[str]:
@@ -44,14 +60,23 @@ def state(model) -> dict:
     return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
-def test_the_proxy_trains_a_segment_then_gives_trajectories_and_losses(family, modern_checkpoints, varied_data,
-                                                                       tmp_path):
+def test_the_proxy_trains_a_segment_then_gives_trajectories_and_losses(
+    family, modern_checkpoints, varied_data, tmp_path
+):
     checkpoint = modern_checkpoints[family]
     examples = prepare(varied_data["train"], varied_data["images"], 1, True, 1, StageStats("t"), checkpoint)
     write_parquet(examples, tmp_path / "examples.parquet")
     trained = tmp_path / "checkpoint-1"
-    train_segment(checkpoint, trained, 1, SEGMENT, tmp_path / "examples.parquet", varied_data["train"],
-                  varied_data["images"], StageStats("t"))
+    train_segment(
+        checkpoint,
+        trained,
+        1,
+        SEGMENT,
+        tmp_path / "examples.parquet",
+        varied_data["train"],
+        varied_data["images"],
+        StageStats("t"),
+    )
     updated = changed(state(load_checkpoint(checkpoint)[0]), state(load_checkpoint(trained)[0]))
     family_ = FAMILIES[family]
     assert any(is_projector(name, family_) for name in updated) and any(".layers." in name for name in updated)
@@ -60,8 +85,9 @@ def test_the_proxy_trains_a_segment_then_gives_trajectories_and_losses(family, m
     shard = shard_slice(usable_image_examples(tmp_path / "examples.parquet"), 0, 1)
     for signal, column in (("attention", "sv1"), ("loss", "loss")):
         out = tmp_path / f"{signal}.parquet"
-        extract_shard(trained, 1, shard, varied_data["train"], varied_data["images"], out, TRAJECTORY, signal,
-                      StageStats("t"))
+        extract_shard(
+            trained, 1, shard, varied_data["train"], varied_data["images"], out, TRAJECTORY, signal, StageStats("t")
+        )
         values = pd.read_parquet(out)
         assert values.uid.tolist() == shard.uid.tolist() and len(values) == 6
         assert (values[column] > 0).all() and values[column].notna().all()
@@ -75,8 +101,9 @@ def subset(tmp_path):
 
 def test_a_full_fine_tune_trains_all_but_the_vision_tower(family, modern_checkpoints, varied_data, subset, tmp_path):
     settings = dataclasses.replace(LORA, lora_r=0, freeze_vision_tower=True)
-    finetuning.finetune(modern_checkpoints[family], subset, varied_data["images"], tmp_path / "full", settings, 0,
-                        StageStats("t"))
+    finetuning.finetune(
+        modern_checkpoints[family], subset, varied_data["images"], tmp_path / "full", settings, 0, StageStats("t")
+    )
     before, after = state(load_checkpoint(modern_checkpoints[family])[0]), state(load_target(tmp_path / "full")[0])
     updated, family_ = changed(before, after), FAMILIES[family]
     assert any(is_projector(name, family_) for name in updated) and any(".layers." in name for name in updated)
@@ -87,9 +114,9 @@ class Interrupted(Exception):
     pass
 
 
-def test_a_lora_fine_tune_cut_short_resumes_to_the_same_adapter_and_is_evaluated(family, modern_checkpoints,
-                                                                                 varied_data, subset, tmp_path,
-                                                                                 monkeypatch):
+def test_a_lora_fine_tune_cut_short_resumes_to_the_same_adapter_and_is_evaluated(
+    family, modern_checkpoints, varied_data, subset, tmp_path, monkeypatch
+):
     base, images = modern_checkpoints[family], varied_data["images"]
     settings = dataclasses.replace(LORA, save_every_steps=1)  # 8 records in batches of 4: 2 steps
     finetuning.finetune(base, subset, images, tmp_path / "straight", settings, 0, StageStats("t"))
@@ -116,8 +143,9 @@ def test_a_lora_fine_tune_cut_short_resumes_to_the_same_adapter_and_is_evaluated
     assert scores.n.sum() == 3 and len(predictions) == 3 and predictions.answer.map(type).eq(str).all()
 
 
-def test_a_share_without_images_gets_a_blank_image_row_that_adds_nothing_to_the_loss(family, modern_checkpoints,
-                                                                                    varied_data):
+def test_a_share_without_images_gets_a_blank_image_row_that_adds_nothing_to_the_loss(
+    family, modern_checkpoints, varied_data
+):
     """What DeepSpeed needs: every process runs the vision tower and projector in every micro-batch."""
     model, processor = load_checkpoint(modern_checkpoints[family])
     encoder = ConversationEncoder.of_checkpoint(modern_checkpoints[family], processor, varied_data["images"])

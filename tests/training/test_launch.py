@@ -13,8 +13,13 @@ def test_launch_command_lines():
 
 
 def test_rule_launches_one_process_per_gpu(tmp_path):
-    training = {**REDUCED_DEMO["training"], "gpus": 2, "precision": "bf16", "gradient_checkpointing": True,
-                "deepspeed": "zero2"}
+    training = {
+        **REDUCED_DEMO["training"],
+        "gpus": 2,
+        "precision": "bf16",
+        "gradient_checkpointing": True,
+        "deepspeed": "zero2",
+    }
     project = reduced_project(tmp_path, training=training)
     out = snakemake(project, "-n", "--printshellcmds", "--cores", "2", "results/proxy/checkpoint-1").stdout
     assert "torchrun --standalone --nproc_per_node 2 -m xmas train-segment --checkpoint 1" in out

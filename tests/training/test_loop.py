@@ -20,12 +20,12 @@ from xmas.training import loop
 from xmas.training.launch import launcher_prefix
 from xmas.training.loop import DataOrder, make_optimizer, rank_micro_batches
 
-SETTINGS = stage_defaults("train-segment", epochs=1, batch_size=24, checkpoints=3, learning_rate=2e-3,
-                          warmup_ratio=0.1)
+SETTINGS = stage_defaults("train-segment", epochs=1, batch_size=24, checkpoints=3, learning_rate=2e-3, warmup_ratio=0.1)
 
 
-@pytest.mark.parametrize(("schedule", "halfway", "end"), [("cosine", 0.5, 0.0), ("linear", 0.5, 0.0),
-                                                          ("constant", 1.0, 1.0)])
+@pytest.mark.parametrize(
+    ("schedule", "halfway", "end"), [("cosine", 0.5, 0.0), ("linear", 0.5, 0.0), ("constant", 1.0, 1.0)]
+)
 def test_the_learning_rate_follows_the_schedule_after_the_warmup(schedule, halfway, end):
     settings = dataclasses.replace(SETTINGS, learning_rate=1.0, warmup_ratio=0.0, lr_schedule=schedule)
     optimizer, scheduler = make_optimizer(torch.nn.Linear(2, 2), settings, total_steps=10)
@@ -55,8 +55,16 @@ def test_rank_shares_cover_the_batch_with_equal_call_counts():
 
 
 def single_process(previous, out, small_demo, small_examples, **overrides):
-    train_segment(previous, out, 1, dataclasses.replace(SETTINGS, **overrides), small_examples, small_demo["train"],
-                  small_demo["images"], StageStats("t"))
+    train_segment(
+        previous,
+        out,
+        1,
+        dataclasses.replace(SETTINGS, **overrides),
+        small_examples,
+        small_demo["train"],
+        small_demo["images"],
+        StageStats("t"),
+    )
     return load_file(out / "model.safetensors")
 
 
@@ -72,8 +80,9 @@ def forward_sizes(monkeypatch) -> list[int]:
     return sizes
 
 
-def test_micro_batches_give_the_same_step_as_whole_batches(tiny_checkpoint, small_demo, small_examples, tmp_path,
-                                                           monkeypatch):
+def test_micro_batches_give_the_same_step_as_whole_batches(
+    tiny_checkpoint, small_demo, small_examples, tmp_path, monkeypatch
+):
     sizes = forward_sizes(monkeypatch)
     whole = single_process(tiny_checkpoint, tmp_path / "whole", small_demo, small_examples)
     assert sizes and set(sizes) == {24}  # the whole global batch at once
@@ -87,16 +96,42 @@ def test_micro_batches_give_the_same_step_as_whole_batches(tiny_checkpoint, smal
 def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, small_examples, tmp_path):
     """torchrun with 2 CPU processes (gloo), each on its half of every batch, equals one process."""
     out = tmp_path / "ddp"
-    stage = ["train-segment", "--checkpoint", "1", "--checkpoints", "3", "--previous", str(tiny_checkpoint),
-             "--out", str(out), "--examples", str(small_examples), "--annotations", str(small_demo["train"]),
-             "--image-root", str(small_demo["images"]), "--epochs", "1", "--batch-size", "24",
-             "--learning-rate", "2e-3",
-             "--warmup-ratio", "0.1", "--no-freeze-vision-tower", "--threads", "1", "--stats", str(tmp_path / "s.json")]
+    stage = [
+        "train-segment",
+        "--checkpoint",
+        "1",
+        "--checkpoints",
+        "3",
+        "--previous",
+        str(tiny_checkpoint),
+        "--out",
+        str(out),
+        "--examples",
+        str(small_examples),
+        "--annotations",
+        str(small_demo["train"]),
+        "--image-root",
+        str(small_demo["images"]),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "24",
+        "--learning-rate",
+        "2e-3",
+        "--warmup-ratio",
+        "0.1",
+        "--no-freeze-vision-tower",
+        "--threads",
+        "1",
+        "--stats",
+        str(tmp_path / "s.json"),
+    ]
     torchrun, *arguments = launcher_prefix(2)
     assert torchrun == "torchrun"
     command = [sys.executable, "-m", "torch.distributed.run", *arguments, *stage]  # torchrun of this interpreter
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads((tmp_path / "s.json").read_text())["processes"] == 2
     together = single_process(tiny_checkpoint, tmp_path / "one", small_demo, small_examples)
@@ -105,4 +140,5 @@ def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, 
     for name in together:
         torch.testing.assert_close(distributed[name], together[name], rtol=1e-4, atol=1e-5, msg=name)
     assert json.loads((out / "training_log.json").read_text())["losses"] == pytest.approx(
-        json.loads((tmp_path / "one" / "training_log.json").read_text())["losses"], rel=1e-5)
+        json.loads((tmp_path / "one" / "training_log.json").read_text())["losses"], rel=1e-5
+    )

@@ -37,12 +37,16 @@ def finished_run(workflow_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault, damaged, output, remade", [
-    (truncate, "results/subset_0.5.json", "results/subset_0.5.json", {"main_subset"}),
-    (truncate, "results/proxy/checkpoint-3/model.safetensors", "results/proxy/checkpoint-3", {"train_segment"}),
-    (delete, "results/proxy/checkpoint-3/processor_config.json", "results/proxy/checkpoint-3", {"train_segment"}),
-    (empty, "results/selection/clusters.parquet", "results/selection/clusters.parquet", {"cluster"}),
-], ids=["subset-truncated", "weights-truncated", "checkpoint-file-deleted", "clusters-emptied"])
+@pytest.mark.parametrize(
+    "fault, damaged, output, remade",
+    [
+        (truncate, "results/subset_0.5.json", "results/subset_0.5.json", {"main_subset"}),
+        (truncate, "results/proxy/checkpoint-3/model.safetensors", "results/proxy/checkpoint-3", {"train_segment"}),
+        (delete, "results/proxy/checkpoint-3/processor_config.json", "results/proxy/checkpoint-3", {"train_segment"}),
+        (empty, "results/selection/clusters.parquet", "results/selection/clusters.parquet", {"cluster"}),
+    ],
+    ids=["subset-truncated", "weights-truncated", "checkpoint-file-deleted", "clusters-emptied"],
+)
 def test_a_damaged_output_is_made_again(finished_run, fault, damaged, output, remade):
     """Requested with the subsets (an intermediate output nothing needs to remake is only set aside)."""
     written = (finished_run / damaged).read_bytes()
@@ -63,8 +67,11 @@ def test_a_damaged_output_is_made_again(finished_run, fault, damaged, output, re
 
 def snapshot(project) -> dict[str, tuple[int, int]]:
     """Size and modification time of every file of a project, Snakemake's own records aside."""
-    return {str(path.relative_to(project)): (path.stat().st_size, path.stat().st_mtime_ns)
-            for path in sorted(project.rglob("*")) if path.is_file() and ".snakemake" not in path.parts}
+    return {
+        str(path.relative_to(project)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(project.rglob("*"))
+        if path.is_file() and ".snakemake" not in path.parts
+    }
 
 
 @pytest.mark.slow

@@ -32,8 +32,15 @@ def test_the_modern_rehearsal_plans_every_stage_with_the_target_presets_recipe(t
 
 def test_a_setting_the_config_gives_wins_over_the_presets_recipe(tmp_path):
     (tmp_path / "mine.yaml").write_text("target: {lora_r: 64}\n")
-    result = snakemake(tmp_path, "-n", "-p", "results/eval/runs/xmas/0.5/seed-0.tsv", "--configfile", MODERN,
-                       str(tmp_path / "mine.yaml"))
+    result = snakemake(
+        tmp_path,
+        "-n",
+        "-p",
+        "results/eval/runs/xmas/0.5/seed-0.tsv",
+        "--configfile",
+        MODERN,
+        str(tmp_path / "mine.yaml"),
+    )
     finetune = next(line for line in result.stdout.splitlines() if "Shell command: xmas finetune-target" in line)
     assert "--lora-r 64 --lora-alpha 16 " in finetune
 
@@ -69,8 +76,9 @@ def test_prepare_counted_each_images_tokens_for_the_smolvlm_proxy(modern):
     examples = pd.read_parquet(modern / "results/data/examples.parquet")
     assert stats(modern, "prepare")["excluded"] == {"image_cut_by_max_length": 1, "too_many_images": 1}
     usable = examples[(examples.status == "ok") & examples.has_image].head(40)
-    encoder = ConversationEncoder.of_checkpoint(modern / "results/proxy/checkpoint-0",
-                                                image_root=modern / "results/demo/images")
+    encoder = ConversationEncoder.of_checkpoint(
+        modern / "results/proxy/checkpoint-0", image_root=modern / "results/demo/images"
+    )
     with SourceRecords(modern / "results/demo/train.json", usable) as records:
         for record, tokens in zip(records[:], usable.tokens):
             assert len(encoder.encode(record, with_labels=False)["input_ids"]) == min(tokens, 2048), record["id"]

@@ -26,9 +26,18 @@ def test_llava665k_plan_is_printed_without_the_data(tmp_path):
     project = tmp_path
     # The target goes first: --configfile takes every argument after it as a config file.
     result = snakemake(project, "-n", "results/subset_0.5.json", "--configfile", str(REPO / "config/llava665k.yaml"))
-    assert job_counts(result.stdout) == {"download": 1, "prepare": 1, "proxy_init": 1, "train_segment": 5,
-                                         "trajectory": 40, "merge": 1, "cluster": 1, "sample": 1, "main_subset": 1,
-                                         "total": 52}
+    assert job_counts(result.stdout) == {
+        "download": 1,
+        "prepare": 1,
+        "proxy_init": 1,
+        "train_segment": 5,
+        "trajectory": 40,
+        "merge": 1,
+        "cluster": 1,
+        "sample": 1,
+        "main_subset": 1,
+        "total": 52,
+    }
     assert not (project / "data").exists()
 
 
@@ -36,8 +45,9 @@ def test_llava665k_plan_is_printed_without_the_data(tmp_path):
 def test_paper_config_plans_one_job_per_checkpoint_and_shard(name, tmp_path):
     config = load(f"config/{name}.yaml")
     checkpoints, shards = defaults("train-segment")["checkpoints"], config["trajectory"]["shards"]
-    counts = job_counts(snakemake(tmp_path, "-n", PAPER_CONFIGS[name],
-                                  "--configfile", str(REPO / f"config/{name}.yaml")).stdout)
+    counts = job_counts(
+        snakemake(tmp_path, "-n", PAPER_CONFIGS[name], "--configfile", str(REPO / f"config/{name}.yaml")).stdout
+    )
     assert counts["train_segment"] == checkpoints and counts["trajectory"] == checkpoints * shards
     assert counts["download"] == counts["prepare"] == counts["merge"] == counts["cluster"] == 1
 
@@ -80,15 +90,19 @@ LOCAL_RULES = {"download", "main_subset", "plan"}
 def planned_jobs(dry_run_output: str) -> dict[str, dict[str, str]]:
     """What `snakemake -n` prints each rule's Slurm jobs will ask for, checking that every job of a rule
     asks for the same."""
-    blocks = re.findall(r"^(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    resources: (.*)$", dry_run_output,
-                        re.MULTILINE)
+    blocks = re.findall(
+        r"^(?:rule|checkpoint) (\w+):\n(?:    .*\n)*?    resources: (.*)$", dry_run_output, re.MULTILINE
+    )
     plan: dict[str, dict[str, str]] = {}
     for rule, resources in blocks:
         if rule in LOCAL_RULES:
             continue
         asked = dict(item.split("=", 1) for item in resources.split(", "))
-        asked = {key: asked[key] for key in ("mem_mb", "runtime", "nodes", "gpu", "slurm_account", "slurm_partition")
-                 if key in asked}
+        asked = {
+            key: asked[key]
+            for key in ("mem_mb", "runtime", "nodes", "gpu", "slurm_account", "slurm_partition")
+            if key in asked
+        }
         assert plan.setdefault(rule, asked) == asked, f"jobs of rule {rule} ask for different resources"
     return plan
 
@@ -108,8 +122,15 @@ def test_the_llava665k_plan_asks_each_rule_for_what_llava665k_needs_on_the_right
     monkeypatch.setenv("SBATCH_ACCOUNT", "lab42")
     monkeypatch.setenv("SBATCH_PARTITION", "cpu")
     monkeypatch.setenv("XMAS_GPU_PARTITION", "a100")
-    result = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"), *EVERY_TARGET,
-                       "--configfile", str(REPO / "config/llava665k.yaml"))
+    result = snakemake(
+        tmp_path,
+        "-n",
+        "--profile",
+        str(REPO / "profiles/slurm"),
+        *EVERY_TARGET,
+        "--configfile",
+        str(REPO / "config/llava665k.yaml"),
+    )
     cpu = {"account": "lab42", "partition": "cpu"}
     gpu = {"account": "lab42", "partition": "a100"}
     assert planned_jobs(result.stdout) == {
@@ -141,11 +162,20 @@ def test_the_demo_plan_asks_for_little_and_fits_this_machine(tmp_path, monkeypat
     result = snakemake(tmp_path, "-n", "--profile", str(REPO / "profiles/slurm"), *EVERY_TARGET)
     plan = planned_jobs(result.stdout)
     assert plan == {
-        "demo_data": job(1000, 30), "prepare": job(1000, 30), "proxy_init": job(1000, 30),
-        "train_segment": job(2000, 60, gpu=0), "trajectory": job(1000, 60, gpu=0), "merge": job(1000, 30),
-        "cluster": job(1000, 30), "sample": job(1000, 30), "report": job(1000, 30), "target_init": job(1000, 30),
-        "pretrain_target": job(2000, 60, gpu=0), "finetune_target": job(2000, 60, gpu=0),
-        "evaluate": job(1000, 60, gpu=0), "summarize": job(1000, 30),
+        "demo_data": job(1000, 30),
+        "prepare": job(1000, 30),
+        "proxy_init": job(1000, 30),
+        "train_segment": job(2000, 60, gpu=0),
+        "trajectory": job(1000, 60, gpu=0),
+        "merge": job(1000, 30),
+        "cluster": job(1000, 30),
+        "sample": job(1000, 30),
+        "report": job(1000, 30),
+        "target_init": job(1000, 30),
+        "pretrain_target": job(2000, 60, gpu=0),
+        "finetune_target": job(2000, 60, gpu=0),
+        "evaluate": job(1000, 60, gpu=0),
+        "summarize": job(1000, 30),
         "evaluation_report": job(1000, 30),
     }
     assert max(int(asked["mem_mb"]) for asked in plan.values()) < machine_memory_mb()
@@ -176,24 +206,34 @@ def test_snakemake_plan_prints_every_rules_cpus_gpus_memory_and_runtime(tmp_path
 
 
 def test_local_profile_plans_the_demo(tmp_path):
-    result = snakemake(tmp_path, "--profile", str(REPO / "profiles/local"), "-n",
-                       "results/subset_0.5.json")
+    result = snakemake(tmp_path, "--profile", str(REPO / "profiles/local"), "-n", "results/subset_0.5.json")
     assert job_counts(result.stdout)["trajectory"] == 10
 
 
 def test_llava665k_evaluation_plan_runs_the_paper_recipe_on_8_gpus(tmp_path):
     project = tmp_path
-    result = snakemake(project, "-n", "-p", "results/eval/summary.tsv", "--configfile",
-                       str(REPO / "config/llava665k.yaml"))
+    result = snakemake(
+        project, "-n", "-p", "results/eval/summary.tsv", "--configfile", str(REPO / "config/llava665k.yaml")
+    )
     counts = job_counts(result.stdout)
     # 3 methods x 4 budgets x 1 seed, plus the full set
     assert counts["finetune_target"] == counts["evaluate"] == 13
     commands = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
     finetune = next(line for line in commands if " finetune-target --base" in line)
     assert finetune.startswith("torchrun --standalone --nproc_per_node 8 -m xmas finetune-target")
-    for flag in ("--lora-r 128", "--lora-alpha 256", "--learning-rate 0.0002", "--projector-learning-rate 2e-05",
-                 "--batch-size 128", "--micro-batch-size 16", "--epochs 1", "--precision bf16", "--deepspeed zero3",
-                 "--freeze-vision-tower", "--gradient-checkpointing"):
+    for flag in (
+        "--lora-r 128",
+        "--lora-alpha 256",
+        "--learning-rate 0.0002",
+        "--projector-learning-rate 2e-05",
+        "--batch-size 128",
+        "--micro-batch-size 16",
+        "--epochs 1",
+        "--precision bf16",
+        "--deepspeed zero3",
+        "--freeze-vision-tower",
+        "--gradient-checkpointing",
+    ):
         assert flag in finetune
     evaluate = next(line for line in commands if line.startswith("xmas evaluate"))
     assert "--suite lmms-eval" in evaluate and "--benchmarks vqav2,gqa" in evaluate
@@ -207,8 +247,21 @@ def imported_modules(importtime_log: str) -> set[str]:
 
 def test_planning_the_paper_run_imports_neither_torch_nor_transformers(tmp_path):
     """The DAG is built on a login node: neither may be needed there, nor cost their import time."""
-    command = [sys.executable, "-X", "importtime", "-m", "snakemake", "--snakefile", str(REPO / "workflow/Snakefile"),
-               "--directory", str(tmp_path), "-n", *EVERY_TARGET, "--configfile", str(REPO / "config/llava665k.yaml")]
+    command = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "workflow/Snakefile"),
+        "--directory",
+        str(tmp_path),
+        "-n",
+        *EVERY_TARGET,
+        "--configfile",
+        str(REPO / "config/llava665k.yaml"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     modules = imported_modules(result.stderr)

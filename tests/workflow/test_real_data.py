@@ -27,8 +27,11 @@ from loopback import FileServer
 def project(root: Path, dataset: dict) -> Path:
     """The demo scaled down, with the given `dataset` keys."""
     root.mkdir(parents=True, exist_ok=True)
-    config = {"dataset": dataset, "training": {"checkpoints": 2, "epochs": 1, "threads": 1},
-              "trajectory": {"shards": 1, "chunk_size": 64}}
+    config = {
+        "dataset": dataset,
+        "training": {"checkpoints": 2, "epochs": 1, "threads": 1},
+        "trajectory": {"shards": 1, "chunk_size": 64},
+    }
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     return root
 
@@ -56,23 +59,47 @@ def zipped_folder(folder: Path, top: str) -> bytes:
 def messy_dataset(tmp_path_factory):
     """200 good demo records, 3 repeated ids and the bad-record corpus, served as a download."""
     root = tmp_path_factory.mktemp("messy")
-    generate(small_generator_settings(records=200), root / "train.json", root / "test.json", root / "images",
-             StageStats("test"))
+    generate(
+        small_generator_settings(records=200),
+        root / "train.json",
+        root / "test.json",
+        root / "images",
+        StageStats("test"),
+    )
     good = read_all(root / "train.json")
     write_bad_images(root / "images")
     bad = bad_records()
     records = [*good, *good[:3], *[record for record, _ in bad]]
     annotations = json.dumps(records, indent=1).encode()
-    files = {"/messy/train.json": annotations, "/messy/images.zip": zipped_folder(root / "images", "pictures"),
-             "/broken/train.json": b'[\n {"id": "a", "conversations": []},\n {"id": "b" "conversations": []}\n]\n'}
+    files = {
+        "/messy/train.json": annotations,
+        "/messy/images.zip": zipped_folder(root / "images", "pictures"),
+        "/broken/train.json": b'[\n {"id": "a", "conversations": []},\n {"id": "b" "conversations": []}\n]\n',
+    }
     with FileServer(files) as server:
         for name in ("messy", "broken"):
-            (root / f"{name}.yaml").write_text(yaml.safe_dump({
-                "name": name, "annotations": "train.json", "image_root": "images", "files": [
-                    {"name": "annotations", "url": server.url(f"/{name}/train.json"), "save_as": "train.json",
-                     "sha256": hashlib.sha256(files[f"/{name}/train.json"]).hexdigest()},
-                    {"name": "images", "url": server.url("/messy/images.zip"),
-                     "unpack": {"member": "pictures", "to": "images"}}]}))
+            (root / f"{name}.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "name": name,
+                        "annotations": "train.json",
+                        "image_root": "images",
+                        "files": [
+                            {
+                                "name": "annotations",
+                                "url": server.url(f"/{name}/train.json"),
+                                "save_as": "train.json",
+                                "sha256": hashlib.sha256(files[f"/{name}/train.json"]).hexdigest(),
+                            },
+                            {
+                                "name": "images",
+                                "url": server.url("/messy/images.zip"),
+                                "unpack": {"member": "pictures", "to": "images"},
+                            },
+                        ],
+                    }
+                )
+            )
         yield {"root": root, "records": records, "good": len(good), "bad": bad, "server": server}
 
 
@@ -100,7 +127,8 @@ def test_bad_records_are_listed_with_their_reasons_and_the_rest_is_selected(mess
     stats = json.loads((work / "logs/stats/sample/xmas/seed-0/0.5.json").read_text())
     assert stats["counts"]["selected"] + stats["counts"]["not_selected"] + stats["excluded_total"] == len(records)
     assert json.loads((work / "logs/stats/prepare.json").read_text())["excluded"] == {
-        reason: sum(1 for _, r in bad if r == reason) for _, reason in bad}
+        reason: sum(1 for _, r in bad if r == reason) for _, reason in bad
+    }
 
     again = run_snakemake(work, "-n", *TARGETS)  # complete: nothing to download or run again
     assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr

@@ -14,9 +14,21 @@ from conftest import REPO, job_counts, snakemake
 # What the rehearsal may change in config/llava665k.yaml: the data, where models are loaded from,
 # and what a CPU without GPUs or benchmark datasets needs. Anything else must stay the paper's.
 REHEARSAL_CHANGES = {
-    "dataset.download", "dataset.demo", "model_paths", "training.threads", "training.gpus", "trajectory.threads",
-    "trajectory.gpus", "target.threads", "target.gpus", "target.deepspeed", "evaluation.suite",
-    "evaluation.batch_size", "evaluation.threads", "evaluation.gpus", "resources",
+    "dataset.download",
+    "dataset.demo",
+    "model_paths",
+    "training.threads",
+    "training.gpus",
+    "trajectory.threads",
+    "trajectory.gpus",
+    "target.threads",
+    "target.gpus",
+    "target.deepspeed",
+    "evaluation.suite",
+    "evaluation.batch_size",
+    "evaluation.threads",
+    "evaluation.gpus",
+    "resources",
 }
 TARGETS = ["results/eval/summary.tsv", "results/report.html"]
 

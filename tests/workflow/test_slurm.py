@@ -27,8 +27,16 @@ INSTALL = "apt-get install munge slurmctld slurmd slurm-client"
 GPU_RULES = {"train_segment", "trajectory"}
 # One Slurm job per rule instance of the reduced demo (3 checkpoints x 2 shards); main_subset, a copy,
 # is a local rule.
-REDUCED_PLAN = {"demo_data": 1, "prepare": 1, "proxy_init": 1, "train_segment": 3, "trajectory": 6, "merge": 1,
-                "cluster": 1, "sample": 2}
+REDUCED_PLAN = {
+    "demo_data": 1,
+    "prepare": 1,
+    "proxy_init": 1,
+    "train_segment": 3,
+    "trajectory": 6,
+    "merge": 1,
+    "cluster": 1,
+    "sample": 2,
+}
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
 pytestmark = pytest.mark.slow
@@ -52,14 +60,21 @@ def slurm_cluster():
 def snakemake_on_slurm(project: Path, *args: str) -> list[str]:
     """The command line of `snakemake --profile profiles/slurm` in a project folder."""
     # short test jobs: first status check after 5 s instead of 40
-    return snakemake_command(project, "--profile", str(REPO / "profiles/slurm"),
-                             "--slurm-init-seconds-before-status-checks", "5", *args)
+    return snakemake_command(
+        project, "--profile", str(REPO / "profiles/slurm"), "--slurm-init-seconds-before-status-checks", "5", *args
+    )
 
 
 def run_on_slurm(project: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     # The timeout matters: when the plugin loses track of its jobs, Snakemake waits forever.
-    return subprocess.run(snakemake_on_slurm(project, *args), cwd=project, env=workflow_environment(),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        snakemake_on_slurm(project, *args),
+        cwd=project,
+        env=workflow_environment(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def succeeded(result: subprocess.CompletedProcess) -> str:
@@ -132,8 +147,9 @@ def wait_for(condition, what: str, timeout: float = 300, every: float = 0.05) ->
 
 
 def slurm_state(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"],
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["squeue", "-h", "--states=all", "-j", job_id, "-o", "%T"], capture_output=True, text=True
+    ).stdout.strip()
 
 
 def test_a_cancelled_trajectory_job_is_retried_and_resumes_from_its_finished_rows(slurm_run, tmp_path):
@@ -150,8 +166,13 @@ def test_a_cancelled_trajectory_job_is_retried_and_resumes_from_its_finished_row
 
     log = tmp_path / "snakemake.log"
     with log.open("w") as out:
-        snakemake = subprocess.Popen(snakemake_on_slurm(project, target), cwd=project, env=workflow_environment(),
-                                     stdout=out, stderr=subprocess.STDOUT)
+        snakemake = subprocess.Popen(
+            snakemake_on_slurm(project, target),
+            cwd=project,
+            env=workflow_environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         parts = project / f"{target}.parts"
         tenth_part = parts / "part-00009.parquet"
@@ -192,13 +213,24 @@ def test_a_cancelled_fine_tune_is_retried_and_resumes_from_its_last_saved_state(
     target = "results/target/full/1/seed-0"
     uninterrupted = tmp_path / "uninterrupted"
     shutil.copytree(project, uninterrupted, symlinks=True)
-    subprocess.run(snakemake_command(uninterrupted, "--cores", "2", target), cwd=uninterrupted,
-                   env=workflow_environment(), check=True, capture_output=True, timeout=900)
+    subprocess.run(
+        snakemake_command(uninterrupted, "--cores", "2", target),
+        cwd=uninterrupted,
+        env=workflow_environment(),
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
 
     log = tmp_path / "snakemake.log"
     with log.open("w") as out:
-        snakemake = subprocess.Popen(snakemake_on_slurm(project, target), cwd=project, env=workflow_environment(),
-                                     stdout=out, stderr=subprocess.STDOUT)
+        snakemake = subprocess.Popen(
+            snakemake_on_slurm(project, target),
+            cwd=project,
+            env=workflow_environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         saved = project / f"{target}.partial/step-10/step.json"
         wait_for(lambda: saved.exists() or snakemake.poll() is not None, "the fine-tune's state after step 10")
@@ -220,15 +252,21 @@ def test_a_cancelled_fine_tune_is_retried_and_resumes_from_its_last_saved_state(
     for name in ("model.safetensors", "xmas_finetune.json"):
         finished = (project / target / name).read_bytes()
         assert finished == (uninterrupted / target / name).read_bytes().replace(
-            str(uninterrupted).encode(), str(project).encode()), name
+            str(uninterrupted).encode(), str(project).encode()
+        ), name
     assert not (project / f"{target}.partial").exists()
 
 
 def test_a_refused_partition_is_explained(slurm_cluster, tmp_path):
     project = reduced_project(tmp_path)
-    result = subprocess.run(snakemake_on_slurm(project, "--retries", "0", "results/demo/train.json"), cwd=project,
-                            env=workflow_environment(SBATCH_PARTITION="no-such-partition"),
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        snakemake_on_slurm(project, "--retries", "0", "results/demo/train.json"),
+        cwd=project,
+        env=workflow_environment(SBATCH_PARTITION="no-such-partition"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1
     assert "invalid partition specified: no-such-partition" in result.stderr
     assert "Slurm refused the jobs' account or partition" in result.stderr
@@ -241,8 +279,11 @@ def test_the_plan_warns_of_jobs_no_node_could_run(slurm_cluster, tmp_path):
     cpus, memory = (int(value) for value in nodes.stdout.split())
     fits = reduced_project(tmp_path / "fits")
     assert "warning" not in run_on_slurm(fits, "plan", timeout=120).stderr
-    too_big = reduced_project(tmp_path / "too-big", trajectory={**REDUCED_DEMO["trajectory"], "threads": cpus + 1},
-                              resources={"merge": {"mem_mb": memory + 1}})
+    too_big = reduced_project(
+        tmp_path / "too-big",
+        trajectory={**REDUCED_DEMO["trajectory"], "threads": cpus + 1},
+        resources={"merge": {"mem_mb": memory + 1}},
+    )
     result = run_on_slurm(too_big, "plan", timeout=120)
     succeeded(result)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]

@@ -52,9 +52,16 @@ def test_the_reduced_demo_selects_the_recorded_subsets(workflow_run):
 def test_every_stage_reports_its_counts(workflow_run):
     root = workflow_run / "logs/stats"
     stats = {path.relative_to(root).as_posix() for path in root.rglob("*.json")}
-    jobs = {"demo_data.json", "prepare.json", "merge.json", "cluster.json", "sample/xmas/seed-0/0.5.json",
-            "sample/random/seed-0/0.5.json", *(f"proxy/checkpoint-{c}.json" for c in range(4)),
-            *(f"trajectories/checkpoint-{c}/shard-{s}.json" for c in (1, 2, 3) for s in (0, 1))}
+    jobs = {
+        "demo_data.json",
+        "prepare.json",
+        "merge.json",
+        "cluster.json",
+        "sample/xmas/seed-0/0.5.json",
+        "sample/random/seed-0/0.5.json",
+        *(f"proxy/checkpoint-{c}.json" for c in range(4)),
+        *(f"trajectories/checkpoint-{c}/shard-{s}.json" for c in (1, 2, 3) for s in (0, 1)),
+    }
     assert jobs <= stats
     prepare = json.loads((workflow_run / "logs/stats/prepare.json").read_text())
     assert prepare["counts"]["in"] == 300 and prepare["counts"]["out"] == 300
@@ -84,8 +91,9 @@ def test_dry_run_of_the_demo_evaluation_trains_every_method_budget_and_seed(tmp_
 
 
 def test_the_paper_configs_do_not_align_and_the_demo_alignment_needs_the_shape_scenes(tmp_path):
-    counts = job_counts(snakemake(reduced_project(tmp_path, alignment={"captions": None}), "-n",
-                                  "results/eval/summary.tsv").stdout)
+    counts = job_counts(
+        snakemake(reduced_project(tmp_path, alignment={"captions": None}), "-n", "results/eval/summary.tsv").stdout
+    )
     assert "pretrain_target" not in counts and counts["target_init"] == 1
     project = reduced_project(tmp_path / "own", dataset={"annotations": "own.json", "image_root": "images"})
     (project / "own.json").write_text("[]")
@@ -122,9 +130,16 @@ def test_evaluation_summary_of_the_reduced_demo(workflow_run):
     summary = pd.read_csv(workflow_run / "results/eval/summary.tsv", sep="\t", dtype={"budget": str})
     types = sorted({r["question_type"] for r in read_all(workflow_run / "results/demo/test.json")})
     runs = summary.groupby(["method", "budget", "seed"]).benchmark.apply(sorted)
-    assert runs.to_dict() == {(m, b, 0): types for m, b in
-                              [("xmas", "0.5"), ("xmas-proportional", "0.5"), ("random", "0.5"),
-                               ("cluster-random", "0.5"), ("full", "1")]}
+    assert runs.to_dict() == {
+        (m, b, 0): types
+        for m, b in [
+            ("xmas", "0.5"),
+            ("xmas-proportional", "0.5"),
+            ("random", "0.5"),
+            ("cluster-random", "0.5"),
+            ("full", "1"),
+        ]
+    }
     full = summary[summary.method == "full"]
     assert full.ARP.iloc[0] == pytest.approx(100.0)  # one seed: the full run is its own reference
     table = (workflow_run / "results/eval/summary.txt").read_text()

@@ -62,8 +62,9 @@ class _Cursor:
             consumed = self.text[: self.pos]
             newlines = consumed.count("\n")
             self.lines_before += newlines
-            self.column_base = (len(consumed) - consumed.rfind("\n") - 1 if newlines
-                                else self.column_base + len(consumed))
+            self.column_base = (
+                len(consumed) - consumed.rfind("\n") - 1 if newlines else self.column_base + len(consumed)
+            )
             self.text = self.text[self.pos :] + fresh
             self.pos = 0
             self.ascii = self.text.isascii()
@@ -126,8 +127,10 @@ def iter_spans(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Spa
         if not cursor.skip_whitespace():
             raise cursor.fail(cursor.pos, "the file is empty")
         if cursor.text[cursor.pos] != "[":
-            raise XmasError(f"{path}: expected a JSON list of records, found {kind_of(cursor.text[cursor.pos])} "
-                            f"at {cursor.where(cursor.pos)}")
+            raise XmasError(
+                f"{path}: expected a JSON list of records, found {kind_of(cursor.text[cursor.pos])} "
+                f"at {cursor.where(cursor.pos)}"
+            )
         cursor.advance(cursor.pos + 1)
         index = 0
         while True:
@@ -173,7 +176,8 @@ def decode_one(cursor: _Cursor, decoder: json.JSONDecoder) -> tuple[object, int]
 
 def kind_of(first_char: str) -> str:
     return {"{": "an object", '"': "a string", "t": "a boolean", "f": "a boolean", "n": "null"}.get(
-        first_char, "a number" if first_char in "-0123456789" else f"{first_char!r}")
+        first_char, "a number" if first_char in "-0123456789" else f"{first_char!r}"
+    )
 
 
 def read_all(path: str | Path) -> list:
@@ -227,9 +231,11 @@ class SourceRecords(Sequence):
         return data, record
 
     def changed(self, position: int, why: str) -> XmasError:
-        return XmasError(f"{self.path} changed after `xmas prepare` indexed it: record {self.indices[position]} "
-                         f"(uid {self.uids[position]!r}) was at byte {self.offsets[position]}, but {why}; "
-                         "run prepare again")
+        return XmasError(
+            f"{self.path} changed after `xmas prepare` indexed it: record {self.indices[position]} "
+            f"(uid {self.uids[position]!r}) was at byte {self.offsets[position]}, but {why}; "
+            "run prepare again"
+        )
 
     def close(self) -> None:
         if self._handle is not None:

@@ -21,8 +21,27 @@ from xmas.resources import resource
 SHIPPED = ("shapes", "rehearsal")
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 40)}
 SHAPES = ("circle", "square", "triangle")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-                "ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen")
+NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+)
 IMAGE_TYPES = ("color", "shape", "position", "count")
 TYPES = (*IMAGE_TYPES, "text")
 TEMPLATES = {
@@ -58,9 +77,11 @@ class Grid:
     def of(cls, settings: dict) -> Grid:
         grid = cls(settings["image_size"], settings["grid"], settings["object_radius"])
         if grid.size % grid.cells or grid.cell < 2 * grid.radius + 2:
-            raise XmasError(f"demo settings: a {grid.size}-px image in a {grid.cells} × {grid.cells} grid has cells of "
-                            f"{grid.size / grid.cells:g} px; object_radius {grid.radius} needs whole cells of at least "
-                            f"{2 * grid.radius + 2} px")
+            raise XmasError(
+                f"demo settings: a {grid.size}-px image in a {grid.cells} × {grid.cells} grid has cells of "
+                f"{grid.size / grid.cells:g} px; object_radius {grid.radius} needs whole cells of at least "
+                f"{2 * grid.radius + 2} px"
+            )
         return grid
 
     @property
@@ -148,8 +169,7 @@ class Example:
             if position == 0 and image is not None:
                 prompt = f"<image>\n{prompt}" if image_first else f"{prompt}\n<image>"
             conversations += [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
-        record = {"id": record_id, "image": image, "conversations": conversations,
-                  "question_type": self.question_type}
+        record = {"id": record_id, "image": image, "conversations": conversations, "question_type": self.question_type}
         if image is None:
             del record["image"]
         return record
@@ -213,8 +233,9 @@ def caption_examples(settings: dict, rng: np.random.Generator) -> list[Example]:
     return examples
 
 
-def write_split(name: str, examples: list[Example], images: Path, size: int, rng, stats: StageStats,
-                image_first_share: float = 0.8) -> list[dict]:
+def write_split(
+    name: str, examples: list[Example], images: Path, size: int, rng, stats: StageStats, image_first_share: float = 0.8
+) -> list[dict]:
     """Render a split's images and write its records; ``image_first_share`` of them put the image
     before the question (LLaVA's instruction data puts some after it)."""
     (images / "shapes" / name).mkdir(parents=True, exist_ok=True)
@@ -229,8 +250,14 @@ def write_split(name: str, examples: list[Example], images: Path, size: int, rng
     return records
 
 
-def generate(settings: dict, train_json: Path, test_json: Path, image_root: Path, stats: StageStats,
-             captions_json: Path | None = None) -> None:
+def generate(
+    settings: dict,
+    train_json: Path,
+    test_json: Path,
+    image_root: Path,
+    stats: StageStats,
+    captions_json: Path | None = None,
+) -> None:
     rng = np.random.default_rng(settings["seed"])
     caption_rng = np.random.default_rng([settings["seed"], 1])  # its own stream: train and test stay as they were
     train, test = train_examples(settings, rng), test_examples(settings, rng)
@@ -239,8 +266,9 @@ def generate(settings: dict, train_json: Path, test_json: Path, image_root: Path
         test_records = write_split("test", test, images, settings["image_size"], rng, stats)
         if captions_json is not None:
             captions = caption_examples(settings, caption_rng)
-            caption_records = write_split("captions", captions, images, settings["image_size"], caption_rng, stats,
-                                          image_first_share=1.0)
+            caption_records = write_split(
+                "captions", captions, images, settings["image_size"], caption_rng, stats, image_first_share=1.0
+            )
     write_records(train_records, train_json)
     write_records(test_records, test_json)
     stats.add("out", len(train_records) + len(test_records))

@@ -99,8 +99,10 @@ def load_manifest(path: Path) -> Manifest:
     for position, item in enumerate(data["files"]):
         unknown = set(item) - allowed
         if unknown or "name" not in item:
-            raise XmasError(f"{path}: files[{position}] needs a name and may only have {sorted(allowed)}; "
-                            f"unknown: {sorted(unknown)}")
+            raise XmasError(
+                f"{path}: files[{position}] needs a name and may only have {sorted(allowed)}; "
+                f"unknown: {sorted(unknown)}"
+            )
         entry = Entry(**item)
         kinds = [entry.save_as is not None, entry.unpack is not None, entry.url_list is not None]
         if sum(kinds) != 1 or (entry.url_list is None and not entry.url):
@@ -114,8 +116,9 @@ def load_manifest(path: Path) -> Manifest:
 # ----------------------------------------------------------------------------- HTTP
 
 
-def fetch(url: str, part: Path, expected: int | None, *, label: str, retries: int, retry_wait: float,
-          timeout: float) -> int:
+def fetch(
+    url: str, part: Path, expected: int | None, *, label: str, retries: int, retry_wait: float, timeout: float
+) -> int:
     """Download ``url`` into ``part``, resuming from the bytes already there; returns the file's size.
 
     Interrupted transfers are retried (with Range, so no byte is fetched twice) ``retries`` times;
@@ -136,11 +139,20 @@ def fetch(url: str, part: Path, expected: int | None, *, label: str, retries: in
             failures += 1
             done = part.stat().st_size if part.exists() else 0
             if failures > retries:
-                raise XmasError(f"{label}: transfer of {url} interrupted ({error}); {done} bytes are kept in {part}, "
-                                "run again to resume") from None
+                raise XmasError(
+                    f"{label}: transfer of {url} interrupted ({error}); {done} bytes are kept in {part}, "
+                    "run again to resume"
+                ) from None
             wait = retry_wait * 2 ** (failures - 1)
-            log.warning("%s: transfer interrupted (%s) at %d bytes; resuming in %.0fs (attempt %d of %d)",
-                        label, error, done, wait, failures, retries)
+            log.warning(
+                "%s: transfer interrupted (%s) at %d bytes; resuming in %.0fs (attempt %d of %d)",
+                label,
+                error,
+                done,
+                wait,
+                failures,
+                retries,
+            )
             time.sleep(wait)
 
 
@@ -165,8 +177,10 @@ def transfer(url: str, part: Path, have: int, expected: int | None, *, label: st
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         if expected is not None and total is not None and total != expected:
-            raise XmasError(f"{label}: {url} is {total} bytes, the manifest says {expected}: the file at the "
-                            "source changed; check it and update the manifest")
+            raise XmasError(
+                f"{label}: {url} is {total} bytes, the manifest says {expected}: the file at the "
+                "source changed; check it and update the manifest"
+            )
         total = total if total is not None else expected
         if total is not None:
             ensure_space(part.parent, total - have, label)
@@ -185,8 +199,10 @@ def refused(error: urllib.error.HTTPError, url: str, part: Path, have: int, expe
         part.unlink()
         raise Interrupted("the server could not resume from the partial file; starting over")
     if error.code in (404, 410):
-        raise XmasError(f"{label}: {url} answered HTTP {error.code} {error.reason}: the file is not (or no longer) "
-                        "there; check the URL in the dataset manifest") from None
+        raise XmasError(
+            f"{label}: {url} answered HTTP {error.code} {error.reason}: the file is not (or no longer) "
+            "there; check the URL in the dataset manifest"
+        ) from None
     if error.code in (408, 429) or error.code >= 500:
         raise Interrupted(f"HTTP {error.code} {error.reason}") from None
     raise XmasError(f"{label}: {url} answered HTTP {error.code} {error.reason}") from None
@@ -214,8 +230,10 @@ def copy_body(response, part: Path, have: int, total: int | None, label: str) ->
     except OSError as error:
         if error.errno == errno.ENOSPC:
             free = shutil.disk_usage(part.parent).free
-            raise XmasError(f"{label}: disk full while writing {part} ({free} bytes free); free some space and run "
-                            f"again to resume (the bytes fetched so far are kept)") from None
+            raise XmasError(
+                f"{label}: disk full while writing {part} ({free} bytes free); free some space and run "
+                f"again to resume (the bytes fetched so far are kept)"
+            ) from None
         raise Interrupted(str(error)) from None
     return part.stat().st_size
 
@@ -246,8 +264,17 @@ def sha256_of(path: Path, label: str) -> str:
 
 
 class Downloader:
-    def __init__(self, manifest: Manifest, dest: Path, *, keep_archives: bool = False, retries: int = 5,
-                 retry_wait: float = 5.0, timeout: float = 60.0, workers: int = 8):
+    def __init__(
+        self,
+        manifest: Manifest,
+        dest: Path,
+        *,
+        keep_archives: bool = False,
+        retries: int = 5,
+        retry_wait: float = 5.0,
+        timeout: float = 60.0,
+        workers: int = 8,
+    ):
         self.manifest = manifest
         self.dest = Path(dest)
         self.downloads = self.dest / "downloads"
@@ -276,8 +303,11 @@ class Downloader:
     def recorded(self, entry: Entry) -> dict:
         """What the state says was fetched for this entry, if it still fits the manifest (else {})."""
         done = self.state.get(entry.name, {})
-        fits = (done.get("url") == entry.url and entry.sha256 in (None, done.get("sha256"))
-                and entry.size in (None, done.get("bytes")))
+        fits = (
+            done.get("url") == entry.url
+            and entry.sha256 in (None, done.get("sha256"))
+            and entry.size in (None, done.get("bytes"))
+        )
         return done if fits else {}
 
     def published(self, entry: Entry) -> bool:
@@ -309,12 +339,19 @@ class Downloader:
         digest = sha256_of(part, entry.name)
         if entry.sha256 is not None and digest != entry.sha256:
             part.unlink()
-            raise XmasError(f"{entry.name}: checksum mismatch for {entry.url}: sha256 {digest}, the manifest says "
-                            f"{entry.sha256}; the download was deleted, run again to fetch it anew (if it fails "
-                            "again, the file at the source changed)")
+            raise XmasError(
+                f"{entry.name}: checksum mismatch for {entry.url}: sha256 {digest}, the manifest says "
+                f"{entry.sha256}; the download was deleted, run again to fetch it anew (if it fails "
+                "again, the file at the source changed)"
+            )
         os.replace(part, stored)
-        done = {"url": entry.url, "file": stored.name, "bytes": size, "sha256": digest,
-                "sha256_source": "manifest" if entry.sha256 else "computed (unknown at the source)"}
+        done = {
+            "url": entry.url,
+            "file": stored.name,
+            "bytes": size,
+            "sha256": digest,
+            "sha256_source": "manifest" if entry.sha256 else "computed (unknown at the source)",
+        }
         self.state[entry.name] = done
         self.save_state()
         return done
@@ -333,8 +370,10 @@ class Downloader:
         spec = entry.url_list
         listing = self.dest / spec["list"]
         if not listing.is_file():
-            message = (f"{entry.name}: the URL list {listing} is not there. {spec.get('how', '')}".strip()
-                       + " Records whose images are missing are excluded by prepare (image_missing).")
+            message = (
+                f"{entry.name}: the URL list {listing} is not there. {spec.get('how', '')}".strip()
+                + " Records whose images are missing are excluded by prepare (image_missing)."
+            )
             if not entry.optional:
                 raise XmasError(message)
             log.warning("%s", message)
@@ -343,7 +382,7 @@ class Downloader:
         try:
             urls = {key: item["imageURL"] for key, item in json.loads(listing.read_text()).items()}
         except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise XmasError(f"{listing}: expected a JSON object of id -> {{\"imageURL\": ...}} ({error})") from None
+            raise XmasError(f'{listing}: expected a JSON object of id -> {{"imageURL": ...}} ({error})') from None
         target = self.dest / self.manifest.image_root / spec["prefix"]
         target.mkdir(parents=True, exist_ok=True)
         todo = [(name, urls.get(PurePosixPath(name).stem)) for name in sorted(wanted) if not (target / name).is_file()]
@@ -351,18 +390,29 @@ class Downloader:
         todo = [(name, url) for name, url in todo if url is not None]
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.workers) as pool:
             results = pool.map(lambda item: fetch_small(item[1], target / item[0], self.http["timeout"]), todo)
-            for (name, _), error in progress(zip(todo, results), total=len(todo), desc=f"download {entry.name}",
-                                             unit="img"):
+            for (name, _), error in progress(
+                zip(todo, results), total=len(todo), desc=f"download {entry.name}", unit="img"
+            ):
                 if error is not None:
                     failed[name] = error
         failures = self.downloads / f"{entry.name}.failed.tsv"
         with atomic_path(failures) as tmp:
             tmp.write_text("".join(f"{name}\t{why}\n" for name, why in sorted(failed.items())))
         if failed:
-            log.warning("%s: %d of %d images could not be fetched (listed in %s); prepare excludes their records "
-                        "as image_missing", entry.name, len(failed), len(wanted), failures)
-        return {"status": "downloaded", "images": len(wanted) - len(failed), "failed": len(failed),
-                "failed_list": str(failures)}
+            log.warning(
+                "%s: %d of %d images could not be fetched (listed in %s); prepare excludes their records "
+                "as image_missing",
+                entry.name,
+                len(failed),
+                len(wanted),
+                failures,
+            )
+        return {
+            "status": "downloaded",
+            "images": len(wanted) - len(failed),
+            "failed": len(failed),
+            "failed_list": str(failures),
+        }
 
     def referenced_images(self, prefix: str) -> set[str]:
         """File names under ``prefix`` that the annotation file refers to (only those are fetched)."""
@@ -373,7 +423,7 @@ class Downloader:
             image = span.record.get("image") if isinstance(span.record, dict) else None
             for path in image if isinstance(image, list) else [image]:
                 if isinstance(path, str) and path.startswith(prefix):
-                    names.add(path[len(prefix):])
+                    names.add(path[len(prefix) :])
         return names
 
 
@@ -417,14 +467,18 @@ def unpack(archive: Path, spec: dict, dest: Path, label: str) -> None:
                 raise XmasError(f"{label}: unknown archive format {fmt!r} (zip, tar)")
         except (zipfile.BadZipFile, tarfile.TarError, EOFError) as error:
             archive.unlink()
-            raise XmasError(f"{label}: {archive} is not a readable {fmt} archive ({error}); it was deleted, run "
-                            "again to fetch it anew") from None
+            raise XmasError(
+                f"{label}: {archive} is not a readable {fmt} archive ({error}); it was deleted, run "
+                "again to fetch it anew"
+            ) from None
         member = spec.get("member")
         source = staging / member if member else staging
         if not source.is_dir():
             found = sorted(p.name for p in staging.iterdir())[:10]
-            raise XmasError(f"{label}: {archive} has no folder {member!r} at its top (found: {found}); "
-                            "update `member` in the manifest")
+            raise XmasError(
+                f"{label}: {archive} has no folder {member!r} at its top (found: {found}); "
+                "update `member` in the manifest"
+            )
         source.rename(tmp)
     log.info("%s: unpacked into %s", label, target)
 

@@ -21,8 +21,10 @@ def read_examples(path: str | Path, columns: list[str]) -> pd.DataFrame:
     table = read_parquet(path)
     missing = [column for column in columns if column not in table.columns]
     if missing:
-        raise XmasError(f"{path} has no column(s) {', '.join(missing)}: it was written by an older "
-                        "`xmas prepare`; run prepare again")
+        raise XmasError(
+            f"{path} has no column(s) {', '.join(missing)}: it was written by an older "
+            "`xmas prepare`; run prepare again"
+        )
     return table[columns]
 
 

@@ -94,8 +94,11 @@ def check_conversation(record: dict, max_images: int) -> list[str]:
     """Validate the structure of one record; return its image paths. Raises InvalidRecord."""
     field = invalid_unicode_field(record)
     if field is not None:
-        raise InvalidRecord("invalid_unicode", f"field {field} holds a lone surrogate (a \\ud800-\\udfff escape), "
-                            "which is not text UTF-8 can store or a tokenizer can read")
+        raise InvalidRecord(
+            "invalid_unicode",
+            f"field {field} holds a lone surrogate (a \\ud800-\\udfff escape), "
+            "which is not text UTF-8 can store or a tokenizer can read",
+        )
     turns = record.get("conversations")
     if turns is None:
         raise InvalidRecord("conversations_missing", "no 'conversations' field")
@@ -106,8 +109,9 @@ def check_conversation(record: dict, max_images: int) -> list[str]:
             raise InvalidRecord("turn_malformed", f"turn {position} needs 'from' in human/gpt and a string 'value'")
         expected = "human" if position % 2 == 0 else "gpt"
         if turn["from"] != expected:
-            raise InvalidRecord("turns_not_alternating",
-                                f"turn {position} is from {turn['from']!r}, expected {expected!r}")
+            raise InvalidRecord(
+                "turns_not_alternating", f"turn {position} is from {turn['from']!r}, expected {expected!r}"
+            )
     if len(turns) % 2:
         raise InvalidRecord("turns_not_alternating", "the last human turn has no gpt answer")
     paths = image_paths(record)

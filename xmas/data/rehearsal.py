@@ -20,15 +20,37 @@ from xmas.io import atomic_path, write_records
 from xmas.progress import StageStats
 
 GQA_SUFFIX = "\nAnswer the question using a single word or phrase."
-TITLE_WORDS = ("river", "silent", "garden", "winter", "stone", "light", "empire", "secret", "ocean", "forest",
-               "glass", "night", "golden", "city", "lost", "star")
+TITLE_WORDS = (
+    "river",
+    "silent",
+    "garden",
+    "winter",
+    "stone",
+    "light",
+    "empire",
+    "secret",
+    "ocean",
+    "forest",
+    "glass",
+    "night",
+    "golden",
+    "city",
+    "lost",
+    "star",
+)
 AUTHORS = ("Ada Moreau", "Ben Okafor", "Clara Jensen", "Diego Alvarez", "Erin Walsh", "Farid Haddad")
 GENRES = ("Cookbooks", "History", "Travel", "Science", "Romance", "Mystery")
 TOPICS = ("a compiler", "photosynthesis", "a bicycle gear", "the stock market", "a neural network", "tides")
-SENTENCES = ("It starts with a simple idea that grows over time.", "Each part depends on the one before it.",
-             "Engineers often test small pieces first.", "The result is easy to measure and compare.",
-             "Small changes can have large effects later.", "A careful plan saves time in the end.",
-             "Most people learn this by trying it themselves.", "The details matter more than they seem.")
+SENTENCES = (
+    "It starts with a simple idea that grows over time.",
+    "Each part depends on the one before it.",
+    "Engineers often test small pieces first.",
+    "The result is easy to measure and compare.",
+    "Small changes can have large effects later.",
+    "A careful plan saves time in the end.",
+    "Most people learn this by trying it themselves.",
+    "The details matter more than they seem.",
+)
 TYPES = ("color", "shape", "count", "ocr", "text")
 
 
@@ -62,9 +84,11 @@ class Scene:
     def questions(self) -> list[tuple[str, str, str]]:
         """(question type, question, answer) about the scene."""
         kind, color = self.shapes[0]
-        return [("color", f"What color is the {kind}?", color),
-                ("shape", f"Which shape is {color}?", kind),
-                ("count", "How many shapes are in the image?", NUMBER_WORDS[len(self.shapes)])]
+        return [
+            ("color", f"What color is the {kind}?", color),
+            ("shape", f"Which shape is {color}?", kind),
+            ("count", "How many shapes are in the image?", NUMBER_WORDS[len(self.shapes)]),
+        ]
 
 
 class Book:
@@ -84,9 +108,12 @@ class Book:
         return image
 
     def questions(self) -> list[tuple[str, str, str]]:
-        return [("ocr", "Who wrote this book?", self.author), ("ocr", "What is the title of this book?", self.title),
-                ("ocr", "What is the genre of this book?", self.genre),
-                ("ocr", f"Is this a {self.genre.lower()} book?", "Yes")]
+        return [
+            ("ocr", "Who wrote this book?", self.author),
+            ("ocr", "What is the title of this book?", self.title),
+            ("ocr", "What is the genre of this book?", self.genre),
+            ("ocr", f"Is this a {self.genre.lower()} book?", "Yes"),
+        ]
 
 
 def with_image(question: str, rng: np.random.Generator, after_share: float) -> str:
@@ -95,8 +122,11 @@ def with_image(question: str, rng: np.random.Generator, after_share: float) -> s
 
 
 def conversation(turns: list[tuple[str, str]]) -> list[dict]:
-    return [turn for question, answer in turns
-            for turn in ({"from": "human", "value": question}, {"from": "gpt", "value": answer})]
+    return [
+        turn
+        for question, answer in turns
+        for turn in ({"from": "human", "value": question}, {"from": "gpt", "value": answer})
+    ]
 
 
 def paragraph(rng: np.random.Generator, words: int) -> str:
@@ -151,8 +181,10 @@ class Generator:
         return {"id": f"{number:010d}", "image": image, "conversations": conversation(turns)}
 
     def sharegpt(self, words: int = 60) -> dict:
-        turns = [(f"Explain how {self.rng.choice(TOPICS)} works.", paragraph(self.rng, words))
-                 for _ in range(int(self.rng.integers(1, 4)))]
+        turns = [
+            (f"Explain how {self.rng.choice(TOPICS)} works.", paragraph(self.rng, words))
+            for _ in range(int(self.rng.integers(1, 4)))
+        ]
         return {"id": sharegpt_id(self.rng), "model": "", "conversations": conversation(turns)}
 
     def long_text(self) -> dict:
@@ -193,14 +225,27 @@ class Generator:
                 self.stats.add(f"test_{kind}")
                 if kind == "text":
                     a, b = (int(v) for v in self.rng.integers(0, 10, 2))
-                    records.append({"id": f"test-{number}", "question_type": kind, "conversations": conversation(
-                        [(f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", NUMBER_WORDS[a + b])])})
+                    records.append(
+                        {
+                            "id": f"test-{number}",
+                            "question_type": kind,
+                            "conversations": conversation(
+                                [(f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?", NUMBER_WORDS[a + b])]
+                            ),
+                        }
+                    )
                     continue
                 picture = Book(self.rng) if kind == "ocr" else Scene(self.rng)
                 _, question, answer = next(q for q in picture.questions() if q[0] == kind)
                 image = self.save(picture, "coco/val2017", f"{number:012d}")
-                records.append({"id": f"test-{number}", "image": image, "question_type": kind,
-                                "conversations": conversation([(f"<image>\n{question}{GQA_SUFFIX}", answer)])})
+                records.append(
+                    {
+                        "id": f"test-{number}",
+                        "image": image,
+                        "question_type": kind,
+                        "conversations": conversation([(f"<image>\n{question}{GQA_SUFFIX}", answer)]),
+                    }
+                )
         return records
 
 

@@ -19,5 +19,9 @@ def comparison_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 def mean_and_spread(grouped) -> pd.Series:
     stats = grouped.agg(["mean", "std"])
-    return stats.apply(lambda row: "n/a" if pd.isna(row["mean"]) else
-                       f"{row['mean']:.1f} ± {0 if pd.isna(row['std']) else row['std']:.1f}", axis=1)
+    return stats.apply(
+        lambda row: (
+            "n/a" if pd.isna(row["mean"]) else f"{row['mean']:.1f} ± {0 if pd.isna(row['std']) else row['std']:.1f}"
+        ),
+        axis=1,
+    )

@@ -11,8 +11,9 @@ GROUPING_FIELDS = ("question_type", "source")
 def grouping_field(records: list) -> str | None:
     """The first of :data:`GROUPING_FIELDS` that every record carries as a non-empty string."""
     for field in GROUPING_FIELDS:
-        if records and all(isinstance(record, dict) and isinstance(record.get(field), str) and record[field]
-                           for record in records):
+        if records and all(
+            isinstance(record, dict) and isinstance(record.get(field), str) and record[field] for record in records
+        ):
             return field
     return None
 

@@ -17,9 +17,13 @@ import re
 
 from PIL import Image
 
-NUMBER_WORDS = {word: str(n) for n, word in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
-    "seventeen eighteen nineteen twenty".split())}
+NUMBER_WORDS = {
+    word: str(n)
+    for n, word in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+        "seventeen eighteen nineteen twenty".split()
+    )
+}
 ARTICLES = {"a", "an", "the"}
 
 
@@ -44,8 +48,10 @@ def doc_to_text(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> str
 
 def doc_to_messages(doc: dict, lmms_eval_specific_kwargs: dict | None = None) -> list[dict]:
     images = iter(doc_to_visual(doc))
-    content = [{"type": "image", "url": next(images)} if item["type"] == "image" else
-               {"type": "text", "text": item["text"]} for item in doc["content"]]
+    content = [
+        {"type": "image", "url": next(images)} if item["type"] == "image" else {"type": "text", "text": item["text"]}
+        for item in doc["content"]
+    ]
     return [{"role": "user", "content": content}]
 
 

@@ -104,13 +104,16 @@ def parse_metric(name: str, spec: object) -> tuple[str, float]:
         except ValueError:
             pass
     if scale is None:
-        raise XmasError(f"evaluation.metrics.{name}: {spec!r} is not METRIC or METRIC*SCALE "
-                        "(e.g. exact_match*100: the metric lmms-eval reports, times 100)")
+        raise XmasError(
+            f"evaluation.metrics.{name}: {spec!r} is not METRIC or METRIC*SCALE "
+            "(e.g. exact_match*100: the metric lmms-eval reports, times 100)"
+        )
     return match["metric"], scale
 
 
-def benchmark_table(metrics: Mapping[str, object] | None = None,
-                    extra: Mapping[str, Benchmark] | None = None) -> dict[str, Benchmark]:
+def benchmark_table(
+    metrics: Mapping[str, object] | None = None, extra: Mapping[str, Benchmark] | None = None
+) -> dict[str, Benchmark]:
     """The built-in benchmarks, then ``extra`` (e.g. local tasks), then the config's ``evaluation.metrics``.
 
     A ``metrics`` entry named after a benchmark changes its metric; any other name is an lmms-eval task.
@@ -126,8 +129,10 @@ def benchmark_table(metrics: Mapping[str, object] | None = None,
 def check_benchmarks(benchmarks: Iterable[str], table: Mapping[str, Benchmark] = BENCHMARKS) -> list[str]:
     names = list(benchmarks)
     if not names:
-        raise XmasError(f"no benchmarks to evaluate; choose from {', '.join(table)}, or any lmms-eval task "
-                        "named in evaluation.metrics")
+        raise XmasError(
+            f"no benchmarks to evaluate; choose from {', '.join(table)}, or any lmms-eval task "
+            "named in evaluation.metrics"
+        )
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:
         raise XmasError(f"benchmark(s) listed twice: {', '.join(twice)}")
@@ -137,7 +142,8 @@ def check_benchmarks(benchmarks: Iterable[str], table: Mapping[str, Benchmark] =
         raise XmasError(
             f"no metric known for {', '.join(map(repr, unknown))}; built in: {', '.join(table)}. For any other "
             f"lmms-eval task, name the metric its results file reports in the config, e.g. evaluation.metrics: "
-            f"{{{example}: exact_match*100}} (or --metrics {example}=exact_match*100)")
+            f"{{{example}: exact_match*100}} (or --metrics {example}=exact_match*100)"
+        )
     return names
 
 
@@ -145,15 +151,17 @@ def judge_key_present(env: Mapping[str, str]) -> bool:
     return any(env.get(key) for key in JUDGE_KEYS)
 
 
-def check_judge(benchmarks: list[str], table: Mapping[str, Benchmark], allow_judge: bool,
-                env: Mapping[str, str]) -> None:
+def check_judge(
+    benchmarks: list[str], table: Mapping[str, Benchmark], allow_judge: bool, env: Mapping[str, str]
+) -> None:
     judged = [name for name in benchmarks if table[name].needs_judge]
     if not judged or allow_judge or judge_key_present(env):
         return
     rest = [name for name in benchmarks if name not in judged]
     raise XmasError(
         f"{', '.join(judged)} needs a paid GPT judge, which lmms-eval reaches through {' or '.join(JUDGE_KEYS)}; "
-        f"set the key, or leave it out with evaluation.benchmarks: [{', '.join(rest)}]")
+        f"set the key, or leave it out with evaluation.benchmarks: [{', '.join(rest)}]"
+    )
 
 
 def default_model_args(gpus: int) -> dict[str, str]:
@@ -171,8 +179,10 @@ def model_args(checkpoint: str | Path, gpus: int, extra_model_args: Mapping[str,
     # lmms-eval splits --model_args on commas and "=", so neither may appear inside a value.
     for key, value in pairs.items():
         if "," in f"{key}{value}" or "=" in f"{key}{value}":
-            raise XmasError(f"lmms-eval model argument {key}={value!r} contains ',' or '=', which lmms-eval "
-                            "cannot parse; rename the path or value")
+            raise XmasError(
+                f"lmms-eval model argument {key}={value!r} contains ',' or '=', which lmms-eval "
+                "cannot parse; rename the path or value"
+            )
     return ",".join(f"{key}={value}" for key, value in pairs.items())
 
 
@@ -189,22 +199,35 @@ def unique_tasks(benchmarks: list[Benchmark]) -> list[str]:
     return list(dict.fromkeys(benchmark.task for benchmark in benchmarks))
 
 
-def lmms_eval_command(checkpoint: str | Path, benchmarks: Iterable[str], output_dir: str | Path, gpus: int = 0,
-                      batch_size: int = 1, model: str = "llava_hf",
-                      extra_model_args: Mapping[str, object] | None = None, allow_judge: bool = False,
-                      env: Mapping[str, str] | None = None, table: Mapping[str, Benchmark] = BENCHMARKS,
-                      include_path: str | Path | None = None) -> list[str]:
+def lmms_eval_command(
+    checkpoint: str | Path,
+    benchmarks: Iterable[str],
+    output_dir: str | Path,
+    gpus: int = 0,
+    batch_size: int = 1,
+    model: str = "llava_hf",
+    extra_model_args: Mapping[str, object] | None = None,
+    allow_judge: bool = False,
+    env: Mapping[str, str] | None = None,
+    table: Mapping[str, Benchmark] = BENCHMARKS,
+    include_path: str | Path | None = None,
+) -> list[str]:
     """The argv that evaluates ``checkpoint`` on ``benchmarks`` and writes results under ``output_dir``."""
     names = check_benchmarks(benchmarks, table)
     check_judge(names, table, allow_judge, os.environ if env is None else env)
     if batch_size < 1:
         raise XmasError(f"batch_size must be at least 1, got {batch_size}")
     command = launcher(gpus) + [
-        "--model", model,
-        "--model_args", model_args(checkpoint, gpus, extra_model_args),
-        "--tasks", ",".join(unique_tasks([table[name] for name in names])),
-        "--batch_size", str(batch_size),
-        "--output_path", str(output_dir),
+        "--model",
+        model,
+        "--model_args",
+        model_args(checkpoint, gpus, extra_model_args),
+        "--tasks",
+        ",".join(unique_tasks([table[name] for name in names])),
+        "--batch_size",
+        str(batch_size),
+        "--output_path",
+        str(output_dir),
         "--log_samples",
     ]
     if model == "llava_hf":
@@ -274,12 +297,16 @@ def load_results(path: Path) -> dict:
 def score(path: Path, results: dict, name: str, benchmark: Benchmark) -> float:
     entry = results.get(benchmark.task)
     if not isinstance(entry, dict):
-        raise XmasError(f"{path}: no results for task {benchmark.task!r} (benchmark {name}); "
-                        f"tasks present: {', '.join(sorted(results)) or 'none'}")
+        raise XmasError(
+            f"{path}: no results for task {benchmark.task!r} (benchmark {name}); "
+            f"tasks present: {', '.join(sorted(results)) or 'none'}"
+        )
     if benchmark.key not in entry:
         present = sorted(k for k in entry if k != "alias")
-        raise XmasError(f"{path}: task {benchmark.task!r} has no metric {benchmark.key!r}; keys present: "
-                        f"{', '.join(present)}; set the metric with evaluation.metrics: {{{name}: METRIC}}")
+        raise XmasError(
+            f"{path}: task {benchmark.task!r} has no metric {benchmark.key!r}; keys present: "
+            f"{', '.join(present)}; set the metric with evaluation.metrics: {{{name}: METRIC}}"
+        )
     value = entry[benchmark.key]
     # Aggregations that fail in lmms-eval (e.g. a judge without a key) leave null or a string behind.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -296,14 +323,16 @@ def questions(data: dict, task: str) -> int | None:
     return count if isinstance(count, int) else None
 
 
-def parse_results(path: str | Path, benchmarks: Iterable[str],
-                  table: Mapping[str, Benchmark] = BENCHMARKS) -> list[tuple[str, float, int | None]]:
+def parse_results(
+    path: str | Path, benchmarks: Iterable[str], table: Mapping[str, Benchmark] = BENCHMARKS
+) -> list[tuple[str, float, int | None]]:
     """``(benchmark, score, questions)`` rows, in the order given, on each benchmark's reporting scale."""
     names = check_benchmarks(benchmarks, table)
     path = Path(path)
     data = load_results(path)
-    return [(name, score(path, data["results"], name, table[name]), questions(data, table[name].task))
-            for name in names]
+    return [
+        (name, score(path, data["results"], name, table[name]), questions(data, table[name].task)) for name in names
+    ]
 
 
 def check_lmms_eval_installed(judge: bool = False) -> None:
@@ -311,15 +340,19 @@ def check_lmms_eval_installed(judge: bool = False) -> None:
     if importlib.util.find_spec("lmms_eval") is None:
         raise XmasError(f"lmms-eval is not installed in this environment; {INSTALL_HINT}")
     if judge and importlib.util.find_spec("openai") is None:
-        raise XmasError("a benchmark scored by a GPT judge is listed, and lmms-eval's judge needs the openai client: "
-                        "pip install openai")
+        raise XmasError(
+            "a benchmark scored by a GPT judge is listed, and lmms-eval's judge needs the openai client: "
+            "pip install openai"
+        )
     try:
         version = importlib.metadata.version("lmms-eval")
     except importlib.metadata.PackageNotFoundError:
         return  # importable without package metadata (a source checkout on the path): trust it
     if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < (0, 7):
-        raise XmasError(f"lmms-eval {version} is installed; xmas drives lmms-eval 0.7 (tested with "
-                        f"{TESTED_VERSION}): {INSTALL_HINT}")
+        raise XmasError(
+            f"lmms-eval {version} is installed; xmas drives lmms-eval 0.7 (tested with "
+            f"{TESTED_VERSION}): {INSTALL_HINT}"
+        )
 
 
 def check_checkpoint(checkpoint: str | Path) -> None:
@@ -329,27 +362,37 @@ def check_checkpoint(checkpoint: str | Path) -> None:
 
 def stream(command: list[str], env: Mapping[str, str]) -> int:
     """Run ``command``, copying its output to our stderr line by line (stdout stays free for our own output)."""
-    with subprocess.Popen(command, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, errors="replace", bufsize=1) as process:
+    with subprocess.Popen(
+        command, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1
+    ) as process:
         for line in process.stdout:
             sys.stderr.write(line)
             sys.stderr.flush()
         return process.wait()
 
 
-def run_lmms_eval(checkpoint: str | Path, benchmarks: Iterable[str], output_dir: str | Path, gpus: int = 0,
-                  batch_size: int = 1, model: str = "llava_hf", extra_model_args: Mapping[str, object] | None = None,
-                  allow_judge: bool = False, extra_env: Mapping[str, str] | None = None,
-                  table: Mapping[str, Benchmark] = BENCHMARKS,
-                  include_path: str | Path | None = None) -> list[tuple[str, float, int | None]]:
+def run_lmms_eval(
+    checkpoint: str | Path,
+    benchmarks: Iterable[str],
+    output_dir: str | Path,
+    gpus: int = 0,
+    batch_size: int = 1,
+    model: str = "llava_hf",
+    extra_model_args: Mapping[str, object] | None = None,
+    allow_judge: bool = False,
+    extra_env: Mapping[str, str] | None = None,
+    table: Mapping[str, Benchmark] = BENCHMARKS,
+    include_path: str | Path | None = None,
+) -> list[tuple[str, float, int | None]]:
     """Evaluate ``checkpoint`` with lmms-eval and return ``(benchmark, score, questions)`` rows.
 
     ``extra_env`` is laid over this process's environment for the lmms-eval process only.
     """
     names = check_benchmarks(benchmarks, table)
     env = {**os.environ, **(extra_env or {})}
-    command = lmms_eval_command(checkpoint, names, output_dir, gpus, batch_size, model, extra_model_args,
-                                allow_judge, env, table, include_path)
+    command = lmms_eval_command(
+        checkpoint, names, output_dir, gpus, batch_size, model, extra_model_args, allow_judge, env, table, include_path
+    )
     check_checkpoint(checkpoint)
     check_lmms_eval_installed()
     output_dir = Path(output_dir)
@@ -361,6 +404,8 @@ def run_lmms_eval(checkpoint: str | Path, benchmarks: Iterable[str], output_dir:
     written = [path for path, mtime in modification_times(output_dir).items() if before.get(path) != mtime]
     if not written:
         # lmms-eval catches errors during evaluation, prints them and still exits 0.
-        raise XmasError(f"{output_dir}: lmms-eval exited 0 but wrote no new results file; "
-                        f"its output above says why: {shlex.join(command)}")
+        raise XmasError(
+            f"{output_dir}: lmms-eval exited 0 but wrote no new results file; "
+            f"its output above says why: {shlex.join(command)}"
+        )
     return parse_results(newest(written), names, table)

@@ -10,5 +10,7 @@ def manifests():
     training loaded them (:mod:`xmas.evaluation.lmms_eval_qwen`)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
-    return [ModelManifest(model_id=f"xmas_{name}", simple_class_path=f"xmas.evaluation.lmms_eval_qwen.{cls}")
-            for name, cls in (("qwen2_5_vl", "Qwen2_5_VL"), ("qwen3_vl", "Qwen3_VL"))]
+    return [
+        ModelManifest(model_id=f"xmas_{name}", simple_class_path=f"xmas.evaluation.lmms_eval_qwen.{cls}")
+        for name, cls in (("qwen2_5_vl", "Qwen2_5_VL"), ("qwen3_vl", "Qwen3_VL"))
+    ]

@@ -34,8 +34,9 @@ class ImageOnlyProcessor:
         from xmas.models.image_tokens import bound_pixels
 
         processor = load_processor(path)
-        processor.image_processor = bound_pixels(processor.image_processor, family_of(processor), min_pixels,
-                                                 max_pixels)
+        processor.image_processor = bound_pixels(
+            processor.image_processor, family_of(processor), min_pixels, max_pixels
+        )
         return processor
 
 
@@ -55,14 +56,17 @@ def resized(item: dict, image_patch_size: int) -> Image.Image:
 
     picture = opened(item["image"])
     factor = 2 * image_patch_size  # 2x2 patches merge into one token
-    bounds = {"min_pixels": item.get("min_pixels", 4 * factor**2),
-              "max_pixels": item.get("max_pixels", 16384 * factor**2)}
+    bounds = {
+        "min_pixels": item.get("min_pixels", 4 * factor**2),
+        "max_pixels": item.get("max_pixels", 16384 * factor**2),
+    }
     height, width = smart_resize(picture.height, picture.width, factor, **bounds)
     return picture.resize((width, height), Image.Resampling.BICUBIC)
 
 
-def process_vision_info(conversations, return_video_kwargs: bool = False, image_patch_size: int = 14,
-                        return_video_metadata: bool = False):
+def process_vision_info(
+    conversations, return_video_kwargs: bool = False, image_patch_size: int = 14, return_video_metadata: bool = False
+):
     """The images of one conversation or a batch of them, in order, as qwen-vl-utils returns them (no videos)."""
     batch = conversations if conversations and isinstance(conversations[0], list) else [conversations]
     images = []

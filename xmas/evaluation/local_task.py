@@ -44,8 +44,10 @@ def user_turn(record: dict, where: str, image_position: str) -> list[dict]:
     """The single question as chat items (``{"type": "image"}``, ``{"type": "text", "text": ...}``)."""
     turns = record.get("conversations")
     if not isinstance(turns, list) or len(turns) != 2 or [turn.get("from") for turn in turns] != ["human", "gpt"]:
-        raise XmasError(f"{where}: field 'conversations' must be one question and its answer (a 'human' then a "
-                        "'gpt' turn); lmms-eval asks one question per image")
+        raise XmasError(
+            f"{where}: field 'conversations' must be one question and its answer (a 'human' then a "
+            "'gpt' turn); lmms-eval asks one question per image"
+        )
     return to_messages(record, image_position)[0]["content"]
 
 
@@ -73,39 +75,47 @@ def doc_of(record: dict, where: str, image_root: Path, image_position: str, benc
     tags = sum(item["type"] == "image" for item in content)
     if tags != len(images):
         raise XmasError(f"{where}: the question has {tags} {IMAGE_TAG} tag(s) for {len(images)} image(s)")
-    return {"id": str(record.get("id")), "content": content, "question": as_text(content),
-            "answer": record["conversations"][1]["value"], "images": images, "benchmark": benchmark}
+    return {
+        "id": str(record.get("id")),
+        "content": content,
+        "question": as_text(content),
+        "answer": record["conversations"][1]["value"],
+        "images": images,
+        "benchmark": benchmark,
+    }
 
 
 def task_yaml(name: str, data: Path, cache: Path, max_new_tokens: int) -> str:
     # JSON strings are YAML strings: any path is quoted safely. The !function tags keep the text hand-written.
-    return "\n".join([
-        f"task: {json.dumps(name)}",
-        "dataset_path: json",
-        "dataset_kwargs:",
-        f"  data_files: {{test: {json.dumps(str(data))}}}",
-        f"  cache_dir: {json.dumps(str(cache))}",
-        "test_split: test",
-        "output_type: generate_until",
-        "doc_to_visual: !function utils.doc_to_visual",
-        "doc_to_text: !function utils.doc_to_text",
-        "doc_to_messages: !function utils.doc_to_messages",
-        "doc_to_target: !function utils.doc_to_target",
-        "process_results: !function utils.process_results",
-        "generation_kwargs:",
-        f"  max_new_tokens: {max_new_tokens}",
-        "  temperature: 0",
-        "  top_p: 1.0",
-        "  num_beams: 1",
-        "  do_sample: false",
-        "metric_list:",
-        f"  - metric: {METRIC}",
-        "    aggregation: mean",
-        "    higher_is_better: true",
-        "metadata:",
-        "  version: 0.0",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"task: {json.dumps(name)}",
+            "dataset_path: json",
+            "dataset_kwargs:",
+            f"  data_files: {{test: {json.dumps(str(data))}}}",
+            f"  cache_dir: {json.dumps(str(cache))}",
+            "test_split: test",
+            "output_type: generate_until",
+            "doc_to_visual: !function utils.doc_to_visual",
+            "doc_to_text: !function utils.doc_to_text",
+            "doc_to_messages: !function utils.doc_to_messages",
+            "doc_to_target: !function utils.doc_to_target",
+            "process_results: !function utils.process_results",
+            "generation_kwargs:",
+            f"  max_new_tokens: {max_new_tokens}",
+            "  temperature: 0",
+            "  top_p: 1.0",
+            "  num_beams: 1",
+            "  do_sample: false",
+            "metric_list:",
+            f"  - metric: {METRIC}",
+            "    aggregation: mean",
+            "    higher_is_better: true",
+            "metadata:",
+            "  version: 0.0",
+            "",
+        ]
+    )
 
 
 def group_docs(test: Path, image_root: Path, image_position: str) -> tuple[dict[str, list[dict]], list[str]]:
@@ -133,8 +143,10 @@ def check_names(groups: dict[str, list[dict]], test: Path) -> None:
         name = task_name(benchmark)
         if name == TASK_PREFIX or name in names:
             other = f" and {names[name]!r}" if name in names else ""
-            raise XmasError(f"{test}: benchmark {benchmark!r}{other} give the lmms-eval task name "
-                            f"{name!r}; benchmarks must differ in letters or digits")
+            raise XmasError(
+                f"{test}: benchmark {benchmark!r}{other} give the lmms-eval task name "
+                f"{name!r}; benchmarks must differ in letters or digits"
+            )
         names[name] = benchmark
 
 
@@ -145,8 +157,9 @@ class LocalTasks:
     text_only: list[str]  # ids of the questions left out: llava_hf answers them with an empty string
 
 
-def write_local_tasks(test: str | Path, image_root: str | Path, out: str | Path, image_position: str = "front",
-                      max_new_tokens: int = 8) -> LocalTasks:
+def write_local_tasks(
+    test: str | Path, image_root: str | Path, out: str | Path, image_position: str = "front", max_new_tokens: int = 8
+) -> LocalTasks:
     """Write the task folder ``out`` (replacing it) from the held-out split ``test``; one task per benchmark.
 
     Questions without an image are left out: lmms-eval's ``llava_hf`` builds no inputs for them and

@@ -58,8 +58,14 @@ def _pack(selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Capture:
-    def __init__(self, layers: dict[torch.nn.Module, int], positions: Positions, head_reduce: str,
-                 output: str = "sdpa", padding_mask: torch.Tensor | None = None):
+    def __init__(
+        self,
+        layers: dict[torch.nn.Module, int],
+        positions: Positions,
+        head_reduce: str,
+        output: str = "sdpa",
+        padding_mask: torch.Tensor | None = None,
+    ):
         self.layers = layers
         self.output, self.padding_mask = output, padding_mask
         self.positions = positions
@@ -111,8 +117,14 @@ def flash_output(module, query, key, value, padding_mask, dropout, scaling):
     from transformers.modeling_flash_attention_utils import _flash_attention_forward
 
     output = _flash_attention_forward(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), padding_mask,
-        query_length=query.shape[2], is_causal=True, dropout=dropout, softmax_scale=scaling,
+        query.transpose(1, 2),
+        key.transpose(1, 2),
+        value.transpose(1, 2),
+        padding_mask,
+        query_length=query.shape[2],
+        is_causal=True,
+        dropout=dropout,
+        softmax_scale=scaling,
         target_dtype=query.dtype if query.dtype != torch.float32 else torch.bfloat16,
         attn_implementation="flash_attention_2",
     )
@@ -142,8 +154,14 @@ def selected_attentions(model, layers: list[int] | None) -> list[tuple[int, torc
 class CrossModalAttention:
     """Sum (or mean) over heads and layers of the text-row × image-column attention of a batch."""
 
-    def __init__(self, model, layers: list[int] | None = None, head_reduce: str = "sum", layer_reduce: str = "sum",
-                 output: str = "sdpa"):
+    def __init__(
+        self,
+        model,
+        layers: list[int] | None = None,
+        head_reduce: str = "sum",
+        layer_reduce: str = "sum",
+        output: str = "sdpa",
+    ):
         if head_reduce not in REDUCTIONS or layer_reduce not in REDUCTIONS:
             raise XmasError(f"head_reduce/layer_reduce must be one of {REDUCTIONS}")
         if output not in OUTPUTS:
@@ -174,8 +192,10 @@ class CrossModalAttention:
         with self._active(capture):
             self.model(**inputs, logits_to_keep=1)
         if len(capture.seen) != len(self.layers):
-            raise XmasError(f"attention capture saw {len(capture.seen)} of {len(self.layers)} layers; "
-                            "the model does not dispatch through transformers' AttentionInterface")
+            raise XmasError(
+                f"attention capture saw {len(capture.seen)} of {len(self.layers)} layers; "
+                "the model does not dispatch through transformers' AttentionInterface"
+            )
         total = capture.total / len(self.layers) if self.layer_reduce == "mean" else capture.total
         valid = positions.row_valid[:, :, None] & positions.col_valid[:, None, :]
         return torch.where(valid, total, 0.0), positions
@@ -208,8 +228,10 @@ def top_singular_values(blocks: torch.Tensor, k: int) -> torch.Tensor:
 def capture_output(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """sdpa or flash_attention_2 for the layer outputs (the captured probabilities never use either)."""
     if requested == "eager":
-        raise XmasError("trajectory attn_implementation eager: the capture replaces eager attention; "
-                        "use auto, sdpa or flash_attention_2")
+        raise XmasError(
+            "trajectory attn_implementation eager: the capture replaces eager attention; "
+            "use auto, sdpa or flash_attention_2"
+        )
     chosen = attention_implementation(requested, device)
     if chosen == "flash_attention_2" and requested == "auto" and dtype == torch.float32:
         return "sdpa"  # flash-attn computes in half precision only; float32 weights keep SDPA

@@ -79,8 +79,10 @@ def load_processor(path: str | Path, model_type: str | None = None):
         processor_class = family_of_model_type(model_type, str(path)).transformers_class("processor_class")
         settings, _ = processor_class.get_processor_dict(path)
         accepted = set(inspect.signature(processor_class.__init__).parameters) - {"self", "args", "kwargs"}
-        parts = {"image_processor": AutoImageProcessor.from_pretrained(path, backend="pil"),
-                 "tokenizer": AutoTokenizer.from_pretrained(path)}
+        parts = {
+            "image_processor": AutoImageProcessor.from_pretrained(path, backend="pil"),
+            "tokenizer": AutoTokenizer.from_pretrained(path),
+        }
         if "video_processor" in accepted:
             parts["video_processor"] = None
         kept = {key: value for key, value in settings.items() if key in accepted and key not in parts}

@@ -50,8 +50,10 @@ class Encoding:
     def load(cls, folder: Path) -> Encoding:
         path = Path(folder) / ENCODING_FILE
         if not path.is_file():
-            raise XmasError(f"{folder} has no {ENCODING_FILE}: it was not written by `xmas proxy-init` (or an "
-                            "xmas stage that copies it); build the checkpoint with proxy-init")
+            raise XmasError(
+                f"{folder} has no {ENCODING_FILE}: it was not written by `xmas proxy-init` (or an "
+                "xmas stage that copies it); build the checkpoint with proxy-init"
+            )
         try:
             saved = read_json(path)
             saved.pop("image_tokens", None)  # written by xmas before tokens were counted per image
@@ -95,8 +97,9 @@ PADDING = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX}
 
 
 class ConversationEncoder:
-    def __init__(self, processor, image_root: str | Path | None, encoding: Encoding,
-                 device: torch.device | str = "cpu"):
+    def __init__(
+        self, processor, image_root: str | Path | None, encoding: Encoding, device: torch.device | str = "cpu"
+    ):
         self.processor, self.encoding = processor, encoding
         self.device = torch.device(device)
         self.tokenizer = processor.tokenizer
@@ -110,8 +113,9 @@ class ConversationEncoder:
         self.padding = {**PADDING, "input_ids": self.pad_token_id, **dict.fromkeys(self.family.token_inputs, 0)}
 
     @classmethod
-    def of_checkpoint(cls, folder: Path, processor=None, image_root: str | Path | None = None,
-                      device: torch.device | str = "cpu") -> ConversationEncoder:
+    def of_checkpoint(
+        cls, folder: Path, processor=None, image_root: str | Path | None = None, device: torch.device | str = "cpu"
+    ) -> ConversationEncoder:
         """The encoder a checkpoint folder was built and trained with: its processor and its Encoding."""
         if processor is None:
             from xmas.models.checkpoints import load_processor
@@ -139,8 +143,10 @@ class ConversationEncoder:
             prompt = template(messages[:turn], tokenize=False, add_generation_prompt=True)
             answered = template(messages[: turn + 1], tokenize=False)
             if not (text.startswith(answered) and answered.startswith(prompt)):
-                raise XmasError(f"record {record.get('id')!r}: the chat template is not prefix-stable; "
-                                "assistant turns (the labels) cannot be located")
+                raise XmasError(
+                    f"record {record.get('id')!r}: the chat template is not prefix-stable; "
+                    "assistant turns (the labels) cannot be located"
+                )
             spans.append((len(prompt), len(answered)))
         return text, spans
 
@@ -156,8 +162,10 @@ class ConversationEncoder:
         """The token run of each image placeholder of ``ids``, in order."""
         placeholders = sum(1 for token in ids if token == self.image_token_id)
         if placeholders != len(sizes):
-            raise XmasError(f"record {record.get('id')!r}: its text holds {placeholders} image tokens "
-                            f"({self.processor.image_token}) for {len(sizes)} images")
+            raise XmasError(
+                f"record {record.get('id')!r}: its text holds {placeholders} image tokens "
+                f"({self.processor.image_token}) for {len(sizes)} images"
+            )
         return [self.images.run(width, height) for width, height in sizes]
 
     def lengths(self, records: list[dict]) -> list[Length]:
@@ -213,8 +221,9 @@ class ConversationEncoder:
         batched = [images] if self.family.layout == "tiles" else images
         return self.processor(text=[text], images=batched, return_tensors="pt")
 
-    def item(self, record: dict, text: str, spans: list[tuple[int, int]] | None,
-             images: list[Image.Image], cut: bool = True) -> dict[str, torch.Tensor]:
+    def item(
+        self, record: dict, text: str, spans: list[tuple[int, int]] | None, images: list[Image.Image], cut: bool = True
+    ) -> dict[str, torch.Tensor]:
         """One sample's inputs: the processor's, checked token by token against the runs its images should
         become; cut to ``max_length`` (``cut``); labels on the ``spans`` (None: no labels)."""
         ids, mask = self.answer_mask(text, spans or [])
@@ -223,12 +232,16 @@ class ConversationEncoder:
         written = encoded.pop("input_ids")[0]
         encoded.pop("attention_mask", None)
         if written.tolist() != expected:
-            raise XmasError(f"record {record.get('id')!r}: the {self.family.name} processor wrote other tokens for "
-                            "its images than xmas.models.image_tokens counts; the family's layout is misdeclared")
+            raise XmasError(
+                f"record {record.get('id')!r}: the {self.family.name} processor wrote other tokens for "
+                "its images than xmas.models.image_tokens counts; the family's layout is misdeclared"
+            )
         keep = min(len(written), self.encoding.max_length) if cut else len(written)
         if int((written[:keep] == self.image_token_id).sum()) != int((written == self.image_token_id).sum()):
-            raise XmasError(f"record {record.get('id')!r}: its image does not fit in max_length "
-                            f"{self.encoding.max_length}; `xmas prepare` excludes such records")
+            raise XmasError(
+                f"record {record.get('id')!r}: its image does not fit in max_length "
+                f"{self.encoding.max_length}; `xmas prepare` excludes such records"
+            )
         item = {"input_ids": written[:keep]}
         for name in self.family.token_inputs:
             item[name] = encoded.pop(name)[0][:keep]
@@ -275,8 +288,9 @@ class ConversationEncoder:
                 if name != "attention_mask":
                     batch[name][row, place] = item[name]
         for name in sorted(set().union(*items) - set(self.padding)):  # pixel_values and the like
-            batch[name] = join_images([item[name] for item in items if name in item],
-                                      dim=1 if self.family.layout == "tiles" else 0)
+            batch[name] = join_images(
+                [item[name] for item in items if name in item], dim=1 if self.family.layout == "tiles" else 0
+            )
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
 

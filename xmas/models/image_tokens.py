@@ -53,8 +53,9 @@ class Fixed:
 
     @staticmethod
     def size(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
-        raise XmasError(f"min_pixels/max_pixels: a {family.name} model resizes every image to one size; leave them "
-                        "null")
+        raise XmasError(
+            f"min_pixels/max_pixels: a {family.name} model resizes every image to one size; leave them null"
+        )
 
     @staticmethod
     def bounds(image_processor) -> dict[str, int]:
@@ -88,14 +89,21 @@ class Dynamic:
     @staticmethod
     def size(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
         size = dict(settings["size"])
-        size.update({key: value for key, value in (("shortest_edge", min_pixels), ("longest_edge", max_pixels))
-                     if value is not None})
+        size.update(
+            {
+                key: value
+                for key, value in (("shortest_edge", min_pixels), ("longest_edge", max_pixels))
+                if value is not None
+            }
+        )
         if size["shortest_edge"] > size["longest_edge"]:
             raise XmasError(f"min_pixels {size['shortest_edge']} is above max_pixels {size['longest_edge']}")
         factor = settings["patch_size"] * settings["merge_size"]
         if size["longest_edge"] < factor * factor:
-            raise XmasError(f"max_pixels {size['longest_edge']} is below one {factor}x{factor} merged patch "
-                            f"({factor * factor} pixels), the least a {family.name} image takes")
+            raise XmasError(
+                f"max_pixels {size['longest_edge']} is below one {factor}x{factor} merged patch "
+                f"({factor * factor} pixels), the least a {family.name} image takes"
+            )
         return size
 
     @staticmethod
@@ -128,13 +136,17 @@ class Tiles:
     @staticmethod
     def size(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
         if min_pixels is not None:
-            raise XmasError(f"min_pixels: a {family.name} model resizes every image's longest edge to one length "
-                            "(max_pixels sets it); it has no lower bound, leave min_pixels null")
+            raise XmasError(
+                f"min_pixels: a {family.name} model resizes every image's longest edge to one length "
+                "(max_pixels sets it); it has no lower bound, leave min_pixels null"
+            )
         tile = settings["max_image_size"]["longest_edge"]
         edge = math.isqrt(max_pixels) // tile * tile
         if edge < tile:
-            raise XmasError(f"max_pixels {max_pixels} is below one {tile}x{tile} tile ({tile * tile} pixels), "
-                            f"the least a {family.name} image takes")
+            raise XmasError(
+                f"max_pixels {max_pixels} is below one {tile}x{tile} tile ({tile * tile} pixels), "
+                f"the least a {family.name} image takes"
+            )
         return {"longest_edge": edge}
 
     @staticmethod

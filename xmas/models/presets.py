@@ -49,8 +49,10 @@ def chat_template(name: str, conversations: dict | None = None) -> str:
     """The Jinja chat template of a named conversation format (resources/conversations.yaml)."""
     conversations = load_conversations() if conversations is None else conversations
     if name not in conversations:
-        raise XmasError(f"conversation {name!r} is not one of {', '.join(sorted(conversations))} "
-                        f"({CONVERSATIONS.name}), nor {OWN_TEMPLATE!r} (the model's own chat template)")
+        raise XmasError(
+            f"conversation {name!r} is not one of {', '.join(sorted(conversations))} "
+            f"({CONVERSATIONS.name}), nor {OWN_TEMPLATE!r} (the model's own chat template)"
+        )
     return conversations[name]["chat_template"]
 
 
@@ -61,8 +63,10 @@ def resolve(proxy: str, presets: dict) -> dict:
     if Path(proxy).is_dir():
         return {"name": proxy, "kind": "pretrained", "path": proxy}
     if Path(proxy).exists() or proxy.startswith((".", "/")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", proxy):
-        raise XmasError(f"proxy {proxy!r} is neither a preset ({', '.join(sorted(presets))}), "
-                        "a model folder, nor a Hugging Face model id (owner/name)")
+        raise XmasError(
+            f"proxy {proxy!r} is neither a preset ({', '.join(sorted(presets))}), "
+            "a model folder, nor a Hugging Face model id (owner/name)"
+        )
     return {"name": proxy, "kind": "pretrained", "path": proxy}
 
 
@@ -76,8 +80,13 @@ def train_tokenizer(texts: list[str]):
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS, min_frequency=1))
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-        extra_special_tokens={"image_token": IMAGE_TAG}, padding_side="right",
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": IMAGE_TAG},
+        padding_side="right",
     )
 
 
@@ -116,16 +125,26 @@ def build_from_config(preset: dict, texts: list[str], template: str, seed: int):
     image_tokens = (size // patch) ** 2
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
     )
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(image_size=size, patch_size=patch, **preset["vision"]),
-        text_config=LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                **preset["text"]),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **preset["text"],
+        ),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TAG),
-        image_seq_length=image_tokens, vision_feature_layer=-1, vision_feature_select_strategy="default",
+        image_seq_length=image_tokens,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -239,9 +258,11 @@ def compose(spec: dict, seed: int, paths: dict[str, str]):
         image_processor = AutoImageProcessor.from_pretrained(vision_model)
     strategy = spec.get("vision_feature_select_strategy", "default")
     config = LlavaConfig(
-        vision_config=vision_config, text_config=llm.config,
+        vision_config=vision_config,
+        text_config=llm.config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TAG),
-        projector_hidden_act="gelu", vision_feature_layer=spec.get("vision_feature_layer", -2),
+        projector_hidden_act="gelu",
+        vision_feature_layer=spec.get("vision_feature_layer", -2),
         vision_feature_select_strategy=strategy,
     )
     torch.manual_seed(seed)  # the projector's initialisation when no pretrained weights are given
@@ -257,9 +278,13 @@ def compose(spec: dict, seed: int, paths: dict[str, str]):
     model.config.text_config.pad_token_id = tokenizer.pad_token_id
     extra_tokens = image_extra_tokens(model.model.vision_tower)
     model.config.image_seq_length = image_tokens(vision_config, extra_tokens, strategy)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               patch_size=vision_config.patch_size, vision_feature_select_strategy=strategy,
-                               num_additional_image_tokens=extra_tokens)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=extra_tokens,
+    )
     return model, processor
 
 
@@ -282,8 +307,13 @@ def pretrained(spec: dict, paths: dict[str, str]):
 KINDS = ("from-config", "compose", "pretrained")
 
 
-def materialise(spec: dict, seed: int, template: str | None = None, texts: list[str] | None = None,
-                paths: dict[str, str] | None = None):
+def materialise(
+    spec: dict,
+    seed: int,
+    template: str | None = None,
+    texts: list[str] | None = None,
+    paths: dict[str, str] | None = None,
+):
     """Model and processor for a resolved spec (see :func:`resolve`).
 
     from-config presets train their tokenizer on ``texts`` and the words of ``template``; ``paths``
@@ -292,8 +322,10 @@ def materialise(spec: dict, seed: int, template: str | None = None, texts: list[
     kind = spec.get("kind")
     if kind == "from-config":
         if texts is None or template is None:
-            raise XmasError(f"preset {spec['name']!r} (kind from-config) trains its tokenizer on the records "
-                            "and its conversation's words; both are needed")
+            raise XmasError(
+                f"preset {spec['name']!r} (kind from-config) trains its tokenizer on the records "
+                "and its conversation's words; both are needed"
+            )
         return build_from_config(spec, texts, template, seed)
     if kind == "compose":
         return compose(spec, seed, paths or {})
@@ -314,19 +346,35 @@ def image_processor_for(image_processor, preprocessing: str, family):
     if preprocessing == "native":
         return image_processor
     if family.layout != "fixed":
-        raise XmasError(f"image_preprocessing {preprocessing!r}: a {family.name} model takes each image at its own "
-                        f"size ({family.layout} layout), so only native applies")
+        raise XmasError(
+            f"image_preprocessing {preprocessing!r}: a {family.name} model takes each image at its own "
+            f"size ({family.layout} layout), so only native applies"
+        )
     settings = image_processor.to_dict()
     side = settings.get("crop_size") if settings.get("do_center_crop") else settings.get("size")
     side = (side or {}).get("height") or (side or {}).get("shortest_edge")
     if not side or settings.get("image_mean") is None:
-        raise XmasError(f"image_preprocessing {preprocessing!r} needs a CLIP-style image processor (size, mean "
-                        f"colour); {type(image_processor).__name__} is not one: use native")
-    kept = {key: settings[key] for key in ("image_mean", "image_std", "resample", "do_rescale", "rescale_factor",
-                                           "do_normalize", "do_convert_rgb") if key in settings}
+        raise XmasError(
+            f"image_preprocessing {preprocessing!r} needs a CLIP-style image processor (size, mean "
+            f"colour); {type(image_processor).__name__} is not one: use native"
+        )
+    kept = {
+        key: settings[key]
+        for key in (
+            "image_mean",
+            "image_std",
+            "resample",
+            "do_rescale",
+            "rescale_factor",
+            "do_normalize",
+            "do_convert_rgb",
+        )
+        if key in settings
+    }
     # Resizing the padded (or squashed) square to side x side is what resize-and-crop does to a square.
-    return LlavaImageProcessorPil(**kept, do_pad=preprocessing == "pad", size={"height": side, "width": side},
-                                  do_center_crop=False)
+    return LlavaImageProcessorPil(
+        **kept, do_pad=preprocessing == "pad", size={"height": side, "width": side}, do_center_crop=False
+    )
 
 
 def conventions_of(spec: dict, settings) -> dict:
@@ -362,24 +410,34 @@ def init_model(settings, presets: dict, annotations: list[Path], out: Path, stat
     if template is not None:
         processor.chat_template = template
     if getattr(processor, "chat_template", None) is None:
-        raise XmasError(f"model {model!r}: its processor has no chat template; name a conversation "
-                        f"({', '.join(sorted(load_conversations()))})")
+        raise XmasError(
+            f"model {model!r}: its processor has no chat template; name a conversation "
+            f"({', '.join(sorted(load_conversations()))})"
+        )
     image_processor = image_processor_for(processor.image_processor, conventions["image_preprocessing"], family)
-    processor.image_processor = bound_pixels(image_processor, family, conventions["min_pixels"],
-                                             conventions["max_pixels"])
+    processor.image_processor = bound_pixels(
+        image_processor, family, conventions["min_pixels"], conventions["max_pixels"]
+    )
     encoding = Encoding(settings.image_position, settings.max_length or context_length(built))
     images = ImageTokens(processor)
     if encoding.max_length <= images.fewest():
-        raise XmasError(f"max_length {encoding.max_length} leaves no room for text after an image of "
-                        f"{images.fewest()} tokens")
+        raise XmasError(
+            f"max_length {encoding.max_length} leaves no room for text after an image of {images.fewest()} tokens"
+        )
     if texts is not None:
         stats.add("in", len(texts))
     stats.set("parameters", sum(p.numel() for p in built.parameters()))
     stats.set("model", spec["name"])
     stats.set("family", family.name)
-    stats.set("encoding", {**vars(encoding), "image_preprocessing": conventions["image_preprocessing"],
-                           **pixel_bounds(processor.image_processor, family),
-                           "image_tokens": {"fewest": images.fewest(), "most": images.most()}})
+    stats.set(
+        "encoding",
+        {
+            **vars(encoding),
+            "image_preprocessing": conventions["image_preprocessing"],
+            **pixel_bounds(processor.image_processor, family),
+            "image_tokens": {"fewest": images.fewest(), "most": images.most()},
+        },
+    )
     with atomic_path(out) as tmp:
         built.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -391,9 +449,14 @@ def add_init_arguments(parser, stage: str) -> None:
     """The options of ``xmas proxy-init`` and ``xmas target-init``: their files and the stage's settings."""
     from xmas.settings import add_settings
 
-    parser.add_argument("--annotations", required=True, type=Path, nargs="+",
-                        help="the source annotation JSON, and for a target the alignment captions (a from-config "
-                        "model learns its tokenizer from their words)")
+    parser.add_argument(
+        "--annotations",
+        required=True,
+        type=Path,
+        nargs="+",
+        help="the source annotation JSON, and for a target the alignment captions (a from-config "
+        "model learns its tokenizer from their words)",
+    )
     parser.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
     add_settings(parser, stage)
 

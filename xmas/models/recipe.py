@@ -67,8 +67,14 @@ def with_lora(model, rank: int, alpha: int, dropout: float):
     """A peft model: LoRA on the language model's linear layers, the projector trained in full."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, bias="none",
-                        target_modules=language_model_linear_layers(model), modules_to_save=projector_modules(model))
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        bias="none",
+        target_modules=language_model_linear_layers(model),
+        modules_to_save=projector_modules(model),
+    )
     return get_peft_model(model, config)
 
 
@@ -87,8 +93,9 @@ def train_projector_only(model) -> None:
         parameter.requires_grad_(is_projector(name, family))
 
 
-def parameter_groups(model, learning_rate: float, projector_learning_rate: float | None,
-                     weight_decay: float) -> list[dict]:
+def parameter_groups(
+    model, learning_rate: float, projector_learning_rate: float | None, weight_decay: float
+) -> list[dict]:
     """Trainable parameters in two groups: the projector at its own learning rate (when given), the rest.
     A module that is no model of a family (no config) has no projector."""
     family = family_of(model) if hasattr(unwrapped(model), "config") else None
@@ -96,8 +103,16 @@ def parameter_groups(model, learning_rate: float, projector_learning_rate: float
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             (projector if family and is_projector(name, family) else rest).append(parameter)
-    return [group for group in (
-        {"params": rest, "lr": learning_rate, "weight_decay": weight_decay, "name": "model"},
-        {"params": projector, "lr": projector_learning_rate or learning_rate, "weight_decay": weight_decay,
-         "name": "projector"},
-    ) if group["params"]]
+    return [
+        group
+        for group in (
+            {"params": rest, "lr": learning_rate, "weight_decay": weight_decay, "name": "model"},
+            {
+                "params": projector,
+                "lr": projector_learning_rate or learning_rate,
+                "weight_decay": weight_decay,
+                "name": "projector",
+            },
+        )
+        if group["params"]
+    ]

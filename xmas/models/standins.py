@@ -55,10 +55,24 @@ def sentencepiece_model(vocab_size: int = 600) -> bytes:
 
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.split(". ") * 20), model_writer=model, model_type="bpe",
-        vocab_size=vocab_size, byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, split_digits=True,
-        add_dummy_prefix=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+        sentence_iterator=iter(CORPUS.split(". ") * 20),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        split_digits=True,
+        add_dummy_prefix=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     return model.getvalue()
 
 
@@ -68,8 +82,9 @@ def vicuna(out: Path, padding_side: str = "right") -> None:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
     (out / "tokenizer.model").write_bytes(sentencepiece_model())
-    tokenizer = LlamaTokenizer.from_pretrained(out, legacy=False, add_bos_token=True, add_eos_token=False,
-                                               padding_side=padding_side, model_max_length=4096)
+    tokenizer = LlamaTokenizer.from_pretrained(
+        out, legacy=False, add_bos_token=True, add_eos_token=False, padding_side=padding_side, model_max_length=4096
+    )
     tokenizer.save_pretrained(out)
     (out / "tokenizer.json").unlink()  # the real repository ships the sentencepiece model alone
     # transformers 5 writes its own keys; the real file (written by transformers 4) also names how
@@ -79,10 +94,22 @@ def vicuna(out: Path, padding_side: str = "right") -> None:
     config.update(add_bos_token=True, add_eos_token=False, legacy=False, pad_token=None, sp_model_kwargs={})
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=LANGUAGE_HIDDEN, intermediate_size=2 * LANGUAGE_HIDDEN,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-        rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=LANGUAGE_HIDDEN,
+            intermediate_size=2 * LANGUAGE_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=None,
+            tie_word_embeddings=False,
+        )
+    )
     model.to(torch.float16).save_pretrained(out, max_shard_size="100KB")  # sharded, float16: as the real one
 
 
@@ -96,18 +123,40 @@ def stablelm_zephyr(out: Path) -> None:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(CORPUS.split(". ") * 20, trainers.BpeTrainer(
-        vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=4096,
-                                  chat_template=ZEPHYR_TEMPLATE)
+    bpe.train_from_iterator(
+        CORPUS.split(". ") * 20,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tokenizer = GPT2TokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=4096,
+        chat_template=ZEPHYR_TEMPLATE,
+    )
     tokenizer.save_pretrained(out)
     torch.manual_seed(0)
-    model = StableLmForCausalLM(StableLmConfig(
-        vocab_size=len(tokenizer), hidden_size=LANGUAGE_HIDDEN, intermediate_size=2 * LANGUAGE_HIDDEN,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-        partial_rotary_factor=0.25, use_qkv_bias=True, layer_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model = StableLmForCausalLM(
+        StableLmConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=LANGUAGE_HIDDEN,
+            intermediate_size=2 * LANGUAGE_HIDDEN,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=4096,
+            partial_rotary_factor=0.25,
+            use_qkv_bias=True,
+            layer_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
     model.to(torch.bfloat16).save_pretrained(out)
 
 
@@ -118,23 +167,44 @@ def clip_336(out: Path) -> None:
 
     torch.manual_seed(0)
     config = CLIPConfig(
-        text_config={"hidden_size": VISION_HIDDEN, "intermediate_size": 2 * VISION_HIDDEN, "num_hidden_layers": 2,
-                     "num_attention_heads": 4, "vocab_size": 49408, "max_position_embeddings": 77},
-        vision_config={"hidden_size": VISION_HIDDEN, "intermediate_size": 2 * VISION_HIDDEN, "num_hidden_layers": 3,
-                       "num_attention_heads": 4, "image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE},
-        projection_dim=VISION_HIDDEN)
+        text_config={
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": 2 * VISION_HIDDEN,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "vocab_size": 49408,
+            "max_position_embeddings": 77,
+        },
+        vision_config={
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": 2 * VISION_HIDDEN,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "image_size": IMAGE_SIZE,
+            "patch_size": PATCH_SIZE,
+        },
+        projection_dim=VISION_HIDDEN,
+    )
     CLIPModel(config).save_pretrained(out)
-    CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-                          do_center_crop=True, resample=3, image_mean=OPENAI_CLIP_MEAN,
-                          image_std=OPENAI_CLIP_STD).save_pretrained(out)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+        resample=3,
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    ).save_pretrained(out)
 
 
 def llava_projector(out: Path) -> None:
     """LLaVA-1.5's stage-1 projector: ``mm_projector.bin``, a torch state dict of the 2-layer MLP under
     ``model.mm_projector.{0,2}``, in bfloat16, as LLaVA's pretraining saves it."""
     torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(VISION_HIDDEN, LANGUAGE_HIDDEN), torch.nn.GELU(),
-                              torch.nn.Linear(LANGUAGE_HIDDEN, LANGUAGE_HIDDEN))
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(VISION_HIDDEN, LANGUAGE_HIDDEN),
+        torch.nn.GELU(),
+        torch.nn.Linear(LANGUAGE_HIDDEN, LANGUAGE_HIDDEN),
+    )
     state = {f"model.mm_projector.{name}": tensor.to(torch.bfloat16) for name, tensor in mlp.state_dict().items()}
     torch.save(state, out / "mm_projector.bin")
 
@@ -148,8 +218,12 @@ def byte_level_bpe(vocab_size: int = 600) -> tuple[dict[str, int], list[tuple[st
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator(CORPUS.split(". ") * 20, trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe.train_from_iterator(
+        CORPUS.split(". ") * 20,
+        trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     merges = json.loads(bpe.to_str())["model"]["merges"]
     return bpe.get_vocab(), [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in merges]
 
@@ -173,11 +247,32 @@ def chat_template_of(family: str) -> str:
 
 # Qwen2's added tokens after the byte-level vocabulary, in the real tokenizer's order: the special ones
 # (<|endoftext|> 151643 ... <|video_pad|> 151656), then the plain ones; Qwen3 adds four more.
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-QWEN_PLAIN = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-              "<|repo_name|>", "<|file_sep|>"]
+QWEN_SPECIAL = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+QWEN_PLAIN = [
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+]
 QWEN3_PLAIN = [*QWEN_PLAIN, "<tool_response>", "</tool_response>", "<think>", "</think>"]
 
 
@@ -198,11 +293,21 @@ def qwen_tokenizer(plain: list[str], model_max_length: int, template: str):
     from transformers import Qwen2Tokenizer
 
     vocab, merges = byte_level_bpe()
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None, eos_token="<|im_end|>",
-                               pad_token="<|endoftext|>", errors="replace", split_special_tokens=False,
-                               model_max_length=model_max_length, chat_template=template)
-    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL],
-                         special_tokens=True)
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        errors="replace",
+        split_special_tokens=False,
+        model_max_length=model_max_length,
+        chat_template=template,
+    )
+    tokenizer.add_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL], special_tokens=True
+    )
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in plain])
     return tokenizer
 
@@ -223,39 +328,76 @@ def qwen_vl(out: Path, checkpoint: Qwen) -> None:
     qwen3 = checkpoint.family == "qwen3_vl"
     tokenizer = qwen_tokenizer(QWEN3_PLAIN if qwen3 else QWEN_PLAIN, checkpoint.model_max_length, template)
     save_vocab_files(tokenizer, out)
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
-        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"))}
-    text = {"vocab_size": len(tokenizer), "hidden_size": LANGUAGE_HIDDEN, "intermediate_size": 2 * LANGUAGE_HIDDEN,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": checkpoint.model_max_length,
-            "tie_word_embeddings": checkpoint.tie_word_embeddings,
-            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"), "eos_token_id": tokenizer.eos_token_id}
-    vision = {"depth": 2, "hidden_size": VISION_HIDDEN, "intermediate_size": 2 * VISION_HIDDEN, "num_heads": 2,
-              "out_hidden_size": LANGUAGE_HIDDEN, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(token)
+        for name, token in (
+            ("image_token_id", "<|image_pad|>"),
+            ("video_token_id", "<|video_pad|>"),
+            ("vision_start_token_id", "<|vision_start|>"),
+            ("vision_end_token_id", "<|vision_end|>"),
+        )
+    }
+    text = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": LANGUAGE_HIDDEN,
+        "intermediate_size": 2 * LANGUAGE_HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": checkpoint.model_max_length,
+        "tie_word_embeddings": checkpoint.tie_word_embeddings,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    vision = {
+        "depth": 2,
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": 2 * VISION_HIDDEN,
+        "num_heads": 2,
+        "out_hidden_size": LANGUAGE_HIDDEN,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     # mrope_section splits the 8 rotary frequencies of a 16-wide head between time, height and width, as the
     # real [16, 24, 24] (Qwen2.5-VL) and [24, 20, 20] (Qwen3-VL, interleaved) split 64.
     if qwen3:
-        text.update(head_dim=16, rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3],
-                                               "mrope_interleaved": True}, rope_theta=5_000_000)
-        vision.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0],
-                      hidden_act="gelu_pytorch_tanh")
-        config = Qwen3VLConfig(text_config=text, vision_config=vision,
-                               tie_word_embeddings=checkpoint.tie_word_embeddings, **ids)
+        text.update(
+            head_dim=16,
+            rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+            rope_theta=5_000_000,
+        )
+        vision.update(
+            patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh"
+        )
+        config = Qwen3VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=checkpoint.tie_word_embeddings, **ids
+        )
         # Qwen3-VL's: 64 to 16384 tokens of 32x32 pixels; here 4 to 64
-        image_processor = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, temporal_patch_size=2,
-                                                   size={"shortest_edge": 64 * 64, "longest_edge": 256 * 256},
-                                                   image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=16,
+            merge_size=2,
+            temporal_patch_size=2,
+            size={"shortest_edge": 64 * 64, "longest_edge": 256 * 256},
+            image_mean=[0.5] * 3,
+            image_std=[0.5] * 3,
+        )
         model_class = Qwen3VLForConditionalGeneration
     else:
         text.update(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=1_000_000)
         vision.update(patch_size=14, window_size=56, fullatt_block_indexes=[1], tokens_per_second=2)
-        config = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
-                                  tie_word_embeddings=checkpoint.tie_word_embeddings, **ids)
+        config = Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=checkpoint.tie_word_embeddings, **ids
+        )
         # Qwen2.5-VL's: 4 to 16384 tokens of 28x28 pixels; here 4 to 64
-        image_processor = Qwen2VLImageProcessorPil(patch_size=14, merge_size=2, temporal_patch_size=2,
-                                                   min_pixels=56 * 56, max_pixels=224 * 224,
-                                                   image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+        image_processor = Qwen2VLImageProcessorPil(
+            patch_size=14,
+            merge_size=2,
+            temporal_patch_size=2,
+            min_pixels=56 * 56,
+            max_pixels=224 * 224,
+            image_mean=OPENAI_CLIP_MEAN,
+            image_std=OPENAI_CLIP_STD,
+        )
         model_class = Qwen2_5_VLForConditionalGeneration
     image_processor.save_pretrained(out)
     save_chat_template_json(template, out)
@@ -263,8 +405,11 @@ def qwen_vl(out: Path, checkpoint: Qwen) -> None:
         write_qwen3_video_preprocessor_config(out)
     torch.manual_seed(0)
     model = model_class(config)
-    model.generation_config.update(bos_token_id=text["bos_token_id"], pad_token_id=tokenizer.pad_token_id,
-                                   eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id])
+    model.generation_config.update(
+        bos_token_id=text["bos_token_id"],
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
+    )
     model.to(torch.bfloat16).save_pretrained(out, **({"max_shard_size": checkpoint.shard} if checkpoint.shard else {}))
 
 
@@ -272,9 +417,16 @@ def write_qwen3_video_preprocessor_config(out: Path) -> None:
     """Qwen3-VL repos hold a video processor's settings beside the image processor's. transformers builds
     that processor with torchvision alone, so here the file is written with the real one's keys (its
     values scaled down like the image processor's): xmas must load a folder that has it without torchvision."""
-    settings = {"size": {"longest_edge": 256 * 256, "shortest_edge": 64 * 64}, "patch_size": 16,
-                "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                "processor_class": "Qwen3VLProcessor", "video_processor_type": "Qwen3VLVideoProcessor"}
+    settings = {
+        "size": {"longest_edge": 256 * 256, "shortest_edge": 64 * 64},
+        "patch_size": 16,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+        "processor_class": "Qwen3VLProcessor",
+        "video_processor_type": "Qwen3VLVideoProcessor",
+    }
     (out / "video_preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
@@ -292,11 +444,21 @@ def smolvlm_tokenizer(template: str):
     from transformers import GPT2Tokenizer
 
     vocab, merges = byte_level_bpe()
-    vocab = {**{token: position for position, token in enumerate(SMOLVLM_FIRST)},
-             **{token: len(SMOLVLM_FIRST) + position for position, token in enumerate(vocab)}}
-    tokenizer = GPT2Tokenizer(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|im_start|>",
-                              eos_token="<|im_end|>", pad_token="<|im_end|>", add_prefix_space=False,
-                              model_max_length=8192, chat_template=template)
+    vocab = {
+        **{token: position for position, token in enumerate(SMOLVLM_FIRST)},
+        **{token: len(SMOLVLM_FIRST) + position for position, token in enumerate(vocab)},
+    }
+    tokenizer = GPT2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        add_prefix_space=False,
+        model_max_length=8192,
+        chat_template=template,
+    )
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in SMOLVLM_MARKERS])
     tokenizer.add_special_tokens({"additional_special_tokens": SMOLVLM_SPECIAL})
     return tokenizer
@@ -321,28 +483,58 @@ def smolvlm(out: Path, family: str) -> None:
     save_vocab_files(tokenizer, out)
     idefics3 = family == "idefics3"
     image_processor = (Idefics3ImageProcessorPil if idefics3 else SmolVLMImageProcessorPil)(
-        do_image_splitting=True, size={"longest_edge": 4 * 64}, max_image_size={"longest_edge": 64}, resample=1,
-        image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        do_image_splitting=True,
+        size={"longest_edge": 4 * 64},
+        max_image_size={"longest_edge": 64},
+        resample=1,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    )
     image_processor.save_pretrained(out)
     processor_name = "Idefics3Processor" if idefics3 else "SmolVLMProcessor"
-    (out / "processor_config.json").write_text(json.dumps({"image_seq_len": 4, "processor_class": processor_name},
-                                                          indent=2) + "\n")
+    (out / "processor_config.json").write_text(
+        json.dumps({"image_seq_len": 4, "processor_class": processor_name}, indent=2) + "\n"
+    )
     save_chat_template_json(template, out)
-    config_class, model_class = ((Idefics3Config, Idefics3ForConditionalGeneration) if idefics3
-                                 else (SmolVLMConfig, SmolVLMForConditionalGeneration))
+    config_class, model_class = (
+        (Idefics3Config, Idefics3ForConditionalGeneration)
+        if idefics3
+        else (SmolVLMConfig, SmolVLMForConditionalGeneration)
+    )
     config = config_class(
-        vision_config={"hidden_size": VISION_HIDDEN, "intermediate_size": 2 * VISION_HIDDEN, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 64, "patch_size": 8},
-        text_config={"model_type": "llama", "vocab_size": len(tokenizer), "hidden_size": LANGUAGE_HIDDEN,
-                     "intermediate_size": 2 * LANGUAGE_HIDDEN, "num_hidden_layers": 2, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "max_position_embeddings": 8192, "rope_theta": 100000,
-                     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, "tie_word_embeddings": False},
-        scale_factor=4, image_token_id=tokenizer.convert_tokens_to_ids("<image>"), pad_token_id=2,
-        tie_word_embeddings=False)
+        vision_config={
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": 2 * VISION_HIDDEN,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 64,
+            "patch_size": 8,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": len(tokenizer),
+            "hidden_size": LANGUAGE_HIDDEN,
+            "intermediate_size": 2 * LANGUAGE_HIDDEN,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 8192,
+            "rope_theta": 100000,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 2,
+            "tie_word_embeddings": False,
+        },
+        scale_factor=4,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     model = model_class(config)
-    model.generation_config.update(bos_token_id=0, pad_token_id=2,
-                                   eos_token_id=tokenizer.convert_tokens_to_ids("<end_of_utterance>"))
+    model.generation_config.update(
+        bos_token_id=0, pad_token_id=2, eos_token_id=tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    )
     model.to(torch.bfloat16).save_pretrained(out)
 
 
@@ -352,15 +544,25 @@ STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "stablelm-2-zephyr-1_6b": ("stabilityai/stablelm-2-zephyr-1_6b", stablelm_zephyr),
     "clip-vit-large-patch14-336": ("openai/clip-vit-large-patch14-336", clip_336),
     "llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5": (
-        "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5", llava_projector),
-    "Qwen2.5-VL-3B-Instruct": ("Qwen/Qwen2.5-VL-3B-Instruct", lambda out: qwen_vl(out, Qwen(
-        "qwen2_5_vl", tie_word_embeddings=True, model_max_length=131072, shard="100KB"))),
-    "Qwen2.5-VL-7B-Instruct": ("Qwen/Qwen2.5-VL-7B-Instruct", lambda out: qwen_vl(out, Qwen(
-        "qwen2_5_vl", tie_word_embeddings=False, model_max_length=131072, shard="100KB"))),
-    "Qwen3-VL-2B-Instruct": ("Qwen/Qwen3-VL-2B-Instruct", lambda out: qwen_vl(out, Qwen(
-        "qwen3_vl", tie_word_embeddings=True, model_max_length=262144, shard=None))),
-    "Qwen3-VL-8B-Instruct": ("Qwen/Qwen3-VL-8B-Instruct", lambda out: qwen_vl(out, Qwen(
-        "qwen3_vl", tie_word_embeddings=False, model_max_length=262144, shard="100KB"))),
+        "liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5",
+        llava_projector,
+    ),
+    "Qwen2.5-VL-3B-Instruct": (
+        "Qwen/Qwen2.5-VL-3B-Instruct",
+        lambda out: qwen_vl(out, Qwen("qwen2_5_vl", tie_word_embeddings=True, model_max_length=131072, shard="100KB")),
+    ),
+    "Qwen2.5-VL-7B-Instruct": (
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        lambda out: qwen_vl(out, Qwen("qwen2_5_vl", tie_word_embeddings=False, model_max_length=131072, shard="100KB")),
+    ),
+    "Qwen3-VL-2B-Instruct": (
+        "Qwen/Qwen3-VL-2B-Instruct",
+        lambda out: qwen_vl(out, Qwen("qwen3_vl", tie_word_embeddings=True, model_max_length=262144, shard=None)),
+    ),
+    "Qwen3-VL-8B-Instruct": (
+        "Qwen/Qwen3-VL-8B-Instruct",
+        lambda out: qwen_vl(out, Qwen("qwen3_vl", tie_word_embeddings=False, model_max_length=262144, shard="100KB")),
+    ),
     "SmolVLM-256M-Instruct": ("HuggingFaceTB/SmolVLM-256M-Instruct", lambda out: smolvlm(out, "idefics3")),
     "SmolVLM-500M-Instruct": ("HuggingFaceTB/SmolVLM-500M-Instruct", lambda out: smolvlm(out, "idefics3")),
     "SmolVLM2-256M-Video-Instruct": ("HuggingFaceTB/SmolVLM2-256M-Video-Instruct", lambda out: smolvlm(out, "smolvlm")),

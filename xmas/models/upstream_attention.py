@@ -27,8 +27,9 @@ HALF = torch.float16
 LOWRANK_SEED = 0
 
 
-def upstream_block(query: torch.Tensor, key: torch.Tensor, heads: int, tokens: torch.Tensor, rows: torch.Tensor,
-                   cols: torch.Tensor) -> torch.Tensor:
+def upstream_block(
+    query: torch.Tensor, key: torch.Tensor, heads: int, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
     """One example's (text rows × image columns) block of softmax(K·Qᵀ/√(H·d)) over its ``tokens``.
 
     ``query`` (S, H·d) and ``key`` (S, H_kv·d) are one layer's projections of the example's S positions.
@@ -61,8 +62,10 @@ class UpstreamAttention:
         hooks = []
         for store, attention in zip(kept, self.attentions):
             for name in ("q_proj", "k_proj"):
+
                 def keep(_module, _inputs, output, store=store, name=name):
                     store[name] = output.detach()
+
                 hooks.append(getattr(attention, name).register_forward_hook(keep))
         try:
             yield kept
@@ -83,8 +86,9 @@ class UpstreamAttention:
                 continue
             tokens = batch["attention_mask"][example].nonzero().squeeze(1)
             for layer in kept:
-                block = upstream_block(layer["q_proj"][example], layer["k_proj"][example], self.heads, tokens, rows,
-                                       cols)
+                block = upstream_block(
+                    layer["q_proj"][example], layer["k_proj"][example], self.heads, tokens, rows, cols
+                )
                 total[example, : len(rows), : len(cols)] += block
         if self.layer_reduce == "mean":
             total /= len(self.attentions)

@@ -74,8 +74,15 @@ def cluster_count(asked: str | int, examples: int, min_cluster_size: int) -> int
     k = default_clusters(examples) if asked == "auto" else int(asked)
     fillable = max(1, examples // min_cluster_size)
     if k > fillable:
-        log.warning("clusters: %s asked, but %d image examples fill at most %d clusters of min_cluster_size %d "
-                    "(sampling skips smaller ones); using %d", asked, examples, fillable, min_cluster_size, fillable)
+        log.warning(
+            "clusters: %s asked, but %d image examples fill at most %d clusters of min_cluster_size %d "
+            "(sampling skips smaller ones); using %d",
+            asked,
+            examples,
+            fillable,
+            min_cluster_size,
+            fillable,
+        )
     return min(k, fillable)
 
 

@@ -14,15 +14,23 @@ from xmas.errors import XmasError
 from xmas.progress import StageStats
 
 GENERATORS = {"shapes": demo.generate, "llava665k-like": rehearsal.generate}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--settings", required=True,
-                        help=f"generator settings: {' or '.join(SHIPPED)} (shipped), or a YAML file of your own")
+    parser.add_argument(
+        "--settings",
+        required=True,
+        help=f"generator settings: {' or '.join(SHIPPED)} (shipped), or a YAML file of your own",
+    )
     parser.add_argument("--train-json", required=True, type=Path, help="where to write the training annotations")
     parser.add_argument("--test-json", required=True, type=Path, help="where to write the held-out annotations")
     parser.add_argument("--image-root", required=True, type=Path, help="folder the image paths are relative to")
-    parser.add_argument("--captions-json", type=Path,
-                        help="where to write image-caption records of scenes of their own, for the target's "
-                        "alignment (shape scenes only)")
+    parser.add_argument(
+        "--captions-json",
+        type=Path,
+        help="where to write image-caption records of scenes of their own, for the target's "
+        "alignment (shape scenes only)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:

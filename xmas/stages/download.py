@@ -12,8 +12,9 @@ from xmas.progress import StageStats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", required=True,
-                        help="llava665k, visionflan (shipped manifests), or a manifest file (.yaml)")
+    parser.add_argument(
+        "--dataset", required=True, help="llava665k, visionflan (shipped manifests), or a manifest file (.yaml)"
+    )
     parser.add_argument("--dest", type=Path, help="dataset folder (default: data/<name>)")
     parser.add_argument("--report", type=Path, help="what was downloaded, as JSON (default: <dest>/download.json)")
     parser.add_argument("--keep-archives", action="store_true", help="keep image archives after unpacking them")
@@ -27,15 +28,27 @@ def run(args: argparse.Namespace) -> None:
     manifest = load_manifest(resolve_manifest(args.dataset))
     dest = args.dest or Path("data") / manifest.name
     stats = StageStats(f"download {manifest.name}")
-    downloader = Downloader(manifest, dest, keep_archives=args.keep_archives, retries=args.retries,
-                            retry_wait=args.retry_wait, timeout=args.timeout, workers=args.workers)
+    downloader = Downloader(
+        manifest,
+        dest,
+        keep_archives=args.keep_archives,
+        retries=args.retries,
+        retry_wait=args.retry_wait,
+        timeout=args.timeout,
+        workers=args.workers,
+    )
     files = downloader.run(stats)
     stats.add("in", len(manifest.entries))
     stats.add("out", sum(item["status"] != "missing" for item in files.values()))
     for name, item in files.items():
         if item["status"] == "missing":
             stats.exclude(f"missing:{name}")
-    report = {"dataset": manifest.name, "manifest": str(manifest.path), "annotations": str(dest / manifest.annotations),
-              "image_root": str(dest / manifest.image_root), "files": files}
+    report = {
+        "dataset": manifest.name,
+        "manifest": str(manifest.path),
+        "annotations": str(dest / manifest.annotations),
+        "image_root": str(dest / manifest.image_root),
+        "files": files,
+    }
     write_json(report, args.report or dest / "download.json")
     stats.finish(args.stats)

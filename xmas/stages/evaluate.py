@@ -36,13 +36,18 @@ from xmas.training.engine import compute_device
 HELDOUT = "heldout"
 
 
-def question_and_answer(record: dict, path: Path, position: int,
-                        image_position: str = "front") -> tuple[list[dict], str]:
+def question_and_answer(
+    record: dict, path: Path, position: int, image_position: str = "front"
+) -> tuple[list[dict], str]:
     """The chat messages up to the last question, and the reference answer."""
     where = f"{path}: record {position} (id {record.get('id')!r})"
     turns = record.get("conversations") if isinstance(record, dict) else None
-    if not isinstance(turns, list) or len(turns) < 2 or not isinstance(turns[-1], dict) \
-            or turns[-1].get("from") != "gpt":
+    if (
+        not isinstance(turns, list)
+        or len(turns) < 2
+        or not isinstance(turns[-1], dict)
+        or turns[-1].get("from") != "gpt"
+    ):
         raise XmasError(f"{where}: field 'conversations' must end with the reference answer (a 'gpt' turn)")
     return to_messages(record, image_position)[:-1], turns[-1]["value"]
 
@@ -60,13 +65,19 @@ class AnswerGenerator:
         items = [self.encoder.prompt(messages, record) for messages, record in zip(prompts, records)]
         inputs = self.encoder.collate(items, padding_side="left")
         tokenizer = self.encoder.tokenizer
-        output = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        return tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def evaluate_exact_match(model_path: Path, test: Path, image_root: Path, batch_size: int, max_new_tokens: int,
-                         stats: StageStats) -> tuple[pd.DataFrame, pd.DataFrame]:
+def evaluate_exact_match(
+    model_path: Path, test: Path, image_root: Path, batch_size: int, max_new_tokens: int, stats: StageStats
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     records = read_all(test)
     if not records:
         raise XmasError(f"{test}: the held-out split has no records")
@@ -84,14 +95,17 @@ def evaluate_exact_match(model_path: Path, test: Path, image_root: Path, batch_s
     for start in progress(starts, total=len(starts), desc="answer the test questions", unit="batch"):
         batch = slice(start, start + batch_size)
         answers += generate([messages for messages, _ in questions[batch]], records[batch])
-    predictions = pd.DataFrame({
-        "id": [str(record.get("id")) for record in records],
-        "benchmark": benchmarks,
-        "reference": [reference for _, reference in questions],
-        "answer": answers,
-    })
-    predictions["correct"] = [normalize_answer(a) == normalize_answer(r)
-                              for a, r in zip(predictions.answer, predictions.reference)]
+    predictions = pd.DataFrame(
+        {
+            "id": [str(record.get("id")) for record in records],
+            "benchmark": benchmarks,
+            "reference": [reference for _, reference in questions],
+            "answer": answers,
+        }
+    )
+    predictions["correct"] = [
+        normalize_answer(a) == normalize_answer(r) for a, r in zip(predictions.answer, predictions.reference)
+    ]
     stats.add("in", len(records))
     stats.add("correct", int(predictions.correct.sum()))
     return accuracy_per_benchmark(predictions), predictions
@@ -102,32 +116,44 @@ def accuracy_per_benchmark(predictions: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"score": (100 * grouped.mean()).round(4), "n": grouped.size()}).reset_index()
 
 
-def heldout_benchmarks(model_path: Path, test: Path | None, image_root: Path | None, folder: Path,
-                       max_new_tokens: int, stats: StageStats) -> tuple[dict, Path]:
+def heldout_benchmarks(
+    model_path: Path, test: Path | None, image_root: Path | None, folder: Path, max_new_tokens: int, stats: StageStats
+) -> tuple[dict, Path]:
     """The held-out split as local lmms-eval tasks: their benchmarks (as the exact-match suite groups them)
     and task folder."""
     from xmas.evaluation.lmms_eval import Benchmark
     from xmas.evaluation.local_task import METRIC, write_local_tasks
 
     if test is None or image_root is None:
-        raise XmasError(f"benchmark {HELDOUT!r} of the lmms-eval suite needs --test and --image-root "
-                        "(evaluation.test and evaluation.test_image_root): the held-out split it is built from")
+        raise XmasError(
+            f"benchmark {HELDOUT!r} of the lmms-eval suite needs --test and --image-root "
+            "(evaluation.test and evaluation.test_image_root): the held-out split it is built from"
+        )
     local = write_local_tasks(test, image_root, folder, Encoding.load(model_path).image_position, max_new_tokens)
     if local.text_only:
-        log.warning("%s: %d question(s) without an image left out of the lmms-eval tasks (lmms-eval's llava_hf "
-                    "answers only questions about images): %s%s", test, len(local.text_only),
-                    ", ".join(local.text_only[:5]), " ..." if len(local.text_only) > 5 else "")
+        log.warning(
+            "%s: %d question(s) without an image left out of the lmms-eval tasks (lmms-eval's llava_hf "
+            "answers only questions about images): %s%s",
+            test,
+            len(local.text_only),
+            ", ".join(local.text_only[:5]),
+            " ..." if len(local.text_only) > 5 else "",
+        )
     stats.add("text_only_left_out", len(local.text_only))
-    benchmarks = {task.benchmark: Benchmark(task.name, METRIC, 100.0, note=f"{task.questions} held-out questions")
-                  for task in local.tasks}
+    benchmarks = {
+        task.benchmark: Benchmark(task.name, METRIC, 100.0, note=f"{task.questions} held-out questions")
+        for task in local.tasks
+    }
     return benchmarks, local.folder
 
 
 def expand_heldout(names: list[str], heldout: dict) -> list[str]:
     clash = sorted(set(heldout) & set(names))
     if clash:
-        raise XmasError(f"benchmark(s) {', '.join(clash)} of the held-out split have the name of a benchmark "
-                        f"also listed in evaluation.benchmarks; rename one of them")
+        raise XmasError(
+            f"benchmark(s) {', '.join(clash)} of the held-out split have the name of a benchmark "
+            f"also listed in evaluation.benchmarks; rename one of them"
+        )
     expanded = []
     for name in names:
         expanded += list(heldout) if name == HELDOUT else [name]
@@ -140,8 +166,9 @@ def lmms_benchmarks(model_path: Path, args: argparse.Namespace, work_dir: Path, 
 
     names, heldout, include_path = list(args.benchmarks), {}, None
     if HELDOUT in names:
-        heldout, include_path = heldout_benchmarks(model_path, args.test, args.image_root, work_dir / "heldout-tasks",
-                                                   args.max_new_tokens, stats)
+        heldout, include_path = heldout_benchmarks(
+            model_path, args.test, args.image_root, work_dir / "heldout-tasks", args.max_new_tokens, stats
+        )
         names = expand_heldout(names, heldout)
     table = benchmark_table(args.metrics, heldout)
     names = check_benchmarks(names, table)
@@ -179,8 +206,10 @@ def lmms_eval_model(checkpoint: Path, extra_model_args: dict) -> tuple[str, dict
     processor = load_processor(checkpoint)
     family = family_of(processor)
     if not family.lmms_eval_model:
-        raise XmasError(f"{checkpoint}: lmms-eval has no model for {family.name} models; score them with "
-                        "evaluation.suite: exact-match")
+        raise XmasError(
+            f"{checkpoint}: lmms-eval has no model for {family.name} models; score them with "
+            "evaluation.suite: exact-match"
+        )
     return family.lmms_eval_model, {**pixel_bounds(processor.image_processor, family), **extra_model_args}
 
 
@@ -193,9 +222,18 @@ def evaluate_lmms(model_path: Path, args: argparse.Namespace, work_dir: Path, st
     with lmms_checkpoint(model_path, work_dir) as checkpoint:
         model, model_args = lmms_eval_model(checkpoint, args.model_args)
         # lmms-eval's llava_hf answers one question at a time (it asserts batch_size 1).
-        rows = run_lmms_eval(checkpoint, names, work_dir / "lmms-eval", gpus=args.gpus, batch_size=1, model=model,
-                             extra_model_args=model_args, allow_judge=args.allow_judge, table=table,
-                             include_path=include_path)
+        rows = run_lmms_eval(
+            checkpoint,
+            names,
+            work_dir / "lmms-eval",
+            gpus=args.gpus,
+            batch_size=1,
+            model=model,
+            extra_model_args=model_args,
+            allow_judge=args.allow_judge,
+            table=table,
+            include_path=include_path,
+        )
     stats.add("in", len(names))
     stats.set("lmms_eval_model", model)
     return pd.DataFrame(rows, columns=["benchmark", "score", "n"]).astype({"n": "Int64"})
@@ -207,15 +245,24 @@ def write_scores(scores: pd.DataFrame, out: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path,
-                        help="fine-tuned target folder (from `xmas finetune-target`)")
+    parser.add_argument(
+        "--model", required=True, type=Path, help="fine-tuned target folder (from `xmas finetune-target`)"
+    )
     parser.add_argument("--out", required=True, type=Path, help="TSV to write: benchmark, score[, n]")
-    parser.add_argument("--test", type=Path, help="exact-match suite and the lmms-eval suite's benchmark 'heldout': "
-                        "held-out split (LLaVA format; grouped by question_type, else source, else one benchmark)")
-    parser.add_argument("--image-root", type=Path,
-                        help="with --test: folder the test records' image paths are relative to")
-    parser.add_argument("--predictions", type=Path,
-                        help="exact-match suite: parquet of every answer (default: <out>.predictions.parquet)")
+    parser.add_argument(
+        "--test",
+        type=Path,
+        help="exact-match suite and the lmms-eval suite's benchmark 'heldout': "
+        "held-out split (LLaVA format; grouped by question_type, else source, else one benchmark)",
+    )
+    parser.add_argument(
+        "--image-root", type=Path, help="with --test: folder the test records' image paths are relative to"
+    )
+    parser.add_argument(
+        "--predictions",
+        type=Path,
+        help="exact-match suite: parquet of every answer (default: <out>.predictions.parquet)",
+    )
     parser.add_argument("--work-dir", type=Path, help="lmms-eval suite: its outputs (default: <out> without .tsv)")
     add_threads_argument(parser)
     add_settings(parser, "evaluate")
@@ -227,8 +274,9 @@ def run(args: argparse.Namespace) -> None:
     if args.suite == "exact-match":
         if args.test is None or args.image_root is None:
             raise XmasError("--suite exact-match needs --test and --image-root")
-        scores, predictions = evaluate_exact_match(args.model, args.test, args.image_root, args.batch_size,
-                                            args.max_new_tokens, stats)
+        scores, predictions = evaluate_exact_match(
+            args.model, args.test, args.image_root, args.batch_size, args.max_new_tokens, stats
+        )
         write_parquet(predictions, args.predictions or args.out.with_suffix(".predictions.parquet"))
     else:
         work_dir = args.work_dir or args.out.with_suffix("")

@@ -36,8 +36,10 @@ def check_complete(table: pd.DataFrame, usable: pd.DataFrame, checkpoints: int, 
         missing = sorted(wanted - set(table.uid[table.checkpoint == checkpoint]))
         if missing:
             shard_numbers = sorted({shard_of[uid] for uid in missing})
-            problems.append(f"checkpoint {checkpoint}: {len(missing)} examples missing (shards {shard_numbers}), "
-                            f"e.g. {missing[:SHOWN]}")
+            problems.append(
+                f"checkpoint {checkpoint}: {len(missing)} examples missing (shards {shard_numbers}), "
+                f"e.g. {missing[:SHOWN]}"
+            )
     extra = sorted(set(table.checkpoint) - set(range(1, checkpoints + 1)))
     if extra:
         problems.append(f"rows for checkpoints outside 1..{checkpoints}: {extra}")
@@ -72,8 +74,9 @@ def merge(inputs: list[Path], examples: Path, checkpoints: int, shards: int, sta
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", type=Path,
-                        help="shard files (results/trajectories/checkpoint-*/shard-*.parquet)")
+    parser.add_argument(
+        "inputs", nargs="+", type=Path, help="shard files (results/trajectories/checkpoint-*/shard-*.parquet)"
+    )
     add_input_arguments(parser, "examples")
     parser.add_argument("--out", required=True, type=Path, help="merged trajectories parquet")
     add_settings(parser, "merge")

@@ -82,8 +82,15 @@ def source_of(record: dict, image: str | None) -> str:
 def check_record(record: object, max_images: int) -> dict:
     """The row fields that depend on the record alone, and its image paths (``images``); image files are
     checked later, in parallel."""
-    row = {"has_image": False, "image": None, "source": None, "status": "ok", "reason": None, "detail": None,
-           "images": []}
+    row = {
+        "has_image": False,
+        "image": None,
+        "source": None,
+        "status": "ok",
+        "reason": None,
+        "detail": None,
+        "images": [],
+    }
     try:
         if not isinstance(record, dict):
             raise InvalidRecord("record_not_object", f"record is a {type(record).__name__}, not an object")
@@ -158,16 +165,18 @@ def image_problem(path: Path, real_root: Path, real_path: RealPaths, decode: boo
     return None
 
 
-def check_image_files(examples: pd.DataFrame, more_images: dict[int, list[str]], image_root: Path, decode: bool,
-                      workers: int) -> None:
+def check_image_files(
+    examples: pd.DataFrame, more_images: dict[int, list[str]], image_root: Path, decode: bool, workers: int
+) -> None:
     """Exclude records with an image that cannot be used (see :func:`image_problem`), naming the first; each
     file is checked once however many records share it, in parallel threads (file systems and decoders
     release the GIL)."""
     candidates = examples.index[(examples.status == "ok") & examples.has_image]
     several = {row: paths for row, paths in more_images.items() if row in candidates}
     images = sorted(set(examples.loc[candidates, "image"]).union(*several.values()))
-    check = functools.partial(image_problem, real_root=Path(os.path.realpath(image_root)), real_path=RealPaths(),
-                              decode=decode)
+    check = functools.partial(
+        image_problem, real_root=Path(os.path.realpath(image_root)), real_path=RealPaths(), decode=decode
+    )
     problems = {}
     batches = [images[i : i + IMAGE_BATCH] for i in range(0, len(images), IMAGE_BATCH)]
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -175,8 +184,9 @@ def check_image_files(examples: pd.DataFrame, more_images: dict[int, list[str]],
         for batch in progress(batches, total=len(batches), desc=f"{desc} ({len(images)} files)", unit="batch"):
             found = pool.map(check, [image_root / image for image in batch])
             problems.update((image, problem) for image, problem in zip(batch, found) if problem is not None)
-    first_problem = {row: problems[image] for row, image in examples.loc[candidates, "image"].items()
-                     if image in problems}
+    first_problem = {
+        row: problems[image] for row, image in examples.loc[candidates, "image"].items() if image in problems
+    }
     for row, paths in several.items():
         found = [problems[path] for path in paths if path in problems]
         if found:
@@ -194,8 +204,10 @@ def too_long(record: dict, max_length: int) -> str | None:
     if sum(sizes) <= limit:
         return None
     longest = max(range(len(sizes)), key=sizes.__getitem__)
-    return (f"the conversation has {sum(sizes)} characters (turn {longest}: {sizes[longest]}); more than {limit}, "
-            f"{CHARS_PER_TOKEN} per token of max_length {max_length}, is never kept whole")
+    return (
+        f"the conversation has {sum(sizes)} characters (turn {longest}: {sizes[longest]}); more than {limit}, "
+        f"{CHARS_PER_TOKEN} per token of max_length {max_length}, is never kept whole"
+    )
 
 
 def exclude_too_long(examples: pd.DataFrame, rows, records: list[dict], max_length: int) -> tuple[list, list[dict]]:
@@ -229,8 +241,9 @@ def check_lengths(examples: pd.DataFrame, annotations: Path, image_root: Path, m
                     continue
                 tokens[row] = length.tokens
                 if not length.fits(max_length):
-                    detail = (f"the image ends at token {length.image_end}; max_length {max_length} "
-                              "leaves no text after it")
+                    detail = (
+                        f"the image ends at token {length.image_end}; max_length {max_length} leaves no text after it"
+                    )
                     exclude(examples, row, "image_cut_by_max_length", detail)
                 elif length.tokens > max_length:
                     stats.add("truncated")
@@ -243,8 +256,15 @@ def exclude(examples: pd.DataFrame, row, reason: str, detail: str) -> None:
     examples.loc[row, ["status", "reason", "detail"]] = ["excluded", reason, detail]
 
 
-def prepare(annotations: Path, image_root: Path, max_images: int, check_images: bool, workers: int,
-            stats: StageStats, model: Path | None = None) -> pd.DataFrame:
+def prepare(
+    annotations: Path,
+    image_root: Path,
+    max_images: int,
+    check_images: bool,
+    workers: int,
+    stats: StageStats,
+    model: Path | None = None,
+) -> pd.DataFrame:
     """The examples table; ``model`` (checkpoint 0 of the proxy) adds the token-length check."""
     examples, more_images = validate(Path(annotations), max_images)
     check_image_files(examples, more_images, Path(image_root), check_images, workers)
@@ -264,11 +284,14 @@ def prepare(annotations: Path, image_root: Path, max_images: int, check_images: 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--annotations", required=True, type=Path, help="LLaVA-format JSON list of records")
     add_input_arguments(parser, "image_root")
-    parser.add_argument("--model", required=True, type=Path,
-                        help="the proxy's checkpoint 0: its tokenizer, chat template and image tokens count lengths")
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="the proxy's checkpoint 0: its tokenizer, chat template and image tokens count lengths",
+    )
     parser.add_argument("--out", required=True, type=Path, help="examples.parquet to write")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                        help="threads for the image checks")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="threads for the image checks")
     add_settings(parser, "prepare")
 
 
@@ -283,14 +306,17 @@ def nothing_usable(annotations: Path, examples: pd.DataFrame, table: Path) -> st
         return f"{annotations} holds no records (an empty list): there is nothing to train on"
     counts = ", ".join(f"{reason}={n}" for reason, n in examples.reason.value_counts().sort_index().items())
     first = examples.iloc[0]
-    return (f"{annotations}: none of its {len(examples)} records is usable ({counts}); e.g. record {first['index']} "
-            f"(uid {first.uid!r}): {first.reason}: {first.detail}. Every record and why it was excluded: {table}")
+    return (
+        f"{annotations}: none of its {len(examples)} records is usable ({counts}); e.g. record {first['index']} "
+        f"(uid {first.uid!r}): {first.reason}: {first.detail}. Every record and why it was excluded: {table}"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     stats = StageStats("prepare")
-    examples = prepare(args.annotations, args.image_root, args.max_images, args.check_images, args.workers, stats,
-                       args.model)
+    examples = prepare(
+        args.annotations, args.image_root, args.max_images, args.check_images, args.workers, stats, args.model
+    )
     table = excluded_table(args.out)
     if not (examples.status == "ok").any():
         if not examples.empty:

@@ -27,14 +27,19 @@ def alignment_settings(alignment):
     (``trainable``, :func:`run`), no LoRA, no saves."""
     fine_tune = {field.name for field in dataclasses.fields(settings_class("finetune-target"))}
     shared = {key: value for key, value in dataclasses.asdict(alignment).items() if key in fine_tune}
-    return settings_class("finetune-target")(**shared, lora_r=0, projector_learning_rate=alignment.learning_rate,
-                                              save_every_steps=0)
+    return settings_class("finetune-target")(
+        **shared, lora_r=0, projector_learning_rate=alignment.learning_rate, save_every_steps=0
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, type=Path, help="the target's checkpoint 0 (from `xmas target-init`)")
-    parser.add_argument("--captions", required=True, type=Path,
-                        help="image-caption records to align on (LLaVA format, as LLaVA's blip_laion_cc_sbu_558k.json)")
+    parser.add_argument(
+        "--captions",
+        required=True,
+        type=Path,
+        help="image-caption records to align on (LLaVA format, as LLaVA's blip_laion_cc_sbu_558k.json)",
+    )
     add_input_arguments(parser, "image_root")
     parser.add_argument("--out", required=True, type=Path, help="folder to write the aligned target to")
     add_threads_argument(parser)
@@ -45,6 +50,14 @@ def run(args: argparse.Namespace) -> None:
     use_threads(args.threads)
     stats = StageStats(f"pretrain-target {args.out}")
     alignment = settings_of(args, "pretrain-target")
-    finetune(args.base, args.captions, args.image_root, args.out, alignment_settings(alignment), alignment.seed, stats,
-             projector_only=alignment.trainable == "projector")
+    finetune(
+        args.base,
+        args.captions,
+        args.image_root,
+        args.out,
+        alignment_settings(alignment),
+        alignment.seed,
+        stats,
+        projector_only=alignment.trainable == "projector",
+    )
     stats.finish(args.stats if context_from_environment().is_main else None)

@@ -40,8 +40,10 @@ class Figure:
 
     def html(self) -> str:
         data = base64.b64encode(self.png).decode()
-        return (f'<figure><h3>{html.escape(self.title)}</h3><img alt="{html.escape(self.title)}" '
-                f'src="data:image/png;base64,{data}"><figcaption>{html.escape(self.caption)}</figcaption></figure>')
+        return (
+            f'<figure><h3>{html.escape(self.title)}</h3><img alt="{html.escape(self.title)}" '
+            f'src="data:image/png;base64,{data}"><figcaption>{html.escape(self.caption)}</figcaption></figure>'
+        )
 
 
 @dataclasses.dataclass
@@ -86,14 +88,22 @@ def trajectory_curves(trajectories: pd.DataFrame, clusters: pd.DataFrame, seed: 
     for ax, chosen, title in ((axes[0], largest, "largest clusters"), (axes[1], sampled, "a sample of the rest")):
         for cluster in chosen:
             stats = frame[frame.cluster == cluster].groupby("checkpoint").value.agg(["mean", "std"]).fillna(0)
-            line, = ax.plot(stats.index, stats["mean"], marker="o", label=f"cluster {cluster} (n={sizes[cluster]})")
-            ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
-                            color=line.get_color(), alpha=0.15)
+            (line,) = ax.plot(stats.index, stats["mean"], marker="o", label=f"cluster {cluster} (n={sizes[cluster]})")
+            ax.fill_between(
+                stats.index,
+                stats["mean"] - stats["std"],
+                stats["mean"] + stats["std"],
+                color=line.get_color(),
+                alpha=0.15,
+            )
         ax.set(title=title, xlabel="checkpoint")
         ax.legend(fontsize=7)
     axes[0].set_ylabel("sum of top-k singular values")
-    return Figure("Trajectories per cluster", "Mean (line) and ± one standard deviation (band) over the examples "
-                  "of each cluster, at every proxy checkpoint.", render(figure))
+    return Figure(
+        "Trajectories per cluster",
+        "Mean (line) and ± one standard deviation (band) over the examples of each cluster, at every proxy checkpoint.",
+        render(figure),
+    )
 
 
 def stability_distribution(subsets: list[Subset]) -> Figure:
@@ -107,8 +117,11 @@ def stability_distribution(subsets: list[Subset]) -> Figure:
         ax.hist(images.stability[~images.selected], bins=bins, alpha=0.7, label="not selected")
         ax.set(title=f"budget {subset.budget}", xlabel="stability (lower = more stable)", ylabel="examples")
         ax.legend(fontsize=8)
-    return Figure("Stability, selected vs not selected", "Stability S = Σ_t |x(t) − x(t−1)| of the image "
-                  "examples; inside each cluster XMAS keeps the most stable ones.", render(figure))
+    return Figure(
+        "Stability, selected vs not selected",
+        "Stability S = Σ_t |x(t) − x(t−1)| of the image examples; inside each cluster XMAS keeps the most stable ones.",
+        render(figure),
+    )
 
 
 def cluster_quotas(clusters: pd.DataFrame, subsets: list[Subset]) -> Figure:
@@ -119,12 +132,17 @@ def cluster_quotas(clusters: pd.DataFrame, subsets: list[Subset]) -> Figure:
     ax.bar(positions, sizes.to_numpy(), color="#cccccc", label="cluster size")
     for subset in (s for s in subsets if s.method == "xmas"):
         taken = subset.manifest[subset.manifest.selected].cluster.value_counts()
-        ax.plot(positions, [taken.get(c, 0) for c in sizes.index], marker=".",
-                label=f"selected, budget {subset.budget}")
+        ax.plot(
+            positions, [taken.get(c, 0) for c in sizes.index], marker=".", label=f"selected, budget {subset.budget}"
+        )
     ax.set(xlabel="clusters, largest first", ylabel="examples", title=f"{len(sizes)} clusters")
     ax.legend(fontsize=8)
-    return Figure("Cluster sizes and quotas filled", "Grey bars: examples per cluster. Lines: how many of them "
-                  "each XMAS budget took (small clusters are filled first, large ones are capped).", render(figure))
+    return Figure(
+        "Cluster sizes and quotas filled",
+        "Grey bars: examples per cluster. Lines: how many of them "
+        "each XMAS budget took (small clusters are filled first, large ones are capped).",
+        render(figure),
+    )
 
 
 def composition(full: pd.Series, subsets: list[Subset], by: str) -> Figure:
@@ -142,8 +160,11 @@ def composition(full: pd.Series, subsets: list[Subset], by: str) -> Figure:
     ax.set_xticks(np.arange(len(table)) + 0.4 - width / 2, table.index, rotation=30, ha="right")
     ax.set(ylabel="share of records")
     ax.legend(fontsize=8, ncol=2)
-    return Figure(f"Subset composition by {by}", f"Share of each {by} in the full set (usable records) and in "
-                  "every subset.", render(figure))
+    return Figure(
+        f"Subset composition by {by}",
+        f"Share of each {by} in the full set (usable records) and in every subset.",
+        render(figure),
+    )
 
 
 def arp_curves(summary: pd.DataFrame) -> Figure:
@@ -156,8 +177,11 @@ def arp_curves(summary: pd.DataFrame) -> Figure:
     ax.axhline(100, color="grey", linestyle="--", linewidth=1)
     ax.set(xlabel="budget (fraction of the data)", ylabel="ARP (% of full-data score)")
     ax.legend()
-    return Figure("Average relative performance vs budget", "Mean over seeds (error bar: standard deviation) of "
-                  "the mean over benchmarks of score / full-data score.", render(figure))
+    return Figure(
+        "Average relative performance vs budget",
+        "Mean over seeds (error bar: standard deviation) of the mean over benchmarks of score / full-data score.",
+        render(figure),
+    )
 
 
 def table_html(frame: pd.DataFrame) -> str:
@@ -170,11 +194,17 @@ def stage_counts(stats_dir: Path) -> pd.DataFrame:
     for path in sorted(stats_dir.rglob("*.json")):
         stats = read_json(path)
         counts = dict(stats.get("counts", {}))
-        rows.append({"stage": stats.get("stage", path.stem), "seconds": stats.get("seconds"),
-                     "peak MB": stats.get("peak_memory_mb", ""),
-                     "in": counts.pop("in", ""), "out": counts.pop("out", ""),
-                     "excluded": stats.get("excluded_total", 0),
-                     "other counts": ", ".join(f"{key}={value}" for key, value in counts.items())})
+        rows.append(
+            {
+                "stage": stats.get("stage", path.stem),
+                "seconds": stats.get("seconds"),
+                "peak MB": stats.get("peak_memory_mb", ""),
+                "in": counts.pop("in", ""),
+                "out": counts.pop("out", ""),
+                "excluded": stats.get("excluded_total", 0),
+                "other counts": ", ".join(f"{key}={value}" for key, value in counts.items()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -189,8 +219,12 @@ def versions() -> pd.DataFrame:
 
 
 def subset_table(subsets: list[Subset], n_valid: int) -> pd.DataFrame:
-    return pd.DataFrame([{"method": s.method, "budget": s.budget, "selected": int(s.manifest.selected.sum()),
-                          "of usable": n_valid} for s in subsets])
+    return pd.DataFrame(
+        [
+            {"method": s.method, "budget": s.budget, "selected": int(s.manifest.selected.sum()), "of usable": n_valid}
+            for s in subsets
+        ]
+    )
 
 
 PAGE = """<!DOCTYPE html>
@@ -221,8 +255,12 @@ def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageSta
     clusters = read_parquet(inputs["clusters"])
     trajectories = read_parquet(inputs["trajectories"])
     usable = examples[examples.status == "ok"]
-    figures = [trajectory_curves(trajectories, clusters), stability_distribution(subsets),
-               cluster_quotas(clusters, subsets), composition(usable.set_index("index").source, subsets, "source")]
+    figures = [
+        trajectory_curves(trajectories, clusters),
+        stability_distribution(subsets),
+        cluster_quotas(clusters, subsets),
+        composition(usable.set_index("index").source, subsets, "source"),
+    ]
     types = question_types(inputs["annotations"], usable)
     if types is not None:
         figures.append(composition(types, subsets, "question type"))
@@ -231,16 +269,20 @@ def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageSta
         summary = pd.read_csv(inputs["eval_summary"], sep="\t")
         figures_eval = arp_curves(summary)
         comparison = comparison_table(summary)
-        evaluation = (f"<h2>Evaluation</h2>{figures_eval.html()}<h3>ARP and score per benchmark</h3>"
-                      f"<p>Mean ± standard deviation over the seeds of each method and budget.</p>"
-                      f"{table_html(comparison)}")
+        evaluation = (
+            f"<h2>Evaluation</h2>{figures_eval.html()}<h3>ARP and score per benchmark</h3>"
+            f"<p>Mean ± standard deviation over the seeds of each method and budget.</p>"
+            f"{table_html(comparison)}"
+        )
         stats.add("figures", 1)
     exclusions = examples.reason.value_counts().rename_axis("reason").reset_index(name="records")
     stats.add("figures", len(figures))
     stats.add("subsets", len(subsets))
     return PAGE.format(
-        summary=html.escape(f"{len(examples)} source records, {len(usable)} usable "
-                            f"({int(usable.has_image.sum())} with an image), {clusters.cluster.max() + 1} clusters."),
+        summary=html.escape(
+            f"{len(examples)} source records, {len(usable)} usable "
+            f"({int(usable.has_image.sum())} with an image), {clusters.cluster.max() + 1} clusters."
+        ),
         subsets=table_html(subset_table(subsets, len(usable))),
         figures="\n".join(figure.html() for figure in figures),
         evaluation=evaluation,
@@ -267,8 +309,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_input_arguments(parser, "examples", "annotations")
     parser.add_argument("--clusters", required=True, type=Path, help="clusters.parquet from `xmas cluster`")
     parser.add_argument("--trajectories", required=True, type=Path, help="merged trajectories parquet")
-    parser.add_argument("--manifest", nargs=3, action="append", required=True, metavar=("METHOD", "BUDGET", "PATH"),
-                        help="a subset manifest to show; repeat for every method and budget")
+    parser.add_argument(
+        "--manifest",
+        nargs=3,
+        action="append",
+        required=True,
+        metavar=("METHOD", "BUDGET", "PATH"),
+        help="a subset manifest to show; repeat for every method and budget",
+    )
     parser.add_argument("--eval-summary", type=Path, help="results/eval/summary.tsv, when evaluation has run")
     parser.add_argument("--stats-dir", type=Path, default=Path("logs/stats"), help="the stages' stats JSON files")
     parser.add_argument("--run-config", default="{}", help="the workflow config as JSON, shown on the page")
@@ -282,8 +330,14 @@ def run(args: argparse.Namespace) -> None:
     except json.JSONDecodeError as error:
         raise XmasError(f"--run-config is not valid JSON: {error}") from None
     subsets = [Subset(method, budget, read_parquet(path)) for method, budget, path in args.manifest]
-    inputs = {"examples": args.examples, "annotations": args.annotations, "clusters": args.clusters,
-              "trajectories": args.trajectories, "eval_summary": args.eval_summary, "stats_dir": args.stats_dir}
+    inputs = {
+        "examples": args.examples,
+        "annotations": args.annotations,
+        "clusters": args.clusters,
+        "trajectories": args.trajectories,
+        "eval_summary": args.eval_summary,
+        "stats_dir": args.stats_dir,
+    }
     page = build(inputs, subsets, run_config, stats)
     with atomic_path(args.out) as tmp:
         tmp.write_text(page, encoding="utf-8")

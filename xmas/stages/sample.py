@@ -67,8 +67,14 @@ def proportional_quotas(sizes: dict[int, int], target: int, n_valid: int) -> dic
     return {**quotas, TEXT_ONLY: min(sizes[TEXT_ONLY], target - sum(quotas.values()))}
 
 
-def xmas_select(valid: pd.DataFrame, target: int, min_cluster_size: int, seed: int,
-                inside_clusters: str = "stability", text_only_share: str = "cluster") -> pd.DataFrame:
+def xmas_select(
+    valid: pd.DataFrame,
+    target: int,
+    min_cluster_size: int,
+    seed: int,
+    inside_clusters: str = "stability",
+    text_only_share: str = "cluster",
+) -> pd.DataFrame:
     """``valid``: uid, index, cluster, stability for usable records. Adds ``selected`` and ``reason``.
 
     ``inside_clusters``: ``stability`` keeps a cluster's most stable examples (XMAS), ``random``
@@ -114,7 +120,8 @@ def manifest_of(examples: pd.DataFrame, decided: pd.DataFrame) -> pd.DataFrame:
     """One row per source record: the decision for usable ones, ``excluded:<reason>`` for the rest."""
     excluded = examples[examples.status != "ok"]
     excluded = excluded[["uid", "index"]].assign(
-        cluster=pd.NA, stability=np.nan, selected=False, reason="excluded:" + examples.loc[excluded.index, "reason"])
+        cluster=pd.NA, stability=np.nan, selected=False, reason="excluded:" + examples.loc[excluded.index, "reason"]
+    )
     manifest = pd.concat([decided[MANIFEST_COLUMNS], excluded[MANIFEST_COLUMNS]], ignore_index=True)
     manifest = manifest.sort_values("index", ignore_index=True)
     return manifest.astype({"cluster": "Int32", "stability": "float64", "selected": "bool", "reason": "string"})
@@ -135,7 +142,8 @@ def check_accounting(manifest: pd.DataFrame, examples: pd.DataFrame) -> None:
         extra = sorted(set(manifest.uid) - set(examples.uid))[:5]
         problems.append(f"records missing from the manifest: {lost}; listed but not in the source: {extra}")
     listed = manifest[["uid", "index", "selected", "reason"]].rename(
-        columns={"index": "listed_index", "reason": "listed_reason"})
+        columns={"index": "listed_index", "reason": "listed_reason"}
+    )
     joined = examples[["uid", "index", "status", "reason"]].merge(listed, on="uid")
     moved = joined.uid[joined["index"] != joined.listed_index]
     if len(moved):
@@ -155,14 +163,24 @@ def check_accounting(manifest: pd.DataFrame, examples: pd.DataFrame) -> None:
     selected, excluded = int(manifest.selected.sum()), int(is_excluded.sum())
     not_selected = int((~manifest.selected & ~is_excluded).sum())
     if selected + not_selected + excluded != len(examples):
-        problems.append(f"{len(examples)} source records, but {selected} selected + {not_selected} not selected "
-                        f"+ {excluded} excluded")
+        problems.append(
+            f"{len(examples)} source records, but {selected} selected + {not_selected} not selected "
+            f"+ {excluded} excluded"
+        )
     if problems:
         raise XmasError("accounting failed: " + "; ".join(problems))
 
 
-def sample(method_name: str, budget: str, examples_path: Path, clusters_path: Path | None, min_cluster_size: int,
-           seed: int, stats: StageStats, text_only_share: str = "cluster") -> pd.DataFrame:
+def sample(
+    method_name: str,
+    budget: str,
+    examples_path: Path,
+    clusters_path: Path | None,
+    min_cluster_size: int,
+    seed: int,
+    stats: StageStats,
+    text_only_share: str = "cluster",
+) -> pd.DataFrame:
     method = method_named(method_name)
     examples = read_parquet(examples_path)
     valid = examples.loc[examples.status == "ok", ["uid", "index"]]
@@ -176,8 +194,9 @@ def sample(method_name: str, budget: str, examples_path: Path, clusters_path: Pa
             raise XmasError(f"method {method.name} needs --clusters (of its {method.signal} trajectories)")
         if valid.cluster.isna().any():
             raise XmasError(f"{clusters_path} has no cluster for {int(valid.cluster.isna().sum())} usable records")
-        decided = xmas_select(valid, target, min_cluster_size, seed, method.inside_clusters,
-                              method.text_only_share or text_only_share)
+        decided = xmas_select(
+            valid, target, min_cluster_size, seed, method.inside_clusters, method.text_only_share or text_only_share
+        )
     elif method.every_record:
         if target != len(valid):
             raise XmasError(f"method {method.name} selects every usable record: its budget must be 1, got {budget!r}")
@@ -188,9 +207,15 @@ def sample(method_name: str, budget: str, examples_path: Path, clusters_path: Pa
     check_accounting(manifest, examples)
     selected = int(manifest.selected.sum())
     if selected != target:
-        log.warning("budget %s asks for %d records but only %d can be selected: %d usable records sit in clusters "
-                    "smaller than min_cluster_size=%d", budget, target, selected,
-                    int((manifest.reason == "cluster_below_min_size").sum()), min_cluster_size)
+        log.warning(
+            "budget %s asks for %d records but only %d can be selected: %d usable records sit in clusters "
+            "smaller than min_cluster_size=%d",
+            budget,
+            target,
+            selected,
+            int((manifest.reason == "cluster_below_min_size").sum()),
+            min_cluster_size,
+        )
     stats.add("in", len(examples))
     stats.add("valid", len(valid))
     stats.add("target", target)
@@ -213,25 +238,45 @@ def write_subset(annotations: Path, examples: Path, manifest: pd.DataFrame, out:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", choices=tuple(METHODS), default="xmas",
-                        help="selection method (default xmas): " + "; ".join(
-                            f"{name}: {method.description}" for name, method in METHODS.items()).replace("%", "%%"))
+    parser.add_argument(
+        "--method",
+        choices=tuple(METHODS),
+        default="xmas",
+        help="selection method (default xmas): "
+        + "; ".join(f"{name}: {method.description}" for name, method in METHODS.items()).replace("%", "%%"),
+    )
     parser.add_argument("--budget", required=True, help="fraction of the usable records to select, in (0, 1]")
     add_input_arguments(parser, "examples", "annotations")
-    parser.add_argument("--clusters", type=Path,
-                        help="clusters.parquet from `xmas cluster` (needed by the clustered methods: " + ", ".join(
-                            name for name, method in METHODS.items() if method.signal) + ")")
+    parser.add_argument(
+        "--clusters",
+        type=Path,
+        help="clusters.parquet from `xmas cluster` (needed by the clustered methods: "
+        + ", ".join(name for name, method in METHODS.items() if method.signal)
+        + ")",
+    )
     parser.add_argument("--out", required=True, type=Path, help="subset JSON to write (LLaVA format)")
     parser.add_argument("--manifest", type=Path, help="manifest parquet (default: <out>.manifest.parquet)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random draws (random, cluster-random, "
-                        "the text-only records of xmas and loss)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the random draws (random, cluster-random, the text-only records of xmas and loss)",
+    )
     add_settings(parser, "sample")
 
 
 def run(args: argparse.Namespace) -> None:
     stats = StageStats(f"sample {args.method} {args.budget}")
-    manifest = sample(args.method, args.budget, args.examples, args.clusters, args.min_cluster_size, args.seed, stats,
-                      args.text_only_share)
+    manifest = sample(
+        args.method,
+        args.budget,
+        args.examples,
+        args.clusters,
+        args.min_cluster_size,
+        args.seed,
+        stats,
+        args.text_only_share,
+    )
     written = write_subset(args.annotations, args.examples, manifest, args.out)
     selected = int(manifest.selected.sum())
     if written != selected:

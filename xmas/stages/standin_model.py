@@ -10,9 +10,12 @@ from xmas.progress import StageStats
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--name", required=True, choices=tuple(STANDINS),
-                        help="which model: " + "; ".join(f"{name} stands for {hub}"
-                                                         for name, (hub, _) in STANDINS.items()))
+    parser.add_argument(
+        "--name",
+        required=True,
+        choices=tuple(STANDINS),
+        help="which model: " + "; ".join(f"{name} stands for {hub}" for name, (hub, _) in STANDINS.items()),
+    )
     parser.add_argument("--out", required=True, type=Path, help="folder to write (a local copy of the Hub repo)")
 
 

@@ -45,8 +45,10 @@ def reference_scores(runs: pd.DataFrame) -> pd.Series:
     if zero:
         log.warning("left out of ARP: the full-data runs score 0 on %s", ", ".join(zero))
     if len(zero) == len(reference):
-        log.warning("the full-data runs score 0 on every benchmark: ARP (relative to them) is undefined and left "
-                    "empty; the target learned nothing, train it longer (target.epochs)")
+        log.warning(
+            "the full-data runs score 0 on every benchmark: ARP (relative to them) is undefined and left "
+            "empty; the target learned nothing, train it longer (target.epochs)"
+        )
     return reference[reference > 0]
 
 
@@ -65,8 +67,11 @@ def with_arp(runs: pd.DataFrame) -> pd.DataFrame:
 
 def sort_runs(summary: pd.DataFrame) -> pd.DataFrame:
     order = {method: position for position, method in enumerate(dict.fromkeys(summary.method))}
-    return summary.assign(_method=summary.method.map(order), _budget=summary.budget.astype(float)).sort_values(
-        ["_budget", "_method", "seed", "benchmark"], kind="stable").drop(columns=["_method", "_budget"])
+    return (
+        summary.assign(_method=summary.method.map(order), _budget=summary.budget.astype(float))
+        .sort_values(["_budget", "_method", "seed", "benchmark"], kind="stable")
+        .drop(columns=["_method", "_budget"])
+    )
 
 
 def summarize(runs: list[tuple[str, str, str, Path]], stats: StageStats) -> pd.DataFrame:
@@ -84,9 +89,15 @@ def summarize(runs: list[tuple[str, str, str, Path]], stats: StageStats) -> pd.D
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run", nargs=4, action="append", required=True, metavar=("METHOD", "BUDGET", "SEED", "TSV"),
-                        help="one evaluated run (scores TSV from `xmas evaluate`); repeat for every run, "
-                             "including the method 'full' runs that ARP is relative to")
+    parser.add_argument(
+        "--run",
+        nargs=4,
+        action="append",
+        required=True,
+        metavar=("METHOD", "BUDGET", "SEED", "TSV"),
+        help="one evaluated run (scores TSV from `xmas evaluate`); repeat for every run, "
+        "including the method 'full' runs that ARP is relative to",
+    )
     parser.add_argument("--out", required=True, type=Path, help="summary TSV to write")
     parser.add_argument("--table", type=Path, help="also write the printed comparison table to this file")
 

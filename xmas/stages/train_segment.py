@@ -57,17 +57,24 @@ def load_state(previous: Path, settings: dict, checkpoint: int) -> dict | None:
     if not path.exists():
         if checkpoint > 1 or (previous / LOG_FILE).exists():
             which = f"checkpoint {checkpoint - 1}" if checkpoint > 1 else f"a trained checkpoint (it has {LOG_FILE})"
-            raise XmasError(f"{path} is missing: only checkpoint 0 has no training state, and {previous} is {which}; "
-                            f"segment {checkpoint} would restart the schedule at step 0 on its trained weights. "
-                            f"To train it anew, delete {previous} and run snakemake again")
+            raise XmasError(
+                f"{path} is missing: only checkpoint 0 has no training state, and {previous} is {which}; "
+                f"segment {checkpoint} would restart the schedule at step 0 on its trained weights. "
+                f"To train it anew, delete {previous} and run snakemake again"
+            )
         return None
     state = load_torch(path, weights_only=False)
-    changed = {key: (state["settings"].get(key), value) for key, value in settings.items()
-               if key not in MAY_CHANGE and state["settings"].get(key) != value}
+    changed = {
+        key: (state["settings"].get(key), value)
+        for key, value in settings.items()
+        if key not in MAY_CHANGE and state["settings"].get(key) != value
+    }
     if changed:
         detail = ", ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
-        raise XmasError(f"{previous} was trained with other settings ({detail}); "
-                        "delete the proxy checkpoints to train again from checkpoint 0")
+        raise XmasError(
+            f"{previous} was trained with other settings ({detail}); "
+            "delete the proxy checkpoints to train again from checkpoint 0"
+        )
     return state
 
 
@@ -78,8 +85,16 @@ def load_model(previous: Path, settings, device: torch.device):
     return model.to(device), processor
 
 
-def train_segment(previous: Path, out: Path, checkpoint: int, settings, examples: Path, annotations: Path,
-                  image_root: Path, stats: StageStats) -> None:
+def train_segment(
+    previous: Path,
+    out: Path,
+    checkpoint: int,
+    settings,
+    examples: Path,
+    annotations: Path,
+    image_root: Path,
+    stats: StageStats,
+) -> None:
     """``settings``: the train-segment stage's (:func:`xmas.settings.settings_class`)."""
     records = usable_records(examples, annotations)
     if not records:
@@ -105,10 +120,17 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings, examples
         if start > stop:
             raise XmasError(f"{previous} is at step {start}, past checkpoint {checkpoint} (step {stop})")
         model.train()
-        losses = fit_steps(training, lambda step: micro_batches_for(step, order, records, encoder, settings, context),
-                           start, stop, context, desc=f"train to checkpoint {checkpoint}")
-        save_segment(training, processor, encoder.encoding, out, {"step": stop, "settings": run}, start, losses,
-                     context)
+        losses = fit_steps(
+            training,
+            lambda step: micro_batches_for(step, order, records, encoder, settings, context),
+            start,
+            stop,
+            context,
+            desc=f"train to checkpoint {checkpoint}",
+        )
+        save_segment(
+            training, processor, encoder.encoding, out, {"step": stop, "settings": run}, start, losses, context
+        )
     stats.add("steps", stop - start)
     stats.add("in", len(records))
     stats.set("step", stop)
@@ -117,8 +139,16 @@ def train_segment(previous: Path, out: Path, checkpoint: int, settings, examples
     stats.set("mean_loss", round(float(np.mean(losses)), 6) if losses else None)
 
 
-def save_segment(training, processor, encoding: Encoding, out: Path, state: dict, start: int, losses: list[float],
-                 context: Distributed) -> None:
+def save_segment(
+    training,
+    processor,
+    encoding: Encoding,
+    out: Path,
+    state: dict,
+    start: int,
+    losses: list[float],
+    context: Distributed,
+) -> None:
     """Every rank takes part in gathering sharded state; rank 0 alone writes, then renames atomically."""
     shared = out.with_name(f".{out.name}.rank-shared")  # DeepSpeed writes its shards from every rank
     if context.is_main and shared.exists():
@@ -152,6 +182,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     use_threads(args.threads)
     stats = StageStats(f"train-segment {args.checkpoint}")
-    train_segment(args.previous, args.out, args.checkpoint, settings_of(args, "train-segment"), args.examples,
-                  args.annotations, args.image_root, stats)
+    train_segment(
+        args.previous,
+        args.out,
+        args.checkpoint,
+        settings_of(args, "train-segment"),
+        args.examples,
+        args.annotations,
+        args.image_root,
+        stats,
+    )
     stats.finish(args.stats if context_from_environment().is_main else None)

@@ -57,9 +57,11 @@ def check_top_k(model_path: Path, settings, signal: str) -> None:
         return
     image_tokens = ImageTokens(load_processor(model_path)).most()
     if settings.top_k > image_tokens:
-        raise XmasError(f"trajectory.top_k is {settings.top_k}, but an image of the proxy {model_path} has at most "
-                        f"{image_tokens} image tokens, so at most {image_tokens} singular values exist; set "
-                        f"trajectory.top_k to {image_tokens} or less")
+        raise XmasError(
+            f"trajectory.top_k is {settings.top_k}, but an image of the proxy {model_path} has at most "
+            f"{image_tokens} image tokens, so at most {image_tokens} singular values exist; set "
+            f"trajectory.top_k to {image_tokens} or less"
+        )
 
 
 def parse_layers(value: str) -> list[int] | None:
@@ -77,8 +79,14 @@ def fingerprint(model_path: Path, checkpoint: int, shard: pd.DataFrame, settings
     model_files = sorted((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in files)
     uids = hashlib.sha256("\n".join(shard["uid"]).encode()).hexdigest()
     computed = {key: value for key, value in dataclasses.asdict(settings).items() if key not in NOT_FINGERPRINTED}
-    return {"model": str(model_path), "model_files": model_files, "checkpoint": checkpoint, "uids": uids,
-            **computed, "signal": signal}
+    return {
+        "model": str(model_path),
+        "model_files": model_files,
+        "checkpoint": checkpoint,
+        "uids": uids,
+        **computed,
+        "signal": signal,
+    }
 
 
 def reset_stale_parts(parts: Path, current: dict) -> None:
@@ -122,8 +130,9 @@ def batch_positions(lengths: list[int] | None, count: int, batch_size: int) -> l
     return [order[start : start + batch_size] for start in range(0, count, batch_size)]
 
 
-def run_batches(records: list[dict], batches: list[np.ndarray],
-                compute: Callable[[list[dict]], np.ndarray]) -> np.ndarray:
+def run_batches(
+    records: list[dict], batches: list[np.ndarray], compute: Callable[[list[dict]], np.ndarray]
+) -> np.ndarray:
     """``compute`` on each batch of records, its rows put back at the records' positions."""
     values = None
     for positions in batches:
@@ -200,13 +209,21 @@ def load_signal(model_path: Path, image_root: Path, settings, signal: str, devic
     if settings.definition == "upstream":
         return UpstreamSingularValues(UpstreamAttention(model, layers, settings.layer_reduce), encoder, settings.top_k)
     output = capture_output(settings.attn_implementation, device, dtype)
-    attention = CrossModalAttention(model, layers, settings.head_reduce, settings.layer_reduce,
-                                    output=output)
+    attention = CrossModalAttention(model, layers, settings.head_reduce, settings.layer_reduce, output=output)
     return SingularValues(attention, encoder, settings.top_k)
 
 
-def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annotations: Path, image_root: Path,
-                  out: Path, settings, signal: str, stats: StageStats) -> None:
+def extract_shard(
+    model_path: Path,
+    checkpoint: int,
+    shard: pd.DataFrame,
+    annotations: Path,
+    image_root: Path,
+    out: Path,
+    settings,
+    signal: str,
+    stats: StageStats,
+) -> None:
     """One shard's rows of ``signal`` (attention or loss) at checkpoint ``checkpoint``, the trajectory stage's
     ``settings`` defining it."""
     check_top_k(model_path, settings, signal)
@@ -224,8 +241,9 @@ def extract_shard(model_path: Path, checkpoint: int, shard: pd.DataFrame, annota
             lengths = chunk["tokens"].tolist() if settings.group_by_length else None
             with SourceRecords(annotations, chunk) as records:
                 values = extract_chunk(values_of, records[:], settings.batch_size, lengths)
-            write_parquet(trajectory_table(chunk["uid"].to_numpy(), checkpoint, columns, values),
-                          parts / f"part-{n:05d}.parquet")
+            write_parquet(
+                trajectory_table(chunk["uid"].to_numpy(), checkpoint, columns, values), parts / f"part-{n:05d}.parquet"
+            )
             stats.add("computed_rows", len(chunk))
     tables = [read_table(parts / f"part-{n:05d}.parquet") for n in range(len(chunks))]
     if not tables:  # no example in this shard
@@ -248,9 +266,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", required=True, type=int, help="which shard (0-based)")
     add_input_arguments(parser, "examples", "annotations", "image_root")
     parser.add_argument("--out", required=True, type=Path, help="shard parquet to write")
-    parser.add_argument("--signal", choices=SIGNALS, default="attention",
-                        help="attention: top-k singular values of the text-to-image attention (XMAS); "
-                        "loss: each example's mean loss on its answers (the loss baseline)")
+    parser.add_argument(
+        "--signal",
+        choices=SIGNALS,
+        default="attention",
+        help="attention: top-k singular values of the text-to-image attention (XMAS); "
+        "loss: each example's mean loss on its answers (the loss baseline)",
+    )
     add_threads_argument(parser)
     add_settings(parser, "trajectory")
 
@@ -264,6 +286,7 @@ def run(args: argparse.Namespace) -> None:
     stats = StageStats(f"trajectory checkpoint {args.checkpoint} shard {args.shard}")
     settings = settings_of(args, "trajectory")
     shard = shard_slice(usable_image_examples(args.examples), args.shard, args.shards)
-    extract_shard(args.model, args.checkpoint, shard, args.annotations, args.image_root, args.out, settings,
-                  args.signal, stats)
+    extract_shard(
+        args.model, args.checkpoint, shard, args.annotations, args.image_root, args.out, settings, args.signal, stats
+    )
     stats.finish(args.stats)

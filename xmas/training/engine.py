@@ -54,8 +54,10 @@ def attention_implementation(requested: str, device: torch.device | str) -> str:
         return "flash_attention_2" if on_cuda and flash_attention_installed() else "sdpa"
     if requested == "flash_attention_2":
         if not flash_attention_installed():
-            raise XmasError('attn_implementation flash_attention_2: the flash-attn package is not installed; '
-                            'pip install -e ".[gpu]" (or choose auto/sdpa)')
+            raise XmasError(
+                "attn_implementation flash_attention_2: the flash-attn package is not installed; "
+                'pip install -e ".[gpu]" (or choose auto/sdpa)'
+            )
         if not on_cuda:
             raise XmasError(f"attn_implementation flash_attention_2 needs a CUDA device, the job runs on {device}")
     return requested
@@ -83,8 +85,11 @@ class Distributed:
 
     def sum(self, value: float | torch.Tensor) -> torch.Tensor:
         """The sum over all processes (the value itself in a single process)."""
-        tensor = (value.detach().clone() if torch.is_tensor(value)
-                  else torch.tensor(value, dtype=torch.float64, device=self.device))
+        tensor = (
+            value.detach().clone()
+            if torch.is_tensor(value)
+            else torch.tensor(value, dtype=torch.float64, device=self.device)
+        )
         if self.is_distributed:
             torch.distributed.all_reduce(tensor)
         return tensor
@@ -113,8 +118,9 @@ def distributed() -> Iterator[Distributed]:
     if started_here:
         if context.device.type == "cuda":
             torch.cuda.set_device(context.device)
-        torch.distributed.init_process_group("nccl" if context.device.type == "cuda" else "gloo",
-                                             rank=context.rank, world_size=context.world_size)
+        torch.distributed.init_process_group(
+            "nccl" if context.device.type == "cuda" else "gloo", rank=context.rank, world_size=context.world_size
+        )
     try:
         yield context
     finally:
@@ -149,8 +155,11 @@ class TorchTraining:
             from torch.nn.parallel import DistributedDataParallel
 
             # A batch without images leaves the projector unused on that rank.
-            self.model = DistributedDataParallel(model, device_ids=[context.device] if context.device.type == "cuda"
-                                                 else None, find_unused_parameters=True)
+            self.model = DistributedDataParallel(
+                model,
+                device_ids=[context.device] if context.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
         dtype = resolve_dtype(precision)
         self.autocast = None if dtype == torch.float32 else dtype
         self.scaler = torch.amp.GradScaler(context.device.type) if dtype == torch.float16 else None
@@ -218,7 +227,8 @@ class DeepSpeedTraining:
         deepspeed = import_deepspeed()
         self.context, self.config, self.module = context, config, model
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
         self.accumulation = config["gradient_accumulation_steps"]
 
     def train_step(self, micro_batches: list[MicroBatch], items: torch.Tensor) -> torch.Tensor:
@@ -238,8 +248,10 @@ class DeepSpeedTraining:
 
     def load_state_dict(self, state: dict, folder: Path) -> None:
         if not (folder / self.STATE_DIR).is_dir():
-            raise XmasError(f"{folder} holds no DeepSpeed state ({self.STATE_DIR}/): it was trained without "
-                            "DeepSpeed; keep training.deepspeed as it was, or train again from checkpoint 0")
+            raise XmasError(
+                f"{folder} holds no DeepSpeed state ({self.STATE_DIR}/): it was trained without "
+                "DeepSpeed; keep training.deepspeed as it was, or train again from checkpoint 0"
+            )
         self.engine.load_checkpoint(str(folder / self.STATE_DIR), tag=self.TAG)
 
     def save_model(self, folder: Path, **kwargs) -> None:
@@ -269,8 +281,9 @@ def deepspeed_config(settings, world_size: int, hidden_size: int | None = None) 
     choice = settings.deepspeed
     path = resource("deepspeed", f"{choice}.json") if choice in DEEPSPEED_PRESETS else Path(choice)
     if not path.is_file():
-        raise XmasError(f"training.deepspeed {choice!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} "
-                        "nor a DeepSpeed JSON file")
+        raise XmasError(
+            f"training.deepspeed {choice!r} is neither {' nor '.join(DEEPSPEED_PRESETS)} nor a DeepSpeed JSON file"
+        )
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as error:
@@ -279,9 +292,12 @@ def deepspeed_config(settings, world_size: int, hidden_size: int | None = None) 
     micro = settings.micro_batch_size or per_rank
     accumulation = max(1, math.ceil(per_rank / micro))
     precision = settings.precision
-    filled = {"train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accumulation,
-              "train_batch_size": micro * accumulation * world_size,
-              "gradient_clipping": settings.max_grad_norm}
+    filled = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": micro * accumulation * world_size,
+        "gradient_clipping": settings.max_grad_norm,
+    }
     for key, value in filled.items():
         if config.get(key, "auto") == "auto":
             config[key] = value
@@ -299,9 +315,11 @@ def _fill_zero_sizes(zero: dict, hidden_size: int | None) -> None:
     """ZeRO-3 bucket sizes that the HF integration derives from the model's hidden size."""
     if hidden_size is None:
         return
-    derived = {"reduce_bucket_size": hidden_size * hidden_size,
-               "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-               "stage3_param_persistence_threshold": 10 * hidden_size}
+    derived = {
+        "reduce_bucket_size": hidden_size * hidden_size,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+    }
     for key, value in derived.items():
         if zero.get(key) == "auto":
             zero[key] = value
@@ -347,8 +365,10 @@ def parameter_count(parameters) -> int:
 
 def parameters_held(parameters) -> int:
     """Elements this process holds: its partition of a ZeRO-3 parameter, all of any other."""
-    return sum(parameter.ds_tensor.numel() if hasattr(parameter, "ds_tensor") else parameter.numel()
-               for parameter in parameters)
+    return sum(
+        parameter.ds_tensor.numel() if hasattr(parameter, "ds_tensor") else parameter.numel()
+        for parameter in parameters
+    )
 
 
 def prepare_training(model, optimizer, scheduler, context: Distributed, settings):

@@ -62,8 +62,12 @@ def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStat
     rows = subset_rows(subset)
     fits = []
     with SourceRecords(subset, rows) as records:
-        for start in progress(range(0, len(records), LENGTH_BATCH), total=-(-len(records) // LENGTH_BATCH),
-                              desc="count tokens", unit="batch"):
+        for start in progress(
+            range(0, len(records), LENGTH_BATCH),
+            total=-(-len(records) // LENGTH_BATCH),
+            desc="count tokens",
+            unit="batch",
+        ):
             batch = records[start : start + LENGTH_BATCH]
             for record, length in zip(batch, encoder.lengths_or_errors(batch)):
                 why = why_left_out(length, encoder.encoding.max_length)
@@ -79,8 +83,10 @@ def why_left_out(length, max_length: int) -> tuple[str, str] | None:
     if isinstance(length, str):
         return "not_encodable", length
     if not length.fits(max_length):
-        return "image_cut_by_max_length", f"its image ends at token {length.image_end}, past the target's " \
-                                          f"max_length {max_length}"
+        return (
+            "image_cut_by_max_length",
+            f"its image ends at token {length.image_end}, past the target's max_length {max_length}",
+        )
     return None
 
 
@@ -98,9 +104,12 @@ def prepare_model(base: Path, settings, context, seed: int, projector_only: bool
     implementation = attention_implementation(settings.attn_implementation, context.device)
     with partitioned_loading(settings, model_config(base), context.world_size):
         model, processor = load_checkpoint(base, dtype, attn_implementation=implementation)
-    log.info("base loaded in %s; this process holds %.0f%% of its %d parameters", dtype,
-             100 * parameters_held(model.parameters()) / parameter_count(model.parameters()),
-             parameter_count(model.parameters()))
+    log.info(
+        "base loaded in %s; this process holds %.0f%% of its %d parameters",
+        dtype,
+        100 * parameters_held(model.parameters()) / parameter_count(model.parameters()),
+        parameter_count(model.parameters()),
+    )
     torch.manual_seed(seed)  # LoRA's initialisation
     if settings.lora_r:
         model = with_lora(model, settings.lora_r, settings.lora_alpha, settings.lora_dropout)
@@ -127,8 +136,16 @@ def model_config(base: Path):
     return AutoConfig.from_pretrained(base)
 
 
-def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings, seed: int, stats: StageStats,
-             projector_only: bool = False) -> None:
+def finetune(
+    base: Path,
+    subset: Path,
+    image_root: Path,
+    out: Path,
+    settings,
+    seed: int,
+    stats: StageStats,
+    projector_only: bool = False,
+) -> None:
     """``epochs`` passes over the subset in the order ``seed`` draws (the proxy's batching and engine), then save.
     ``settings``: the finetune-target stage's (:func:`xmas.settings.settings_class`).
 
@@ -152,13 +169,23 @@ def finetune(base: Path, subset: Path, image_root: Path, out: Path, settings, se
         every = settings.save_every_steps or total
         for first in range(start, total, every):
             last = min(first + every, total)
-            losses += fit_steps(training, lambda step: micro_batches_for(step, order, records, encoder, settings,
-                                                                         context),
-                                first, last, context, desc=f"fine-tune steps {first + 1}-{last} of {total}")
+            losses += fit_steps(
+                training,
+                lambda step: micro_batches_for(step, order, records, encoder, settings, context),
+                first,
+                last,
+                context,
+                desc=f"fine-tune steps {first + 1}-{last} of {total}",
+            )
             if last < total:
                 save_partial(partial, training, model, identity, last, losses, context)
-        run = {"base": str(Path(base).resolve()), "subset": str(subset), "records": len(records),
-               "settings": identity, "losses": losses}
+        run = {
+            "base": str(Path(base).resolve()),
+            "subset": str(subset),
+            "records": len(records),
+            "settings": identity,
+            "losses": losses,
+        }
         save_target(training, processor, encoder.encoding, out, run, context)
         if context.is_main:
             shutil.rmtree(partial, ignore_errors=True)

@@ -39,8 +39,9 @@ class DataOrder:
         return order[offset * self.batch_size : (offset + 1) * self.batch_size]
 
 
-def rank_micro_batches(indices: np.ndarray, rank: int, world_size: int,
-                       micro_batch_size: int | None) -> list[np.ndarray]:
+def rank_micro_batches(
+    indices: np.ndarray, rank: int, world_size: int, micro_batch_size: int | None
+) -> list[np.ndarray]:
     """This rank's share of a global batch, cut into as many micro-batches as every other rank gets.
 
     Ranks take contiguous slices; an empty micro-batch means "run a weight-0 filler", so DDP and
@@ -57,16 +58,20 @@ def label_tokens(inputs: dict[str, torch.Tensor]) -> int:
     return int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
-def micro_batches_for(step: int, order: DataOrder, records, encoder: ConversationEncoder, settings,
-                      context: Distributed) -> list[MicroBatch]:
+def micro_batches_for(
+    step: int, order: DataOrder, records, encoder: ConversationEncoder, settings, context: Distributed
+) -> list[MicroBatch]:
     """This rank's micro-batches of global step ``step``; an empty share becomes a weight-0 filler.
     ``settings``: the training stage's (its micro_batch_size and deepspeed)."""
     indices = order.indices(step)
     shares = rank_micro_batches(indices, context.rank, context.world_size, settings.micro_batch_size)
     with_an_image = settings.deepspeed is not None
-    return [MicroBatch(encode_share(encoder, [records[i] for i in share], with_an_image)) if len(share)
-            else MicroBatch(encode_share(encoder, [records[indices[0]]], with_an_image), weight=0.0)
-            for share in shares]
+    return [
+        MicroBatch(encode_share(encoder, [records[i] for i in share], with_an_image))
+        if len(share)
+        else MicroBatch(encode_share(encoder, [records[indices[0]]], with_an_image), weight=0.0)
+        for share in shares
+    ]
 
 
 def encode_share(encoder: ConversationEncoder, share: list[dict], with_an_image: bool) -> dict[str, torch.Tensor]:
@@ -93,13 +98,20 @@ def make_optimizer(model, settings, total_steps: int, projector_learning_rate: f
     groups = parameter_groups(model, settings.learning_rate, projector_learning_rate, settings.weight_decay)
     optimizer = torch.optim.AdamW(groups)
     warmup = math.ceil(settings.warmup_ratio * total_steps)
-    schedule = get_scheduler(SCHEDULES[settings.lr_schedule], optimizer, num_warmup_steps=warmup,
-                             num_training_steps=total_steps)
+    schedule = get_scheduler(
+        SCHEDULES[settings.lr_schedule], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
     return optimizer, schedule
 
 
-def fit_steps(training, batches_for_step: Callable[[int], list[MicroBatch]], start: int, stop: int,
-              context: Distributed, desc: str = "train") -> list[float]:
+def fit_steps(
+    training,
+    batches_for_step: Callable[[int], list[MicroBatch]],
+    start: int,
+    stop: int,
+    context: Distributed,
+    desc: str = "train",
+) -> list[float]:
     """Global steps ``start..stop-1``; returns each step's loss (token mean over the global batch).
     Rank 0 reports progress."""
     losses = []

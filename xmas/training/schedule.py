@@ -29,9 +29,11 @@ def checkpoint_count(records: int, settings) -> int:
     total = total_steps(records, settings)
     count = math.ceil(total / every)
     if count < 2:
-        raise XmasError(f"training.save_every_steps {every} gives {count} checkpoint over the proxy's {total} steps "
-                        f"({records} usable records, {settings.epochs} epochs of batches of "
-                        f"{settings.batch_size}); trajectories need at least 2: save more often")
+        raise XmasError(
+            f"training.save_every_steps {every} gives {count} checkpoint over the proxy's {total} steps "
+            f"({records} usable records, {settings.epochs} epochs of batches of "
+            f"{settings.batch_size}); trajectories need at least 2: save more often"
+        )
     return count
 
 
