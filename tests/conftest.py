@@ -26,6 +26,17 @@ def small_generator_settings(records: int = 240, per_type: int = 4, seed: int = 
     return settings
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one state per process, its precision fixed by the first Accelerator: a stage trains once
+    per process, these tests many times, in several precisions."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope="session")
 def small_demo(tmp_path_factory) -> dict:
     """A generated demo dataset of 240 training records: paths to its annotations and images."""
@@ -106,6 +117,18 @@ def snakemake_command(workdir: Path, *args: str) -> list[str]:
         *config,
         *args,
     ]
+
+
+def launched(processes: int) -> list[str]:
+    """`xmas` started as the workflow starts a stage on ``processes`` GPUs (xmas/training/launch.py), with this
+    interpreter's accelerate and xmas."""
+    from xmas.training.launch import launcher_prefix
+
+    prefix = launcher_prefix(processes)
+    if prefix == ["xmas"]:
+        return [sys.executable, "-m", "xmas"]
+    assert prefix[:2] == ["accelerate", "launch"], prefix
+    return [sys.executable, "-m", "accelerate.commands.launch", *prefix[2:]]
 
 
 def workflow_environment(**extra: str) -> dict[str, str]:

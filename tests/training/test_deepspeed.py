@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO for real, on the CPU: two processes over gloo (DeepSpeed's CPU accelerator) fine-tune
-the tiny target through `xmas finetune-target`, as torchrun starts it on a GPU node.
+the tiny target through `xmas finetune-target`, as `accelerate launch` starts it on a GPU node.
 
 Skipped only where DeepSpeed is not installed and XMAS_REQUIRE_DEEPSPEED is unset; CI installs it (the
 dev extra) and sets it.
@@ -12,12 +12,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
 from xmas.data.annotations import read_all
 from xmas.io import write_records
+
+from conftest import launched
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +43,8 @@ def short_last_batch(small_demo, tmp_path_factory):
 
 
 def finetune(tiny_checkpoint, subset, small_demo, out, *options, processes=2):
-    launch = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
-        if processes > 1
-        else [sys.executable]
-    )
     command = [
-        *launch,
-        "-m",
-        "xmas",
+        *launched(processes),
         "finetune-target",
         "--base",
         str(tiny_checkpoint),

@@ -10,9 +10,12 @@ import pytest
 import torch
 
 from xmas.errors import XmasError
+from xmas.models.checkpoints import load_checkpoint
+from xmas.models.encoding import ConversationEncoder
 from xmas.settings import stage_defaults
 from xmas.training.engine import (
     Distributed,
+    MicroBatch,
     attention_implementation,
     context_from_environment,
     deepspeed_config,
@@ -20,6 +23,7 @@ from xmas.training.engine import (
     prepare_training,
     resolve_dtype,
 )
+from xmas.training.loop import label_tokens
 
 SETTINGS = stage_defaults("finetune-target", batch_size=24)
 
@@ -76,3 +80,25 @@ def test_deepspeed_requested_without_the_package_is_a_clear_error(monkeypatch):
     optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(XmasError, match=r'DeepSpeed is not installed: pip install -e "\.\[gpu\]"'):
         prepare_training(model, optimizer, None, Distributed(), dataclasses.replace(SETTINGS, deepspeed="zero2"))
+
+
+@pytest.mark.parametrize(("precision", "computed_in"), [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_the_precision_setting_reaches_the_forward_and_keeps_fp32_weights(
+    precision, computed_in, tiny_checkpoint, small_demo
+):
+    """accelerate runs the forward under autocast in bf16; the weights the optimizer steps stay float32."""
+    model, processor = load_checkpoint(tiny_checkpoint)
+    encoder = ConversationEncoder.of_checkpoint(tiny_checkpoint, processor, small_demo["images"])
+    records = json.loads(small_demo["train"].read_text())[:4]
+    inputs = encoder.collate([encoder.encode(record, with_labels=True) for record in records])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    settings = dataclasses.replace(SETTINGS, precision=precision)
+    training = prepare_training(model, optimizer, scheduler, Distributed(), settings)
+    computed = []
+    head = model.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, output: computed.append(output.dtype))
+    before = head.weight.detach().clone()
+    loss = training.train_step([MicroBatch(inputs)], torch.tensor(label_tokens(inputs)))
+    assert computed == [computed_in] and torch.isfinite(loss)
+    assert head.weight.dtype == torch.float32 and not torch.equal(head.weight, before)

@@ -1,4 +1,4 @@
-"""How a stage starts on a job's GPUs: one process, or torchrun with one per GPU."""
+"""How a stage starts on a job's GPUs: one process, or `accelerate launch` with one per GPU."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ from conftest import REDUCED_DEMO, reduced_project, snakemake
 
 def test_launch_command_lines():
     assert launcher_prefix(0) == launcher_prefix(1) == ["xmas"]
-    assert launcher_prefix(4) == ["torchrun", "--standalone", "--nproc_per_node", "4", "-m", "xmas"]
+    command = " ".join(launcher_prefix(4, "bf16"))
+    assert command.startswith("accelerate launch --multi_gpu --num_machines 1 --num_processes 4 ")
+    assert "--main_process_port 0" in command  # a free port: two jobs on one node do not collide
+    assert "--mixed_precision bf16" in command and command.endswith(" -m xmas")
 
 
 def test_rule_launches_one_process_per_gpu(tmp_path):
@@ -22,5 +25,6 @@ def test_rule_launches_one_process_per_gpu(tmp_path):
     }
     project = reduced_project(tmp_path, training=training)
     out = snakemake(project, "-n", "--printshellcmds", "--cores", "2", "results/proxy/checkpoint-1").stdout
-    assert "torchrun --standalone --nproc_per_node 2 -m xmas train-segment --checkpoint 1" in out
+    assert " --num_processes 2 --main_process_port 0 --mixed_precision bf16 " in out
+    assert " --dynamo_backend no -m xmas train-segment --checkpoint 1" in out
     assert "--precision bf16" in out and "--gradient-checkpointing" in out and "--deepspeed zero2" in out

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -17,8 +16,9 @@ from xmas.progress import StageStats
 from xmas.settings import stage_defaults
 from xmas.stages.train_segment import train_segment
 from xmas.training import loop
-from xmas.training.launch import launcher_prefix
 from xmas.training.loop import DataOrder, make_optimizer, rank_micro_batches
+
+from conftest import launched
 
 SETTINGS = stage_defaults("train-segment", epochs=1, batch_size=24, checkpoints=3, learning_rate=2e-3, warmup_ratio=0.1)
 
@@ -94,7 +94,7 @@ def test_micro_batches_give_the_same_step_as_whole_batches(
 
 
 def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, small_examples, tmp_path):
-    """torchrun with 2 CPU processes (gloo), each on its half of every batch, equals one process."""
+    """`accelerate launch` of 2 CPU processes (DDP over gloo), each on its half of every batch, equals one process."""
     out = tmp_path / "ddp"
     stage = [
         "train-segment",
@@ -126,9 +126,7 @@ def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, 
         "--stats",
         str(tmp_path / "s.json"),
     ]
-    torchrun, *arguments = launcher_prefix(2)
-    assert torchrun == "torchrun"
-    command = [sys.executable, "-m", "torch.distributed.run", *arguments, *stage]  # torchrun of this interpreter
+    command = [*launched(2), *stage]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )

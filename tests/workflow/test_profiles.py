@@ -143,7 +143,7 @@ def test_the_llava665k_plan_asks_each_rule_for_what_llava665k_needs_on_the_right
         "sample": job(16000, 60, **cpu),
         "report": job(1000, 30, **cpu),
         "target_init": job(64000, 120, **cpu),
-        # one node of 8 GPUs: torchrun --standalone starts its 8 processes there
+        # one node of 8 GPUs: accelerate launch starts its 8 processes there
         "finetune_target": job(192000, 1440, gpu=8, **gpu),
         "evaluate": job(64000, 720, gpu=1, **gpu),
         "summarize": job(1000, 30, **cpu),
@@ -220,7 +220,8 @@ def test_llava665k_evaluation_plan_runs_the_paper_recipe_on_8_gpus(tmp_path):
     assert counts["finetune_target"] == counts["evaluate"] == 13
     commands = [line.removeprefix("Shell command: ") for line in result.stdout.splitlines()]
     finetune = next(line for line in commands if " finetune-target --base" in line)
-    assert finetune.startswith("torchrun --standalone --nproc_per_node 8 -m xmas finetune-target")
+    assert finetune.startswith("accelerate launch --multi_gpu --num_machines 1 --num_processes 8 ")
+    assert " --mixed_precision bf16 --dynamo_backend no -m xmas finetune-target" in finetune
     for flag in (
         "--lora-r 128",
         "--lora-alpha 256",

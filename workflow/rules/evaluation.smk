@@ -38,7 +38,7 @@ if ALIGN_CAPTIONS is not None:
             **job("pretrain_target"),
         params:
             image_root=ALIGN_IMAGE_ROOT,
-            launch=launcher(TARGET["gpus"]),
+            launch=launcher(TARGET),
             options=flags("pretrain-target"),
         shell:
             "{params.launch} pretrain-target --base {input.base} --captions {input.captions}"
@@ -61,7 +61,7 @@ rule finetune_target:
         **job("finetune_target"),
     params:
         image_root=IMAGE_ROOT,
-        launch=launcher(TARGET["gpus"]),
+        launch=launcher(TARGET),
         options=flags("finetune-target"),
     shell:
         "{params.launch} finetune-target --base {input.base} --subset {input.subset} --image-root {params.image_root}"

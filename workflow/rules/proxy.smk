@@ -53,7 +53,7 @@ rule train_segment:
     params:
         image_root=IMAGE_ROOT,
         options=flags("train-segment"),
-        launch=launcher(TRAINING["gpus"]),
+        launch=launcher(TRAINING),
     shell:
         "{params.launch} train-segment --checkpoint {wildcards.checkpoint} --previous {input.previous}"
         " --out {output} --examples {input.examples} --annotations {input.annotations}"

@@ -27,7 +27,7 @@ def job(rule_name):
     resources = {
         "mem_mb": lambda wildcards, attempt: wanted["mem_mb"] * attempt,
         "runtime": wanted["runtime"],
-        # torchrun --standalone runs every process of a job on one node
+        # accelerate launch runs every process of a job on one node
         "nodes": 1,
     }
     if rule_name in GPUS:
@@ -116,6 +116,7 @@ def print_plan():
             print(f"warning: rule {line}", file=sys.stderr)
 
 
-def launcher(gpus):
-    """`xmas` on up to one GPU, torchrun with one process per GPU beyond."""
-    return " ".join(launcher_prefix(gpus))
+def launcher(section):
+    """`xmas` on up to one GPU, `accelerate launch` with one process per GPU beyond (``section``: the
+    training or target config section: its gpus and precision)."""
+    return " ".join(launcher_prefix(section["gpus"], section["precision"]))

@@ -1,7 +1,7 @@
 """Rule ``train_segment``: one segment of proxy training: resume from checkpoint c-1, train to
 checkpoint c, save.
 
-Runs in one process or, started by torchrun, in one process per GPU (DDP or DeepSpeed ZeRO, see
+Runs in one process or, started by `accelerate launch`, in one process per GPU (DDP or DeepSpeed ZeRO, see
 :mod:`xmas.training.engine`): each takes its slice of every global batch, and only rank 0 writes.
 The step schedule, learning-rate schedule and data order are functions of the settings and the
 global step alone (:mod:`xmas.training.loop`), and the optimizer and scheduler state travel in
