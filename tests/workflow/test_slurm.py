@@ -77,6 +77,18 @@ def run_on_slurm(project: Path, *args: str, timeout: int = 900) -> subprocess.Co
     )
 
 
+def start_on_slurm(project: Path, target: str, log: Path) -> subprocess.Popen:
+    """`snakemake --profile profiles/slurm <target>` started in the background, its output into ``log``."""
+    with log.open("w") as out:
+        return subprocess.Popen(
+            snakemake_on_slurm(project, target),
+            cwd=project,
+            env=workflow_environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
 def succeeded(result: subprocess.CompletedProcess) -> str:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
@@ -165,14 +177,7 @@ def test_a_cancelled_trajectory_job_is_retried_and_resumes_from_its_finished_row
     assert job_counts(succeeded(run_on_slurm(project, "-n", target))) == {"trajectory": 1, "total": 1}
 
     log = tmp_path / "snakemake.log"
-    with log.open("w") as out:
-        snakemake = subprocess.Popen(
-            snakemake_on_slurm(project, target),
-            cwd=project,
-            env=workflow_environment(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    snakemake = start_on_slurm(project, target, log)
     try:
         parts = project / f"{target}.parts"
         tenth_part = parts / "part-00009.parquet"
@@ -223,14 +228,7 @@ def test_a_cancelled_fine_tune_is_retried_and_resumes_from_its_last_saved_state(
     )
 
     log = tmp_path / "snakemake.log"
-    with log.open("w") as out:
-        snakemake = subprocess.Popen(
-            snakemake_on_slurm(project, target),
-            cwd=project,
-            env=workflow_environment(),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    snakemake = start_on_slurm(project, target, log)
     try:
         saved = project / f"{target}.partial/step-10/step.json"
         wait_for(lambda: saved.exists() or snakemake.poll() is not None, "the fine-tune's state after step 10")
