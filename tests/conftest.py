@@ -67,10 +67,13 @@ def tiny_checkpoint(small_demo, tmp_path_factory) -> Path:
 def small_examples(small_demo, tiny_checkpoint, tmp_path_factory) -> Path:
     from xmas.io import write_parquet
     from xmas.progress import StageStats
+    from xmas.settings import stage_defaults
     from xmas.stages.prepare import prepare
 
     out = tmp_path_factory.mktemp("data") / "examples.parquet"
-    table = prepare(small_demo["train"], small_demo["images"], 1, True, 2, StageStats("test"), tiny_checkpoint)
+    table = prepare(
+        small_demo["train"], small_demo["images"], stage_defaults("prepare"), 2, StageStats("test"), tiny_checkpoint
+    )
     write_parquet(table, out)
     return out
 

@@ -20,6 +20,7 @@ from xmas.models.families import FAMILIES, family_of_model_type
 from xmas.models.image_tokens import ImageTokens
 from xmas.models.standins import STANDINS, chat_template_of
 from xmas.progress import StageStats
+from xmas.settings import stage_defaults
 from xmas.stages.prepare import prepare
 
 from conftest import MODERN_FAMILIES, VARIED_SIZES, modern_checkpoint, varied_records
@@ -184,7 +185,9 @@ def test_prepare_counts_each_records_tokens_and_excludes_an_image_cut_by_max_len
     ends = sorted(length.image_end for length in encoder.lengths(IMAGE_RECORDS))
     max_length = ends[len(ends) // 2]  # about half the images end past it
     checkpoint = modern_checkpoint(family, standins, varied_data["train"], tmp_path / "short", max_length=max_length)
-    examples = prepare(varied_data["train"], varied_data["images"], 1, True, 1, StageStats("t"), checkpoint)
+    examples = prepare(
+        varied_data["train"], varied_data["images"], stage_defaults("prepare"), 1, StageStats("t"), checkpoint
+    )
     lengths = dict(zip([record["id"] for record in RECORDS], encoder.lengths(RECORDS)))
     for row in examples.itertuples():
         assert row.tokens == lengths[row.uid].tokens, row.uid

@@ -248,7 +248,7 @@ def short_context(standins, images, tmp_path_factory):
     write_records(long_records(), root / "train.json")
     build("llava-1.5-7b", TARGETS, standins, root / "checkpoint-0", root / "train.json", max_length=96)
     stats = StageStats("prepare")
-    examples = prepare(root / "train.json", images, 1, True, 1, stats, root / "checkpoint-0")
+    examples = prepare(root / "train.json", images, stage_defaults("prepare"), 1, stats, root / "checkpoint-0")
     write_parquet(examples, root / "examples.parquet")
     return root, examples, stats.as_dict()
 

@@ -127,9 +127,28 @@ def test_images_are_checked_where_their_links_lead(small_demo, tiny_checkpoint, 
     linked_root = tmp_path / "linked-root"
     linked_root.symlink_to(root)  # a linked image root is fine: links are followed on both sides
     records = [record(name, f"inside/{name}.png") for name in ("real", "escape", "alias", "folder")]
-    examples = prepared(write(tmp_path / "links.json", records), linked_root, tiny_checkpoint, tmp_path)
-    assert examples.reason.fillna("ok").tolist() == ["ok", "image_outside_root", "ok", "image_not_a_file"]
-    assert str(outside) in examples.detail.iloc[1] and "directory" in examples.detail.iloc[3]
+    annotations = write(tmp_path / "links.json", records)
+    followed = prepared(annotations, linked_root, tiny_checkpoint, tmp_path)
+    assert followed.reason.fillna("ok").tolist() == ["ok", "ok", "ok", "image_not_a_file"]
+    assert "directory" in followed.detail.iloc[3]
+    inside = prepared(annotations, linked_root, tiny_checkpoint, tmp_path, "--image-links", "inside_root")
+    assert inside.reason.fillna("ok").tolist() == ["ok", "image_outside_root", "ok", "image_not_a_file"]
+    assert str(outside) in inside.detail.iloc[1]
+
+
+def test_llavas_layout_of_linked_dataset_folders_keeps_every_image(small_demo, tiny_checkpoint, tmp_path):
+    """LLaVA's playground/data links coco/, gqa/, ... to where the datasets live (a case of issue 23)."""
+    datasets = tmp_path / "datasets"
+    for name in ("coco", "gqa"):
+        (datasets / name / "train2017").mkdir(parents=True)
+        Image.new("RGB", (16, 16), "red").save(datasets / name / "train2017" / "a.jpg")
+    root = tmp_path / "playground" / "data"
+    root.mkdir(parents=True)
+    for name in ("coco", "gqa"):
+        (root / name).symlink_to(datasets / name)
+    records = [record(name, f"{name}/train2017/a.jpg") for name in ("coco", "gqa")]
+    examples = prepared(write(tmp_path / "llava.json", records), root, tiny_checkpoint, tmp_path)
+    assert examples.status.tolist() == ["ok", "ok"]
 
 
 def test_nothing_usable_stops_prepare_with_the_reasons_and_keeps_the_table(

@@ -10,6 +10,7 @@ from PIL import Image
 
 from xmas.errors import XmasError
 from xmas.progress import StageStats
+from xmas.settings import stage_defaults
 from xmas.stages.prepare import prepare, unique_uids
 
 
@@ -40,7 +41,7 @@ def test_bad_records_are_excluded_with_reasons(tmp_path):
         {"id": "good", "conversations": []},
         "not an object",
     ]
-    examples = prepare(write(tmp_path / "data.json", records), images, 1, True, 2, StageStats("t"))
+    examples = prepare(write(tmp_path / "data.json", records), images, stage_defaults("prepare"), 2, StageStats("t"))
     assert list(examples.uid) == ["good", "text", "missing", "broken", "good#2", "record-5"]
     assert list(examples.status) == ["ok", "ok", "excluded", "excluded", "excluded", "excluded"]
     assert list(examples.reason.fillna("-")) == [
@@ -58,14 +59,16 @@ def test_bad_records_are_excluded_with_reasons(tmp_path):
 def test_skipping_the_decode_check_keeps_undecodable_images(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     data = write(tmp_path / "d.json", [{"id": "x", "image": "broken.png", "conversations": turns("<image>", "a")}])
-    assert prepare(data, tmp_path, 1, False, 1, StageStats("t")).status.tolist() == ["ok"]
+    assert prepare(
+        data, tmp_path, stage_defaults("prepare", check_images=False), 1, StageStats("t")
+    ).status.tolist() == ["ok"]
 
 
 def test_malformed_json_names_file_line_and_column(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[\n  {"id": "a"},\n  {"id": }\n]')
     with pytest.raises(XmasError, match=r"bad\.json: not valid JSON at line 3, column 10"):
-        prepare(bad, tmp_path, 1, False, 1, StageStats("t"))
+        prepare(bad, tmp_path, stage_defaults("prepare", check_images=False), 1, StageStats("t"))
 
 
 def test_demo_examples_table(small_examples):
@@ -81,13 +84,21 @@ def test_every_exclusion_reason_is_recorded_and_nothing_is_dropped(tmp_path):
     bad = bad_records()
     good = {"id": "good", "image": "bad/ok.png", "conversations": turns("<image> q", "a")}
     records = [good, *[record for record, _ in bad], good]
-    examples = prepare(write(tmp_path / "d.json", records), tmp_path / "images", 1, True, 2, StageStats("t"))
+    examples = prepare(
+        write(tmp_path / "d.json", records), tmp_path / "images", stage_defaults("prepare"), 2, StageStats("t")
+    )
     assert len(examples) == len(records) and list(examples["index"]) == list(range(len(records)))
     assert list(examples.reason.fillna("ok")) == ["ok", *[reason for _, reason in bad], "ok"]
     assert examples.uid.iloc[-1] == "good#2" and examples.uid.is_unique
     assert examples.loc[examples.status == "excluded", "detail"].notna().all()
     mismatch = {"id": "m", "image": ["a.png", "b.png"], "conversations": turns("<image> one", "a")}
-    with_two = prepare(write(tmp_path / "m.json", [mismatch]), tmp_path, 2, False, 1, StageStats("t"))
+    with_two = prepare(
+        write(tmp_path / "m.json", [mismatch]),
+        tmp_path,
+        stage_defaults("prepare", max_images=2, check_images=False),
+        1,
+        StageStats("t"),
+    )
     assert with_two.reason.tolist() == ["image_tag_count_mismatch"]
 
 
@@ -102,7 +113,7 @@ def test_vision_flan_task_names_become_the_source(tmp_path):
             "conversations": turns("<image>\nWhat is it?", "a dog"),
         }
     ] * 3
-    examples = prepare(write(tmp_path / "flan.json", records), tmp_path, 1, True, 1, StageStats("t"))
+    examples = prepare(write(tmp_path / "flan.json", records), tmp_path, stage_defaults("prepare"), 1, StageStats("t"))
     assert examples.source.tolist() == ["VQA-E+image_question_answer"] * 3
     assert examples.uid.tolist() == ["7", "7#2", "7#3"]  # Vision-Flan repeats ids within a task
 
@@ -121,7 +132,7 @@ def test_rows_record_each_records_bytes_so_stages_can_seek(tmp_path):
         {"id": "a", "conversations": turns("again", "yes")},
     ]
     path = write(tmp_path / "d.json", records)
-    examples = prepare(path, tmp_path, 1, False, 1, StageStats("t"))
+    examples = prepare(path, tmp_path, stage_defaults("prepare", check_images=False), 1, StageStats("t"))
     data = path.read_bytes()
     for row, record in zip(examples.itertuples(), records):
         assert json.loads(data[row.offset : row.offset + row.length]) == record

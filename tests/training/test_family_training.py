@@ -64,7 +64,9 @@ def test_the_proxy_trains_a_segment_then_gives_trajectories_and_losses(
     family, modern_checkpoints, varied_data, tmp_path
 ):
     checkpoint = modern_checkpoints[family]
-    examples = prepare(varied_data["train"], varied_data["images"], 1, True, 1, StageStats("t"), checkpoint)
+    examples = prepare(
+        varied_data["train"], varied_data["images"], stage_defaults("prepare"), 1, StageStats("t"), checkpoint
+    )
     write_parquet(examples, tmp_path / "examples.parquet")
     trained = tmp_path / "checkpoint-1"
     train_segment(

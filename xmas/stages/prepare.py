@@ -29,7 +29,7 @@ from xmas.errors import XmasError
 from xmas.io import write_parquet
 from xmas.models.encoding import ConversationEncoder
 from xmas.progress import StageStats, add_input_arguments, progress
-from xmas.settings import add_settings
+from xmas.settings import add_settings, settings_of
 
 COLUMNS = ["uid", "index", "has_image", "image", "source", "status", "reason", "detail", "offset", "length"]
 IMAGE_BATCH = 4096
@@ -144,14 +144,14 @@ class RealPaths:
         return Path(os.path.realpath(real)) if real.is_symlink() else real
 
 
-def image_problem(path: Path, real_root: Path, real_path: RealPaths, decode: bool) -> tuple[str, str] | None:
+def image_problem(path: Path, real_root: Path | None, real_path: RealPaths, decode: bool) -> tuple[str, str] | None:
     """Why the image at ``path`` cannot be used: it is missing, not a file, reached through a link that
-    leaves the image root, or (with ``decode``) does not decode; None if it can."""
+    leaves ``real_root`` (None: links may lead anywhere), or (with ``decode``) does not decode; None if it can."""
     try:
         if not path.exists():
             return "image_missing", f"{path} does not exist"
         real = real_path(path)
-        if not real.is_relative_to(real_root):
+        if real_root is not None and not real.is_relative_to(real_root):
             return "image_outside_root", f"{path} leads through a link to {real}, outside the image root {real_root}"
         if not real.is_file():
             kind = "directory" if real.is_dir() else "special file"
@@ -166,7 +166,12 @@ def image_problem(path: Path, real_root: Path, real_path: RealPaths, decode: boo
 
 
 def check_image_files(
-    examples: pd.DataFrame, more_images: dict[int, list[str]], image_root: Path, decode: bool, workers: int
+    examples: pd.DataFrame,
+    more_images: dict[int, list[str]],
+    image_root: Path,
+    decode: bool,
+    links_inside_root: bool,
+    workers: int,
 ) -> None:
     """Exclude records with an image that cannot be used (see :func:`image_problem`), naming the first; each
     file is checked once however many records share it, in parallel threads (file systems and decoders
@@ -175,7 +180,10 @@ def check_image_files(
     several = {row: paths for row, paths in more_images.items() if row in candidates}
     images = sorted(set(examples.loc[candidates, "image"]).union(*several.values()))
     check = functools.partial(
-        image_problem, real_root=Path(os.path.realpath(image_root)), real_path=RealPaths(), decode=decode
+        image_problem,
+        real_root=Path(os.path.realpath(image_root)) if links_inside_root else None,
+        real_path=RealPaths(),
+        decode=decode,
     )
     problems = {}
     batches = [images[i : i + IMAGE_BATCH] for i in range(0, len(images), IMAGE_BATCH)]
@@ -257,17 +265,13 @@ def exclude(examples: pd.DataFrame, row, reason: str, detail: str) -> None:
 
 
 def prepare(
-    annotations: Path,
-    image_root: Path,
-    max_images: int,
-    check_images: bool,
-    workers: int,
-    stats: StageStats,
-    model: Path | None = None,
+    annotations: Path, image_root: Path, settings, workers: int, stats: StageStats, model: Path | None = None
 ) -> pd.DataFrame:
-    """The examples table; ``model`` (checkpoint 0 of the proxy) adds the token-length check."""
-    examples, more_images = validate(Path(annotations), max_images)
-    check_image_files(examples, more_images, Path(image_root), check_images, workers)
+    """The examples table; ``settings``: the prepare stage's (:func:`xmas.settings.settings_class`); ``model``
+    (checkpoint 0 of the proxy) adds the token-length check."""
+    examples, more_images = validate(Path(annotations), settings.max_images)
+    links_inside_root = settings.image_links == "inside_root"
+    check_image_files(examples, more_images, Path(image_root), settings.check_images, links_inside_root, workers)
     if model is not None:
         check_lengths(examples, Path(annotations), Path(image_root), Path(model), stats)
     stats.add("in", len(examples))
@@ -314,9 +318,8 @@ def nothing_usable(annotations: Path, examples: pd.DataFrame, table: Path) -> st
 
 def run(args: argparse.Namespace) -> None:
     stats = StageStats("prepare")
-    examples = prepare(
-        args.annotations, args.image_root, args.max_images, args.check_images, args.workers, stats, args.model
-    )
+    settings = settings_of(args, "prepare")
+    examples = prepare(args.annotations, args.image_root, settings, args.workers, stats, args.model)
     table = excluded_table(args.out)
     if not (examples.status == "ok").any():
         if not examples.empty:
