@@ -68,6 +68,11 @@ STAGES = {
         "--clusters results/selection/clusters.parquet --annotations results/demo/train.json "
         "--out results/xmas/seed-0/subset_0.5.json",
     ),
+    "llamafactory": (
+        "write the subsets as LLaMA-Factory datasets (ShareGPT data files and their dataset_info.json)",
+        "xmas llamafactory --subset xmas_0.5 results/xmas/seed-0/subset_0.5.json --image-root data/images "
+        "--out results/llamafactory",
+    ),
     "target-init": (
         "build the target's checkpoint 0 from a preset, a model folder or a Hugging Face id",
         "xmas target-init --model demo-target --annotations results/demo/train.json --out results/target/base",

@@ -67,3 +67,24 @@ rule main_subset:
     localrule: True
     run:
         copy_sealed(input, output, log[0])
+
+
+# Every subset as a LLaMA-Factory dataset (`dataset_dir: results/llamafactory`, `dataset: <method>_<budget>`).
+rule llamafactory:
+    input:
+        subsets=all_subsets(),
+    output:
+        directory("results/llamafactory"),
+    log:
+        log="logs/llamafactory.log",
+        stats="logs/stats/llamafactory.json",
+    resources:
+        **job("llamafactory"),
+    params:
+        subsets=" ".join(
+            f"--subset {method}_{budget} {subset_json(method, budget)}" for method, budget in methods_and_budgets()
+        ),
+        image_root=IMAGE_ROOT,
+    shell:
+        "xmas llamafactory {params.subsets} --image-root {params.image_root} --out {output}"
+        " --stats {log.stats} 2> {log.log}"
