@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -278,3 +281,64 @@ def modern_checkpoints(standins, varied_data, tmp_path_factory) -> dict[str, Pat
         family: modern_checkpoint(family, standins, varied_data["train"], root / family, max_length=2048)
         for family in MODERN_FAMILIES
     }
+
+
+# LLaMA-Factory's own code reads what we write for it, and checks what we read as its format
+# (tests/stages/test_llamafactory.py, tests/stages/test_prepare.py).
+LLAMAFACTORY_INSTALL = "bash tools/install-llamafactory.sh"
+
+
+@pytest.fixture(scope="session")
+def llamafactory():
+    """LLaMA-Factory's dataset parser, converter and data arguments. Its `data` and `hparams` packages import
+    torchaudio and its trainer stack on import, which this CPU install lacks; the three modules used here
+    import neither, so they load without their packages' __init__."""
+    spec = importlib.util.find_spec("llamafactory")
+    if spec is None or importlib.util.find_spec("datasets") is None:
+        if os.environ.get("XMAS_REQUIRE_LLAMAFACTORY"):
+            missing = "LLaMA-Factory or datasets is missing"
+            pytest.fail(f"XMAS_REQUIRE_LLAMAFACTORY is set but {missing}: {LLAMAFACTORY_INSTALL}")
+        pytest.skip(f"LLaMA-Factory is not installed ({LLAMAFACTORY_INSTALL}; CI sets XMAS_REQUIRE_LLAMAFACTORY)")
+    root = Path(spec.submodule_search_locations[0])
+    for package in ("data", "hparams"):
+        name = f"llamafactory.{package}"
+        if name not in sys.modules:
+            stub = types.ModuleType(name)
+            stub.__path__ = [str(root / package)]
+            sys.modules[name] = stub
+    return types.SimpleNamespace(
+        parser=importlib.import_module("llamafactory.data.parser"),
+        converter=importlib.import_module("llamafactory.data.converter"),
+        data_args=importlib.import_module("llamafactory.hparams.data_args"),
+    )
+
+
+def read_back(llamafactory, dataset_dir: Path, name: str, tmp_path: Path, media_dir: Path | None = None) -> list[dict]:
+    """The dataset as LLaMA-Factory's training sees it: its dataset_info entry, its file loaded with `datasets`,
+    every example aligned to LLaMA-Factory's standard format (images joined to ``media_dir`` where given)."""
+    import datasets
+    from transformers import Seq2SeqTrainingArguments
+
+    [attr] = llamafactory.parser.get_dataset_list([name], str(dataset_dir))
+    assert attr.load_from == "file" and attr.formatting == "sharegpt"
+    data = datasets.load_dataset(
+        "json", data_files=[str(dataset_dir / attr.dataset_name)], split="train", cache_dir=str(tmp_path / "hf")
+    )
+    media = {"media_dir": str(media_dir)} if media_dir else {}
+    data_args = llamafactory.data_args.DataArguments(dataset_dir=str(dataset_dir), dataset=name, **media)
+    training_args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "trainer"))
+    return list(llamafactory.converter.align_dataset(data, attr, data_args, training_args))
+
+
+def assert_llamafactory_reads(llava: dict, example: dict, image_root: Path) -> None:
+    """LLaMA-Factory read ``example`` (one aligned by :func:`read_back`) as the LLaVA record ``llava``: the same
+    turns, the last answer as its response, the same images, one `<image>` placeholder for each."""
+    from xmas.data.records import ROLES, image_paths
+
+    turns = [(ROLES[turn["from"]], turn["value"]) for turn in llava["conversations"]]
+    assert [(message["role"], message["content"]) for message in example["_prompt"]] == turns[:-1]
+    assert example["_response"] == [{"role": "assistant", "content": turns[-1][1]}]
+    images = [str(image_root / path) for path in image_paths(llava)]
+    assert (example["_images"] or []) == images and all(Path(path).is_file() for path in images)
+    placeholders = sum(message["content"].count("<image>") for message in example["_prompt"])
+    assert placeholders == len(images)  # LLaMA-Factory's image placeholder, one per image

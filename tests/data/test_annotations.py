@@ -27,13 +27,15 @@ def spans_of(text: str, chunk_bytes: int, tmp_path) -> list:
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 5, 7, 64, 1 << 20])
-@pytest.mark.parametrize("layout", ["compact", "indented", "ascii", "crlf"])
+@pytest.mark.parametrize("layout", ["compact", "indented", "ascii", "crlf", "jsonl", "jsonl-crlf"])
 def test_records_and_byte_spans_match_the_file_at_any_chunk_size(tmp_path, chunk_bytes, layout):
     text = {
         "compact": json.dumps(RECORDS, ensure_ascii=False, separators=(",", ":")),
         "indented": json.dumps(RECORDS, ensure_ascii=False, indent=4),
         "ascii": json.dumps(RECORDS),
         "crlf": "\r\n \t" + json.dumps(RECORDS, ensure_ascii=False, indent=1).replace("\n", "\r\n") + "\r\n",
+        "jsonl": "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in RECORDS),
+        "jsonl-crlf": "\r\n".join(json.dumps(record) for record in RECORDS) + "\r\n\r\n",
     }[layout]
     spans = spans_of(text, chunk_bytes, tmp_path)
     data = text.encode("utf-8")
@@ -82,9 +84,15 @@ def test_error_position_counts_lines_across_chunks(tmp_path):
         spans_of(text, 64, tmp_path)
 
 
+def test_json_lines_take_one_record_per_line(tmp_path):
+    assert [span.record for span in spans_of('{"id": "a"}', 1 << 20, tmp_path)] == [{"id": "a"}]
+    with pytest.raises(XmasError, match=r"line 2, column 13: expected one record per line \(JSON Lines\)"):
+        spans_of('{"id": "a"}\n{"id": "b"} {"id": "c"}\n', 3, tmp_path)
+
+
 def test_not_a_list_and_not_utf8_are_clear_errors(tmp_path):
-    with pytest.raises(XmasError, match="expected a JSON list of records, found an object at line 1, column 1"):
-        spans_of('{"id": "a"}', 1 << 20, tmp_path)
+    with pytest.raises(XmasError, match="expected a JSON list of records or JSON Lines, found a string at line 1"):
+        spans_of('"a"', 1 << 20, tmp_path)
     path = tmp_path / "latin1.json"
     path.write_bytes('[{"id": "café"}]'.encode("latin-1"))
     with pytest.raises(XmasError, match="not UTF-8 text near byte 12"):

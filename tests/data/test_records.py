@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from xmas.data.annotations import read_all
-from xmas.data.records import InvalidRecord, check_conversation, to_messages
+from xmas.data.records import InvalidRecord, as_llava, check_conversation, to_messages
 from xmas.models.checkpoints import load_checkpoint
 from xmas.models.encoding import IGNORE_INDEX
 
@@ -79,3 +79,23 @@ def test_labels_cover_exactly_the_assistant_turns(tiny_checkpoint, tiny_encoder,
     assert torch.all(batch["labels"][image_positions] == IGNORE_INDEX)
     assert torch.all(batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX)
     assert torch.isfinite(model(**batch).loss)
+
+
+def test_sharegpt_records_read_as_the_llava_records_they_stand_for():
+    messages = [{"role": "user", "content": "<image><image>Same?"}, {"role": "assistant", "content": "no"}]
+    llava_turns = [{"from": "human", "value": "<image><image>Same?"}, {"from": "gpt", "value": "no"}]
+    two = as_llava({"id": "x", "messages": messages, "images": ["a.png", "b.png"], "source": "s"})
+    assert two == {"id": "x", "source": "s", "conversations": llava_turns, "image": ["a.png", "b.png"]}
+    one = as_llava({"conversations": llava_turns, "images": ["a.png"]})  # LLaMA-Factory's from/value tags
+    assert one == {"conversations": llava_turns, "image": "a.png"}
+    text = as_llava({"messages": messages[1:], "images": []})
+    assert text == {"conversations": [{"from": "gpt", "value": "no"}]}
+    llava = {"id": "y", "image": "a.png", "conversations": llava_turns}
+    assert as_llava(llava) is llava and as_llava("not a record") == "not a record"
+
+
+def test_a_sharegpt_system_turn_is_named_by_validation():
+    record = as_llava({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]})
+    with pytest.raises(InvalidRecord, match="turn 0 needs 'from' in human/gpt") as caught:
+        check_conversation(record, 1)
+    assert caught.value.reason == "turn_malformed"

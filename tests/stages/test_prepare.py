@@ -8,10 +8,14 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from xmas.data.records import image_paths
 from xmas.errors import XmasError
 from xmas.progress import StageStats
 from xmas.settings import stage_defaults
+from xmas.stages.llamafactory import ENTRY
 from xmas.stages.prepare import prepare, unique_uids
+
+from conftest import assert_llamafactory_reads, read_back
 
 
 def write(path, records):
@@ -142,3 +146,38 @@ def test_rows_record_each_records_bytes_so_stages_can_seek(tmp_path):
     path.write_text(json.dumps(records[1:], indent=1))  # the file changes after prepare
     with SourceRecords(path, examples) as reader, pytest.raises(XmasError, match="changed after `xmas prepare`"):
         reader[2]
+
+
+def test_sharegpt_json_lines_prepare_as_the_llava_records_they_stand_for(
+    llamafactory, small_demo, tiny_checkpoint, tmp_path
+):
+    """LLaMA-Factory's multimodal ShareGPT form as JSON Lines: LLaMA-Factory's own converter reads the file as
+    these LLaVA records, and prepare finds the same examples in it, token counts included."""
+    text_only = {"id": "sum", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+    llava = [*json.loads(small_demo["train"].read_text())[:12], text_only]
+    roles = {"human": "user", "gpt": "assistant"}
+    sharegpt = [
+        {
+            "id": record["id"],
+            "messages": [{"role": roles[turn["from"]], "content": turn["value"]} for turn in record["conversations"]],
+            "images": image_paths(record),
+        }
+        for record in llava
+    ]
+    folder = tmp_path / "sharegpt"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("".join(json.dumps(record) + "\n" for record in sharegpt))
+    (folder / "dataset_info.json").write_text(json.dumps({"train": {"file_name": "train.jsonl", **ENTRY}}))
+    images = small_demo["images"]
+    aligned = read_back(llamafactory, folder, "train", tmp_path, media_dir=images)
+    assert len(aligned) == len(llava)
+    for record, example in zip(llava, aligned):
+        assert_llamafactory_reads(record, example, images)
+
+    settings = stage_defaults("prepare")
+    from_llava = prepare(write(tmp_path / "llava.json", llava), images, settings, 2, StageStats("t"), tiny_checkpoint)
+    from_sharegpt = prepare(folder / "train.jsonl", images, settings, 2, StageStats("t"), tiny_checkpoint)
+    with_images = sum(bool(image_paths(record)) for record in llava)
+    assert (from_sharegpt.status == "ok").all() and from_sharegpt.has_image.sum() == with_images > 0
+    spans = ["offset", "length"]
+    pd.testing.assert_frame_equal(from_sharegpt.drop(columns=spans), from_llava.drop(columns=spans))

@@ -142,3 +142,39 @@ def test_a_malformed_annotation_file_stops_prepare_at_its_line_and_column(messy_
     log = (work / "logs/proxy/checkpoint-0.log").read_text()
     assert "proxy-init failed: data/broken/train.json: not valid JSON at line 3, column 13" in log
     assert "Traceback" not in log
+
+
+@pytest.mark.slow
+def test_sharegpt_json_lines_run_through_every_stage_and_come_back_as_they_were(tmp_path):
+    """LLaMA-Factory's ShareGPT form as JSON Lines (tests/stages/test_prepare.py checks it against LLaMA-Factory's
+    converter): selected like the LLaVA records they stand for, the subset holding the source lines unchanged,
+    and exported for LLaMA-Factory again."""
+    data = tmp_path / "data"
+    generate(small_generator_settings(records=200), data / "train.json", data / "test.json", data / "images",
+             StageStats("test"))  # fmt: skip
+    roles = {"human": "user", "gpt": "assistant"}
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": roles[turn["from"]], "content": turn["value"]} for turn in record["conversations"]
+                ],
+                "images": [record["image"]] if "image" in record else [],
+                "id": record["id"],
+            },
+            ensure_ascii=False,
+        )
+        for record in read_all(data / "train.json")
+    ]
+    (data / "train.jsonl").write_text("".join(line + "\n" for line in lines))
+    work = project(tmp_path / "run", {"annotations": str(data / "train.jsonl"), "image_root": str(data / "images")})
+    result = run_snakemake(work, "--cores", "2", *TARGETS, "results/llamafactory")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for target in TARGETS:
+        manifest = pd.read_parquet(work / target.replace(".json", ".manifest.parquet"))
+        assert len(manifest) == len(lines) and not manifest.reason.str.startswith("excluded").any()
+        subset = (work / target).read_text().splitlines()[1:-1]  # one source record per line of the list
+        assert [line.rstrip(",") for line in subset] == [lines[i] for i in manifest.loc[manifest.selected, "index"]]
+    info = json.loads((work / "results/llamafactory/dataset_info.json").read_text())
+    exported = read_all(work / "results/llamafactory" / info["xmas_0.5"]["file_name"])
+    assert len(exported) == round(0.5 * len(lines))

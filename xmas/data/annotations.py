@@ -1,5 +1,5 @@
-"""LLaVA-format annotation files: a streaming reader that records where each record lies, and a
-reader that fetches records by those byte spans.
+"""Annotation files (a JSON list or JSON Lines of LLaVA or ShareGPT records): a streaming reader that
+records where each record lies, and a reader that fetches records by those byte spans.
 
 ``prepare`` streams the file once and writes every record's byte ``offset`` and ``length`` into
 ``examples.parquet``; later stages (training, trajectory shards, sampling) seek to the records they
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from xmas.data.records import matches_uid
+from xmas.data.records import as_llava, matches_uid
 from xmas.errors import XmasError
 
 CHUNK_BYTES = 8 << 20
@@ -93,9 +93,13 @@ class _Cursor:
         self.pos = to
 
     def skip_whitespace(self) -> bool:
-        """Move to the next non-blank character, reading on as needed; False at the end of the file."""
+        """Move to the next non-blank character, reading on as needed; False at the end of the file.
+        ``skipped_a_newline`` tells whether a line ended on the way."""
+        self.skipped_a_newline = False
         while True:
-            self.advance(WHITESPACE.match(self.text, self.pos).end())
+            blank = WHITESPACE.match(self.text, self.pos)
+            self.skipped_a_newline |= "\n" in blank.group()
+            self.advance(blank.end())
             if self.pos < len(self.text):
                 return True
             if not self.refill():
@@ -113,7 +117,8 @@ class _Cursor:
 
 
 def iter_spans(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Span]:
-    """The records of a JSON list, one at a time, with their byte spans in the file.
+    """The records of a JSON list or of JSON Lines, one at a time, with their byte spans in the file, each
+    as a LLaVA record (:func:`xmas.data.records.as_llava`: ShareGPT records are read as LLaVA's).
 
     Holds one chunk of text (plus the record being read) in memory, never the whole file. Invalid
     JSON raises :class:`XmasError` naming the file, line and column.
@@ -122,40 +127,61 @@ def iter_spans(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Spa
     if not path.is_file():
         raise XmasError(f"{path}: annotation file not found")
     cursor = _Cursor(path, chunk_bytes)
-    decoder = json.JSONDecoder()
     try:
         if not cursor.skip_whitespace():
             raise cursor.fail(cursor.pos, "the file is empty")
-        if cursor.text[cursor.pos] != "[":
+        first = cursor.text[cursor.pos]
+        if first not in "[{":
             raise XmasError(
-                f"{path}: expected a JSON list of records, found {kind_of(cursor.text[cursor.pos])} "
+                f"{path}: expected a JSON list of records or JSON Lines, found {kind_of(first)} "
                 f"at {cursor.where(cursor.pos)}"
             )
-        cursor.advance(cursor.pos + 1)
-        index = 0
-        while True:
-            if not cursor.skip_whitespace():
-                raise cursor.fail(cursor.pos, "the file ends before the list is closed with ']'")
-            if index == 0 and cursor.text[cursor.pos] == "]":
-                cursor.advance(cursor.pos + 1)
-                break
-            record, end = decode_one(cursor, decoder)
-            start_byte = cursor.byte
-            cursor.advance(end)
-            yield Span(index, start_byte, cursor.byte - start_byte, record)
-            index += 1
-            if not cursor.skip_whitespace():
-                raise cursor.fail(cursor.pos, "the file ends before the list is closed with ']'")
-            separator = cursor.text[cursor.pos]
-            cursor.advance(cursor.pos + 1)
-            if separator == "]":
-                break
-            if separator != ",":
-                raise cursor.fail(cursor.pos - 1, f"expected ',' or ']' after record {index - 1}")
-        if cursor.skip_whitespace():
-            raise cursor.fail(cursor.pos, "extra data after the closing ']' of the list")
+        records = list_records(cursor) if first == "[" else line_records(cursor)
+        for index, (record, offset, length) in enumerate(records):
+            yield Span(index, offset, length, as_llava(record))
     finally:
         cursor.close()
+
+
+def list_records(cursor: _Cursor) -> Iterator[tuple[object, int, int]]:
+    """(record, byte offset, byte length) of each record of a JSON list."""
+    decoder = json.JSONDecoder()
+    cursor.advance(cursor.pos + 1)
+    index = 0
+    while True:
+        if not cursor.skip_whitespace():
+            raise cursor.fail(cursor.pos, "the file ends before the list is closed with ']'")
+        if index == 0 and cursor.text[cursor.pos] == "]":
+            cursor.advance(cursor.pos + 1)
+            break
+        record, end = decode_one(cursor, decoder)
+        start_byte = cursor.byte
+        cursor.advance(end)
+        yield record, start_byte, cursor.byte - start_byte
+        index += 1
+        if not cursor.skip_whitespace():
+            raise cursor.fail(cursor.pos, "the file ends before the list is closed with ']'")
+        separator = cursor.text[cursor.pos]
+        cursor.advance(cursor.pos + 1)
+        if separator == "]":
+            break
+        if separator != ",":
+            raise cursor.fail(cursor.pos - 1, f"expected ',' or ']' after record {index - 1}")
+    if cursor.skip_whitespace():
+        raise cursor.fail(cursor.pos, "extra data after the closing ']' of the list")
+
+
+def line_records(cursor: _Cursor) -> Iterator[tuple[object, int, int]]:
+    """(record, byte offset, byte length) of each record of JSON Lines: one JSON value per line (validation
+    excludes one that is not an object, as in a list)."""
+    decoder = json.JSONDecoder()
+    while cursor.pos < len(cursor.text) or cursor.skip_whitespace():
+        record, end = decode_one(cursor, decoder)
+        start_byte = cursor.byte
+        cursor.advance(end)
+        yield record, start_byte, cursor.byte - start_byte
+        if cursor.skip_whitespace() and not cursor.skipped_a_newline:
+            raise cursor.fail(cursor.pos, "expected one record per line (JSON Lines), found more on this line")
 
 
 def decode_one(cursor: _Cursor, decoder: json.JSONDecoder) -> tuple[object, int]:
@@ -222,7 +248,7 @@ class SourceRecords(Sequence):
         if len(data) != self.lengths[position]:
             raise self.changed(position, "the file is shorter")
         try:
-            record = json.loads(data)
+            record = as_llava(json.loads(data))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise self.changed(position, "the bytes there are not one JSON record") from None
         if not matches_uid(record, self.indices[position], self.uids[position]):

@@ -1,7 +1,8 @@
 """LLaVA-format records: validation and the mapping to chat messages.
 
 A record is ``{"id", "image"?, "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``.
-The same mapping feeds proxy training and trajectory extraction, so both see one input.
+The same mapping feeds proxy training and trajectory extraction, so both see one input. Records in
+LLaMA-Factory's multimodal ShareGPT form are read as this one (:func:`as_llava`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,42 @@ class InvalidRecord(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+# LLaMA-Factory's ShareGPT roles (its `messages` column with role/content tags) as LLaVA's.
+SHAREGPT_ROLES = {"user": "human", "assistant": "gpt"}
+
+
+def as_llava(record: object) -> object:
+    """A record in LLaMA-Factory's multimodal ShareGPT form as the LLaVA record it stands for; any other
+    record as it is.
+
+    ShareGPT: ``messages`` of ``{"role": "user"|"assistant", "content": str}`` or ``conversations`` of
+    ``{"from": "human"|"gpt", "value": str}``, with an ``images`` list (paths relative to the image root,
+    ``<image>`` tags where they go, as in LLaVA). Other fields are kept. What does not map (a ``system``
+    or tool turn, content that is not a string) is carried as it is, for validation to name.
+    """
+    if not isinstance(record, dict) or "image" in record:
+        return record
+    messages = record.get("messages") if "conversations" not in record else None
+    images = record.get("images")
+    if not isinstance(messages, list) and not isinstance(images, list):
+        return record
+    converted = {key: value for key, value in record.items() if key not in ("messages", "images")}
+    if isinstance(messages, list):
+        converted["conversations"] = [as_turn(message) for message in messages]
+    if isinstance(images, list) and images:
+        converted["image"] = images[0] if len(images) == 1 else images
+    elif images is not None and not isinstance(images, list):
+        converted["image"] = images  # not a list: validation names it
+    return converted
+
+
+def as_turn(message: object) -> object:
+    if not isinstance(message, dict) or "role" not in message:
+        return message
+    role = message["role"]
+    return {"from": SHAREGPT_ROLES.get(role, role), "value": message.get("content")}
 
 
 def record_id(record: object, index: int) -> str:

@@ -286,7 +286,9 @@ def prepare(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--annotations", required=True, type=Path, help="LLaVA-format JSON list of records")
+    parser.add_argument(
+        "--annotations", required=True, type=Path, help="the records: JSON list or JSON Lines, LLaVA or ShareGPT"
+    )
     add_input_arguments(parser, "image_root")
     parser.add_argument(
         "--model",
