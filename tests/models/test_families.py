@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from xmas.data.records import image_paths
 from xmas.errors import XmasError
 from xmas.models.attention import CrossModalAttention, top_singular_values
 from xmas.models.checkpoints import load_checkpoint, load_processor
@@ -134,6 +135,34 @@ def test_the_capture_equals_eager_attention_on_a_batch_of_mixed_lengths_and_imag
         assert (batch["input_ids"][row, cols] == encoder.image_token_id).all()
         after_images = int(batch["attention_mask"][row, cols.max() :].sum()) - 1
         assert int(rows.min()) > int(cols.max()) and len(rows) == after_images
+        expected = reference[row][rows][:, cols]
+        got = blocks[row, : len(rows), : len(cols)]
+        assert torch.linalg.norm(got - expected) / torch.linalg.norm(expected) <= 1e-5, record["id"]
+
+
+def test_the_capture_takes_every_image_of_a_record_with_several(family, perturbed, encoder):
+    """Columns are every image token of the record, rows the text after its last image, as eager computes it."""
+    model, _ = perturbed
+    names = [f"{width}x{height}.png" for width, height in VARIED_SIZES]
+    two = [{"from": "human", "value": "<image>\n<image>\nSame colour?"}, {"from": "gpt", "value": "No."}]
+    apart = [{"from": "human", "value": "<image>\nThis one, and <image> that?"}, {"from": "gpt", "value": "Both."}]
+    records = [
+        {"id": "two", "image": names[:2], "conversations": two},
+        {"id": "apart", "image": names[1:3], "conversations": apart},
+        IMAGE_RECORDS[3],
+    ]
+    assert [encoder.too_many_images(record) for record in records] == [None] * 3
+    batch = encoder(records, with_labels=False)
+    reference = eager_attention_sum(model, batch)
+    blocks, positions = CrossModalAttention(copy.deepcopy(model)).blocks(batch)
+    for row, (record, length) in enumerate(zip(records, encoder.lengths(records))):
+        rows = positions.rows[row][positions.row_valid[row]]
+        cols = positions.cols[row][positions.col_valid[row]]
+        image_tokens = (batch["input_ids"][row] == encoder.image_token_id).nonzero().flatten()
+        assert cols.tolist() == image_tokens.tolist()
+        sizes = [Image.open(encoder.image_root / path).size for path in image_paths(record)]
+        assert len(cols) == sum(encoder.images.run(*size).image_tokens for size in sizes)
+        assert length.image_end == int(cols.max()) + 1
         expected = reference[row][rows][:, cols]
         got = blocks[row, : len(rows), : len(cols)]
         assert torch.linalg.norm(got - expected) / torch.linalg.norm(expected) <= 1e-5, record["id"]

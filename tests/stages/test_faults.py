@@ -57,7 +57,7 @@ def prepared(annotations, image_root, model, tmp_path, *options) -> pd.DataFrame
     return pd.read_parquet(out)
 
 
-def test_every_image_of_a_list_is_checked_and_an_ok_list_record_encodes(
+def test_every_image_of_a_list_is_checked_and_the_llava_proxy_takes_one_per_record(
     small_demo, tiny_checkpoint, tiny_encoder, tmp_path
 ):
     first, second = demo_images(small_demo, 2)
@@ -69,11 +69,13 @@ def test_every_image_of_a_list_is_checked_and_an_ok_list_record_encodes(
     ]
     annotations = write(tmp_path / "lists.json", records)
     examples = prepared(annotations, small_demo["images"], tiny_checkpoint, tmp_path, "--max-images", "2")
-    assert examples.status.tolist() == ["ok", "ok", "excluded"]
+    assert examples.status.tolist() == ["ok", "excluded", "excluded"]
+    assert examples.reason.iloc[1] == "too_many_images"
+    assert examples.detail.iloc[1] == "2 images, but llava models take 1 per record (the proxy)"
     assert examples.reason.iloc[2] == "image_missing" and "shapes/nowhere.png" in examples.detail.iloc[2]
     with SourceRecords(annotations, examples[examples.status == "ok"]) as usable:
         batch = tiny_encoder(usable[:], with_labels=True)
-    assert batch["pixel_values"].shape[0] == 3  # one image, then two
+    assert batch["pixel_values"].shape[0] == 1
 
 
 def test_lone_surrogates_are_excluded_as_invalid_unicode(small_demo, tiny_checkpoint, tmp_path):

@@ -95,6 +95,30 @@ def test_the_proxy_trains_a_segment_then_gives_trajectories_and_losses(
         assert (values[column] > 0).all() and values[column].notna().all()
 
 
+def test_records_of_several_images_go_through_prepare_training_and_trajectories(
+    family, modern_checkpoints, varied_data, tmp_path
+):
+    images = sorted(path.name for path in varied_data["images"].iterdir())
+    question = [{"from": "human", "value": "<image>\n<image>\nSame colour?"}, {"from": "gpt", "value": "No."}]
+    several = [{"id": f"pair-{n}", "image": images[n : n + 2], "conversations": question} for n in range(3)]
+    records = [*RECORDS, *several]
+    write_records(records, tmp_path / "train.json")
+    checkpoint = modern_checkpoints[family]
+    settings = stage_defaults("prepare", max_images=2)
+    examples = prepare(tmp_path / "train.json", varied_data["images"], settings, 1, StageStats("t"), checkpoint)
+    assert (examples.status == "ok").all()
+    write_parquet(examples, tmp_path / "examples.parquet")
+    trained = tmp_path / "checkpoint-1"
+    train_segment(checkpoint, trained, 1, SEGMENT, tmp_path / "examples.parquet", tmp_path / "train.json",
+                  varied_data["images"], StageStats("t"))  # fmt: skip
+    shard = shard_slice(usable_image_examples(tmp_path / "examples.parquet"), 0, 1)
+    out = tmp_path / "attention.parquet"
+    extract_shard(trained, 1, shard, tmp_path / "train.json", varied_data["images"], out, TRAJECTORY, "attention",
+                  StageStats("t"))  # fmt: skip
+    values = pd.read_parquet(out).set_index("uid")
+    assert {"pair-0", "pair-1", "pair-2"} <= set(values.index) and (values.sv1 > 0).all()
+
+
 @pytest.fixture
 def subset(tmp_path):
     write_records(RECORDS, tmp_path / "subset.json")

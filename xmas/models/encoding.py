@@ -168,6 +168,13 @@ class ConversationEncoder:
             )
         return [self.images.run(width, height) for width, height in sizes]
 
+    def too_many_images(self, record: dict) -> str | None:
+        """Why the record holds more images than models of this family take; None when it does not."""
+        limit, count = self.family.images_per_record, len(image_paths(record))
+        if limit is None or count <= limit:
+            return None
+        return f"{count} images, but {self.family.name} models take {limit} per record"
+
     def lengths(self, records: list[dict]) -> list[Length]:
         """Token lengths of records, tokenized in one batch (fast tokenizers use every core), with each image's
         tokens counted from its size."""

@@ -30,6 +30,7 @@ class Family:
     image_token: str  # the token whose positions are the attention block's columns
     layout: str  # how an image becomes tokens: fixed, dynamic or tiles (xmas.models.image_tokens.LAYOUTS)
     lmms_eval_model: str  # lmms-eval's --model for the family ("" where it has none)
+    images_per_record: int | None = None  # the most images one record may hold; None: any number
     # Processor outputs with one value per token, cut and padded with input_ids (Qwen's M-RoPE needs them).
     token_inputs: tuple[str, ...] = ()
     source: str = ""
@@ -53,6 +54,7 @@ LLAVA = Family(
     image_token="<image>",
     layout="fixed",
     lmms_eval_model="llava_hf",
+    images_per_record=1,  # LLaVA-1.5 and TinyLLaVA were trained and evaluated with one image per record
     source="LLaVA-1.5 and TinyLLaVA composed in transformers' Llava classes (the paper's models)",
 )
 QWEN2_5_VL = Family(

@@ -218,22 +218,29 @@ def too_long(record: dict, max_length: int) -> str | None:
     )
 
 
-def exclude_too_long(examples: pd.DataFrame, rows, records: list[dict], max_length: int) -> tuple[list, list[dict]]:
-    """Exclude the records too long to tokenize; return the rows and records of the others."""
+def exclude_unfit(
+    examples: pd.DataFrame, rows, records: list[dict], encoder: ConversationEncoder
+) -> tuple[list, list[dict]]:
+    """Exclude the records with more images than the proxy's family takes, and those too long to tokenize;
+    return the rows and records of the others."""
     kept_rows, kept = [], []
     for row, record in zip(rows, records):
-        why = too_long(record, max_length)
-        if why is None:
+        images = encoder.too_many_images(record)
+        why = None if images else too_long(record, encoder.encoding.max_length)
+        if images:
+            exclude(examples, row, "too_many_images", f"{images} (the proxy)")
+        elif why:
+            exclude(examples, row, "too_long", why)
+        else:
             kept_rows.append(row)
             kept.append(record)
-        else:
-            exclude(examples, row, "too_long", why)
     return kept_rows, kept
 
 
 def check_lengths(examples: pd.DataFrame, annotations: Path, image_root: Path, model: Path, stats: StageStats) -> None:
     """Count every usable record's tokens with the proxy (its images' tokens from their sizes, where the
-    family's depend on them); exclude those whose image would be cut, and those too long to tokenize."""
+    family's depend on them); exclude those whose image would be cut, those too long to tokenize, and those
+    with more images than the proxy's family takes."""
     encoder = ConversationEncoder.of_checkpoint(model, image_root=image_root)
     max_length = encoder.encoding.max_length
     usable = examples.index[examples.status == "ok"]
@@ -242,7 +249,7 @@ def check_lengths(examples: pd.DataFrame, annotations: Path, image_root: Path, m
     with SourceRecords(annotations, examples.loc[usable]) as records:
         done = 0
         for batch in progress(batches, total=len(batches), desc="count tokens", unit="batch"):
-            rows, fitting = exclude_too_long(examples, batch, records[done : done + len(batch)], max_length)
+            rows, fitting = exclude_unfit(examples, batch, records[done : done + len(batch)], encoder)
             for row, length in zip(rows, encoder.lengths_or_errors(fitting) if fitting else []):
                 if isinstance(length, str):
                     exclude(examples, row, "not_encodable", length)

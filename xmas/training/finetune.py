@@ -70,7 +70,8 @@ def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStat
         ):
             batch = records[start : start + LENGTH_BATCH]
             for record, length in zip(batch, encoder.lengths_or_errors(batch)):
-                why = why_left_out(length, encoder.encoding.max_length)
+                images = encoder.too_many_images(record)
+                why = ("too_many_images", images) if images else why_left_out(length, encoder.encoding.max_length)
                 fits.append(why is None)
                 if why is not None:
                     log.warning("%s: record %r left out: %s", subset, record.get("id"), why[1])
