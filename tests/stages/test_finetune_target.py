@@ -22,7 +22,7 @@ from xmas.models.recipe import is_projector, language_model_linear_layers, param
 from xmas.progress import StageStats
 from xmas.settings import stage_defaults
 from xmas.training.engine import Distributed
-from xmas.training.finetune import finetune, prepare_model
+from xmas.training.finetune import finetune, fitting_records, prepare_model
 
 SETTINGS = stage_defaults(
     "finetune-target",
@@ -197,3 +197,15 @@ def test_a_killed_fine_tune_resumes_from_its_last_saved_state_to_the_same_weight
         rf"{last}/state\.pt holds 100 bytes, \d+ were written; starting the fine-tune from step 0", again.stderr
     ), again.stderr[-3000:]
     assert (damaged / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
+def test_a_record_of_more_images_than_the_target_takes_is_left_out_with_its_reason(tiny_encoder, small_demo, tmp_path):
+    records = read_all(small_demo["train"])
+    one = next(record for record in records if "image" in record)
+    pair = {**one, "id": "pair", "image": [one["image"], one["image"]]}
+    pair["conversations"] = [{"from": "human", "value": "<image><image>\nSame?"}, {"from": "gpt", "value": "yes"}]
+    write_records([one, pair], tmp_path / "subset.json")
+    stats = StageStats("t")
+    with fitting_records(tmp_path / "subset.json", tiny_encoder, stats) as kept:
+        assert [record["id"] for record in kept] == [one["id"]]
+    assert stats.as_dict()["excluded"] == {"too_many_images": 1}
