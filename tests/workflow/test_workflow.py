@@ -118,9 +118,16 @@ def test_save_every_steps_sets_the_trajectory_length_once_prepare_has_counted_th
 
 
 def test_dry_run_of_the_loss_baseline_runs_its_own_trajectories(tmp_path):
-    counts = job_counts(snakemake(reduced_project(tmp_path), "-n", "results/loss/seed-0/subset_0.5.json").stdout)
+    selection = {**REDUCED_DEMO["selection"], "methods": ["xmas", "loss"]}
+    project = reduced_project(tmp_path / "with-loss", selection=selection)
+    counts = job_counts(snakemake(project, "-n", "results/loss/seed-0/subset_0.5.json").stdout)
     assert counts["trajectory_loss"] == 6 and counts["merge_loss"] == counts["cluster_loss"] == 1
     assert "trajectory" not in counts and counts["train_segment"] == 3
+    # a run that does not select with it has no rules for its signal, and says so
+    unlisted = run_snakemake(reduced_project(tmp_path / "without"), "-n", "results/loss/seed-0/subset_0.5.json")
+    assert unlisted.returncode != 0
+    said = unlisted.stdout + unlisted.stderr
+    assert "selection.methods lists such a method" in said and "add 'loss' to it" in said
 
 
 @pytest.mark.slow

@@ -16,6 +16,14 @@ def local_copies(model, presets):
 
 
 def sample_inputs(method):
+    if method not in METHODS:
+        raise ValueError(f"no selection method {method!r}; xmas has {', '.join(METHODS)}")
+    signal = METHODS[method].signal
+    if signal is not None and signal not in SIGNALS_USED:
+        raise ValueError(
+            f"method {method!r} samples from the {signal} signal's clusters, which this run builds only when "
+            f"selection.methods lists such a method (it lists {', '.join(SELECTION_METHODS)}): add {method!r} to it"
+        )
     inputs = {"examples": EXAMPLES, "annotations": ANNOTATIONS}
     if clusters_of(method):
         inputs["clusters"] = clusters_of(method)
