@@ -20,35 +20,34 @@ GPUS = {
 
 
 def job(rule_name):
-    """The resources a job of ``rule_name`` asks a cluster for. Memory (growing with the retry
-    attempt) and wall time come from the config's resources; one node; the GPUs of its settings.
-    Jobs that use a GPU go to the partition XMAS_GPU_PARTITION names, when set (profiles/slurm)."""
-    wanted = job_resources(config, rule_name)
+    """The resources a job of ``rule_name`` asks a cluster for (:func:`asks`), its memory growing with the
+    retry attempt."""
+    asked = asks(rule_name)
     resources = {
-        "mem_mb": lambda wildcards, attempt: wanted["mem_mb"] * attempt,
-        "runtime": wanted["runtime"],
-        # accelerate launch runs every process of a job on one node
-        "nodes": 1,
+        "mem_mb": lambda wildcards, attempt: asked["mem_mb"] * attempt,
+        "runtime": asked["runtime"],
+        "nodes": asked["nodes"],
     }
     if rule_name in GPUS:
-        resources["gpu"] = GPUS[rule_name]
-    if GPUS.get(rule_name) and os.environ.get("XMAS_GPU_PARTITION"):
-        resources["slurm_partition"] = os.environ["XMAS_GPU_PARTITION"]
+        resources["gpu"] = asked["GPUs"]
+    if asked["partition"]:
+        resources["slurm_partition"] = asked["partition"]
     # which job it is, for `snakemake plan` (executors pass on only the resources they know)
     resources["xmas_job"] = rule_name
     return resources
 
 
 def asks(rule_name):
-    """What a job of ``rule_name`` asks for on its first attempt, as job() gives it."""
-    wanted = job_resources(config, rule_name)
-    partition = os.environ.get("XMAS_GPU_PARTITION") if GPUS.get(rule_name) else None
+    """What a job of ``rule_name`` asks for on its first attempt. Memory and wall time come from the config's
+    resources; one node (accelerate launch runs every process of a job there); the CPUs and GPUs of its
+    settings. Jobs that use a GPU go to the partition XMAS_GPU_PARTITION names, when set (profiles/slurm)."""
+    gpu_partition = GPUS.get(rule_name) and os.environ.get("XMAS_GPU_PARTITION")
     return {
         "CPUs": THREADS.get(rule_name, 1),
         "GPUs": GPUS.get(rule_name, 0),
         "nodes": 1,
-        **wanted,
-        "partition": partition,
+        **job_resources(config, rule_name),
+        "partition": os.environ["XMAS_GPU_PARTITION"] if gpu_partition else None,
     }
 
 
