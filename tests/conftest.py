@@ -342,3 +342,12 @@ def assert_llamafactory_reads(llava: dict, example: dict, image_root: Path) -> N
     assert (example["_images"] or []) == images and all(Path(path).is_file() for path in images)
     placeholders = sum(message["content"].count("<image>") for message in example["_prompt"])
     assert placeholders == len(images)  # LLaMA-Factory's image placeholder, one per image
+
+
+def sharegpt_of(llava: dict) -> dict:
+    """A LLaVA record in LLaMA-Factory's multimodal ShareGPT form, its image paths relative to the image root
+    as an input file holds them (tests/stages/test_prepare.py checks such a file with LLaMA-Factory's code)."""
+    from xmas.data.records import ROLES, image_paths
+
+    messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in llava["conversations"]]
+    return {"id": llava["id"], "messages": messages, "images": image_paths(llava)}

@@ -15,7 +15,7 @@ from xmas.settings import stage_defaults
 from xmas.stages.llamafactory import ENTRY
 from xmas.stages.prepare import prepare, unique_uids
 
-from conftest import assert_llamafactory_reads, read_back
+from conftest import assert_llamafactory_reads, read_back, sharegpt_of
 
 
 def write(path, records):
@@ -155,15 +155,7 @@ def test_sharegpt_json_lines_prepare_as_the_llava_records_they_stand_for(
     these LLaVA records, and prepare finds the same examples in it, token counts included."""
     text_only = {"id": "sum", "conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
     llava = [*json.loads(small_demo["train"].read_text())[:12], text_only]
-    roles = {"human": "user", "gpt": "assistant"}
-    sharegpt = [
-        {
-            "id": record["id"],
-            "messages": [{"role": roles[turn["from"]], "content": turn["value"]} for turn in record["conversations"]],
-            "images": image_paths(record),
-        }
-        for record in llava
-    ]
+    sharegpt = [sharegpt_of(record) for record in llava]
     folder = tmp_path / "sharegpt"
     folder.mkdir()
     (folder / "train.jsonl").write_text("".join(json.dumps(record) + "\n" for record in sharegpt))

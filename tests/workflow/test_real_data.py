@@ -19,7 +19,7 @@ from xmas.data.annotations import read_all
 from xmas.data.demo import generate
 from xmas.progress import StageStats
 
-from conftest import TARGETS, run_snakemake, small_generator_settings
+from conftest import TARGETS, run_snakemake, sharegpt_of, small_generator_settings
 from corpus import bad_records, write_bad_images
 from loopback import FileServer
 
@@ -152,20 +152,7 @@ def test_sharegpt_json_lines_run_through_every_stage_and_come_back_as_they_were(
     data = tmp_path / "data"
     generate(small_generator_settings(records=200), data / "train.json", data / "test.json", data / "images",
              StageStats("test"))  # fmt: skip
-    roles = {"human": "user", "gpt": "assistant"}
-    lines = [
-        json.dumps(
-            {
-                "messages": [
-                    {"role": roles[turn["from"]], "content": turn["value"]} for turn in record["conversations"]
-                ],
-                "images": [record["image"]] if "image" in record else [],
-                "id": record["id"],
-            },
-            ensure_ascii=False,
-        )
-        for record in read_all(data / "train.json")
-    ]
+    lines = [json.dumps(sharegpt_of(record), ensure_ascii=False) for record in read_all(data / "train.json")]
     (data / "train.jsonl").write_text("".join(line + "\n" for line in lines))
     work = project(tmp_path / "run", {"annotations": str(data / "train.jsonl"), "image_root": str(data / "images")})
     result = run_snakemake(work, "--cores", "2", *TARGETS, "results/llamafactory")

@@ -23,7 +23,7 @@ class InvalidRecord(ValueError):
 
 
 # LLaMA-Factory's ShareGPT roles (its `messages` column with role/content tags) as LLaVA's.
-SHAREGPT_ROLES = {"user": "human", "assistant": "gpt"}
+SHAREGPT_ROLES = {role: speaker for speaker, role in ROLES.items()}
 
 
 def as_llava(record: object) -> object:

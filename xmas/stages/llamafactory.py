@@ -13,13 +13,12 @@ import json
 from pathlib import Path
 
 from xmas.data.annotations import iter_spans
-from xmas.data.records import image_paths
+from xmas.data.records import ROLES, image_paths
 from xmas.errors import XmasError
 from xmas.io import atomic_path
 from xmas.progress import StageStats, add_input_arguments, log
 
 DATASET_INFO = "dataset_info.json"
-ROLES = {"human": "user", "gpt": "assistant"}
 # How LLaMA-Factory reads the data files (its dataset_info.json format for multimodal ShareGPT data).
 ENTRY = {
     "formatting": "sharegpt",
