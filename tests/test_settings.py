@@ -46,7 +46,7 @@ def test_an_empty_config_is_the_demo_with_every_default_filled_in():
         ({"selection": {"feature": "svd"}}, "svd"),
         ({"trajectory": {"head_reduce": "max"}}, "max"),
         ({"training": {"epoch": 3}}, "epoch"),
-        ({"dataset": {"annotations": "a.json"}}, "image_root"),
+        ({"dataset": {"entry": "mllm_demo"}}, "annotations"),
     ],
 )
 def test_config_errors_name_the_key_or_value(config, named):

@@ -25,7 +25,7 @@ STAGES = {
     ),
     "download": (
         "download a real dataset (llava665k, visionflan): resumable, verified, unpacked",
-        "xmas download --dataset llava665k --dest data/llava665k --report data/llava665k/download.json",
+        "xmas download --dataset llava665k --dest resources/llava665k --report resources/llava665k/download.json",
     ),
     "standin-model": (
         "write an offline stand-in of a real model (tiny random weights, the real files' layout)",
@@ -36,7 +36,8 @@ STAGES = {
         "xmas proxy-init --model demo-tiny --annotations results/demo/train.json --out results/proxy/checkpoint-0",
     ),
     "prepare": (
-        "validate the annotations against the proxy, write results/data/examples.parquet",
+        "validate the records (JSON, parquet shards, a save_to_disk folder) against the proxy, "
+        "write results/data/examples.parquet",
         "xmas prepare --annotations data/llava.json --image-root data/images "
         "--model results/proxy/checkpoint-0 --out results/data/examples.parquet",
     ),
@@ -63,7 +64,7 @@ STAGES = {
         "--out results/selection/clusters.parquet",
     ),
     "sample": (
-        "pick a subset for a budget (xmas balanced sampling or a baseline)",
+        "pick a subset for a budget (xmas balanced sampling or a baseline), written in the source's format",
         "xmas sample --method xmas --budget 0.5 --examples results/data/examples.parquet "
         "--clusters results/selection/clusters.parquet --annotations results/demo/train.json "
         "--out results/xmas/seed-0/subset_0.5.json",

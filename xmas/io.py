@@ -283,18 +283,21 @@ def write_records(records: list[dict], path: str | Path) -> None:
         out.write("]\n")
 
 
-def write_raw_records(raw_records: Iterable[bytes], path: str | Path) -> int:
-    """Write a JSON list of records given as their exact source bytes, streamed; returns how many.
+def write_raw_records(raw_records: Iterable[bytes], path: str | Path, lines: bool = False) -> int:
+    """Write records given as their exact source bytes, streamed, as a JSON list (or, with ``lines``, as JSON
+    Lines); returns how many.
 
     The records are not re-encoded, so each one is byte for byte what the source file holds.
     """
     written = 0
+    opening, separator, closing = (b"", b"\n", b"\n") if lines else (b"[\n", b",\n", b"\n]\n")
     with atomic_path(path) as tmp, open(tmp, "wb") as out:
-        out.write(b"[\n")
+        out.write(opening)
         for raw in raw_records:
             if written:
-                out.write(b",\n")
+                out.write(separator)
             out.write(raw)
             written += 1
-        out.write(b"\n]\n")
+        if written or not lines:
+            out.write(closing)
     return written

@@ -19,16 +19,20 @@ log = logging.getLogger("xmas")
 
 INPUT_ARGUMENTS = {
     "examples": ("--examples", "examples.parquet from `xmas prepare`"),
-    "annotations": ("--annotations", "the source annotation JSON (LLaVA format)"),
-    "image_root": ("--image-root", "folder the records' image paths are relative to"),
+    "annotations": (
+        "--annotations",
+        "the records: a JSON list or JSON Lines, parquet shards (a file, folder or glob) or a save_to_disk folder",
+    ),
+    "image_root": ("--image-root", "folder the records' image paths are relative to (none when images are embedded)"),
 }
+OPTIONAL_INPUTS = ("image_root",)
 
 
 def add_input_arguments(parser, *names: str) -> None:
-    """The required inputs most stages share, with one wording everywhere."""
+    """The inputs most stages share, with one wording everywhere."""
     for name in names:
         flag, help_text = INPUT_ARGUMENTS[name]
-        parser.add_argument(flag, required=True, type=Path, help=help_text)
+        parser.add_argument(flag, required=name not in OPTIONAL_INPUTS, type=Path, help=help_text)
 
 
 def add_threads_argument(parser) -> None:

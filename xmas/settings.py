@@ -64,6 +64,11 @@ def all_settings() -> list[Setting]:
     return found
 
 
+def default_of(name: str):
+    """The schema's default of the setting ``section.key`` (or ``key``)."""
+    return next(setting.default for setting in all_settings() if setting.name == name)
+
+
 def stage_settings(stage: str) -> list[Setting]:
     return [setting for setting in all_settings() if stage in setting.stages]
 

@@ -96,6 +96,6 @@ def test_sharegpt_records_read_as_the_llava_records_they_stand_for():
 
 def test_a_sharegpt_system_turn_is_named_by_validation():
     record = as_llava({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]})
-    with pytest.raises(InvalidRecord, match="turn 0 needs 'from' in human/gpt") as caught:
+    with pytest.raises(InvalidRecord, match="turn 0 is a system turn") as caught:
         check_conversation(record, 1)
-    assert caught.value.reason == "turn_malformed"
+    assert caught.value.reason == "turn_role_unsupported"

@@ -19,7 +19,7 @@ from xmas.data.annotations import read_all
 from xmas.data.demo import generate
 from xmas.progress import StageStats
 
-from conftest import TARGETS, run_snakemake, sharegpt_of, small_generator_settings
+from conftest import TARGETS, run_snakemake, small_generator_settings
 from corpus import bad_records, write_bad_images
 from loopback import FileServer
 
@@ -41,9 +41,9 @@ def test_a_download_config_plans_the_whole_run_without_the_data(tmp_path):
     result = run_snakemake(root, "-n", "results/subset_0.5.json")
     assert result.returncode == 0, result.stderr[-3000:]
     plan = result.stdout
-    assert "rule download:" in plan and "data/llava665k/llava_v1_5_mix665k.json" in plan
-    assert "--image-root data/llava665k/images" in plan and "demo_data" not in plan
-    assert not (root / "data").exists()  # planning touches no data
+    assert "rule download:" in plan and "resources/llava665k/llava_v1_5_mix665k.json" in plan
+    assert "--image-root resources/llava665k/images" in plan and "demo_data" not in plan
+    assert not (root / "resources").exists()  # planning touches no data
 
 
 def zipped_folder(folder: Path, top: str) -> bytes:
@@ -109,7 +109,7 @@ def test_bad_records_are_listed_with_their_reasons_and_the_rest_is_selected(mess
     result = run_snakemake(work, "--cores", "2", *TARGETS)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     records, good, bad = messy_dataset["records"], messy_dataset["good"], messy_dataset["bad"]
-    assert json.loads((work / "data/messy/download.json").read_text())["files"]["images"]["status"] == "downloaded"
+    assert json.loads((work / "resources/messy/download.json").read_text())["files"]["images"]["status"] == "downloaded"
     examples = pd.read_parquet(work / "results/data/examples.parquet")
     assert len(examples) == len(records) and examples.uid.is_unique
     repeated = examples.iloc[good : good + 3]
@@ -142,26 +142,3 @@ def test_a_malformed_annotation_file_stops_prepare_at_its_line_and_column(messy_
     log = (work / "logs/proxy/checkpoint-0.log").read_text()
     assert "proxy-init failed: data/broken/train.json: not valid JSON at line 3, column 13" in log
     assert "Traceback" not in log
-
-
-@pytest.mark.slow
-def test_sharegpt_json_lines_run_through_every_stage_and_come_back_as_they_were(tmp_path):
-    """LLaMA-Factory's ShareGPT form as JSON Lines (tests/stages/test_prepare.py checks it against LLaMA-Factory's
-    converter): selected like the LLaVA records they stand for, the subset holding the source lines unchanged,
-    and exported for LLaMA-Factory again."""
-    data = tmp_path / "data"
-    generate(small_generator_settings(records=200), data / "train.json", data / "test.json", data / "images",
-             StageStats("test"))  # fmt: skip
-    lines = [json.dumps(sharegpt_of(record), ensure_ascii=False) for record in read_all(data / "train.json")]
-    (data / "train.jsonl").write_text("".join(line + "\n" for line in lines))
-    work = project(tmp_path / "run", {"annotations": str(data / "train.jsonl"), "image_root": str(data / "images")})
-    result = run_snakemake(work, "--cores", "2", *TARGETS, "results/llamafactory")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    for target in TARGETS:
-        manifest = pd.read_parquet(work / target.replace(".json", ".manifest.parquet"))
-        assert len(manifest) == len(lines) and not manifest.reason.str.startswith("excluded").any()
-        subset = (work / target).read_text().splitlines()[1:-1]  # one source record per line of the list
-        assert [line.rstrip(",") for line in subset] == [lines[i] for i in manifest.loc[manifest.selected, "index"]]
-    info = json.loads((work / "results/llamafactory/dataset_info.json").read_text())
-    exported = read_all(work / "results/llamafactory" / info["xmas_0.5"]["file_name"])
-    assert len(exported) == round(0.5 * len(lines))

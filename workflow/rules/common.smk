@@ -18,6 +18,7 @@
 #   command that only looks should.
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ import yaml
 from xmas.data.demo import settings_file
 from xmas.data.download import load_manifest, resolve_manifest
 from xmas.data.examples import usable_count
+from xmas.data.sources import llamafactory_entry, open_source
 from xmas.errors import XmasError
 from xmas.io import copy_sealed, damaged_outputs, set_aside
 from xmas.methods import METHODS

@@ -48,7 +48,7 @@ if GENERATED:
 # records it finds usable (proxy_checkpoints()).
 checkpoint prepare:
     input:
-        annotations=ANNOTATIONS,
+        annotations=ANNOTATION_FILES,
         images=IMAGE_INPUT,
         model=checkpoint_dir(0),
     output:
@@ -60,8 +60,9 @@ checkpoint prepare:
     resources:
         **job("prepare"),
     params:
-        image_root=IMAGE_ROOT,
+        annotations=ANNOTATIONS_OPTION,
+        image_root=IMAGE_ROOT_OPTION,
         options=flags("prepare"),
     shell:
-        "xmas prepare --annotations {input.annotations} --image-root {params.image_root} --model {input.model}"
+        "xmas prepare {params.annotations} {params.image_root} --model {input.model}"
         " --out {output} {params.options} --workers {threads} --stats {log.stats} 2> {log.log}"

@@ -4,7 +4,7 @@
 
 rule target_init:
     input:
-        annotations=ANNOTATIONS,
+        annotations=ANNOTATION_FILES,
         captions=[] if ALIGN_CAPTIONS is None else [ALIGN_CAPTIONS],
         models=local_copies(TARGET["model"], TARGET_PRESETS),
     output:
@@ -49,7 +49,7 @@ if ALIGN_CAPTIONS is not None:
 rule finetune_target:
     input:
         base=target_start,
-        subset=lambda w: subset_json(w.method, w.budget, w.seed),
+        subset=lambda w: subset_file(w.method, w.budget, w.seed),
         images=IMAGE_INPUT,
     output:
         directory(target_dir("{method}", "{budget}", "{seed}")),
@@ -60,11 +60,11 @@ rule finetune_target:
     resources:
         **job("finetune_target"),
     params:
-        image_root=IMAGE_ROOT,
+        image_root=IMAGE_ROOT_OPTION,
         launch=launcher(TARGET),
         options=flags("finetune-target"),
     shell:
-        "{params.launch} finetune-target --base {input.base} --subset {input.subset} --image-root {params.image_root}"
+        "{params.launch} finetune-target --base {input.base} --subset {input.subset} {params.image_root}"
         " --out {output} --seed {wildcards.seed} {params.options} --threads {threads}"
         " --stats {log.stats} 2> {log.log}"
 

@@ -24,7 +24,7 @@ def sample_inputs(method):
             f"method {method!r} samples from the {signal} signal's clusters, which this run builds only when "
             f"selection.methods lists such a method (it lists {', '.join(SELECTION_METHODS)}): add {method!r} to it"
         )
-    inputs = {"examples": EXAMPLES, "annotations": ANNOTATIONS}
+    inputs = {"examples": EXAMPLES, "annotations": ANNOTATION_FILES}
     if clusters_of(method):
         inputs["clusters"] = clusters_of(method)
     return inputs

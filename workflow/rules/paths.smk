@@ -34,19 +34,24 @@ def methods_and_budgets():
     return [(method, budget) for method in SELECTION_METHODS for budget in SELECTION["budgets"]]
 
 
-def subset_json(method, budget, seed=None):
-    """results/{method}/seed-{seed}/subset_{budget}.json. Only seeded baselines draw one subset per
+def subset_stem(method, budget, seed=None):
+    """results/{method}/seed-{seed}/subset_{budget}. Only seeded baselines draw one subset per
     evaluation seed; the others are fixed by selection.seed."""
     seed = seed if METHODS[method].seeded and seed is not None else SELECTION["seed"]
-    return f"results/{method}/seed-{seed}/subset_{budget}.json"
+    return f"results/{method}/seed-{seed}/subset_{budget}"
+
+
+def subset_file(method, budget, seed=None):
+    """The subset, in the source's format (.json, .jsonl or .parquet: SUBSET_SUFFIX)."""
+    return subset_stem(method, budget, seed) + SUBSET_SUFFIX
 
 
 def subset_manifest(method, budget):
-    return subset_json(method, budget).replace(".json", ".manifest.parquet")
+    return subset_stem(method, budget) + ".manifest.parquet"
 
 
 def all_subsets():
-    return [subset_json(method, budget) for method, budget in methods_and_budgets()]
+    return [subset_file(method, budget) for method, budget in methods_and_budgets()]
 
 
 def signal_folder(signal):

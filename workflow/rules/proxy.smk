@@ -20,7 +20,7 @@ if USES_STANDINS:
 
 rule proxy_init:
     input:
-        annotations=ANNOTATIONS,
+        annotations=ANNOTATION_FILES,
         models=local_copies(PROXY["model"], PROXY_PRESETS),
     output:
         directory(checkpoint_dir(0)),
@@ -40,7 +40,7 @@ rule train_segment:
     input:
         previous=lambda w: checkpoint_dir(int(w.checkpoint) - 1),
         examples=EXAMPLES,
-        annotations=ANNOTATIONS,
+        annotations=ANNOTATION_FILES,
         images=IMAGE_INPUT,
     output:
         directory(checkpoint_dir("{checkpoint}")),
@@ -51,10 +51,11 @@ rule train_segment:
     resources:
         **job("train_segment"),
     params:
-        image_root=IMAGE_ROOT,
+        annotations=ANNOTATIONS_OPTION,
+        image_root=IMAGE_ROOT_OPTION,
         options=flags("train-segment"),
         launch=launcher(TRAINING),
     shell:
         "{params.launch} train-segment --checkpoint {wildcards.checkpoint} --previous {input.previous}"
-        " --out {output} --examples {input.examples} --annotations {input.annotations}"
-        " --image-root {params.image_root} {params.options} --threads {threads} --stats {log.stats} 2> {log.log}"
+        " --out {output} --examples {input.examples} {params.annotations}"
+        " {params.image_root} {params.options} --threads {threads} --stats {log.stats} 2> {log.log}"

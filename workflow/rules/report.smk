@@ -8,7 +8,7 @@ import json
 rule report:
     input:
         examples=EXAMPLES,
-        annotations=ANNOTATIONS,
+        annotations=ANNOTATION_FILES,
         clusters=CLUSTERS,
         trajectories="results/trajectories.parquet",
         manifests=[subset_manifest(method, budget) for method, budget in methods_and_budgets()],
@@ -24,19 +24,21 @@ rule report:
             f"--manifest {method} {budget} {subset_manifest(method, budget)}"
             for method, budget in methods_and_budgets()
         ),
+        annotations=ANNOTATIONS_OPTION,
         evaluation="",
+        options=flags("report"),
         run_config=json.dumps(config, sort_keys=True),
     shell:
-        "xmas report --examples {input.examples} --annotations {input.annotations}"
+        "xmas report --examples {input.examples} {params.annotations}"
         " --clusters {input.clusters} --trajectories {input.trajectories} {params.manifests} {params.evaluation}"
-        " --run-config {params.run_config:q} --stats-dir logs/stats --out {output}"
+        " --run-config {params.run_config:q} --stats-dir logs/stats --out {output} {params.options}"
         " --stats {log.stats} 2> {log.log}"
 
 
 use rule report as evaluation_report with:
     input:
         examples=EXAMPLES,
-        annotations=ANNOTATIONS,
+        annotations=ANNOTATION_FILES,
         clusters=CLUSTERS,
         trajectories="results/trajectories.parquet",
         manifests=[subset_manifest(method, budget) for method, budget in methods_and_budgets()],
@@ -51,7 +53,9 @@ use rule report as evaluation_report with:
             f"--manifest {method} {budget} {subset_manifest(method, budget)}"
             for method, budget in methods_and_budgets()
         ),
+        annotations=ANNOTATIONS_OPTION,
         evaluation=f"--eval-summary {EVAL_SUMMARY}",
+        options=flags("report"),
         run_config=json.dumps(config, sort_keys=True),
 
 

@@ -1,7 +1,8 @@
 # Selection: clusters and stability, then a subset per method, budget and seed, every one at
-# results/{method}/seed-{seed}/subset_{budget}.json with its manifest: xmas; loss (clusters of loss
-# trajectories); cluster-random (XMAS clusters, random inside); random; full (every usable record,
-# the reference of the evaluation). results/subset_{budget}.json is XMAS's subset of selection.seed.
+# results/{method}/seed-{seed}/subset_{budget}.json (.jsonl or .parquet: the source's format) with its
+# manifest: xmas; loss (clusters of loss trajectories); cluster-random (XMAS clusters, random inside);
+# random; full (every usable record, the reference of the evaluation). results/subset_{budget}.json is
+# XMAS's subset of selection.seed.
 
 
 rule cluster:
@@ -39,7 +40,7 @@ rule sample:
     input:
         unpack(lambda w: sample_inputs(w.method)),
     output:
-        subset="results/{method}/seed-{seed}/subset_{budget}.json",
+        subset="results/{method}/seed-{seed}/subset_{budget}" + SUBSET_SUFFIX,
         manifest="results/{method}/seed-{seed}/subset_{budget}.manifest.parquet",
     log:
         log="logs/sample/{method}/seed-{seed}/{budget}.log",
@@ -47,20 +48,21 @@ rule sample:
     resources:
         **job("sample"),
     params:
+        annotations=ANNOTATIONS_OPTION,
         clusters=lambda w: clusters_option(w.method),
         options=flags("sample"),
     shell:
         "xmas sample --method {wildcards.method} --budget {wildcards.budget} --seed {wildcards.seed}"
-        " --examples {input.examples} --annotations {input.annotations} {params.clusters}"
+        " --examples {input.examples} {params.annotations} {params.clusters}"
         " --out {output.subset} --manifest {output.manifest} {params.options} --stats {log.stats} 2> {log.log}"
 
 
 rule main_subset:
     input:
-        subset=lambda w: subset_json("xmas", w.budget),
+        subset=lambda w: subset_file("xmas", w.budget),
         manifest=lambda w: subset_manifest("xmas", w.budget),
     output:
-        subset="results/subset_{budget}.json",
+        subset="results/subset_{budget}" + SUBSET_SUFFIX,
         manifest="results/subset_{budget}.manifest.parquet",
     log:
         "logs/main_subset/{budget}.log",
@@ -82,9 +84,10 @@ rule llamafactory:
         **job("llamafactory"),
     params:
         subsets=" ".join(
-            f"--subset {method}_{budget} {subset_json(method, budget)}" for method, budget in methods_and_budgets()
+            f"--subset {method}_{budget} {subset_file(method, budget)}" for method, budget in methods_and_budgets()
         ),
-        image_root=IMAGE_ROOT,
+        image_root=IMAGE_ROOT_OPTION,
+        options=flags("llamafactory"),
     shell:
-        "xmas llamafactory {params.subsets} --image-root {params.image_root} --out {output}"
+        "xmas llamafactory {params.subsets} {params.image_root} --out {output} {params.options}"
         " --stats {log.stats} 2> {log.log}"

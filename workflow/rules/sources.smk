@@ -28,8 +28,32 @@ elif GENERATED:
     IMAGE_INPUT = [IMAGE_ROOT]
 else:
     ANNOTATIONS = DATASET["annotations"]
-    IMAGE_ROOT = DATASET["image_root"]
+    IMAGE_ROOT = DATASET.get("image_root")
     IMAGE_INPUT = []
+    if "entry" in DATASET:
+        # A LLaMA-Factory dataset_info.json: its entry names the data file, its columns and tags, and (its
+        # folder) the image root; what the config sets wins.
+        try:
+            _entry = llamafactory_entry(ANNOTATIONS, DATASET["entry"])
+        except XmasError as error:
+            raise WorkflowError(f"config dataset.entry: {error}")
+        ANNOTATIONS, IMAGE_ROOT = _entry.annotations, IMAGE_ROOT or _entry.media_dir
+        if DATASET["format"] == "auto":
+            DATASET["format"] = _entry.format
+        DATASET["columns"] = {**_entry.columns, **DATASET["columns"]}
+        DATASET["tags"] = {**_entry.tags, **DATASET["tags"]}
+
+# The records' files (what jobs wait on) and the suffix their subsets keep: known once the data is there.
+ANNOTATION_FILES, SUBSET_SUFFIX = [ANNOTATIONS], ".json"
+if DOWNLOAD is None and not GENERATED:
+    try:
+        _source = open_source(ANNOTATIONS, DATASET["format"], DATASET["columns"], DATASET["tags"])
+    except XmasError as error:
+        raise WorkflowError(f"config dataset.annotations: {error}")
+    ANNOTATION_FILES, SUBSET_SUFFIX = [str(file) for file in _source.files], _source.suffix
+# Options of the stages that read the records, quoted (a glob of shards stays one argument).
+ANNOTATIONS_OPTION = f"--annotations {shlex.quote(ANNOTATIONS)}"
+IMAGE_ROOT_OPTION = f"--image-root {shlex.quote(IMAGE_ROOT)}" if IMAGE_ROOT else ""
 
 # The target's alignment (LLaVA's first stage), when asked for: on the demo generator's captions or on a
 # caption file of the user's. Every fine-tune starts from its result.

@@ -6,7 +6,7 @@ rule trajectory:
     input:
         model=checkpoint_dir("{checkpoint}"),
         examples=EXAMPLES,
-        annotations=ANNOTATIONS,
+        annotations=ANNOTATION_FILES,
         images=IMAGE_INPUT,
     output:
         "results/trajectories/checkpoint-{checkpoint}/shard-{shard}.parquet",
@@ -17,12 +17,13 @@ rule trajectory:
     resources:
         **job("trajectory"),
     params:
-        image_root=IMAGE_ROOT,
+        annotations=ANNOTATIONS_OPTION,
+        image_root=IMAGE_ROOT_OPTION,
         signal="attention",
         options=flags("trajectory"),
     shell:
         "xmas trajectory --model {input.model} --checkpoint {wildcards.checkpoint} --shard {wildcards.shard}"
-        " --examples {input.examples} --annotations {input.annotations} --image-root {params.image_root}"
+        " --examples {input.examples} {params.annotations} {params.image_root}"
         " --out {output} --signal {params.signal} {params.options} --threads {threads}"
         " --stats {log.stats} 2> {log.log}"
 
@@ -36,7 +37,8 @@ if "loss" in SIGNALS_USED:
             log="logs/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.log",
             stats="logs/stats/loss/trajectories/checkpoint-{checkpoint}/shard-{shard}.json",
         params:
-            image_root=IMAGE_ROOT,
+            annotations=ANNOTATIONS_OPTION,
+            image_root=IMAGE_ROOT_OPTION,
             signal="loss",
             options=flags("trajectory"),
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -116,9 +116,9 @@ class _Cursor:
         return XmasError(f"{self.path}: not valid JSON at {self.where(position)}: {message}")
 
 
-def iter_spans(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Span]:
+def iter_spans(path: str | Path, chunk_bytes: int = CHUNK_BYTES, convert: Callable = as_llava) -> Iterator[Span]:
     """The records of a JSON list or of JSON Lines, one at a time, with their byte spans in the file, each
-    as a LLaVA record (:func:`xmas.data.records.as_llava`: ShareGPT records are read as LLaVA's).
+    as ``convert`` reads it (by default as a LLaVA record, :func:`xmas.data.records.as_llava`).
 
     Holds one chunk of text (plus the record being read) in memory, never the whole file. Invalid
     JSON raises :class:`XmasError` naming the file, line and column.
@@ -138,7 +138,7 @@ def iter_spans(path: str | Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Spa
             )
         records = list_records(cursor) if first == "[" else line_records(cursor)
         for index, (record, offset, length) in enumerate(records):
-            yield Span(index, offset, length, as_llava(record))
+            yield Span(index, offset, length, convert(record))
     finally:
         cursor.close()
 
@@ -218,8 +218,9 @@ class SourceRecords(Sequence):
     of feeding the wrong records.
     """
 
-    def __init__(self, path: str | Path, rows: pd.DataFrame):
+    def __init__(self, path: str | Path, rows: pd.DataFrame, convert: Callable = as_llava):
         self.path = Path(path)
+        self.convert = convert
         self.uids = rows["uid"].tolist()
         self.indices = rows["index"].tolist()
         self.offsets = rows["offset"].tolist()
@@ -248,7 +249,7 @@ class SourceRecords(Sequence):
         if len(data) != self.lengths[position]:
             raise self.changed(position, "the file is shorter")
         try:
-            record = as_llava(json.loads(data))
+            record = self.convert(json.loads(data))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise self.changed(position, "the bytes there are not one JSON record") from None
         if not matches_uid(record, self.indices[position], self.uids[position]):

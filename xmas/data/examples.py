@@ -1,5 +1,5 @@
 """``results/data/examples.parquet``, the table ``prepare`` writes: one row per source record, with
-its status, its byte span in the annotation file and its token count. What later stages read of it."""
+its status, its position in the source (:mod:`xmas.data.sources`) and its token count. What later stages read of it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xmas.data.annotations import SPAN_COLUMNS, SourceRecords
+from xmas.data.sources import POSITION_COLUMNS, Source
 from xmas.errors import XmasError
 from xmas.io import read_parquet
 
@@ -28,10 +28,10 @@ def read_examples(path: str | Path, columns: list[str]) -> pd.DataFrame:
     return table[columns]
 
 
-def usable_records(examples: Path, annotations: Path) -> SourceRecords:
-    """The usable records (status ok) in source order, read from the file as they are used."""
-    table = read_examples(examples, ["uid", "index", "status", *SPAN_COLUMNS])
-    return SourceRecords(annotations, table[table.status == "ok"])
+def usable_records(examples: Path, source: Source):
+    """The usable records (status ok) in source order, read from the source as they are used."""
+    table = read_examples(examples, ["uid", "index", "status", *POSITION_COLUMNS])
+    return source.reader(table[table.status == "ok"])
 
 
 def usable_count(examples: Path) -> int:
@@ -41,7 +41,7 @@ def usable_count(examples: Path) -> int:
 
 def usable_image_examples(examples: Path) -> pd.DataFrame:
     """The usable records with an image, in source order: the ones with a trajectory."""
-    table = read_examples(examples, ["uid", "index", "has_image", "status", "tokens", *SPAN_COLUMNS])
+    table = read_examples(examples, ["uid", "index", "has_image", "status", "tokens", *POSITION_COLUMNS])
     return table[(table.status == "ok") & table.has_image].sort_values("index")
 
 

@@ -7,6 +7,7 @@ LLaMA-Factory's multimodal ShareGPT form are read as this one (:func:`as_llava`)
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import PurePosixPath
 
 IMAGE_TAG = "<image>"
@@ -22,40 +23,149 @@ class InvalidRecord(ValueError):
         self.detail = detail
 
 
-# LLaMA-Factory's ShareGPT roles (its `messages` column with role/content tags) as LLaVA's.
-SHAREGPT_ROLES = {role: speaker for speaker, role in ROLES.items()}
+# A record's embedded images (parquet's ``{bytes, path}`` structs), by position among its images; None where
+# an image is a file under the image root. Only records read from a table have it.
+EMBEDDED = "_image_bytes"
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where a record keeps its parts, named as LLaMA-Factory's ``dataset_info.json`` names them: the
+    ``columns`` (messages, images, plus id and source) and the ``tags`` of the messages. ``role_tag`` None
+    reads each message as a pair of turns, ``{user_tag: ..., assistant_tag: ...}`` (The Cauldron's
+    ``texts``), whose images go before the first question, as those sets have no ``<image>`` tags."""
+
+    messages: str = "conversations"
+    images: str = "image"
+    id: str = "id"
+    source: str = "source"
+    role_tag: str | None = "from"
+    content_tag: str = "value"
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+
+    def changed(self, columns: dict | None = None, tags: dict | None = None) -> Layout:
+        """This layout with some columns and tags renamed (settings ``dataset.columns``, ``dataset.tags``)."""
+        known = {item.name for item in dataclasses.fields(self)}
+        changes = {**(columns or {}), **(tags or {})}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a column or tag a record is read by ({', '.join(known)})")
+        return dataclasses.replace(self, **changes)
+
+    def as_llava(self, record: object) -> object:
+        """The LLaVA record this one stands for; what does not map is carried as it is, for validation to
+        name. Other fields are kept."""
+        if not isinstance(record, dict):
+            return record
+        converted = {key: value for key, value in record.items() if key not in (self.messages, self.images)}
+        for field, column in (("id", self.id), ("source", self.source)):
+            if column != field and column in record:
+                converted[field] = record[column]
+        turns = record.get(self.messages)
+        if turns is not None:
+            converted["conversations"] = self.turns(turns) if isinstance(turns, list) else turns
+        names, blobs = embedded_images(record.get(self.images))
+        if names is None:
+            converted["image"] = record.get(self.images)  # malformed: validation names it
+        elif names:
+            converted["image"] = names[0] if len(names) == 1 and not any(blobs) else names
+            if any(blob is not None for blob in blobs):
+                converted[EMBEDDED] = blobs
+            if self.role_tag is None:
+                tag_images_first(converted, len(names))
+        if self.role_tag is None and "source" not in converted and isinstance(turns, list) and turns:
+            first = turns[0]
+            if isinstance(first, dict) and isinstance(first.get("source"), str):
+                converted["source"] = first["source"]
+        return converted
+
+    def turns(self, messages: list) -> list:
+        if self.role_tag is None:
+            return [
+                turn
+                for message in messages
+                for turn in (
+                    (
+                        {"from": "human", "value": message.get(self.user_tag)},
+                        {"from": "gpt", "value": message.get(self.assistant_tag)},
+                    )
+                    if isinstance(message, dict)
+                    else (message,)
+                )
+            ]
+        speakers = {self.user_tag: "human", self.assistant_tag: "gpt"}
+        return [
+            {
+                "from": speakers.get(message[self.role_tag], message[self.role_tag]),
+                "value": message.get(self.content_tag),
+            }
+            if isinstance(message, dict) and self.role_tag in message
+            else message
+            for message in messages
+        ]
+
+
+def tag_images_first(record: dict, count: int) -> None:
+    turns = record.get("conversations")
+    if isinstance(turns, list) and turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str):
+        if IMAGE_TAG not in turns[0]["value"]:
+            turns[0] = {**turns[0], "value": IMAGE_TAG * count + "\n" + turns[0]["value"]}
+
+
+def embedded_images(value: object) -> tuple[list[str] | None, list[bytes | None]]:
+    """(names, bytes) of a record's images: paths (a string or a list of them) or ``{bytes, path}`` structs
+    (or a list of them); ``(None, [])`` when the value is neither. An embedded image without a path is named
+    by its position (``image 0``)."""
+    if value is None or value == "" or value == []:
+        return [], []
+    items = value if isinstance(value, list) else [value]
+    names, blobs = [], []
+    for position, item in enumerate(items):
+        if isinstance(item, str):
+            names.append(item)
+            blobs.append(None)
+        elif isinstance(item, dict) and isinstance(item.get("bytes"), bytes):
+            names.append(item.get("path") or f"image {position}")
+            blobs.append(item["bytes"])
+        elif isinstance(item, dict) and isinstance(item.get("path"), str) and item["path"]:
+            names.append(item["path"])  # datasets' Image with a path only: a file under the image root
+            blobs.append(None)
+        else:
+            return None, []
+    return names, blobs
+
+
+# The layouts read without settings: LLaVA's (also LLaVA-OneVision-Data's and LLaVA-NeXT-Data's parquet, whose
+# source column is data_source), LLaMA-Factory's ShareGPT with OpenAI-style messages, and The Cauldron's.
+LLAVA = Layout()
+SHAREGPT = Layout(
+    messages="messages",
+    images="images",
+    role_tag="role",
+    content_tag="content",
+    user_tag="user",
+    assistant_tag="assistant",
+)
+# LLaMA-Factory's defaults for a ShareGPT entry of dataset_info.json that names no columns or tags.
+LLAMAFACTORY_DEFAULT = Layout(images="images")
+CAULDRON = Layout(messages="texts", images="images", role_tag=None, user_tag="user", assistant_tag="assistant")
+
+
+def layout_of_record(record: object) -> Layout:
+    """The layout a JSON record of unknown layout is in: LLaVA's, or ShareGPT's (``messages`` or an
+    ``images`` list)."""
+    if not isinstance(record, dict) or "image" in record:
+        return LLAVA
+    if "conversations" not in record and isinstance(record.get("messages"), list):
+        return SHAREGPT
+    return LLAMAFACTORY_DEFAULT if isinstance(record.get("images"), list) else LLAVA
 
 
 def as_llava(record: object) -> object:
-    """A record in LLaMA-Factory's multimodal ShareGPT form as the LLaVA record it stands for; any other
-    record as it is.
-
-    ShareGPT: ``messages`` of ``{"role": "user"|"assistant", "content": str}`` or ``conversations`` of
-    ``{"from": "human"|"gpt", "value": str}``, with an ``images`` list (paths relative to the image root,
-    ``<image>`` tags where they go, as in LLaVA). Other fields are kept. What does not map (a ``system``
-    or tool turn, content that is not a string) is carried as it is, for validation to name.
-    """
-    if not isinstance(record, dict) or "image" in record:
-        return record
-    messages = record.get("messages") if "conversations" not in record else None
-    images = record.get("images")
-    if not isinstance(messages, list) and not isinstance(images, list):
-        return record
-    converted = {key: value for key, value in record.items() if key not in ("messages", "images")}
-    if isinstance(messages, list):
-        converted["conversations"] = [as_turn(message) for message in messages]
-    if isinstance(images, list) and images:
-        converted["image"] = images[0] if len(images) == 1 else images
-    elif images is not None and not isinstance(images, list):
-        converted["image"] = images  # not a list: validation names it
-    return converted
-
-
-def as_turn(message: object) -> object:
-    if not isinstance(message, dict) or "role" not in message:
-        return message
-    role = message["role"]
-    return {"from": SHAREGPT_ROLES.get(role, role), "value": message.get("content")}
+    """A record in LLaVA's or LLaMA-Factory's ShareGPT layout (told apart by its keys) as a LLaVA record."""
+    layout = layout_of_record(record)
+    return record if layout is LLAVA else layout.as_llava(record)
 
 
 def record_id(record: object, index: int) -> str:
@@ -142,6 +252,11 @@ def check_conversation(record: dict, max_images: int) -> list[str]:
     if not isinstance(turns, list) or not turns:
         raise InvalidRecord("conversations_empty", "'conversations' is empty or not a list")
     for position, turn in enumerate(turns):
+        if isinstance(turn, dict) and turn.get("from") in ("system", "tool", "function_call", "observation"):
+            raise InvalidRecord(
+                "turn_role_unsupported",
+                f"turn {position} is a {turn['from']} turn; selection reads user and assistant turns only",
+            )
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
             raise InvalidRecord("turn_malformed", f"turn {position} needs 'from' in human/gpt and a string 'value'")
         expected = "human" if position % 2 == 0 else "gpt"
@@ -163,8 +278,10 @@ def check_conversation(record: dict, max_images: int) -> list[str]:
         raise InvalidRecord("too_many_images", f"{max(len(paths), tags)} images, the proxy supports {max_images}")
     if tags != len(paths):
         raise InvalidRecord("image_tag_count_mismatch", f"{tags} {IMAGE_TAG} tags for {len(paths)} images")
-    for path in paths:
-        check_relative_path(path)
+    blobs = record.get(EMBEDDED) or [None] * len(paths)
+    for path, blob in zip(paths, blobs):
+        if blob is None:
+            check_relative_path(path)
     return paths
 
 

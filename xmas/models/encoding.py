@@ -17,13 +17,14 @@ wherever a record is encoded.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from xmas.data.records import IMAGE_POSITIONS, image_paths, to_messages
+from xmas.data.records import EMBEDDED, IMAGE_POSITIONS, image_paths, to_messages
 from xmas.errors import XmasError
 from xmas.io import read_json
 from xmas.models.image_tokens import ImageTokens, Run
@@ -62,20 +63,30 @@ class Encoding:
             raise XmasError(f"{path}: not a valid encoding file ({error}); run proxy-init again") from None
 
 
-def open_images(record: dict, image_root: Path) -> list[Image.Image]:
-    """The record's images in RGB, in the order of its ``<image>`` tags (the processor's order)."""
+def image_files(record: dict, image_root: Path | None) -> list:
+    """What to open for each of the record's images, in the order of its ``<image>`` tags (the processor's
+    order): its embedded bytes, else its file under ``image_root``."""
+    paths = image_paths(record)
+    blobs = record.get(EMBEDDED) or [None] * len(paths)
+    if image_root is None and any(blob is None for blob in blobs):
+        raise XmasError(f"record {record.get('id')!r} names image files, but no image root was given (--image-root)")
+    return [io.BytesIO(blob) if blob is not None else Path(image_root) / path for path, blob in zip(paths, blobs)]
+
+
+def open_images(record: dict, image_root: Path | None) -> list[Image.Image]:
+    """The record's images in RGB, in the order of its ``<image>`` tags."""
     images = []
-    for path in image_paths(record):
-        with Image.open(Path(image_root) / path) as image:
+    for file in image_files(record, image_root):
+        with Image.open(file) as image:
             images.append(image.convert("RGB"))
     return images
 
 
-def image_sizes(record: dict, image_root: Path) -> list[tuple[int, int]]:
+def image_sizes(record: dict, image_root: Path | None) -> list[tuple[int, int]]:
     """(width, height) of the record's images, read from their headers: no pixel is decoded."""
     sizes = []
-    for path in image_paths(record):
-        with Image.open(Path(image_root) / path) as image:
+    for file in image_files(record, image_root):
+        with Image.open(file) as image:
             sizes.append(image.size)
     return sizes
 
@@ -154,8 +165,6 @@ class ConversationEncoder:
         """The sizes of the record's images, where the family's tokens depend on them (else unread)."""
         if self.family.layout == "fixed":
             return [(1, 1)] * len(image_paths(record))
-        if self.image_root is None:
-            raise XmasError(f"a {self.family.name} image's tokens depend on its size: the encoder needs the image root")
         return image_sizes(record, self.image_root)
 
     def runs(self, ids: list[int], sizes: list[tuple[int, int]], record: dict) -> list[Run]:

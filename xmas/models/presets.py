@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from xmas.data.annotations import iter_spans
 from xmas.data.records import IMAGE_TAG, InvalidRecord, check_conversation
+from xmas.data.sources import open_source
 from xmas.errors import XmasError
 from xmas.io import atomic_path
 from xmas.models.checkpoints import hub_errors, load_checkpoint
@@ -93,14 +93,14 @@ def train_tokenizer(texts: list[str]):
 def conversation_texts(annotations: Path) -> list[str]:
     """The turns of every record with a well-formed conversation: what a from-config tokenizer learns."""
     texts = []
-    for span in progress(iter_spans(annotations), desc="read the conversations", unit="rec"):
+    for found in progress(open_source(annotations).records(), desc="read the conversations", unit="rec"):
         try:
-            if not isinstance(span.record, dict):
+            if not isinstance(found.record, dict):
                 continue
-            check_conversation(span.record, max_images=1 << 30)
+            check_conversation(found.record, max_images=1 << 30)
         except InvalidRecord:
             continue
-        texts += [turn["value"].replace(IMAGE_TAG, " ") for turn in span.record["conversations"]]
+        texts += [turn["value"].replace(IMAGE_TAG, " ") for turn in found.record["conversations"]]
     return texts
 
 

@@ -9,13 +9,18 @@ from pathlib import Path
 from xmas.data.download import Downloader, load_manifest, resolve_manifest
 from xmas.io import write_json
 from xmas.progress import StageStats
+from xmas.settings import default_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", required=True, help="llava665k, visionflan (shipped manifests), or a manifest file (.yaml)"
     )
-    parser.add_argument("--dest", type=Path, help="dataset folder (default: data/<name>)")
+    parser.add_argument(
+        "--dest",
+        type=Path,
+        help=f"dataset folder (default: {default_of('dataset.data_dir')}/<name>, config dataset.data_dir)",
+    )
     parser.add_argument("--report", type=Path, help="what was downloaded, as JSON (default: <dest>/download.json)")
     parser.add_argument("--keep-archives", action="store_true", help="keep image archives after unpacking them")
     parser.add_argument("--retries", type=int, default=5, help="resumes of an interrupted transfer before giving up")
@@ -26,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     manifest = load_manifest(resolve_manifest(args.dataset))
-    dest = args.dest or Path("data") / manifest.name
+    dest = args.dest or Path(default_of("dataset.data_dir")) / manifest.name
     stats = StageStats(f"download {manifest.name}")
     downloader = Downloader(
         manifest,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from xmas.data.sources import stage_source
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, use_threads
 from xmas.settings import add_settings, settings_of
 from xmas.training.engine import context_from_environment
@@ -20,7 +21,9 @@ from xmas.training.finetune import finetune
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", required=True, type=Path, help="the target's checkpoint 0 (from `xmas target-init`)")
-    parser.add_argument("--subset", required=True, type=Path, help="subset JSON (LLaVA format) to fine-tune on")
+    parser.add_argument(
+        "--subset", required=True, type=Path, help="subset to fine-tune on (as `xmas sample` writes it)"
+    )
     add_input_arguments(parser, "image_root")
     parser.add_argument("--out", required=True, type=Path, help="folder to write the fine-tuned target to")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data order and the LoRA initialisation")
@@ -31,5 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     use_threads(args.threads)
     stats = StageStats(f"finetune-target {args.out}")
-    finetune(args.base, args.subset, args.image_root, args.out, settings_of(args, "finetune-target"), args.seed, stats)
+    settings = settings_of(args, "finetune-target")
+    subset = stage_source(args.subset, settings)
+    finetune(args.base, subset, args.image_root, args.out, settings, args.seed, stats)
     stats.finish(args.stats if context_from_environment().is_main else None)

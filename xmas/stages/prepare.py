@@ -6,9 +6,10 @@ checkpoint 0 holds them) its image fits within ``max_length`` with text after it
 is cut at the end, as LLaVA does; ``tokens`` records each record's full length.
 
 Nothing is dropped: a record that cannot be used stays in the table with ``status=excluded``
-and a ``reason`` code, so the final manifest accounts for every source record. The annotation
-file is streamed, one record at a time; each row keeps the record's byte ``offset`` and
-``length`` in the file, so later stages can read single records without loading the file.
+and a ``reason`` code, so the final manifest accounts for every source record. The source is
+streamed (:mod:`xmas.data.sources`), one record (or row group) at a time, embedded images checked
+as they pass; each row keeps the record's position (a JSON record's byte ``offset`` and ``length``,
+a table's ``shard``, ``row_group`` and ``row``), so later stages read single records.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
+import io
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,15 +25,15 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from xmas.data.annotations import SourceRecords, iter_spans
-from xmas.data.records import InvalidRecord, check_conversation, record_id
+from xmas.data.records import EMBEDDED, InvalidRecord, check_conversation, record_id
+from xmas.data.sources import POSITION_COLUMNS, Source, as_source, logged, stage_source
 from xmas.errors import XmasError
 from xmas.io import write_parquet
 from xmas.models.encoding import ConversationEncoder
 from xmas.progress import StageStats, add_input_arguments, progress
 from xmas.settings import add_settings, settings_of
 
-COLUMNS = ["uid", "index", "has_image", "image", "source", "status", "reason", "detail", "offset", "length"]
+COLUMNS = ["uid", "index", "has_image", "image", "source", "status", "reason", "detail", *POSITION_COLUMNS]
 IMAGE_BATCH = 4096
 TOKEN_BATCH = 1024
 # A conversation longer than this many characters per token of max_length is excluded as too_long: no
@@ -102,26 +104,103 @@ def check_record(record: object, max_images: int) -> dict:
     return row
 
 
-def validate(annotations: Path, max_images: int) -> tuple[pd.DataFrame, dict[int, list[str]]]:
-    """One row per record of the file, streamed: uid, index, structure checks, byte span. The table's
-    ``image`` column holds a record's first image; the second item maps the rows of records with more
-    images to all of their paths."""
-    columns: dict[str, list] = {name: [] for name in COLUMNS}
-    more_images = {}
+class Table:
+    """The examples table as rows stream in: compact frames of CHUNK_ROWS rows, so that millions of records
+    are never held as Python objects. ``embedded`` marks the rows whose images are embedded."""
+
+    COLUMNS = [*COLUMNS, "embedded"]
+    TYPES = {"index": "int64", "has_image": "bool", "embedded": "bool", **{name: "Int64" for name in POSITION_COLUMNS}}
+
+    def __init__(self):
+        self.frames: list[pd.DataFrame] = []
+        self.start = 0
+        self.columns: dict[str, list] = {name: [] for name in self.COLUMNS}
+
+    def append(self, row: dict) -> None:
+        for name in self.COLUMNS:
+            self.columns[name].append(row.get(name))
+
+    def exclude(self, index: int, reason: str, detail: str) -> None:
+        position = index - self.start
+        self.columns["status"][position], self.columns["reason"][position] = "excluded", reason
+        self.columns["detail"][position] = detail
+
+    def __len__(self) -> int:
+        return len(self.columns["index"])
+
+    def flush(self) -> None:
+        if len(self):
+            self.frames.append(pd.DataFrame(self.columns, columns=self.COLUMNS).astype(self.TYPES))
+            self.start += len(self)
+            self.columns = {name: [] for name in self.COLUMNS}
+
+    def frame(self) -> pd.DataFrame:
+        self.flush()
+        if not self.frames:
+            return pd.DataFrame({name: [] for name in self.COLUMNS}).astype(self.TYPES)
+        return pd.concat(self.frames, ignore_index=True) if len(self.frames) > 1 else self.frames[0]
+
+
+CHUNK_ROWS = 1 << 16
+
+
+def validate(source: Source, max_images: int, decode: bool, workers: int) -> tuple[pd.DataFrame, dict]:
+    """One row per record of the source, streamed: uid, index, structure checks, position. The table's
+    ``image`` column holds a record's first image (``embedded`` tells whether its images are embedded); the
+    second item maps the rows of records with more image files to all of their paths. Embedded images are
+    checked here, as they stream by (:func:`check_embedded`)."""
+    table, more_images, pending = Table(), {}, []
     assign = UniqueIds()
-    for span in progress(iter_spans(annotations), desc="validate records", unit="rec"):
-        row = check_record(span.record, max_images)
-        row.update(uid=assign(span.record, span.index), index=span.index, offset=span.offset, length=span.length)
-        for name in COLUMNS:
-            columns[name].append(row[name])
-        if len(row["images"]) > 1:
-            more_images[span.index] = row["images"]
-    examples = pd.DataFrame(columns, columns=COLUMNS)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for found in progress(source.records(), desc="validate records", unit="rec"):
+            row = check_record(found.record, max_images)
+            row.update(uid=assign(found.record, found.index), index=found.index, **found.position)
+            row["embedded"] = row["status"] == "ok" and isinstance(found.record, dict) and EMBEDDED in found.record
+            table.append(row)
+            if row["embedded"]:
+                pending.append((found.index, found.record[EMBEDDED]))
+                if len(pending) >= IMAGE_BATCH:
+                    check_embedded(pending, table, pool, decode)
+            elif len(row["images"]) > 1:
+                more_images[found.index] = row["images"]
+            if len(table) >= CHUNK_ROWS:
+                check_embedded(pending, table, pool, decode)
+                table.flush()
+        check_embedded(pending, table, pool, decode)
+    examples = table.frame()
     examples.attrs["renamed_duplicate_ids"] = assign.renamed
-    return examples.astype({"index": "int64", "offset": "int64", "length": "int64", "has_image": "bool"}), more_images
+    return examples, more_images
 
 
-def decode_error(path: Path) -> str | None:
+def check_embedded(pending: list[tuple[int, list]], table: Table, pool, decode: bool) -> None:
+    """Exclude the pending records with an embedded image that does not open (with ``decode``: that does not
+    decode), naming the first; their images are held only until then."""
+    flat = [(index, position, blob) for index, blobs in pending for position, blob in enumerate(blobs)]
+    problems = pool.map(lambda item: MIXED if item[2] is None else bytes_problem(item[2], decode), flat)
+    excluded = set()
+    for (index, position, _), problem in zip(flat, problems):
+        if problem is not None and index not in excluded:
+            excluded.add(index)
+            table.exclude(index, "image_unreadable", f"embedded image {position}: {problem}")
+    pending.clear()
+
+
+MIXED = "the record mixes embedded images with image files, which xmas does not read"
+
+
+def bytes_problem(blob: bytes, decode: bool) -> str | None:
+    """Why embedded image bytes cannot be used (they do not open, or with ``decode`` do not decode); None if
+    they can."""
+    if decode:
+        return decode_error(io.BytesIO(blob))
+    try:
+        with Image.open(io.BytesIO(blob)):
+            return None
+    except Exception as error:  # noqa: BLE001 - any decoder failure means the image is unusable
+        return f"{type(error).__name__}: {error}"
+
+
+def decode_error(path) -> str | None:
     try:
         with Image.open(path) as image:
             # JPEG: decode at 1/8 scale; every byte of the entropy-coded data is still read,
@@ -168,6 +247,7 @@ def image_problem(path: Path, real_root: Path | None, real_path: RealPaths, deco
 def check_image_files(
     examples: pd.DataFrame,
     more_images: dict[int, list[str]],
+    file_images: pd.Series,
     image_root: Path,
     decode: bool,
     links_inside_root: bool,
@@ -176,7 +256,7 @@ def check_image_files(
     """Exclude records with an image that cannot be used (see :func:`image_problem`), naming the first; each
     file is checked once however many records share it, in parallel threads (file systems and decoders
     release the GIL)."""
-    candidates = examples.index[(examples.status == "ok") & examples.has_image]
+    candidates = examples.index[(examples.status == "ok") & file_images]
     several = {row: paths for row, paths in more_images.items() if row in candidates}
     images = sorted(set(examples.loc[candidates, "image"]).union(*several.values()))
     check = functools.partial(
@@ -237,7 +317,9 @@ def exclude_unfit(
     return kept_rows, kept
 
 
-def check_lengths(examples: pd.DataFrame, annotations: Path, image_root: Path, model: Path, stats: StageStats) -> None:
+def check_lengths(
+    examples: pd.DataFrame, source: Source, image_root: Path | None, model: Path, stats: StageStats
+) -> None:
     """Count every usable record's tokens with the proxy (its images' tokens from their sizes, where the
     family's depend on them); exclude those whose image would be cut, those too long to tokenize, and those
     with more images than the proxy's family takes."""
@@ -246,7 +328,7 @@ def check_lengths(examples: pd.DataFrame, annotations: Path, image_root: Path, m
     usable = examples.index[examples.status == "ok"]
     tokens = pd.Series(pd.NA, index=examples.index, dtype="Int64")
     batches = [usable[i : i + TOKEN_BATCH] for i in range(0, len(usable), TOKEN_BATCH)]
-    with SourceRecords(annotations, examples.loc[usable]) as records:
+    with source.reader(examples.loc[usable]) as records:
         done = 0
         for batch in progress(batches, total=len(batches), desc="count tokens", unit="batch"):
             rows, fitting = exclude_unfit(examples, batch, records[done : done + len(batch)], encoder)
@@ -272,15 +354,25 @@ def exclude(examples: pd.DataFrame, row, reason: str, detail: str) -> None:
 
 
 def prepare(
-    annotations: Path, image_root: Path, settings, workers: int, stats: StageStats, model: Path | None = None
+    source: Source | Path, image_root: Path | None, settings, workers: int, stats: StageStats, model: Path | None = None
 ) -> pd.DataFrame:
     """The examples table; ``settings``: the prepare stage's (:func:`xmas.settings.settings_class`); ``model``
     (checkpoint 0 of the proxy) adds the token-length check."""
-    examples, more_images = validate(Path(annotations), settings.max_images)
+    source = as_source(source)
+    examples, more_images = validate(source, settings.max_images, settings.check_images, workers)
     links_inside_root = settings.image_links == "inside_root"
-    check_image_files(examples, more_images, Path(image_root), settings.check_images, links_inside_root, workers)
+    file_images = examples.has_image & ~examples.pop("embedded")
+    if (file_images & (examples.status == "ok")).any():
+        if image_root is None:
+            raise XmasError(
+                f"{source.given}: its records name image files; give the folder they are relative to "
+                "(--image-root, config dataset.image_root)"
+            )
+        check_image_files(
+            examples, more_images, file_images, Path(image_root), settings.check_images, links_inside_root, workers
+        )
     if model is not None:
-        check_lengths(examples, Path(annotations), Path(image_root), Path(model), stats)
+        check_lengths(examples, source, image_root, Path(model), stats)
     stats.add("in", len(examples))
     ok = examples[examples.status == "ok"]
     stats.add("ok", len(ok))
@@ -293,10 +385,7 @@ def prepare(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--annotations", required=True, type=Path, help="the records: JSON list or JSON Lines, LLaVA or ShareGPT"
-    )
-    add_input_arguments(parser, "image_root")
+    add_input_arguments(parser, "annotations", "image_root")
     parser.add_argument(
         "--model",
         required=True,
@@ -328,7 +417,8 @@ def nothing_usable(annotations: Path, examples: pd.DataFrame, table: Path) -> st
 def run(args: argparse.Namespace) -> None:
     stats = StageStats("prepare")
     settings = settings_of(args, "prepare")
-    examples = prepare(args.annotations, args.image_root, settings, args.workers, stats, args.model)
+    source = logged(stage_source(args.annotations, settings))
+    examples = prepare(source, args.image_root, settings, args.workers, stats, args.model)
     table = excluded_table(args.out)
     if not (examples.status == "ok").any():
         if not examples.empty:

@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xmas.data.annotations import SourceRecords
+from xmas.data.sources import Source, as_source, stage_source
 from xmas.errors import XmasError
 from xmas.evaluation.comparison import comparison_table
 from xmas.io import atomic_path, read_json, read_parquet
 from xmas.progress import StageStats, add_input_arguments
+from xmas.settings import add_settings, settings_of
 
 LARGEST_CLUSTERS = 6
 SAMPLED_CLUSTERS = 6
@@ -293,12 +294,12 @@ def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageSta
     )
 
 
-def question_types(annotations: Path, usable: pd.DataFrame) -> pd.Series | None:
+def question_types(source: Source | Path, usable: pd.DataFrame) -> pd.Series | None:
     """The demo's ``question_type`` field by source index, for analysis only (selection never reads it).
 
     Real datasets have no such field: the first record tells, so their records are not all read.
     """
-    with SourceRecords(annotations, usable) as records:
+    with as_source(source).reader(usable) as records:
         if not len(records) or "question_type" not in records[0]:
             return None
         types = pd.Series([record.get("question_type") for record in records], index=usable["index"], dtype=object)
@@ -321,6 +322,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats-dir", type=Path, default=Path("logs/stats"), help="the stages' stats JSON files")
     parser.add_argument("--run-config", default="{}", help="the workflow config as JSON, shown on the page")
     parser.add_argument("--out", required=True, type=Path, help="HTML page to write")
+    add_settings(parser, "report")
 
 
 def run(args: argparse.Namespace) -> None:
@@ -332,7 +334,7 @@ def run(args: argparse.Namespace) -> None:
     subsets = [Subset(method, budget, read_parquet(path)) for method, budget, path in args.manifest]
     inputs = {
         "examples": args.examples,
-        "annotations": args.annotations,
+        "annotations": stage_source(args.annotations, settings_of(args, "report")),
         "clusters": args.clusters,
         "trajectories": args.trajectories,
         "eval_summary": args.eval_summary,

@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from xmas.data.annotations import SPAN_COLUMNS, SourceRecords
 from xmas.data.examples import TEXT_ONLY, read_examples
+from xmas.data.sources import POSITION_COLUMNS, Source, as_source, stage_source
 from xmas.errors import XmasError
-from xmas.io import read_parquet, write_parquet, write_raw_records
+from xmas.io import read_parquet, write_parquet
 from xmas.methods import METHODS, method_named
 from xmas.progress import StageStats, add_input_arguments, log
-from xmas.settings import add_settings
+from xmas.settings import add_settings, settings_of
 
 MANIFEST_COLUMNS = ["uid", "index", "cluster", "stability", "selected", "reason"]
 
@@ -229,12 +229,11 @@ def sample(
     return manifest
 
 
-def write_subset(annotations: Path, examples: Path, manifest: pd.DataFrame, out: Path) -> int:
-    """The selected records, copied byte for byte from the annotation file in source order; returns how many."""
-    spans = read_examples(examples, ["uid", "index", *SPAN_COLUMNS])
-    chosen = spans[spans.uid.isin(manifest.uid[manifest.selected])].sort_values("index")
-    with SourceRecords(annotations, chosen) as records:
-        return write_raw_records((records.raw(position) for position in range(len(records))), out)
+def write_subset(source: Source | Path, examples: Path, manifest: pd.DataFrame, out: Path) -> int:
+    """The selected records in source order, in the source's format (:meth:`Source.write_subset`: JSON
+    records byte for byte, parquet rows whole); returns how many."""
+    positions = read_examples(examples, ["uid", "index", *POSITION_COLUMNS])
+    return as_source(source).write_subset(positions[positions.uid.isin(manifest.uid[manifest.selected])], out)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -254,7 +253,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ", ".join(name for name, method in METHODS.items() if method.signal)
         + ")",
     )
-    parser.add_argument("--out", required=True, type=Path, help="subset JSON to write (LLaVA format)")
+    parser.add_argument(
+        "--out", required=True, type=Path, help="subset to write, in the source's format (.json, .jsonl or .parquet)"
+    )
     parser.add_argument("--manifest", type=Path, help="manifest parquet (default: <out>.manifest.parquet)")
     parser.add_argument(
         "--seed",
@@ -267,6 +268,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     stats = StageStats(f"sample {args.method} {args.budget}")
+    source = stage_source(args.annotations, settings_of(args, "sample"))
+    if args.out.suffix != source.suffix:
+        raise XmasError(f"--out {args.out}: a subset of {source.given} is written as {source.suffix}, its format")
     manifest = sample(
         args.method,
         args.budget,
@@ -277,7 +281,7 @@ def run(args: argparse.Namespace) -> None:
         stats,
         args.text_only_share,
     )
-    written = write_subset(args.annotations, args.examples, manifest, args.out)
+    written = write_subset(source, args.examples, manifest, args.out)
     selected = int(manifest.selected.sum())
     if written != selected:
         raise XmasError(f"accounting failed: {args.out} holds {written} records but the manifest selects {selected}")

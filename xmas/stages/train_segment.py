@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from xmas.data.examples import usable_records
+from xmas.data.sources import Source, as_source, stage_source
 from xmas.errors import XmasError
 from xmas.io import atomic_path, load_torch, verify
 from xmas.models.checkpoints import load_checkpoint
@@ -91,12 +92,12 @@ def train_segment(
     checkpoint: int,
     settings,
     examples: Path,
-    annotations: Path,
-    image_root: Path,
+    source: Source | Path,
+    image_root: Path | None,
     stats: StageStats,
 ) -> None:
     """``settings``: the train-segment stage's (:func:`xmas.settings.settings_class`)."""
-    records = usable_records(examples, annotations)
+    records = usable_records(examples, as_source(source))
     if not records:
         raise XmasError(f"{examples}: no usable records to train on")
     count = checkpoint_count(len(records), settings)
@@ -182,13 +183,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     use_threads(args.threads)
     stats = StageStats(f"train-segment {args.checkpoint}")
+    settings = settings_of(args, "train-segment")
     train_segment(
         args.previous,
         args.out,
         args.checkpoint,
-        settings_of(args, "train-segment"),
+        settings,
         args.examples,
-        args.annotations,
+        stage_source(args.annotations, settings),
         args.image_root,
         stats,
     )

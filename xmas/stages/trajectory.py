@@ -20,8 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from xmas.data.annotations import SourceRecords
 from xmas.data.examples import shard_slice, usable_image_examples
+from xmas.data.sources import Source, as_source, stage_source
 from xmas.errors import XmasError
 from xmas.io import damage_of, read_json, read_seal, read_table, write_json, write_parquet
 from xmas.methods import SIGNALS
@@ -197,7 +197,7 @@ def extract_chunk(signal, records: list[dict], batch_size: int, lengths: list[in
     return run_batches(records, batch_positions(lengths, len(records), batch_size), signal)
 
 
-def load_signal(model_path: Path, image_root: Path, settings, signal: str, device: torch.device):
+def load_signal(model_path: Path, image_root: Path | None, settings, signal: str, device: torch.device):
     """The checkpoint in the extraction dtype, wrapped as the signal asked for, as the settings define it."""
     dtype = resolve_dtype(settings.dtype)
     model, processor = load_checkpoint(model_path, dtype=dtype)
@@ -217,8 +217,8 @@ def extract_shard(
     model_path: Path,
     checkpoint: int,
     shard: pd.DataFrame,
-    annotations: Path,
-    image_root: Path,
+    source: Source | Path,
+    image_root: Path | None,
     out: Path,
     settings,
     signal: str,
@@ -239,7 +239,7 @@ def extract_shard(
         values_of = load_signal(model_path, image_root, settings, signal, compute_device())
         for n, chunk in progress(todo, total=len(todo), desc=f"checkpoint {checkpoint} chunks", unit="chunk"):
             lengths = chunk["tokens"].tolist() if settings.group_by_length else None
-            with SourceRecords(annotations, chunk) as records:
+            with as_source(source).reader(chunk) as records:
                 values = extract_chunk(values_of, records[:], settings.batch_size, lengths)
             write_parquet(
                 trajectory_table(chunk["uid"].to_numpy(), checkpoint, columns, values), parts / f"part-{n:05d}.parquet"
@@ -287,6 +287,14 @@ def run(args: argparse.Namespace) -> None:
     settings = settings_of(args, "trajectory")
     shard = shard_slice(usable_image_examples(args.examples), args.shard, args.shards)
     extract_shard(
-        args.model, args.checkpoint, shard, args.annotations, args.image_root, args.out, settings, args.signal, stats
+        args.model,
+        args.checkpoint,
+        shard,
+        stage_source(args.annotations, settings),
+        args.image_root,
+        args.out,
+        settings,
+        args.signal,
+        stats,
     )
     stats.finish(args.stats)

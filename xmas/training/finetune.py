@@ -22,8 +22,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from xmas.data.annotations import SourceRecords, iter_spans
 from xmas.data.records import record_id
+from xmas.data.sources import POSITION_COLUMNS, Source, as_source
 from xmas.errors import XmasError
 from xmas.io import atomic_path, damage_of, load_torch, read_json, seal_path, verify, write_seal
 from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint
@@ -46,22 +46,27 @@ from xmas.training.schedule import steps_per_epoch
 LENGTH_BATCH = 1024
 
 
-def subset_rows(path: Path) -> pd.DataFrame:
-    """Where each record of a subset JSON lies (one pass over the file), so records are read on demand."""
-    spans = iter_spans(verify(path))
-    rows = [(record_id(span.record, span.index), span.index, span.offset, span.length) for span in spans]
-    return pd.DataFrame(rows, columns=["uid", "index", "offset", "length"])
+def subset_rows(subset: Source) -> pd.DataFrame:
+    """Where each record of a subset lies (one pass over it), so records are read on demand."""
+    for file in subset.files:
+        verify(file)
+    rows = [
+        {"uid": record_id(found.record, found.index), "index": found.index, **found.position}
+        for found in subset.records()
+    ]
+    return pd.DataFrame(rows, columns=["uid", "index", *POSITION_COLUMNS])
 
 
-def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStats) -> SourceRecords:
+def fitting_records(subset: Source | Path, encoder: ConversationEncoder, stats: StageStats):
     """The subset's records the target can encode with their images within its ``max_length``.
 
     ``prepare`` checked every record against the proxy; the target's tokenizer, family and image tokens
     may differ, so a record that cannot be encoded whole for the target is left out here and named.
     """
+    subset = as_source(subset)
     rows = subset_rows(subset)
     fits = []
-    with SourceRecords(subset, rows) as records:
+    with subset.reader(rows) as records:
         for start in progress(
             range(0, len(records), LENGTH_BATCH),
             total=-(-len(records) // LENGTH_BATCH),
@@ -74,9 +79,9 @@ def fitting_records(subset: Path, encoder: ConversationEncoder, stats: StageStat
                 why = ("too_many_images", images) if images else why_left_out(length, encoder.encoding.max_length)
                 fits.append(why is None)
                 if why is not None:
-                    log.warning("%s: record %r left out: %s", subset, record.get("id"), why[1])
+                    log.warning("%s: record %r left out: %s", subset.given, record.get("id"), why[1])
                     stats.exclude(why[0])
-    return SourceRecords(subset, rows[fits])
+    return subset.reader(rows[fits])
 
 
 def why_left_out(length, max_length: int) -> tuple[str, str] | None:
@@ -139,8 +144,8 @@ def model_config(base: Path):
 
 def finetune(
     base: Path,
-    subset: Path,
-    image_root: Path,
+    subset: Path | Source,
+    image_root: Path | None,
     out: Path,
     settings,
     seed: int,
@@ -153,9 +158,12 @@ def finetune(
     With ``save_every_steps``, the run's state is saved every that many steps next to ``out``
     (``<out>.partial/``), and a run started again with the same settings resumes from the last one.
     """
+    subset = as_source(subset)
     records = fitting_records(subset, ConversationEncoder.of_checkpoint(base, image_root=image_root), stats)
     if not len(records):
-        raise XmasError(f"{subset}: the subset has no records the target can train on; there is nothing to fine-tune")
+        raise XmasError(
+            f"{subset.given}: the subset has no records the target can train on; there is nothing to fine-tune"
+        )
     order = DataOrder(len(records), settings.batch_size, seed)
     total = settings.epochs * steps_per_epoch(len(records), settings.batch_size)
     identity = {**dataclasses.asdict(settings), "seed": seed, "projector_only": projector_only}  # what resumes
@@ -182,7 +190,7 @@ def finetune(
                 save_partial(partial, training, model, identity, last, losses, context)
         run = {
             "base": str(Path(base).resolve()),
-            "subset": str(subset),
+            "subset": subset.given,
             "records": len(records),
             "settings": identity,
             "losses": losses,
