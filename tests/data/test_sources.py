@@ -68,6 +68,8 @@ def test_a_save_to_disk_folder_reads_like_the_parquet_of_the_same_dataset(onevis
     columns = ["uid", "status", "tokens", "image"]
     pd.testing.assert_frame_equal(saved[columns], shards[columns])
     assert open_source(onevision / "saved").kind == "arrow"
+    # known from the metadata before a row is read: prepare's progress counts towards it
+    assert open_source(onevision / "saved").count() == open_source(onevision / "data").count() == len(saved)
 
 
 def test_later_stages_read_single_records_back_by_position(onevision, tiny_checkpoint, demo_records):
@@ -227,3 +229,19 @@ def test_a_json_lines_subset_keeps_its_lines_byte_for_byte(demo_records, small_d
     manifest = pd.DataFrame({"uid": examples.uid, "selected": examples.index.isin([1, 4, 8])})
     write_subset(tmp_path / "train.jsonl", tmp_path / "examples.parquet", manifest, tmp_path / "subset.jsonl")
     assert (tmp_path / "subset.jsonl").read_text() == "".join(lines[i] + "\n" for i in (1, 4, 8))
+
+
+def test_a_table_is_read_a_row_group_at_a_time_as_its_records_are_used(onevision, monkeypatch):
+    """Streaming: the first record comes before the second row group is read; each read is one row group."""
+    from xmas.data.sources import Shard
+
+    reads = []
+    original = Shard.read
+    monkeypatch.setattr(
+        Shard, "read", lambda shard, *args: reads.append((shard.path.name, args[0])) or original(shard, *args)
+    )
+    records = open_source(onevision / "data").records()
+    next(records)
+    assert reads == [("train-00000-of-00002.parquet", 0)]
+    rest = list(records)
+    assert len(rest) == 39 and len(reads) == len(set(reads)) == 6  # 2 shards x 3 row groups, each read once

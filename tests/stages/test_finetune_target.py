@@ -209,3 +209,21 @@ def test_a_record_of_more_images_than_the_target_takes_is_left_out_with_its_reas
     with fitting_records(tmp_path / "subset.json", tiny_encoder, stats) as kept:
         assert [record["id"] for record in kept] == [one["id"]]
     assert stats.as_dict()["excluded"] == {"too_many_images": 1}
+
+
+def test_a_parquet_subset_trains_the_target_as_the_same_records_in_json_do(
+    tiny_checkpoint, subset, small_demo, tmp_path
+):
+    """Images decoded from the bytes a parquet subset embeds, records read by position: the same training."""
+    from published import dataset_of, onevision_rows, write_parquet_shards
+
+    [shard] = write_parquet_shards(
+        dataset_of(onevision_rows(read_all(subset), small_demo["images"]), "onevision"), tmp_path / "pq", shards=1
+    )
+    finetune(tiny_checkpoint, subset, small_demo["images"], tmp_path / "from-json", SETTINGS, 0, StageStats("t"))
+    finetune(tiny_checkpoint, shard, None, tmp_path / "from-parquet", SETTINGS, 0, StageStats("t"))
+    from_json, _ = load_target(tmp_path / "from-json")
+    from_parquet, _ = load_target(tmp_path / "from-parquet")
+    base = load_checkpoint(tiny_checkpoint)[0].state_dict()
+    trained = [name for name, p in from_json.state_dict().items() if not torch.equal(p, base[name])]
+    assert trained and all(torch.equal(from_json.state_dict()[name], from_parquet.state_dict()[name]) for name in base)

@@ -84,6 +84,22 @@ class Shard:
         return self._file.schema_arrow if self._file is not None else self._batches[0].schema
 
     @property
+    def rows(self) -> int:
+        if self.kind == "parquet" and self._file is None:
+            try:
+                return pq.read_metadata(self.path).num_rows  # without holding the file open
+            except (pa.ArrowException, OSError):
+                pass  # _open names the problem
+        self._open()
+        return self._file.metadata.num_rows if self._file is not None else sum(len(batch) for batch in self._batches)
+
+    def close(self) -> None:
+        """Let go of the file (a source of thousands of shards must not hold them all open)."""
+        if self._file is not None:
+            self._file.close()
+        self._file = self._batches = None
+
+    @property
     def row_groups(self) -> int:
         self._open()
         return self._file.num_row_groups if self._file is not None else len(self._batches)
@@ -134,6 +150,10 @@ class Source:
         what = "parquet" if self.kind == "parquet" else "datasets' save_to_disk (Arrow)"
         return f"{what}, {len(self.files)} shard(s), {describe(self.layout)}"
 
+    def count(self) -> int | None:
+        """How many records a table holds, from its metadata; None for JSON (known once read)."""
+        return None if self.kind in JSON_KINDS else sum(shard.rows for shard in self.shards)
+
     def convert(self, record: object) -> object:
         return as_llava(record) if self.layout is None else self.layout.as_llava(record)
 
@@ -153,6 +173,7 @@ class Source:
                     position = {"shard": number, "row_group": row_group, "row": row}
                     yield Positioned(index, position, self.convert(record))
                     index += 1
+            shard.close()
 
     def reader(self, rows: pd.DataFrame) -> Sequence:
         """The records at ``rows``' positions (with uid and index), read on demand, each checked to be the
@@ -212,6 +233,8 @@ class TableRecords(Sequence):
         if key not in self.cache:
             if len(self.cache) >= CACHED_ROW_GROUPS:
                 self.cache.popitem(last=False)
+            if self.cache and next(reversed(self.cache))[0] != shard:
+                self.source.shards[next(reversed(self.cache))[0]].close()
             self.cache[key] = self.source.shards[shard].read(row_group, self.columns)
         self.cache.move_to_end(key)
         return self.cache[key]
@@ -225,6 +248,8 @@ class TableRecords(Sequence):
 
     def close(self) -> None:
         self.cache.clear()
+        for shard in self.source.shards:
+            shard.close()
 
     def __enter__(self) -> TableRecords:
         return self

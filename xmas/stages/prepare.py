@@ -152,7 +152,7 @@ def validate(source: Source, max_images: int, decode: bool, workers: int) -> tup
     table, more_images, pending = Table(), {}, []
     assign = UniqueIds()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for found in progress(source.records(), desc="validate records", unit="rec"):
+        for found in progress(source.records(), total=source.count(), desc="validate records", unit="rec"):
             row = check_record(found.record, max_images)
             row.update(uid=assign(found.record, found.index), index=found.index, **found.position)
             row["embedded"] = row["status"] == "ok" and isinstance(found.record, dict) and EMBEDDED in found.record
