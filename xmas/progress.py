@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import resource
 import sys
 import time
@@ -87,6 +88,21 @@ def peak_memory_mb() -> int:
     return round(max(peaks) / (1024 * 1024 if sys.platform == "darwin" else 1024))  # bytes on macOS, KiB on Linux
 
 
+def cpu_seconds() -> float:
+    """CPU time (user and system) of this process and of the children it waited for."""
+    usages = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(usage.ru_utime + usage.ru_stime for usage in usages)
+
+
+def gpus_used() -> int:
+    """The GPUs this job computed on: one per process of its launch (WORLD_SIZE) once this one has used CUDA;
+    0 when it has not (torch is imported only by the stages that compute)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return 0
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 class StageStats:
     """Counts what a stage took in, wrote out and excluded (by reason); logged and written as JSON."""
 
@@ -113,6 +129,8 @@ class StageStats:
             "excluded": dict(sorted(self.excluded.items())),
             "excluded_total": sum(self.excluded.values()),
             "seconds": round(time.monotonic() - self._start, 3),
+            "cpu_seconds": round(cpu_seconds(), 3),
+            "gpus": gpus_used(),
             "peak_memory_mb": peak_memory_mb(),
             **self.extra,
         }

@@ -96,6 +96,8 @@ def test_report_is_self_contained_and_shows_the_run(report):
     assert '"checkpoints": 3' in page  # the run's configuration
     assert "train-segment 3" in page and "trajectory checkpoint 3 shard 1" in page  # counts per stage
     assert "<h2>Evaluation</h2>" not in page
+    cost = page.split("<h2>What selection cost</h2>")[1].split("<h2>")[0]
+    assert "<td>proxy training</td>" in cost and "<td>sample random</td>" in cost and "full fine-tune" not in cost
 
 
 @pytest.mark.slow
@@ -111,6 +113,8 @@ def test_the_evaluation_report_compares_methods_over_seeds(evaluation_report, wo
     assert len(rows) == len(summary.drop_duplicates(["method", "budget"]))
     assert {row[header.index("method")] for row in rows} == set(summary.method)
     assert set(summary.benchmark) <= set(header) and all("±" in row[header.index("ARP")] for row in rows)
+    cost = page.split("<h2>What selection cost</h2>")[1].split("<h2>")[0]
+    assert "<th>× a full fine-tune</th>" in cost and "<td>xmas</td>" in cost
 
 
 def test_arp_figure_and_table_from_an_evaluation_summary():

@@ -24,6 +24,7 @@ import pandas as pd
 from xmas.data.sources import Source, as_source, stage_source
 from xmas.errors import XmasError
 from xmas.evaluation.comparison import comparison_table
+from xmas.evaluation.cost import method_costs, stage_costs
 from xmas.io import atomic_path, read_json, read_parquet
 from xmas.progress import StageStats, add_input_arguments
 from xmas.settings import add_settings, settings_of
@@ -209,6 +210,30 @@ def stage_counts(stats_dir: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def cost_tables(stats_dir: Path, methods: list[str]) -> dict[str, str]:
+    """The page's cost section (:mod:`xmas.evaluation.cost`); against a full-data fine-tune once one has run."""
+    if not stats_dir.is_dir():
+        return {"reference": "", "stage_costs": "<p>no stats</p>", "method_costs": ""}
+    per_method = method_costs(stats_dir, methods)
+    compared = "× a full fine-tune" in per_method.columns
+    return {
+        "reference": ", against one full-data fine-tune of the target (the mean over its seeds)" if compared else "",
+        "stage_costs": table_html(seconds_as_text(stage_costs(stats_dir, methods).rename_axis("stage").reset_index())),
+        "method_costs": table_html(seconds_as_text(per_method)),
+    }
+
+
+def seconds_as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Seconds as people read them (12.3, 4,567), ratios to three places."""
+    shown = frame.copy()
+    for column in shown.columns:
+        if column.endswith(" s"):
+            shown[column] = [f"{value:,.0f}" if value >= 100 else f"{value:.1f}" for value in shown[column]]
+        elif column.startswith("×"):
+            shown[column] = [f"{value:.3f}" for value in shown[column]]
+    return shown
+
+
 def versions() -> pd.DataFrame:
     rows = [{"package": "python", "version": platform.python_version()}]
     for package in VERSIONED_PACKAGES:
@@ -242,6 +267,9 @@ pre {{ background: #f6f6f6; padding: 1rem; overflow-x: auto; font-size: 0.8rem; 
 <h2>Subsets</h2>{subsets}
 <h2>What was selected</h2>{figures}
 {evaluation}
+<h2>What selection cost</h2>
+<p>Per stage, the jobs' wall, CPU and GPU seconds (from logs/stats); per method, the stages its selection needs
+and its own sampling{reference}.</p>{stage_costs}{method_costs}
 <h2>Run</h2>
 <h3>Records excluded by prepare, by reason</h3>{exclusions}
 <h3>Counts per stage</h3>{stages}
@@ -288,6 +316,7 @@ def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageSta
         figures="\n".join(figure.html() for figure in figures),
         evaluation=evaluation,
         exclusions=table_html(exclusions) if len(exclusions) else "<p>none</p>",
+        **cost_tables(inputs["stats_dir"], list(dict.fromkeys(subset.method for subset in subsets))),
         stages=table_html(stage_counts(inputs["stats_dir"])) if inputs["stats_dir"].is_dir() else "<p>no stats</p>",
         versions=table_html(versions()),
         config=html.escape(json.dumps(run_config, indent=2, sort_keys=True), quote=False),

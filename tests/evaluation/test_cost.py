@@ -1,0 +1,89 @@
+"""What the selection cost (xmas.evaluation.cost): every job's seconds as its stats record them, summed per
+stage and per method, against a full-data fine-tune of the target."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from xmas.evaluation.cost import method_costs, stage_costs
+from xmas.progress import StageStats
+
+
+def test_a_jobs_stats_record_its_cpu_seconds_and_no_gpu_on_a_cpu(tmp_path):
+    import torch
+
+    stats = StageStats("busy")
+    start = time.process_time()
+    torch.randn(512, 512) @ torch.randn(512, 512)  # torch imported and used, CUDA never initialised
+    while time.process_time() - start < 0.3:
+        pass
+    recorded = stats.finish(tmp_path / "busy.json")
+    assert recorded["cpu_seconds"] >= 0.3 and recorded["gpus"] == 0
+    assert json.loads((tmp_path / "busy.json").read_text())["cpu_seconds"] == recorded["cpu_seconds"]
+
+
+def write_stats(root, path: str, seconds: float, cpu: float, gpus: int = 0) -> None:
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).write_text(json.dumps({"stage": path, "seconds": seconds, "cpu_seconds": cpu, "gpus": gpus}))
+
+
+@pytest.fixture
+def stats_dir(tmp_path):
+    """The stats a run of xmas, loss and random leaves (as workflow/rules/*.smk name them), with two full-data
+    fine-tunes of the target."""
+    jobs = {
+        "proxy/checkpoint-0.json": (4, 3),
+        "prepare.json": (6, 5),
+        "proxy/checkpoint-1.json": (100, 90),
+        "proxy/checkpoint-2.json": (100, 90),
+        "trajectories/checkpoint-1/shard-0.json": (20, 15),
+        "trajectories/checkpoint-2/shard-0.json": (20, 15),
+        "merge.json": (1, 1),
+        "cluster.json": (2, 2),
+        "loss/trajectories/checkpoint-1/shard-0.json": (30, 25),
+        "loss/merge.json": (1, 1),
+        "loss/cluster.json": (2, 2),
+        "sample/xmas/seed-0/0.5.json": (1, 1),
+        "sample/loss/seed-0/0.5.json": (1, 1),
+        "sample/random/seed-0/0.5.json": (1, 1),
+        "sample/random/seed-1/0.5.json": (1, 1),
+        "target/full/1/seed-0.json": (600, 500),
+        "target/full/1/seed-1.json": (400, 300),
+        "target/xmas/0.5/seed-0.json": (300, 250),  # not a selection cost
+        "standins/vicuna.json": (9, 9),  # nor this
+    }
+    for path, (seconds, cpu) in jobs.items():
+        write_stats(tmp_path, path, seconds, cpu)
+    return tmp_path
+
+
+def test_each_method_costs_the_stages_it_needs_against_a_full_fine_tune(stats_dir):
+    stages = stage_costs(stats_dir, ["xmas", "loss", "random"])
+    assert stages.loc["proxy training"].to_dict() == {"jobs": 2, "wall s": 200, "CPU s": 180, "GPU s": 0}
+    assert stages.loc["sample random", "jobs"] == 2 and "target" not in " ".join(stages.index)
+    costs = method_costs(stats_dir, ["xmas", "loss", "random"]).set_index("method")
+    shared = 3 + 5  # checkpoint 0 and prepare: every method's
+    assert costs["CPU s"].to_dict() == {
+        "xmas": shared + 180 + 30 + 1 + 2 + 1,
+        "loss": shared + 180 + 25 + 1 + 2 + 1,
+        "random": shared + 2,
+    }
+    assert costs.loc["xmas", "× a full fine-tune"] == round((shared + 214) / 400, 3)  # the mean of 500 and 300
+
+
+def test_costs_compare_in_gpu_seconds_once_a_job_used_a_gpu(stats_dir):
+    write_stats(stats_dir, "proxy/checkpoint-1.json", 100, 90, gpus=8)
+    write_stats(stats_dir, "target/full/1/seed-0.json", 600, 500, gpus=8)
+    write_stats(stats_dir, "target/full/1/seed-1.json", 400, 300, gpus=8)
+    costs = method_costs(stats_dir, ["xmas", "random"]).set_index("method")
+    assert costs["GPU s"].to_dict() == {"xmas": 800, "random": 0}
+    assert costs.loc["xmas", "× a full fine-tune"] == round(800 / 4000, 3)
+
+
+def test_without_a_full_fine_tune_there_is_no_ratio(stats_dir):
+    for path in (stats_dir / "target/full").rglob("*.json"):
+        path.unlink()
+    assert "× a full fine-tune" not in method_costs(stats_dir, ["xmas"]).columns

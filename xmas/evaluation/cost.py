@@ -1,0 +1,85 @@
+"""What the selection cost, from the stats every job writes (``logs/stats/``, :class:`xmas.progress.StageStats`):
+wall, CPU and GPU seconds per stage, each method's selection (the stages it needs, once, and its own sample
+jobs), and that cost against one full-data fine-tune of the target (the paper: 0.18 for the proxy's training
+and 0.16 for the trajectories, 0.34 in all).
+
+A job's CPU seconds are its main process's and those of the children it waited for; its GPU seconds are
+its wall seconds times the GPUs it computed on. Costs compare in GPU seconds when the run used a GPU, else
+in CPU seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from xmas.io import read_json
+from xmas.methods import METHODS
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    pattern: str  # the stats files of its jobs, under logs/stats (workflow/rules/*.smk)
+    signal: str | None  # the signal whose methods need it; None: every method
+
+
+# The selection's stages, in DAG order. Sampling is each method's own (sample/<method>/).
+STAGES = (
+    Stage("proxy checkpoint 0", "proxy/checkpoint-0.json", None),
+    Stage("prepare", "prepare.json", None),
+    Stage("proxy training", "proxy/checkpoint-[1-9]*.json", "any"),
+    Stage("attention trajectories", "trajectories/*/*.json", "attention"),
+    Stage("attention merge", "merge.json", "attention"),
+    Stage("attention clusters", "cluster.json", "attention"),
+    Stage("loss trajectories", "loss/trajectories/*/*.json", "loss"),
+    Stage("loss merge", "loss/merge.json", "loss"),
+    Stage("loss clusters", "loss/cluster.json", "loss"),
+)
+FULL_FINETUNE = "target/full/*/*.json"  # the reference: one full-data fine-tune per evaluation seed
+COLUMNS = ["jobs", "wall s", "CPU s", "GPU s"]
+
+
+def job_costs(files: list[Path]) -> dict[str, float]:
+    """Jobs, and the sums of their wall, CPU and GPU seconds."""
+    stats = [read_json(path) for path in files]
+    return {
+        "jobs": len(stats),
+        "wall s": sum(job.get("seconds", 0.0) for job in stats),
+        "CPU s": sum(job.get("cpu_seconds", 0.0) for job in stats),
+        "GPU s": sum(job.get("seconds", 0.0) * job.get("gpus", 0) for job in stats),
+    }
+
+
+def stage_costs(stats_dir: Path, methods: list[str]) -> pd.DataFrame:
+    """One row per stage that ran (and per method's sampling): its jobs and their seconds."""
+    rows = {stage.name: job_costs(sorted(stats_dir.glob(stage.pattern))) for stage in STAGES}
+    for method in methods:
+        rows[f"sample {method}"] = job_costs(sorted(stats_dir.glob(f"sample/{method}/*/*.json")))
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=COLUMNS)
+    return table[table.jobs > 0]
+
+
+def needs(stage: Stage, method: str) -> bool:
+    signal = METHODS[method].signal
+    return stage.signal is None or (signal is not None and stage.signal in ("any", signal))
+
+
+def method_costs(stats_dir: Path, methods: list[str]) -> pd.DataFrame:
+    """Per method: its selection's cost (the stages it needs and its own sampling) in the run's unit, and that
+    cost over one full-data fine-tune of the target (the mean over its seeds) where one has run."""
+    stages = stage_costs(stats_dir, methods)
+    unit = "GPU s" if stages["GPU s"].sum() > 0 else "CPU s"
+    full = sorted(stats_dir.glob(FULL_FINETUNE))
+    reference = job_costs(full)[unit] / len(full) if full else None
+    rows = []
+    for method in methods:
+        names = [stage.name for stage in STAGES if needs(stage, method)] + [f"sample {method}"]
+        cost = stages.loc[stages.index.intersection(names), unit].sum()
+        row = {"method": method, unit: round(cost, 1)}
+        if reference:
+            row["× a full fine-tune"] = round(cost / reference, 3)
+        rows.append(row)
+    return pd.DataFrame(rows)
