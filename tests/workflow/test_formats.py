@@ -112,3 +112,13 @@ def test_a_run_from_each_format_writes_its_subsets_in_that_format(layout, llamaf
     if layout == "cauldron":
         counts = [len(example["_images"] or []) for example in aligned]
         assert 2 in counts  # several images per record went through every stage
+
+
+def test_asking_for_a_json_subset_of_parquet_data_names_the_file_to_ask_for(tmp_path):
+    dataset, _ = source_data(tmp_path / "data", "onevision")
+    work = project(tmp_path / "run", dataset, "onevision")
+    result = run_snakemake(work, "-n", "results/subset_0.5.json")
+    assert result.returncode != 0
+    assert "its subsets keep its format: ask for results/subset_0.5.parquet" in result.stdout + result.stderr
+    planned = run_snakemake(work, "-n", "results/subset_0.5.parquet")
+    assert planned.returncode == 0, planned.stderr[-3000:]

@@ -51,6 +51,14 @@ if DOWNLOAD is None and not GENERATED:
     except XmasError as error:
         raise WorkflowError(f"config dataset.annotations: {error}")
     ANNOTATION_FILES, SUBSET_SUFFIX = [str(file) for file in _source.files], _source.suffix
+    # A subset keeps its source's format: the README's `results/subset_0.5.json` asked of other data is
+    # answered here, rather than by Snakemake's "no rule to produce".
+    _other = [word for word in sys.argv[1:] if re.fullmatch(r"(.*/)?subset_[^/]+\.json", word)]
+    if SUBSET_SUFFIX != ".json" and _other:
+        raise WorkflowError(
+            f"{_other[0]}: the data ({ANNOTATIONS}) is {_source.description}, and its subsets keep its format: "
+            f"ask for {_other[0].removesuffix('.json')}{SUBSET_SUFFIX}"
+        )
 # Options of the stages that read the records, quoted (a glob of shards stays one argument).
 ANNOTATIONS_OPTION = f"--annotations {shlex.quote(ANNOTATIONS)}"
 IMAGE_ROOT_OPTION = f"--image-root {shlex.quote(IMAGE_ROOT)}" if IMAGE_ROOT else ""
