@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import struct
+import zlib
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -137,11 +139,29 @@ def test_bad_embedded_images_exclude_their_record_not_the_shard(demo_records, sm
     rows = onevision_rows(demo_records[:6], small_demo["images"])
     rows["image"][1] = {"bytes": b"not an image at all", "path": "fake.png"}
     rows["image"][3] = {"bytes": rows["image"][3]["bytes"][:60], "path": "cut.png"}  # a truncated PNG
+    rows["image"][4] = {"bytes": bomb(rows["image"][4]["bytes"]), "path": "bomb.png"}
     write_parquet_shards(dataset_of(rows, "onevision"), tmp_path / "data", shards=1)
-    examples = prepare(tmp_path / "data", None, PREPARE, 2, StageStats("t"))
-    assert examples.set_index("index").reason.dropna().to_dict() == {1: "image_unreadable", 3: "image_unreadable"}
-    assert "embedded image 0" in examples.detail[1]
-    assert (examples.status == "ok").sum() == 4
+    for decode in (True, False):  # a bomb is refused even unopened: its header says what it would cost
+        examples = prepare(tmp_path / "data", None, stage_defaults("prepare", check_images=decode), 2, StageStats("t"))
+        excluded = examples.set_index("index").reason.dropna().to_dict()
+        assert (
+            excluded == {1: "image_unreadable", 3: "image_unreadable", 4: "image_unreadable"}
+            if decode
+            else {
+                1: "image_unreadable",
+                4: "image_unreadable",
+            }
+        )
+        assert "embedded image 0" in examples.detail[1] and "DecompressionBomb" in examples.detail[4]
+        assert (examples.status == "ok").sum() == 6 - len(excluded)
+
+
+def bomb(png: bytes) -> bytes:
+    """A PNG whose header claims 60,000 x 60,000 pixels (3.6 gigapixels), its checksum made right."""
+    header = bytearray(png)
+    header[16:24] = struct.pack(">II", 60_000, 60_000)  # IHDR's width and height
+    header[29:33] = struct.pack(">I", zlib.crc32(bytes(header[12:29])))
+    return bytes(header)
 
 
 def test_bad_table_files_are_named_with_their_row_group_and_column(demo_records, small_demo, tmp_path):
