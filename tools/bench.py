@@ -39,6 +39,16 @@ the number of clusters of each, their adjusted Rand index and the share of image
 same cluster after matching clusters one to one (greedily), and per budget how many records the
 two subsets share.
 
+``scale``: the selection at LLaVA-665k's size and beyond, on parquet as LLaVA-OneVision-Data publishes it. For
+each ``--records`` size (default 665,000 and 3,000,000) it writes a parquet set (shards of 250,000 rows in row
+groups of 1,000, each record with a small PNG embedded as datasets' Image struct, 1-5 exchanges of text; the
+schema is the one ``datasets`` gives those features, tools/published.py), then runs in child processes
+``xmas prepare`` (embedded images decoded, tokens counted with the paper's proxy composed from stand-ins) and,
+on random trajectories of every usable record, ``merge``, ``cluster`` and ``sample`` (xmas, budget 0.5, writing
+the parquet subset) with ``config/llava665k.yaml``'s settings. It prints each stage's wall seconds and peak
+memory (the child's maximum resident set), whether that fits the memory the stage's rule asks for in that
+config (and, for prepare, 4 GB), and how each grew from the smallest size to the largest against the records.
+
 To add a benchmark, write ``add_<name>(subparsers)`` that registers its parser with
 ``set_defaults(run=...)`` and list it in ``BENCHMARKS``.
 """
@@ -897,7 +907,194 @@ def add_definitions(subparsers) -> None:
     parser.set_defaults(run=run_definitions)
 
 
-BENCHMARKS = [add_prepare, add_trajectory, add_dag, add_definitions]
+# A child process's own peak memory: run it under this wrapper, which writes its child's maximum resident set.
+ALONE = (
+    "import json, resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+    "json.dump({'code': code, 'kib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, open(sys.argv[1], 'w'))"
+)
+SCALE_STAGES = ("prepare", "merge", "cluster", "sample")
+SCALE_SHARD_ROWS = 250_000
+SCALE_GROUP_ROWS = 1_000
+
+
+def measure_alone(command: list[str], report: Path) -> tuple[float, int]:
+    """Wall seconds and peak resident memory (bytes) of ``command`` alone, in a process of its own."""
+    start = time.monotonic()
+    subprocess.run([sys.executable, "-c", ALONE, str(report), *command], check=True)
+    seconds = time.monotonic() - start
+    measured = json.loads(report.read_text())
+    if measured["code"]:
+        raise SystemExit(f"{' '.join(command[:4])} failed with exit code {measured['code']}")
+    return seconds, measured["kib"] * 1024
+
+
+def png_pool(rng: random.Random, count: int = 64, side: int = 16) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    pool = []
+    for _ in range(count):
+        image = Image.frombytes("RGB", (side, side), bytes(rng.getrandbits(8) for _ in range(side * side * 3)))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        pool.append(buffer.getvalue())
+    return pool
+
+
+def generate_parquet(folder: Path, records: int, seed: int) -> None:
+    """A LLaVA-OneVision-Data-shaped parquet set: nine records in ten with an embedded image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from published import features
+
+    rng = random.Random(seed)
+    pool, images = sentence_pool(rng), png_pool(rng)
+    schema = features("onevision").arrow_schema
+    folder.mkdir(parents=True, exist_ok=True)
+    shards = -(-records // SCALE_SHARD_ROWS)
+    for shard in range(shards):
+        first, last = shard * SCALE_SHARD_ROWS, min(records, (shard + 1) * SCALE_SHARD_ROWS)
+        with pq.ParquetWriter(folder / f"train-{shard:05d}-of-{shards:05d}.parquet", schema) as writer:
+            for start in range(first, last, SCALE_GROUP_ROWS):
+                rows = {"id": [], "image": [], "conversations": [], "data_source": []}
+                for index in range(start, min(last, start + SCALE_GROUP_ROWS)):
+                    record = generated_record(index, rng, pool, 0.01)
+                    if index % 10:
+                        turn = record["conversations"][0]
+                        turn["value"] = "<image>\n" + turn["value"]
+                        rows["image"].append({"bytes": images[index % len(images)], "path": f"{index:08d}.png"})
+                    else:
+                        rows["image"].append(None)
+                    rows["id"].append(f"{index:08d}")
+                    rows["conversations"].append(record["conversations"])
+                    rows["data_source"].append(f"source-{index % 12}")
+                writer.write_table(pa.Table.from_pydict(rows, schema=schema))
+
+
+def paper_config() -> dict:
+    """config/llava665k.yaml with the schema's defaults filled in, as the workflow validates it."""
+    import yaml
+    from snakemake.utils import validate
+
+    from xmas.settings import SCHEMA
+
+    config = yaml.safe_load((REPO / "config/llava665k.yaml").read_text())
+    validate(config, str(SCHEMA))
+    return config
+
+
+def random_trajectories(examples: Path, out: Path, config: dict, seed: int) -> list[Path]:
+    """Trajectory shard files of every usable image record, random singular values, as `xmas trajectory`
+    writes them (its table, sealed)."""
+    import numpy as np
+
+    from xmas.data.examples import shard_slice, usable_image_examples
+    from xmas.io import write_parquet
+    from xmas.stages.trajectory import singular_value_columns, trajectory_table
+
+    rng = np.random.default_rng(seed)
+    usable = usable_image_examples(examples)
+    columns = singular_value_columns(config["trajectory"]["top_k"])
+    shards, files = config["trajectory"]["shards"], []
+    for checkpoint in range(1, config["training"]["checkpoints"] + 1):
+        for shard in range(shards):
+            part = shard_slice(usable, shard, shards)
+            values = np.sort(rng.random((len(part), len(columns)), dtype=np.float32), axis=1)[:, ::-1]
+            path = out / f"checkpoint-{checkpoint}/shard-{shard}.parquet"
+            write_parquet(trajectory_table(part.uid.to_numpy(), checkpoint, columns, values), path)
+            files.append(path)
+    return files
+
+
+def scale_commands(work: Path, data: Path, model: Path, shards: list[Path], config: dict) -> dict[str, list[str]]:
+    import shlex
+
+    from xmas.settings import stage_flags
+
+    xmas = [sys.executable, "-m", "xmas"]
+    examples, merged, clusters = work / "examples.parquet", work / "trajectories.parquet", work / "clusters.parquet"
+
+    def flags(stage: str) -> list[str]:
+        return shlex.split(stage_flags(config, stage))
+
+    return {
+        "prepare": [*xmas, "prepare", "--annotations", str(data), "--model", str(model), "--out", str(examples),
+                    *flags("prepare")],
+        "merge": [*xmas, "merge", *map(str, shards), "--examples", str(examples), "--out", str(merged),
+                  *flags("merge")],
+        "cluster": [*xmas, "cluster", "--examples", str(examples), "--trajectories", str(merged), "--out",
+                    str(clusters), *flags("cluster")],
+        "sample": [*xmas, "sample", "--method", "xmas", "--budget", "0.5", "--examples", str(examples),
+                   "--annotations", str(data), "--clusters", str(clusters), "--out", str(work / "subset.parquet"),
+                   *flags("sample")],
+    }  # fmt: skip
+
+
+def run_scale(args: argparse.Namespace) -> int:
+    from xmas.settings import job_resources
+
+    config = paper_config()
+    work = Path(tempfile.mkdtemp(prefix="xmas-bench-scale-"))
+    results: dict[int, dict[str, tuple[float, int]]] = {}
+    misses = []
+    try:
+        for records in args.records:
+            folder = work / f"{records}"
+            start = time.monotonic()
+            generate_parquet(folder / "data", records, args.seed)
+            size = sum(path.stat().st_size for path in (folder / "data").glob("*.parquet"))
+            print(f"generated {records:,} records, {size / 1e9:.2f} GB of parquet, in {time.monotonic() - start:.0f} s",
+                  flush=True)  # fmt: skip
+            model = args.model or paper_proxy(folder, folder / "data")
+            commands = scale_commands(folder, folder / "data", model, [], config)
+            results[records] = {"prepare": measure_alone(commands["prepare"], folder / "prepare.json")}
+            shards = random_trajectories(folder / "examples.parquet", folder / "trajectories", config, args.seed)
+            commands = scale_commands(folder, folder / "data", model, shards, config)
+            for stage in SCALE_STAGES[1:]:
+                results[records][stage] = measure_alone(commands[stage], folder / f"{stage}.json")
+            for stage, (seconds, peak) in results[records].items():
+                asked = job_resources(config, stage)["mem_mb"] * 1e6
+                limit, target = (min(asked, 4e9), ", target 4 GB") if stage == "prepare" else (asked, "")
+                print(f"{records:>10,} {stage:8} {seconds:8.1f} s {records / seconds:>10,.0f} records/s "
+                      f"peak {peak / 1e9:6.2f} GB (its rule asks {asked / 1e9:.0f} GB{target}): "
+                      f"{'fits' if peak <= limit else 'does NOT fit'}", flush=True)  # fmt: skip
+                if peak > limit:
+                    misses.append(f"{stage} at {records:,} records")
+            if not args.keep:
+                shutil.rmtree(folder / "data")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work)
+        else:
+            print(f"kept in {work}")
+    sizes = sorted(results)
+    if len(sizes) > 1:
+        small, large = sizes[0], sizes[-1]
+        print(f"growth from {small:,} to {large:,} records ({large / small:.2f}x the records):")
+        for stage in SCALE_STAGES:
+            (time_small, memory_small), (time_large, memory_large) = results[small][stage], results[large][stage]
+            print(f"  {stage:8} time {time_large / time_small:5.2f}x, peak memory {memory_large / memory_small:5.2f}x")
+    verdict = "NOT met: " + ", ".join(misses) if misses else "met"
+    print(f"target: every stage within its rule's memory, prepare within 4 GB: {verdict}")
+    return 1 if misses else 0
+
+
+def add_scale(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "scale",
+        help="prepare, merge, cluster and sample on generated parquet sets of 665k and 3M records",
+        description=run_scale.__doc__ or __doc__,
+    )
+    parser.add_argument("--records", type=int, nargs="+", default=[665_000, 3_000_000], help="set sizes to run")
+    parser.add_argument("--model", type=Path, help="the proxy's checkpoint 0 (default: the paper's, from stand-ins)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(run=run_scale)
+
+
+BENCHMARKS = [add_prepare, add_trajectory, add_dag, add_definitions, add_scale]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,3 +90,16 @@ def test_the_benchmark_runs_each_family_on_its_processors_inputs_and_agrees_with
     assert first and first[1] == family and int(first[2]) > 5
     match = re.fullmatch(r"extraction_vs_eager=(\S+) overhead_vs_forward=(\S+) agree=(\S+)", out[-1])
     assert match and float(match[3]) <= 1e-5
+
+
+def test_the_scale_benchmark_times_each_stage_at_each_size_and_their_growth(capsys):
+    """The paper config's stages on two small generated parquet sets (the benchmark's own sizes are 665k and
+    3M records); its K = 1000 clusters need some records."""
+    assert main(["scale", "--records", "1500", "3000"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    for records in ("1,500", "3,000"):
+        for stage in ("prepare", "merge", "cluster", "sample"):
+            line = next(line for line in out if re.match(rf"\s*{records} {stage}\s", line))
+            assert re.search(r"records/s peak\s+[\d.]+ GB \(its rule asks \d+ GB.*\): fits$", line), line
+    assert "growth from 1,500 to 3,000 records (2.00x the records):" in out
+    assert out[-1] == "target: every stage within its rule's memory, prepare within 4 GB: met"
