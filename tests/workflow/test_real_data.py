@@ -140,5 +140,5 @@ def test_a_malformed_annotation_file_stops_prepare_at_its_line_and_column(messy_
     assert result.returncode != 0
     # The demo proxy learns its tokenizer from the records, so proxy-init reads the file first.
     log = (work / "logs/proxy/checkpoint-0.log").read_text()
-    assert "proxy-init failed: data/broken/train.json: not valid JSON at line 3, column 13" in log
+    assert "proxy-init failed: resources/broken/train.json: not valid JSON at line 3, column 13" in log
     assert "Traceback" not in log

@@ -43,7 +43,7 @@ def subset_stem(method, budget, seed=None):
 
 def subset_file(method, budget, seed=None):
     """The subset, in the source's format (.json, .jsonl or .parquet: SUBSET_SUFFIX)."""
-    return subset_stem(method, budget, seed) + SUBSET_SUFFIX
+    return f"{subset_stem(method, budget, seed)}{SUBSET_SUFFIX}"
 
 
 def subset_manifest(method, budget):

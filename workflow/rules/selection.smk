@@ -40,7 +40,7 @@ rule sample:
     input:
         unpack(lambda w: sample_inputs(w.method)),
     output:
-        subset="results/{method}/seed-{seed}/subset_{budget}" + SUBSET_SUFFIX,
+        subset=f"results/{{method}}/seed-{{seed}}/subset_{{budget}}{SUBSET_SUFFIX}",
         manifest="results/{method}/seed-{seed}/subset_{budget}.manifest.parquet",
     log:
         log="logs/sample/{method}/seed-{seed}/{budget}.log",
@@ -62,7 +62,7 @@ rule main_subset:
         subset=lambda w: subset_file("xmas", w.budget),
         manifest=lambda w: subset_manifest("xmas", w.budget),
     output:
-        subset="results/subset_{budget}" + SUBSET_SUFFIX,
+        subset=f"results/subset_{{budget}}{SUBSET_SUFFIX}",
         manifest="results/subset_{budget}.manifest.parquet",
     log:
         "logs/main_subset/{budget}.log",
