@@ -278,11 +278,17 @@ def check_conversation(record: dict, max_images: int) -> list[str]:
         raise InvalidRecord("too_many_images", f"{max(len(paths), tags)} images, the proxy supports {max_images}")
     if tags != len(paths):
         raise InvalidRecord("image_tag_count_mismatch", f"{tags} {IMAGE_TAG} tags for {len(paths)} images")
-    blobs = record.get(EMBEDDED) or [None] * len(paths)
-    for path, blob in zip(paths, blobs):
+    for path, blob in images_with_bytes(record):
         if blob is None:
             check_relative_path(path)
     return paths
+
+
+def images_with_bytes(record: dict) -> list[tuple[str, bytes | None]]:
+    """Each of the record's images (:func:`image_paths`) with its embedded bytes, None for a file under the
+    image root."""
+    paths = image_paths(record)
+    return list(zip(paths, record.get(EMBEDDED) or [None] * len(paths)))
 
 
 def check_relative_path(path: str) -> None:

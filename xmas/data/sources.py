@@ -16,7 +16,7 @@ import glob
 import json
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
@@ -76,7 +76,6 @@ class Shard:
             except (pa.ArrowException, OSError) as error:
                 what = "a parquet file" if self.kind == "parquet" else "an Arrow file of datasets' save_to_disk"
                 raise XmasError(f"{self.path}: not {what} ({error})") from None
-        return self
 
     @property
     def schema(self) -> pa.Schema:
@@ -241,10 +240,8 @@ class TableRecords(Sequence):
 
     def changed(self, position: int, why: str) -> XmasError:
         shard, row_group, row = self.positions[position]
-        return XmasError(
-            f"{self.source.files[shard]} changed after `xmas prepare` indexed it: record {self.indices[position]} "
-            f"(uid {self.uids[position]!r}) was row {row} of row group {row_group}, but {why}; run prepare again"
-        )
+        where = f"row {row} of row group {row_group}"
+        return changed(self.source.files[shard], self.indices[position], self.uids[position], where, why)
 
     def close(self) -> None:
         self.cache.clear()
@@ -256,6 +253,13 @@ class TableRecords(Sequence):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def changed(file: Path, index: int, uid: str, where: str, why: str) -> XmasError:
+    return XmasError(
+        f"{file} changed after `xmas prepare` indexed it: record {index} (uid {uid!r}) was {where}, but {why}; "
+        "run prepare again"
+    )
 
 
 def record_columns(schema: pa.Schema, layout: Layout) -> list[str]:
@@ -296,12 +300,10 @@ def write_table_subset(source: Source, chosen: pd.DataFrame, out: Path) -> int:
             table = source.shards[int(shard)].read(int(row_group))
             taken = table.take(pa.array(group["row"].astype("int64")))
             ids = taken.column(id_column).to_pylist() if id_column else [None] * len(group)
-            for found, index, uid in zip(ids, group["index"], group["uid"]):
+            for found, index, row, uid in zip(ids, group["index"], group["row"], group["uid"]):
                 if not matches_uid({"id": found}, int(index), uid):
-                    raise XmasError(
-                        f"{source.files[int(shard)]} changed after `xmas prepare` indexed it: record {index} "
-                        f"(uid {uid!r}) is not in row group {row_group} any more; run prepare again"
-                    )
+                    where = f"row {row} of row group {row_group}"
+                    raise changed(source.files[int(shard)], index, uid, where, f"the record there has id {found!r}")
             try:
                 pending.append(taken.cast(schema))
             except (pa.ArrowInvalid, ValueError) as error:
@@ -391,14 +393,14 @@ def open_source(annotations: str | Path, format: str = "auto", columns: dict | N
     renamed = {**(columns or {})}, {**(tags or {})}
     try:
         if kind in JSON_KINDS:
-            return Source(given, kind, files, json_layout(files[0], kind, format, *renamed))
+            return Source(given, kind, files, json_layout(files[0], format, *renamed))
         shards = tuple(Shard(path, kind) for path in files)
         return Source(given, kind, files, table_layout(shards[0].schema).changed(*renamed), shards)
     except ValueError as error:
         raise XmasError(f"{given}: dataset.columns or dataset.tags: {error}") from None
 
 
-def json_layout(path: Path, kind: str, format: str, columns: dict, tags: dict) -> Layout | None:
+def json_layout(path: Path, format: str, columns: dict, tags: dict) -> Layout | None:
     """A JSON source's layout: None (each record LLaVA's or ShareGPT's by its keys) unless columns or tags are
     renamed; then LLaVA's for ``llava``, LLaMA-Factory's defaults for ``sharegpt``, the first record's for
     ``auto``, renamed."""
@@ -441,7 +443,7 @@ class LlamaFactoryEntry:
 
 
 LLAMAFACTORY_COLUMNS = ("messages", "images")
-LLAMAFACTORY_TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag")
+LLAMAFACTORY_TAGS = tuple(item.name for item in fields(Layout) if item.name.endswith("_tag"))
 
 
 def llamafactory_entry(info: str | Path, name: str) -> LlamaFactoryEntry:
@@ -475,6 +477,5 @@ def llamafactory_entry(info: str | Path, name: str) -> LlamaFactoryEntry:
     data = info.parent / entry["file_name"]
     kind = locate(str(data))[0]
     fmt = "sharegpt" if kind in JSON_KINDS else "parquet"
-    # LLaMA-Factory's defaults for what the entry does not name: conversations with from/value, human/gpt, images
-    defaults = {"messages": "conversations", "images": "images"}
+    defaults = {column: getattr(LLAMAFACTORY_DEFAULT, column) for column in LLAMAFACTORY_COLUMNS}
     return LlamaFactoryEntry(str(data), str(info.parent), fmt, {**defaults, **columns}, tags)

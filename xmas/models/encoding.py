@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from xmas.data.records import EMBEDDED, IMAGE_POSITIONS, image_paths, to_messages
+from xmas.data.records import IMAGE_POSITIONS, image_paths, images_with_bytes, to_messages
 from xmas.errors import XmasError
 from xmas.io import read_json
 from xmas.models.image_tokens import ImageTokens, Run
@@ -66,11 +66,10 @@ class Encoding:
 def image_files(record: dict, image_root: Path | None) -> list:
     """What to open for each of the record's images, in the order of its ``<image>`` tags (the processor's
     order): its embedded bytes, else its file under ``image_root``."""
-    paths = image_paths(record)
-    blobs = record.get(EMBEDDED) or [None] * len(paths)
-    if image_root is None and any(blob is None for blob in blobs):
+    images = images_with_bytes(record)
+    if image_root is None and any(blob is None for _, blob in images):
         raise XmasError(f"record {record.get('id')!r} names image files, but no image root was given (--image-root)")
-    return [io.BytesIO(blob) if blob is not None else Path(image_root) / path for path, blob in zip(paths, blobs)]
+    return [io.BytesIO(blob) if blob is not None else Path(image_root) / path for path, blob in images]
 
 
 def open_images(record: dict, image_root: Path | None) -> list[Image.Image]:

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path, PurePosixPath
 
-from xmas.data.records import EMBEDDED, ROLES, image_paths
+from xmas.data.records import ROLES, images_with_bytes
 from xmas.data.sources import Source, as_source, stage_source
 from xmas.errors import XmasError
 from xmas.io import atomic_path
@@ -39,9 +39,8 @@ def sharegpt_record(record: dict, images: list[str]) -> dict:
 def image_locations(record: dict, index: int, image_root: Path | None, embedded_folder: Path, final: Path) -> list[str]:
     """Absolute paths of the record's images: its files under the image root, and its embedded images, written
     to ``embedded_folder`` (whose path once the export is in place is ``final``)."""
-    blobs = record.get(EMBEDDED) or [None] * len(image_paths(record))
     locations = []
-    for position, (path, blob) in enumerate(zip(image_paths(record), blobs)):
+    for position, (path, blob) in enumerate(images_with_bytes(record)):
         if blob is None:
             if image_root is None:
                 raise XmasError(f"record {index} names image file {path!r}, but no image root was given")

@@ -176,7 +176,7 @@ def check_embedded(pending: list[tuple[int, list]], table: Table, pool, decode: 
     """Exclude the pending records with an embedded image that does not open (with ``decode``: that does not
     decode), naming the first; their images are held only until then."""
     flat = [(index, position, blob) for index, blobs in pending for position, blob in enumerate(blobs)]
-    problems = pool.map(lambda item: MIXED if item[2] is None else bytes_problem(item[2], decode), flat)
+    problems = pool.map(lambda item: MIXED if item[2] is None else open_error(io.BytesIO(item[2]), decode), flat)
     excluded = set()
     for (index, position, _), problem in zip(flat, problems):
         if problem is not None and index not in excluded:
@@ -188,25 +188,16 @@ def check_embedded(pending: list[tuple[int, list]], table: Table, pool, decode: 
 MIXED = "the record mixes embedded images with image files, which xmas does not read"
 
 
-def bytes_problem(blob: bytes, decode: bool) -> str | None:
-    """Why embedded image bytes cannot be used (they do not open, or with ``decode`` do not decode); None if
-    they can."""
-    if decode:
-        return decode_error(io.BytesIO(blob))
+def open_error(file, decode: bool = True) -> str | None:
+    """Why the image in ``file`` (a path or bytes) cannot be used: it does not open (its header is refused,
+    an image bomb's too), or with ``decode`` does not decode; None if it can."""
     try:
-        with Image.open(io.BytesIO(blob)):
-            return None
-    except Exception as error:  # noqa: BLE001 - any decoder failure means the image is unusable
-        return f"{type(error).__name__}: {error}"
-
-
-def decode_error(path) -> str | None:
-    try:
-        with Image.open(path) as image:
-            # JPEG: decode at 1/8 scale; every byte of the entropy-coded data is still read,
-            # so truncated or corrupt files fail as they would at full size, several times faster.
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.convert("RGB")
+        with Image.open(file) as image:
+            if decode:
+                # JPEG: decode at 1/8 scale; every byte of the entropy-coded data is still read,
+                # so truncated or corrupt files fail as they would at full size, several times faster.
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                image.convert("RGB")
     except Exception as error:  # noqa: BLE001 - any decoder failure means the image is unusable
         return f"{type(error).__name__}: {error}"
     return None
@@ -238,7 +229,7 @@ def image_problem(path: Path, real_root: Path | None, real_path: RealPaths, deco
     except OSError as error:  # a name too long for the file system, a permission denied, ...
         return "image_missing", f"{path} cannot be looked up: {error}"
     if decode:
-        error = decode_error(path)
+        error = open_error(path)
         if error is not None:
             return "image_unreadable", error
     return None
