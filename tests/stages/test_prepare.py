@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from xmas.data.records import image_paths
 from xmas.errors import XmasError
+from xmas.io import read_parquet
 from xmas.progress import StageStats
 from xmas.settings import stage_defaults
 from xmas.stages.llamafactory import ENTRY
-from xmas.stages.prepare import prepare, unique_uids
+from xmas.stages.prepare import duplicate_renames, prepare, prepared_chunks, unique_uids, write_examples
 
 from conftest import assert_llamafactory_reads, read_back, sharegpt_of
 
@@ -125,6 +128,46 @@ def test_vision_flan_task_names_become_the_source(tmp_path):
 def test_many_repeats_of_one_id_stay_unique_and_stable():
     uids = unique_uids([{"id": "same"}] * 5000)
     assert uids[:3] == ["same", "same#2", "same#3"] and uids[-1] == "same#5000" and len(set(uids)) == 5000
+
+
+def renamed_in_chunks(ids: list[str], size: int) -> list[str]:
+    def chunks():
+        return (pd.Series(ids[start : start + size], dtype=object) for start in range(0, len(ids), size))
+
+    renames = duplicate_renames(chunks)
+    return [renames.get(row, uid) for row, uid in enumerate(ids)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_renames_of_a_streamed_table_are_those_of_the_whole_list(seed):
+    """duplicate_renames holds a hash per record and the records that share ids, not every id: it must
+    name them as unique_uids does over the whole list, with ids that look like its own suffixes."""
+    rng = random.Random(seed)
+    pool = ["a", "b", "a#2", "a#2#2", "b#3", "c#1", "a#x", "#", "##2", "7"]
+    ids = [rng.choice(pool) if rng.random() < 0.7 else f"u{i}" for i in range(400)]
+    expected = unique_uids([{"id": uid} for uid in ids])
+    assert renamed_in_chunks(ids, size=rng.randint(1, 50)) == expected
+    assert len(set(expected)) == len(ids) and expected != ids
+
+
+def nulls_as_none(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame.astype(object).where(frame.notna(), None)
+
+
+def test_the_examples_table_streams_to_its_file_as_it_is_built_in_memory(tmp_path, monkeypatch):
+    """write_examples (the stage's path) writes chunk by chunk and renames ids repeated across chunks."""
+    monkeypatch.setattr("xmas.stages.prepare.CHUNK_ROWS", 3)
+    records = [{"id": ["x", "y", "x#2"][i % 3], "conversations": turns(f"q{i}", "a")} for i in range(10)]
+    records[4]["conversations"] = "not a list"
+    source, settings = write(tmp_path / "data.json", records), stage_defaults("prepare")
+    whole = prepare(source, None, settings, 1, StageStats("t"))
+    stats = StageStats("t")
+    written = write_examples(prepared_chunks(source, None, settings, 1, stats), tmp_path / "examples.parquet", stats)
+    streamed = read_parquet(written)
+    pd.testing.assert_frame_equal(nulls_as_none(streamed), nulls_as_none(whole))
+    assert streamed.uid.is_unique and streamed.uid[3] == "x#3"  # x#2 is a record's own id, further on
+    assert stats.counts["renamed_duplicate_ids"] == 7 and sum(stats.excluded.values()) == 1
+    assert pq.ParquetFile(written).num_row_groups == 4
 
 
 def test_rows_record_each_records_bytes_so_stages_can_seek(tmp_path):

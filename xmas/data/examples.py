@@ -49,5 +49,10 @@ def shard_slice(usable: pd.DataFrame, shard: int, shards: int) -> pd.DataFrame:
     """Block ``shard`` of ``shards`` contiguous blocks of the usable image examples (source order)."""
     if not 0 <= shard < shards:
         raise XmasError(f"--shard must be in 0..{shards - 1}, got {shard}")
-    bounds = np.linspace(0, len(usable), shards + 1).round().astype(int)
+    bounds = shard_bounds(len(usable), shards)
     return usable.iloc[bounds[shard] : bounds[shard + 1]]
+
+
+def shard_bounds(examples: int, shards: int) -> np.ndarray:
+    """Where each of ``shards`` contiguous blocks of ``examples`` starts, and the end."""
+    return np.linspace(0, examples, shards + 1).round().astype(int)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from xmas.data.examples import shard_slice, usable_count, usable_image_examples
+from xmas.data.examples import shard_bounds, usable_count, usable_image_examples
 from xmas.errors import XmasError
 from xmas.io import read_table, write_parquet
 from xmas.progress import StageStats, add_input_arguments
@@ -22,29 +24,40 @@ from xmas.training.schedule import checkpoint_count
 SHOWN = 10
 
 
-def check_complete(table: pd.DataFrame, usable: pd.DataFrame, checkpoints: int, shards: int) -> None:
-    shard_of = {uid: s for s in range(shards) for uid in shard_slice(usable, s, shards).uid}
-    wanted = set(shard_of)
+def check_complete(merged: pa.Table, order: np.ndarray, usable: pd.DataFrame, checkpoints: int, shards: int) -> None:
+    """Every usable image example (``order``: each row's place among them, -1 for none) has exactly one row
+    per checkpoint 1..C; else an error naming what is wrong, the missing examples with their shards."""
     problems = []
-    duplicated = table[table.duplicated(["uid", "checkpoint"], keep=False)]
-    if len(duplicated):
-        problems.append(f"{len(duplicated)} duplicate (uid, checkpoint) rows, e.g. {duplicated.iloc[0].uid!r}")
-    unknown = set(table.uid) - wanted
+    checkpoint = checkpoints_of(merged)
+    counted = (order >= 0) & (checkpoint >= 1) & (checkpoint <= checkpoints)
+    places = order[counted] * checkpoints + checkpoint[counted] - 1
+    rows = np.bincount(places, minlength=len(usable) * checkpoints).reshape(len(usable), checkpoints)
+    repeated = np.flatnonzero((rows > 1).any(axis=1))
+    if len(repeated):
+        problems.append(
+            f"{int(rows[rows > 1].sum())} duplicate (uid, checkpoint) rows, e.g. {usable.uid.iloc[repeated[0]]!r}"
+        )
+    unknown = pc.unique(merged.column("uid").filter(pa.array(order < 0))).to_pylist()
     if unknown:
         problems.append(f"{len(unknown)} uids that are not usable image examples, e.g. {sorted(unknown)[:SHOWN]}")
-    for checkpoint in range(1, checkpoints + 1):
-        missing = sorted(wanted - set(table.uid[table.checkpoint == checkpoint]))
-        if missing:
-            shard_numbers = sorted({shard_of[uid] for uid in missing})
+    shard_of = np.searchsorted(shard_bounds(len(usable), shards), np.arange(len(usable)), side="right") - 1
+    for column in range(checkpoints):
+        missing = np.flatnonzero(rows[:, column] == 0)
+        if len(missing):
+            shard_numbers = sorted(set(shard_of[missing].tolist()))
+            names = sorted(usable.uid.iloc[missing].tolist())[:SHOWN]
             problems.append(
-                f"checkpoint {checkpoint}: {len(missing)} examples missing (shards {shard_numbers}), "
-                f"e.g. {missing[:SHOWN]}"
+                f"checkpoint {column + 1}: {len(missing)} examples missing (shards {shard_numbers}), e.g. {names}"
             )
-    extra = sorted(set(table.checkpoint) - set(range(1, checkpoints + 1)))
+    extra = sorted(set(checkpoint[(checkpoint < 1) | (checkpoint > checkpoints)].tolist()))
     if extra:
         problems.append(f"rows for checkpoints outside 1..{checkpoints}: {extra}")
     if problems:
         raise XmasError("trajectories are incomplete: " + "; ".join(problems))
+
+
+def checkpoints_of(merged: pa.Table) -> np.ndarray:
+    return merged.column("checkpoint").to_numpy().astype(np.int64)
 
 
 def concat_shards(inputs: list[Path]) -> pa.Table:
@@ -60,17 +73,20 @@ def concat_shards(inputs: list[Path]) -> pa.Table:
 
 
 def merge(inputs: list[Path], examples: Path, checkpoints: int, shards: int, stats: StageStats) -> pa.Table:
+    """The shard files' rows in source order, then checkpoint order; linear in the rows: each row's place
+    is computed (its example's position x C + its checkpoint), not found by sorting."""
     merged = concat_shards(inputs)
-    frame = merged.to_pandas()
     usable = usable_image_examples(examples)
-    check_complete(frame, usable, checkpoints, shards)
-    order = usable.set_index("uid")["index"]
-    frame = frame.assign(_order=frame.uid.map(order)).sort_values(["_order", "checkpoint"]).drop(columns="_order")
+    order = pc.index_in(merged.column("uid"), value_set=pa.array(usable.uid, pa.string()))
+    order = pc.fill_null(order, -1).to_numpy().astype(np.int64)
+    check_complete(merged, order, usable, checkpoints, shards)
+    place = np.empty(merged.num_rows, dtype=np.int64)
+    place[order * checkpoints + checkpoints_of(merged) - 1] = np.arange(merged.num_rows)
     stats.add("in", merged.num_rows)
     stats.add("files", len(inputs))
-    stats.add("examples", frame.uid.nunique())
-    stats.add("out", len(frame))
-    return pa.Table.from_pandas(frame, schema=merged.schema, preserve_index=False)
+    stats.add("examples", len(usable))
+    stats.add("out", merged.num_rows)
+    return merged.take(pa.array(place))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
