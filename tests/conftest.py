@@ -351,3 +351,35 @@ def sharegpt_of(llava: dict) -> dict:
 
     messages = [{"role": ROLES[turn["from"]], "content": turn["value"]} for turn in llava["conversations"]]
     return {"id": llava["id"], "messages": messages, "images": image_paths(llava)}
+
+
+def feature_settings():
+    """The features stage's settings of the tests: the tiny proxy's two layers, small batches and chunks."""
+    from xmas.settings import stage_defaults
+
+    return stage_defaults("features", layers=[0, 1], batch_size=5, chunk_size=16, shards=2)
+
+
+@pytest.fixture(scope="session")
+def feature_shards(tiny_checkpoint, small_demo, small_examples, tmp_path_factory) -> list:
+    """The small demo's features (rule features), in two shards, from the tiny proxy's checkpoint 0."""
+    from xmas.data.examples import shard_slice, usable_image_examples
+    from xmas.progress import StageStats
+    from xmas.stages.features import extract_features
+
+    usable = usable_image_examples(small_examples)
+    folder = tmp_path_factory.mktemp("features")
+    paths = []
+    for shard in range(2):
+        paths.append(folder / f"shard-{shard}.parquet")
+        rows = shard_slice(usable, shard, 2)
+        extract_features(
+            tiny_checkpoint,
+            rows,
+            small_demo["train"],
+            small_demo["images"],
+            paths[-1],
+            feature_settings(),
+            StageStats("t"),
+        )
+    return paths

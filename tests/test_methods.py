@@ -12,10 +12,10 @@ from conftest import run_snakemake, snakemake
 
 def test_the_config_takes_exactly_the_methods_one_can_select(tmp_path):
     assert load_schema()["properties"]["selection"]["properties"]["methods"]["x-choices"] == "methods"
-    (tmp_path / "config.yaml").write_text("selection: {methods: [xmas, coincide]}\n")
+    (tmp_path / "config.yaml").write_text("selection: {methods: [xmas, d2-prune]}\n")
     result = run_snakemake(tmp_path, "-n", "results/subset_0.5.json")
     assert result.returncode != 0
-    message = "'coincide' is not a selection method; choose from " + ", ".join(SELECTABLE)
+    message = "'d2-prune' is not a selection method; choose from " + ", ".join(SELECTABLE)
     assert message in result.stdout + result.stderr
     assert "full" in METHODS and "full" not in SELECTABLE  # the evaluation's reference, not a selection
 
@@ -40,6 +40,12 @@ def test_each_method_is_planned_from_its_declaration(tmp_path):
         assert seeds == ({"0", "1"} if method.seeded else {"0"}), name
         for _, command in jobs[name]:
             clusters = re.search(r"--clusters (\S+)", command)
+            centroids = re.search(r"--centroids (\S+)", command)
+            if method.features:
+                assert clusters[1] == f"results/{name}/selection/clusters.parquet", name
+                assert centroids[1] == f"results/{name}/selection/centroids.parquet", name
+                continue
+            assert centroids is None, name
             if method.signal is None:
                 assert clusters is None, name
             else:
@@ -49,3 +55,9 @@ def test_each_method_is_planned_from_its_declaration(tmp_path):
 
 def test_every_signal_of_a_method_has_trajectories():
     assert {method.signal for method in METHODS.values()} - {None} == set(SIGNALS)
+
+
+def test_every_feature_is_a_methods_and_is_computed():
+    from xmas.methods import FEATURES
+
+    assert [method.features for method in METHODS.values() if method.features] == list(FEATURES)

@@ -79,9 +79,10 @@ def rule_names() -> set[str]:
 
 def test_every_rule_is_one_stage_with_its_module_and_its_test():
     """A rule's stage is `xmas <rule>` in xmas/stages/<rule>.py, tested in tests/stages/test_<rule>.py;
-    `use rule ... as` variants (the loss baseline's, the report with the evaluation) and the copy of
-    XMAS's subset reuse another's; `plan` only prints the resources the jobs ask for."""
-    variants = {"trajectory_loss", "merge_loss", "cluster_loss", "evaluation_report", "main_subset"}
+    `use rule ... as` variants (the loss baseline's, the feature methods' reference, the report with the
+    evaluation) and the copy of XMAS's subset reuse another's; `plan` only prints the resources the jobs
+    ask for."""
+    variants = {"trajectory_loss", "merge_loss", "cluster_loss", "reference_init", "evaluation_report", "main_subset"}
     stages = {name.replace("-", "_") for name in STAGES}
     assert rule_names() - variants - {"all", "plan"} == stages
     for stage in stages:

@@ -63,11 +63,29 @@ STAGES = {
         "xmas cluster --examples results/data/examples.parquet --trajectories results/trajectories.parquet "
         "--out results/selection/clusters.parquet",
     ),
+    "features": (
+        "a reference VLM's features of one shard of the image records (COINCIDE's and SemDeDup's)",
+        "xmas features --model results/proxy/checkpoint-5 --shard 0 --shards 2 "
+        "--examples results/data/examples.parquet --annotations results/demo/train.json "
+        "--image-root results/demo/images --out results/features/shard-0.parquet",
+    ),
+    "cluster-features": (
+        "spherical k-means of the features, for COINCIDE or SemDeDup",
+        "xmas cluster-features --method coincide --examples results/data/examples.parquet "
+        "--out results/coincide/selection/clusters.parquet --centroids results/coincide/selection/centroids.parquet "
+        "results/features/shard-*.parquet",
+    ),
     "sample": (
         "pick a subset for a budget (xmas balanced sampling or a baseline), written in the source's format",
         "xmas sample --method xmas --budget 0.5 --examples results/data/examples.parquet "
         "--clusters results/selection/clusters.parquet --annotations results/demo/train.json "
         "--out results/xmas/seed-0/subset_0.5.json",
+    ),
+    "coherence": (
+        "does XMAS's premise hold here: gradients' similarity inside and across the clusters, against chance",
+        "xmas coherence --model results/proxy/checkpoint-5 --examples results/data/examples.parquet "
+        "--annotations results/demo/train.json --image-root results/demo/images "
+        "--clusters results/selection/clusters.parquet --out results/selection/coherence.json",
     ),
     "llamafactory": (
         "write the subsets as LLaMA-Factory datasets (ShareGPT data files and their dataset_info.json)",

@@ -15,6 +15,7 @@ from xmas.errors import XmasError
 
 SIGNALS = ("attention", "loss")  # what a trajectory job records per example and checkpoint (xmas trajectory)
 INSIDE_CLUSTERS = ("stability", "random")
+FEATURES = ("coincide", "semdedup")  # what a features job records per example (xmas features), by the method using it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,8 @@ class Method:
     description: str
     # The signal whose trajectories' clusters it samples from (balanced over the clusters); None: no clusters.
     signal: str | None = None
+    # The reference VLM's feature whose clusters it selects from, by its own rule (xmas/selection/<it>.py).
+    features: str | None = None
     inside_clusters: str | None = None  # stability: the most stable first; random: a seeded draw
     text_only_share: str | None = None  # fixed here (proportional), else the setting selection.text_only_share
     # A new subset per evaluation seed (the draw is what it measures); otherwise selection.seed fixes it.
@@ -35,6 +38,10 @@ class Method:
             raise ValueError(
                 f"method {self.name}: signal {self.signal!r} and inside_clusters "
                 f"{self.inside_clusters!r} must be one of {SIGNALS} and {INSIDE_CLUSTERS}"
+            )
+        if self.features is not None and (self.features not in FEATURES or self.signal is not None):
+            raise ValueError(
+                f"method {self.name}: features {self.features!r} must be one of {FEATURES}, without a signal"
             )
 
 
@@ -69,6 +76,20 @@ METHODS: dict[str, Method] = {
         ),
         Method("random", "a uniform random draw of the same size", seeded=True),
         Method(
+            "coincide",
+            "COINCIDE (Lee et al., 2024): clusters of a reference VLM's features shared out by their "
+            "transferability over density, prototypes by MMD inside each; text-only records keep their share",
+            features="coincide",
+            text_only_share="proportional",
+        ),
+        Method(
+            "semdedup",
+            "SemDeDup (Abbas et al., 2023): near-duplicates of a reference VLM's last-token embeddings removed "
+            "inside k-means clusters down to the budget; text-only records keep their share",
+            features="semdedup",
+            text_only_share="proportional",
+        ),
+        Method(
             "full",
             "every usable record: the reference each subset is measured against",
             every_record=True,
@@ -77,6 +98,7 @@ METHODS: dict[str, Method] = {
     )
 }
 SELECTABLE = tuple(name for name, method in METHODS.items() if not method.evaluated_only)
+FEATURE_METHODS = tuple(name for name, method in METHODS.items() if method.features)
 
 
 def method_named(name: str) -> Method:

@@ -119,11 +119,16 @@ def defaults(stage: str) -> dict:
     return dataclasses.asdict(stage_defaults(stage))
 
 
+def kinds_of(spec: dict) -> list[str]:
+    """The JSON types a setting takes besides null."""
+    kinds = spec.get("type")
+    return [kinds] if isinstance(kinds, str) else [kind for kind in kinds or [] if kind != "null"]
+
+
 def value_type(spec: dict):
     """The Python type of a flag's value; settings with alternatives (``auto`` or a number, a preset
     or a file, ...) arrive as text and their stage reads them."""
-    kinds = spec.get("type")
-    kinds = [kinds] if isinstance(kinds, str) else [kind for kind in kinds or [] if kind != "null"]
+    kinds = kinds_of(spec)
     return TYPES.get(kinds[0], str) if len(kinds) == 1 else str
 
 
@@ -163,7 +168,7 @@ def add_settings(parser: argparse.ArgumentParser, stage: str) -> None:
         elif spec.get("type") == "object":
             options.update(type=key_values, nargs="*", metavar="NAME=VALUE")
             options["default"] = dict(options["default"] or {})
-        elif spec.get("type") == "array":
+        elif kinds_of(spec) == ["array"]:
             options["type"] = comma_list(value_type(spec.get("items", {})))
         elif "enum" in spec:
             options["choices"] = [choice for choice in spec["enum"] if choice is not None]

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from xmas import extraction
 from xmas.data.examples import shard_slice, usable_image_examples
 from xmas.errors import XmasError
 from xmas.progress import StageStats
@@ -110,21 +111,21 @@ def test_parts_from_other_settings_are_not_reused(tiny_checkpoint, small_demo, s
 
 
 def test_batches_grouped_by_length_restore_source_order():
-    batches = trajectory.batch_positions([5, 1, 4, 1, 3], 5, 2)
+    batches = extraction.batch_positions([5, 1, 4, 1, 3], 5, 2)
     assert [b.tolist() for b in batches] == [[1, 3], [4, 2], [0]]
-    values = trajectory.run_batches(list(range(5)), batches, lambda rows: np.array([[r * 10.0] for r in rows]))
+    values = extraction.run_batches(list(range(5)), batches, lambda rows: np.array([[r * 10.0] for r in rows]))
     assert values[:, 0].tolist() == [0, 10, 20, 30, 40]
 
 
 def batches_run(tiny_checkpoint, small_demo, shard, out, monkeypatch, **changes) -> list[list[int]]:
     """The token lengths of every batch a run computes (the setting under test must shape them)."""
-    real, seen = trajectory.run_batches, []
+    real, seen = extraction.run_batches, []
 
     def recording(records, batches, compute):
         seen.extend(shard.set_index("uid").loc[[records[i]["id"] for i in b], "tokens"].tolist() for b in batches)
         return real(records, batches, compute)
 
-    monkeypatch.setattr(trajectory, "run_batches", recording)
+    monkeypatch.setattr(extraction, "run_batches", recording)
     run_shard(tiny_checkpoint, small_demo, shard, out, **changes)
     monkeypatch.undo()
     return seen

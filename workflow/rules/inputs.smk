@@ -27,11 +27,20 @@ def sample_inputs(method):
     inputs = {"examples": EXAMPLES, "annotations": ANNOTATION_FILES}
     if clusters_of(method):
         inputs["clusters"] = clusters_of(method)
+    if centroids_of(method):
+        inputs["centroids"] = centroids_of(method)
     return inputs
 
 
 def clusters_option(method):
-    return f"--clusters {clusters_of(method)}" if clusters_of(method) else ""
+    options = f"--clusters {clusters_of(method)}" if clusters_of(method) else ""
+    return f"{options} --centroids {centroids_of(method)}" if centroids_of(method) else options
+
+
+def reference_model(wildcards):
+    """The reference VLM of the feature methods: the proxy's last checkpoint, or the one composed from the
+    preset, folder or Hub id features.reference names (rule reference_init)."""
+    return checkpoint_dir(proxy_checkpoints()) if FEATURES["reference"] == "proxy" else REFERENCE
 
 
 def evaluation_runs():

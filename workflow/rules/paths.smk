@@ -4,9 +4,14 @@ TARGET_BASE = "results/target/base"
 TARGET_ALIGNED = "results/target/aligned"
 EXAMPLES = "results/data/examples.parquet"
 CLUSTERS = "results/selection/clusters.parquet"
+# The gradient-coherence diagnostic, when coherence.enabled.
+COHERENCE_FILE = "results/selection/coherence.json" if COHERENCE["enabled"] else None
 SELECTION_METHODS = SELECTION["methods"]
 # The signals whose trajectories the selected methods sample from (their rules exist only then).
 SIGNALS_USED = {METHODS[method].signal for method in SELECTION_METHODS} - {None}
+# The selected methods that select by a reference VLM's features (their rules exist only then).
+FEATURE_METHODS_USED = [method for method in SELECTION_METHODS if METHODS[method].features]
+REFERENCE = "results/reference"  # the feature methods' reference VLM, unless it is the proxy
 # The reference every subset is measured against: all usable records, trained and evaluated alike.
 FULL = ("full", "1")
 PROXY_PRESETS = PROXY["presets"] or str(resource("proxy_presets.yaml"))
@@ -60,9 +65,17 @@ def signal_folder(signal):
 
 
 def clusters_of(method):
-    """The clusters a method samples from (xmas.methods: those of its signal's trajectories), else None."""
-    signal = METHODS[method].signal
-    return None if signal is None else f"{signal_folder(signal)}/selection/clusters.parquet"
+    """The clusters a method samples from (xmas.methods: those of its signal's trajectories, or of its
+    features), else None."""
+    declared = METHODS[method]
+    if declared.features:
+        return f"results/{method}/selection/clusters.parquet"
+    return None if declared.signal is None else f"{signal_folder(declared.signal)}/selection/clusters.parquet"
+
+
+def centroids_of(method):
+    """The centroids a feature method's rule reads, else None."""
+    return f"results/{method}/selection/centroids.parquet" if METHODS[method].features else None
 
 
 def target_dir(method, budget, seed):

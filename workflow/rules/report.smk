@@ -12,6 +12,7 @@ rule report:
         clusters=CLUSTERS,
         trajectories="results/trajectories.parquet",
         manifests=[subset_manifest(method, budget) for method, budget in methods_and_budgets()],
+        coherence=COHERENCE_FILE or [],
     output:
         "results/report.html",
     log:
@@ -26,11 +27,13 @@ rule report:
         ),
         annotations=ANNOTATIONS_OPTION,
         evaluation="",
+        coherence=f"--coherence {COHERENCE_FILE}" if COHERENCE_FILE else "",
         options=flags("report"),
         run_config=json.dumps(config, sort_keys=True),
     shell:
         "xmas report --examples {input.examples} {params.annotations}"
         " --clusters {input.clusters} --trajectories {input.trajectories} {params.manifests} {params.evaluation}"
+        " {params.coherence}"
         " --run-config {params.run_config:q} --stats-dir logs/stats --out {output} {params.options}"
         " --stats {log.stats} 2> {log.log}"
 
@@ -42,6 +45,7 @@ use rule report as evaluation_report with:
         clusters=CLUSTERS,
         trajectories="results/trajectories.parquet",
         manifests=[subset_manifest(method, budget) for method, budget in methods_and_budgets()],
+        coherence=COHERENCE_FILE or [],
         eval_summary=EVAL_SUMMARY,
     output:
         "results/eval/report.html",
@@ -55,6 +59,7 @@ use rule report as evaluation_report with:
         ),
         annotations=ANNOTATIONS_OPTION,
         evaluation=f"--eval-summary {EVAL_SUMMARY}",
+        coherence=f"--coherence {COHERENCE_FILE}" if COHERENCE_FILE else "",
         options=flags("report"),
         run_config=json.dumps(config, sort_keys=True),
 

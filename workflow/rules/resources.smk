@@ -6,6 +6,7 @@ THREADS = {
     "prepare": 2,
     "train_segment": TRAINING["threads"],
     "trajectory": TRAJECTORY["threads"],
+    "features": FEATURES["threads"],
     "pretrain_target": ALIGNMENT["threads"],
     "finetune_target": TARGET["threads"],
     "evaluate": EVALUATION["threads"],
@@ -13,6 +14,7 @@ THREADS = {
 GPUS = {
     "train_segment": TRAINING["gpus"],
     "trajectory": TRAJECTORY["gpus"],
+    "features": FEATURES["gpus"],
     "pretrain_target": TARGET["gpus"],
     "finetune_target": TARGET["gpus"],
     "evaluate": EVALUATION["gpus"],

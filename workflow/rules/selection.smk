@@ -36,6 +36,32 @@ if "loss" in SIGNALS_USED:
             stats="logs/stats/loss/cluster.json",
 
 
+if COHERENCE_FILE:
+
+    rule coherence:
+        input:
+            model=lambda w: checkpoint_dir(proxy_checkpoints()),
+            examples=EXAMPLES,
+            annotations=ANNOTATION_FILES,
+            images=IMAGE_INPUT,
+            clusters=CLUSTERS,
+        output:
+            COHERENCE_FILE,
+        log:
+            log="logs/coherence.log",
+            stats="logs/stats/coherence.json",
+        resources:
+            **job("coherence"),
+        params:
+            annotations=ANNOTATIONS_OPTION,
+            image_root=IMAGE_ROOT_OPTION,
+            options=flags("coherence"),
+        shell:
+            "xmas coherence --model {input.model} --examples {input.examples} {params.annotations}"
+            " {params.image_root} --clusters {input.clusters} --out {output} {params.options}"
+            " --stats {log.stats} 2> {log.log}"
+
+
 rule sample:
     input:
         unpack(lambda w: sample_inputs(w.method)),

@@ -23,7 +23,9 @@ from xmas.methods import METHODS
 class Stage:
     name: str
     pattern: str  # the stats files of its jobs, under logs/stats (workflow/rules/*.smk)
-    signal: str | None  # the signal whose methods need it; None: every method
+    # Which methods need it: None every method; "any" those with a signal (the proxy); a signal's methods; "features"
+    # the feature methods; a feature's method.
+    needed_by: str | None
 
 
 # The selection's stages, in DAG order. Sampling is each method's own (sample/<method>/).
@@ -37,6 +39,9 @@ STAGES = (
     Stage("loss trajectories", "loss/trajectories/*/*.json", "loss"),
     Stage("loss merge", "loss/merge.json", "loss"),
     Stage("loss clusters", "loss/cluster.json", "loss"),
+    Stage("reference features", "features/*.json", "features"),
+    Stage("coincide clusters", "coincide/cluster.json", "coincide"),
+    Stage("semdedup clusters", "semdedup/cluster.json", "semdedup"),
 )
 FULL_FINETUNE = "target/full/*/*.json"  # the reference: one full-data fine-tune per evaluation seed
 COLUMNS = ["jobs", "wall s", "CPU s", "GPU s"]
@@ -63,8 +68,15 @@ def stage_costs(stats_dir: Path, methods: list[str]) -> pd.DataFrame:
 
 
 def needs(stage: Stage, method: str) -> bool:
-    signal = METHODS[method].signal
-    return stage.signal is None or (signal is not None and stage.signal in ("any", signal))
+    """Whether ``method``'s selection needs ``stage``. A feature method whose reference is the proxy borrows
+    the proxy's training, which is not counted to it: COINCIDE's own reference is an off-the-shelf model."""
+    declared = METHODS[method]
+    wanted = {None}
+    if declared.signal is not None:
+        wanted |= {"any", declared.signal}
+    if declared.features is not None:
+        wanted |= {"features", declared.features}
+    return stage.needed_by in wanted
 
 
 def method_costs(stats_dir: Path, methods: list[str]) -> pd.DataFrame:

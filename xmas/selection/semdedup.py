@@ -47,6 +47,15 @@ def select(
     embeddings: np.ndarray, clusters: np.ndarray, centroids: np.ndarray, budget: int
 ) -> tuple[np.ndarray, float]:
     """The rows SemDeDup keeps for ``budget`` records, in its order, and the ``eps`` it kept them with."""
+    kept, eps = kept_for(embeddings, clusters, centroids, budget)
+    return kept[:budget], eps
+
+
+def kept_for(
+    embeddings: np.ndarray, clusters: np.ndarray, centroids: np.ndarray, budget: int
+) -> tuple[np.ndarray, float]:
+    """Every row SemDeDup keeps (not a near-duplicate) with the ``eps`` its rule picks for ``budget``, in its
+    order (at least ``budget`` of them), and that ``eps``."""
     order = sorted_clusters(embeddings, clusters, centroids)
     rows = np.concatenate(order) if order else np.zeros(0, dtype=int)
     similarity = np.concatenate([earlier_similarity(embeddings[cluster]) for cluster in order]) if order else rows
@@ -57,5 +66,4 @@ def select(
     # kept with eps: similarity <= 1 - eps; the smallest kept set of at least `budget` keeps up to the
     # budget-th smallest similarity
     threshold = np.sort(similarity)[budget - 1]
-    kept = rows[similarity <= threshold]
-    return kept[:budget], float(1.0 - threshold)
+    return rows[similarity <= threshold], float(1.0 - threshold)

@@ -26,6 +26,7 @@ from xmas.errors import XmasError
 from xmas.evaluation.comparison import comparison_table
 from xmas.evaluation.cost import method_costs, stage_costs
 from xmas.io import atomic_path, read_json, read_parquet
+from xmas.methods import METHODS
 from xmas.progress import StageStats, add_input_arguments
 from xmas.settings import add_settings, settings_of
 
@@ -169,6 +170,36 @@ def composition(full: pd.Series, subsets: list[Subset], by: str) -> Figure:
     )
 
 
+def coherence_section(result: dict) -> str:
+    """The gradient-coherence diagnostic: its figures, and the histogram of the pairs' cosines."""
+    plt = pyplot()
+    bins = np.array(result["histogram"]["bins"])
+    centres = (bins[:-1] + bins[1:]) / 2
+    figure, ax = plt.subplots(figsize=(7, 3.2))
+    for name in ("inside", "across"):
+        counts = np.array(result["histogram"][name], dtype=float)
+        ax.plot(centres, counts / max(counts.sum(), 1), marker=".", label=f"pairs {name} clusters")
+    ax.set(xlabel="cosine similarity of the two examples' gradients", ylabel="share of pairs")
+    ax.legend(fontsize=8)
+    random = result["random_gap"]
+    verdict = (
+        "above what random groupings give: the clusters group examples that train alike"
+        if result["gap"] > random["mean"] + 2 * random["sd"]
+        else "within what random groupings give: on this data the clusters say little about the gradients"
+    )
+    caption = (
+        f"{result['examples']} image examples from {result['clusters']} clusters, gradients at "
+        f"{result['checkpoint']} count-sketched to {result['dimensions']} dimensions. Mean cosine inside clusters "
+        f"{result['inside']:.3f}, across {result['across']:.3f}: a gap of {result['gap']:.3f}, against "
+        f"{random['mean']:.3f} ± {random['sd']:.3f} for {result['groupings']} random groupings of the same sizes; "
+        f"{verdict}."
+    )
+    return (
+        "<h2>Does XMAS's premise hold on this data?</h2>"
+        + Figure("Gradient coherence of the clusters", caption, render(figure)).html()
+    )
+
+
 def arp_curves(summary: pd.DataFrame) -> Figure:
     plt = pyplot()
     runs = summary.groupby(["method", "budget", "seed"]).ARP.first().reset_index()
@@ -264,8 +295,10 @@ pre {{ background: #f6f6f6; padding: 1rem; overflow-x: auto; font-size: 0.8rem; 
 </style></head><body>
 <h1>XMAS selection report</h1>
 <p>{summary}</p>
+<p>{models}</p>
 <h2>Subsets</h2>{subsets}
 <h2>What was selected</h2>{figures}
+{coherence}
 {evaluation}
 <h2>What selection cost</h2>
 <p>Per stage, the jobs' wall, CPU and GPU seconds (from logs/stats); per method, the stages its selection needs
@@ -312,15 +345,34 @@ def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageSta
             f"{len(examples)} source records, {len(usable)} usable "
             f"({int(usable.has_image.sum())} with an image), {clusters.cluster.max() + 1} clusters."
         ),
+        models=html.escape(models_text(run_config, list(dict.fromkeys(subset.method for subset in subsets)))),
         subsets=table_html(subset_table(subsets, len(usable))),
         figures="\n".join(figure.html() for figure in figures),
         evaluation=evaluation,
+        coherence=coherence_section(read_json(inputs["coherence"])) if inputs.get("coherence") else "",
         exclusions=table_html(exclusions) if len(exclusions) else "<p>none</p>",
         **cost_tables(inputs["stats_dir"], list(dict.fromkeys(subset.method for subset in subsets))),
         stages=table_html(stage_counts(inputs["stats_dir"])) if inputs["stats_dir"].is_dir() else "<p>no stats</p>",
         versions=table_html(versions()),
         config=html.escape(json.dumps(run_config, indent=2, sort_keys=True), quote=False),
     )
+
+
+def models_text(run_config: dict, methods: list[str]) -> str:
+    """Which models selected the data: the proxy, the target, and the feature methods' reference."""
+    proxy, target = run_config.get("proxy", {}), run_config.get("target", {})
+    text = f"Proxy: {proxy.get('model', '?')}, trained on these records. Target: {target.get('model', '?')}."
+    feature_methods = [method for method in methods if METHODS[method].features]
+    if feature_methods:
+        reference = run_config.get("features", {}).get("reference", "proxy")
+        which = (
+            "the proxy's last checkpoint, trained on these records (COINCIDE's authors use a model trained "
+            "elsewhere, TinyLLaVA-2.0B)"
+            if reference == "proxy"
+            else f"{reference}, as given (not trained on these records)"
+        )
+        text += f" Reference VLM of {', '.join(feature_methods)}: {which}."
+    return text
 
 
 def question_types(source: Source | Path, usable: pd.DataFrame) -> pd.Series | None:
@@ -348,6 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a subset manifest to show; repeat for every method and budget",
     )
     parser.add_argument("--eval-summary", type=Path, help="results/eval/summary.tsv, when evaluation has run")
+    parser.add_argument("--coherence", type=Path, help="results/selection/coherence.json (`xmas coherence`)")
     parser.add_argument("--stats-dir", type=Path, default=Path("logs/stats"), help="the stages' stats JSON files")
     parser.add_argument("--run-config", default="{}", help="the workflow config as JSON, shown on the page")
     parser.add_argument("--out", required=True, type=Path, help="HTML page to write")
@@ -367,6 +420,7 @@ def run(args: argparse.Namespace) -> None:
         "clusters": args.clusters,
         "trajectories": args.trajectories,
         "eval_summary": args.eval_summary,
+        "coherence": args.coherence,
         "stats_dir": args.stats_dir,
     }
     page = build(inputs, subsets, run_config, stats)

@@ -12,18 +12,22 @@ unchanged, in source order, and a manifest with one row per source record.
 from __future__ import annotations
 
 import argparse
+import json
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 
 from xmas.data.examples import TEXT_ONLY, read_examples
 from xmas.data.sources import POSITION_COLUMNS, Source, as_source, stage_source
 from xmas.errors import XmasError
-from xmas.io import read_parquet, write_parquet
-from xmas.methods import METHODS, method_named
+from xmas.io import read_parquet, read_table, write_parquet
+from xmas.methods import FEATURE_METHODS, METHODS, method_named
 from xmas.progress import StageStats, add_input_arguments, log
+from xmas.selection import coincide, semdedup
+from xmas.selection.vectors import METADATA, feature_matrix
 from xmas.settings import add_settings, settings_of
 
 MANIFEST_COLUMNS = ["uid", "index", "cluster", "stability", "selected", "reason"]
@@ -58,11 +62,16 @@ def seeded_draw(n: int, count: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=count, replace=False))
 
 
+def text_share(text: int, target: int, n_valid: int) -> int:
+    """The text-only records' share of ``target`` (halves up), as they are of the usable records."""
+    return min(text, (2 * target * text + n_valid) // (2 * n_valid))
+
+
 def proportional_quotas(sizes: dict[int, int], target: int, n_valid: int) -> dict[int, int]:
     """Text-only records keep their share of the usable records (halves up); image clusters water-fill
     the rest, and whatever they cannot fill goes back to the text-only records."""
     images = {group: n for group, n in sizes.items() if group != TEXT_ONLY}
-    text = min(sizes[TEXT_ONLY], (2 * target * sizes[TEXT_ONLY] + n_valid) // (2 * n_valid))
+    text = text_share(sizes[TEXT_ONLY], target, n_valid)
     quotas = water_fill(images, target - text)
     return {**quotas, TEXT_ONLY: min(sizes[TEXT_ONLY], target - sum(quotas.values()))}
 
@@ -102,6 +111,42 @@ def xmas_select(
             chosen = members.sort_values(["stability", "index"], kind="stable").index[:quota]
             valid.loc[members.index, "reason"] = "cluster_quota_filled"
         valid.loc[chosen, ["selected", "reason"]] = [True, None]
+    return valid
+
+
+def feature_select(
+    method: str, valid: pd.DataFrame, clusters: Path, centroids: Path, target: int, seed: int, temperature: float
+) -> pd.DataFrame:
+    """COINCIDE's or SemDeDup's rule (xmas.selection) on the image records, with the features and centroids
+    ``xmas cluster-features`` wrote; the text-only records keep their share of the usable records, drawn
+    at random (whatever the images cannot fill goes to them)."""
+    valid = valid.sort_values("index").assign(selected=False, reason=None)
+    table = read_table(clusters)
+    table = table.filter(pc.not_equal(table.column("cluster"), TEXT_ONLY))
+    images, text = valid[valid.cluster != TEXT_ONLY], valid[valid.cluster == TEXT_ONLY]
+    rows = pd.Index(table.column("uid").to_pylist()).get_indexer(images.uid)
+    if (rows < 0).any():
+        raise XmasError(f"{clusters} has no feature for {int((rows < 0).sum())} usable image records")
+    features = feature_matrix(table, "feature")[rows]
+    labels = table.column("cluster").to_numpy()[rows]
+    centres = feature_matrix(read_table(centroids), "centroid")
+    image_quota = min(len(images), target - text_share(len(text), target, len(valid)))
+    valid.loc[images.index, "reason"] = "cluster_quota_filled"
+    if method == "coincide":
+        parts = json.loads(table.schema.metadata[METADATA.encode()])["coincide_parts"]
+        width = features.shape[1] // parts
+        language = np.concatenate([np.arange(part * width, (part + 1) * width) for part in range(1, parts, 2)])
+        chosen = coincide.select(features, labels, centres, language, image_quota, temperature)
+    else:
+        kept, eps = semdedup.kept_for(features, labels, centres, image_quota)
+        valid.loc[images.index, "reason"] = "near_duplicate"
+        valid.loc[images.index[kept], "reason"] = "budget_filled"
+        valid.attrs["eps"] = eps
+        chosen = kept[:image_quota]
+    valid.loc[images.index[chosen], ["selected", "reason"]] = [True, None]
+    drawn = text.index[seeded_draw(len(text), min(len(text), target - len(chosen)), seed)]
+    valid.loc[text.index, "reason"] = "text_not_drawn"
+    valid.loc[drawn, ["selected", "reason"]] = [True, None]
     return valid
 
 
@@ -180,12 +225,17 @@ def sample(
     seed: int,
     stats: StageStats,
     text_only_share: str = "cluster",
+    centroids: Path | None = None,
+    temperature: float | None = None,
 ) -> pd.DataFrame:
+    """The manifest of ``method_name``'s subset for ``budget``; ``centroids`` and ``temperature``: the feature
+    methods' (COINCIDE's temperature)."""
     method = method_named(method_name)
     examples = read_parquet(examples_path)
     valid = examples.loc[examples.status == "ok", ["uid", "index"]]
     if clusters_path is not None:
-        valid = valid.merge(read_parquet(clusters_path), on="uid", how="left", validate="one_to_one")
+        clusters = read_parquet(clusters_path, columns=["uid", "cluster", "stability"])
+        valid = valid.merge(clusters, on="uid", how="left", validate="one_to_one")
     else:
         valid = valid.assign(cluster=pd.NA, stability=np.nan)
     target = budget_size(budget, len(valid))
@@ -197,6 +247,12 @@ def sample(
         decided = xmas_select(
             valid, target, min_cluster_size, seed, method.inside_clusters, method.text_only_share or text_only_share
         )
+    elif method.features is not None:
+        if clusters_path is None or centroids is None:
+            raise XmasError(f"method {method.name} needs --clusters and --centroids (of `xmas cluster-features`)")
+        decided = feature_select(method.name, valid, clusters_path, centroids, target, seed, temperature)
+        if "eps" in decided.attrs:
+            stats.set("eps", decided.attrs["eps"])
     elif method.every_record:
         if target != len(valid):
             raise XmasError(f"method {method.name} selects every usable record: its budget must be 1, got {budget!r}")
@@ -251,8 +307,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="clusters.parquet from `xmas cluster` (needed by the clustered methods: "
         + ", ".join(name for name, method in METHODS.items() if method.signal)
+        + "), or from `xmas cluster-features` (by "
+        + ", ".join(FEATURE_METHODS)
         + ")",
     )
+    parser.add_argument("--centroids", type=Path, help="centroids.parquet from `xmas cluster-features`")
     parser.add_argument(
         "--out", required=True, type=Path, help="subset to write, in the source's format (.json, .jsonl or .parquet)"
     )
@@ -280,6 +339,8 @@ def run(args: argparse.Namespace) -> None:
         args.seed,
         stats,
         args.text_only_share,
+        args.centroids,
+        args.temperature,
     )
     written = write_subset(source, args.examples, manifest, args.out)
     selected = int(manifest.selected.sum())

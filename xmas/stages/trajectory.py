@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +19,14 @@ import torch
 from xmas.data.examples import shard_slice, usable_image_examples
 from xmas.data.sources import Source, as_source, stage_source
 from xmas.errors import XmasError
-from xmas.io import damage_of, read_json, read_seal, read_table, write_json, write_parquet
+from xmas.extraction import extract_chunk, fingerprint, write_in_parts
 from xmas.methods import SIGNALS
 from xmas.models.attention import CrossModalAttention, capture_output, top_singular_values
 from xmas.models.checkpoints import load_checkpoint, load_processor
 from xmas.models.encoding import IGNORE_INDEX, ConversationEncoder
 from xmas.models.image_tokens import ImageTokens
 from xmas.models.upstream_attention import UpstreamAttention, lowrank_singular_values
-from xmas.progress import StageStats, add_input_arguments, add_threads_argument, progress, use_threads
+from xmas.progress import StageStats, add_input_arguments, add_threads_argument, use_threads
 from xmas.settings import add_settings, settings_of
 from xmas.training.engine import compute_device, resolve_dtype
 
@@ -71,76 +67,6 @@ def parse_layers(value: str) -> list[int] | None:
         return [int(part) for part in value.split(",")]
     except ValueError:
         raise XmasError(f"--layers must be 'all' or a comma-separated list of layer numbers, got {value!r}") from None
-
-
-def fingerprint(model_path: Path, checkpoint: int, shard: pd.DataFrame, settings, signal: str) -> dict:
-    """What the part files depend on: a part written under another fingerprint is not reused."""
-    files = [path for path in Path(model_path).iterdir() if path.is_file()]
-    model_files = sorted((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in files)
-    uids = hashlib.sha256("\n".join(shard["uid"]).encode()).hexdigest()
-    computed = {key: value for key, value in dataclasses.asdict(settings).items() if key not in NOT_FINGERPRINTED}
-    return {
-        "model": str(model_path),
-        "model_files": model_files,
-        "checkpoint": checkpoint,
-        "uids": uids,
-        **computed,
-        "signal": signal,
-    }
-
-
-def reset_stale_parts(parts: Path, current: dict) -> None:
-    """Part files written under another fingerprint, or under one that cannot be read, are discarded."""
-    marker = parts / "fingerprint.json"
-    if parts.exists() and recorded_fingerprint(marker) != json.loads(json.dumps(current)):
-        shutil.rmtree(parts)
-    if not parts.exists():
-        parts.mkdir(parents=True)
-        write_json(current, marker)
-
-
-def recorded_fingerprint(marker: Path) -> dict | None:
-    if not marker.exists():
-        return None
-    try:
-        return read_json(marker)
-    except XmasError as error:
-        log.warning("%s; the part files beside it are computed again", error)
-        return None
-
-
-def reusable_part(path: Path) -> bool:
-    """A part file is reused only when its seal vouches for it; a damaged one is computed again."""
-    if not path.exists():
-        return False
-    damage = damage_of(path)
-    if damage is None and read_seal(path) is not None:
-        return True
-    log.warning("%s; computing it again", damage.what if damage else f"{path} has no seal")
-    path.unlink()
-    return False
-
-
-def batch_positions(lengths: list[int] | None, count: int, batch_size: int) -> list[np.ndarray]:
-    """Positions of each batch: in order, or (given lengths) sorted by length so batches pad little.
-
-    The sort is stable, so equal lengths keep source order and the grouping is deterministic.
-    """
-    order = np.arange(count) if lengths is None else np.argsort(np.asarray(lengths), kind="stable")
-    return [order[start : start + batch_size] for start in range(0, count, batch_size)]
-
-
-def run_batches(
-    records: list[dict], batches: list[np.ndarray], compute: Callable[[list[dict]], np.ndarray]
-) -> np.ndarray:
-    """``compute`` on each batch of records, its rows put back at the records' positions."""
-    values = None
-    for positions in batches:
-        rows = compute([records[i] for i in positions])
-        if values is None:
-            values = np.zeros((len(records), *rows.shape[1:]), dtype=np.float32)
-        values[positions] = rows
-    return values if values is not None else np.zeros((0,), dtype=np.float32)
 
 
 def singular_value_columns(top_k: int) -> list[str]:
@@ -192,11 +118,6 @@ class ExampleLoss:
         return (total / counted.sum(dim=1).clamp(min=1)).cpu().numpy()[:, None]
 
 
-def extract_chunk(signal, records: list[dict], batch_size: int, lengths: list[int] | None = None) -> np.ndarray:
-    """The signal of every record, in the records' order whatever the batching (grouped by ``lengths``)."""
-    return run_batches(records, batch_positions(lengths, len(records), batch_size), signal)
-
-
 def load_signal(model_path: Path, image_root: Path | None, settings, signal: str, device: torch.device):
     """The checkpoint in the extraction dtype, wrapped as the signal asked for, as the settings define it."""
     dtype = resolve_dtype(settings.dtype)
@@ -227,31 +148,23 @@ def extract_shard(
     """One shard's rows of ``signal`` (attention or loss) at checkpoint ``checkpoint``, the trajectory stage's
     ``settings`` defining it."""
     check_top_k(model_path, settings, signal)
-    parts = out.with_name(out.name + ".parts")
-    reset_stale_parts(parts, fingerprint(model_path, checkpoint, shard, settings, signal))
-    chunk_size = settings.chunk_size
-    chunks = [shard.iloc[i : i + chunk_size] for i in range(0, len(shard), chunk_size)]
-    todo = [(n, chunk) for n, chunk in enumerate(chunks) if not reusable_part(parts / f"part-{n:05d}.parquet")]
-    stats.add("in", len(shard))
-    stats.add("resumed_rows", len(shard) - sum(len(chunk) for _, chunk in todo))
     columns = signal_columns(settings, signal)
-    if todo:
+
+    def load():
         values_of = load_signal(model_path, image_root, settings, signal, compute_device())
-        for n, chunk in progress(todo, total=len(todo), desc=f"checkpoint {checkpoint} chunks", unit="chunk"):
+
+        def compute(chunk: pd.DataFrame) -> pa.Table:
             lengths = chunk["tokens"].tolist() if settings.group_by_length else None
             with as_source(source).reader(chunk) as records:
                 values = extract_chunk(values_of, records[:], settings.batch_size, lengths)
-            write_parquet(
-                trajectory_table(chunk["uid"].to_numpy(), checkpoint, columns, values), parts / f"part-{n:05d}.parquet"
-            )
-            stats.add("computed_rows", len(chunk))
-    tables = [read_table(parts / f"part-{n:05d}.parquet") for n in range(len(chunks))]
-    if not tables:  # no example in this shard
-        tables = [trajectory_table(np.array([], dtype=str), checkpoint, columns, np.zeros((0, len(columns))))]
-    merged = pa.concat_tables(tables)
-    write_parquet(merged, out)
-    stats.add("out", merged.num_rows)
-    shutil.rmtree(parts)
+            return trajectory_table(chunk["uid"].to_numpy(), checkpoint, columns, values)
+
+        return compute
+
+    computed = {key: value for key, value in dataclasses.asdict(settings).items() if key not in NOT_FINGERPRINTED}
+    current = fingerprint(model_path, shard, checkpoint=checkpoint, **computed, signal=signal)
+    empty = trajectory_table(np.array([], dtype=str), checkpoint, columns, np.zeros((0, len(columns))))
+    write_in_parts(shard, out, current, settings.chunk_size, load, empty, stats, f"checkpoint {checkpoint} chunks")
 
 
 def signal_columns(settings, signal: str) -> list[str]:
