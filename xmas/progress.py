@@ -122,6 +122,14 @@ class StageStats:
     def set(self, key: str, value: object) -> None:
         self.extra[key] = value
 
+    def clusters(self, labels, k: int) -> None:
+        """K and the sizes of the k clusters of ``labels`` (0..k-1): smallest, median, largest."""
+        import numpy as np
+
+        sizes = np.bincount(np.asarray(labels, dtype=np.int64), minlength=k) if len(labels) else np.array([0])
+        self.set("clusters", k)
+        self.set("cluster_size", {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())})
+
     def as_dict(self) -> dict:
         return {
             "stage": self.stage,

@@ -46,7 +46,14 @@ def stats_dir(tmp_path):
         "loss/trajectories/checkpoint-1/shard-0.json": (30, 25),
         "loss/merge.json": (1, 1),
         "loss/cluster.json": (2, 2),
+        "features/shard-0.json": (12, 10),
+        "features/shard-1.json": (12, 10),
+        "coincide/cluster.json": (3, 3),
+        "semdedup/cluster.json": (2, 1),
+        "coherence.json": (7, 7),  # a diagnostic, no method's cost
         "sample/xmas/seed-0/0.5.json": (1, 1),
+        "sample/coincide/seed-0/0.5.json": (1, 1),
+        "sample/semdedup/seed-0/0.5.json": (1, 1),
         "sample/loss/seed-0/0.5.json": (1, 1),
         "sample/random/seed-0/0.5.json": (1, 1),
         "sample/random/seed-1/0.5.json": (1, 1),
@@ -72,6 +79,17 @@ def test_each_method_costs_the_stages_it_needs_against_a_full_fine_tune(stats_di
         "random": shared + 2,
     }
     assert costs.loc["xmas", "× a full fine-tune"] == round((shared + 214) / 400, 3)  # the mean of 500 and 300
+
+
+def test_the_feature_methods_cost_their_reference_features_not_the_proxys_training(stats_dir):
+    costs = method_costs(stats_dir, ["xmas", "coincide", "semdedup"]).set_index("method")
+    shared = 3 + 5
+    assert costs["CPU s"].to_dict() == {
+        "xmas": shared + 180 + 30 + 1 + 2 + 1,
+        "coincide": shared + 20 + 3 + 1,
+        "semdedup": shared + 20 + 1 + 1,
+    }
+    assert stage_costs(stats_dir, ["coincide"]).loc["reference features", "jobs"] == 2
 
 
 def test_costs_compare_in_gpu_seconds_once_a_job_used_a_gpu(stats_dir):

@@ -3,19 +3,23 @@ resumable shards."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from xmas.data.annotations import SourceRecords
 from xmas.data.examples import shard_slice, usable_image_examples
+from xmas.data.records import image_paths
 from xmas.io import read_table
 from xmas.models.checkpoints import load_checkpoint
+from xmas.models.encoding import ConversationEncoder
 from xmas.progress import StageStats
 from xmas.selection.vectors import feature_matrix
 from xmas.stages.features import ReferenceFeatures, extract_features
 
-from conftest import feature_settings
+from conftest import MODERN_FAMILIES, feature_settings
 
 SETTINGS = feature_settings()
 LAYERS = SETTINGS.layers
@@ -49,8 +53,6 @@ def unbatched_features(model, encoder, record: dict) -> np.ndarray:
 
 
 def test_features_of_a_padded_batch_are_each_records_own(tiny_checkpoint, small_demo, small_examples):
-    from xmas.models.encoding import ConversationEncoder
-
     model, processor = load_checkpoint(tiny_checkpoint)
     model.eval()
     encoder = ConversationEncoder.of_checkpoint(tiny_checkpoint, processor, small_demo["images"])
@@ -90,3 +92,22 @@ def test_a_killed_feature_job_resumes_from_its_parts(
     resumed, clean = read_table(out), read_table(feature_shards[0])
     assert resumed.column("uid").to_pylist() == shard.uid.tolist() == clean.column("uid").to_pylist()
     np.testing.assert_array_equal(feature_matrix(resumed, "coincide"), feature_matrix(clean, "coincide"))
+
+
+@pytest.mark.parametrize("family", sorted(MODERN_FAMILIES))
+def test_every_family_gives_its_features_as_one_record_alone_does(family, modern_checkpoints, varied_data):
+    """Today's families lay out image tokens their own way (Qwen's per-image counts, SmolVLM's tiles):
+    the pooled features of a padded batch are each record's own."""
+    checkpoint = modern_checkpoints[family]
+    model, processor = load_checkpoint(checkpoint)
+    model.eval()
+    encoder = ConversationEncoder.of_checkpoint(checkpoint, processor, varied_data["images"])
+    records = [record for record in json.loads(varied_data["train"].read_text()) if image_paths(record)][:3]
+    layers = [0, model.config.get_text_config().num_hidden_layers - 1]
+    features = ReferenceFeatures(model, encoder, layers)
+    batched = features(records)
+    alone = np.concatenate([features([record]) for record in records])
+    np.testing.assert_allclose(batched, alone, atol=2e-5)
+    hidden = model.config.get_text_config().hidden_size
+    assert np.allclose(np.linalg.norm(batched[:, :-hidden], axis=1), 1.0, atol=1e-5)
+    assert np.allclose(np.linalg.norm(batched[:, -hidden:], axis=1), 1.0, atol=1e-5)

@@ -19,8 +19,9 @@ from conftest import REPO, job_counts, reduced_project, snakemake
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTIFACTS = REPO / "test-artifacts"
-# trajectories, stability, cluster quotas, composition by source and by question type
-SELECTION_FIGURES = 5
+# trajectories, stability, cluster quotas, composition by source and by question type, and the gradient
+# coherence (coherence.enabled, the demo's default)
+SELECTION_FIGURES = 6
 # and ARP vs budget
 EVALUATION_FIGURES = SELECTION_FIGURES + 1
 
@@ -98,6 +99,14 @@ def test_report_is_self_contained_and_shows_the_run(report):
     assert "<h2>Evaluation</h2>" not in page
     cost = page.split("<h2>What selection cost</h2>")[1].split("<h2>")[0]
     assert "<td>proxy training</td>" in cost and "<td>sample random</td>" in cost
+    assert "<td>reference features</td>" in cost and "<td>coincide clusters</td>" in cost
+    first_screen = page.split("<h2>Subsets</h2>")[0]
+    assert (
+        "Reference VLM of coincide, semdedup: the proxy&#x27;s last checkpoint, trained on these records"
+        in first_screen
+    )
+    premise = page.split("<h2>Does XMAS's premise hold on this data?</h2>")[1].split("<h2>")[0]
+    assert "Mean cosine inside clusters" in premise and "random groupings of the same sizes" in premise
 
 
 @pytest.mark.slow

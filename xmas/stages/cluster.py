@@ -109,13 +109,11 @@ def cluster(examples: Path, trajectories: Path, settings, stats: StageStats) -> 
     result = usable[["uid"]].assign(cluster=np.int32(TEXT_ONLY), stability=np.nan)
     result.loc[usable.has_image.to_numpy(), "cluster"] = labels
     result.loc[usable.has_image.to_numpy(), "stability"] = stability(features)
-    sizes = np.bincount(labels, minlength=k) if len(images) else np.array([0])
     stats.add("in", len(table))
     stats.add("image_examples", len(images))
     stats.add("text_only", len(usable) - len(images))
     stats.add("out", len(result))
-    stats.set("clusters", k)
-    stats.set("cluster_size", {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())})
+    stats.clusters(labels, k)
     return result.astype({"cluster": "int32", "stability": "float64"})
 
 

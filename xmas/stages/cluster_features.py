@@ -87,13 +87,11 @@ def cluster_features(
         {"cluster": np.arange(k, dtype=np.int32),
          "centroid": vector_column(centroids, pa.float32())}
     )  # fmt: skip
-    sizes = np.bincount(labels, minlength=k)
     stats.add("in", len(table))
     stats.add("image_examples", len(images))
     stats.add("text_only", len(usable) - len(images))
     stats.add("out", len(usable))
-    stats.set("clusters", k)
-    stats.set("cluster_size", {"min": int(sizes.min()), "median": float(np.median(sizes)), "max": int(sizes.max())})
+    stats.clusters(labels, k)
     return clusters, centroid_table
 
 
