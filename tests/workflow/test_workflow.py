@@ -155,3 +155,22 @@ def test_evaluation_summary_of_the_reduced_demo(workflow_run):
     subset = json.loads((workflow_run / "results/subset_0.5.json").read_text())
     assert finetuned["records"] == len(subset)
     assert finetuned["base"] == str((workflow_run / "results/target/aligned").resolve())  # aligned once, shared
+
+
+@pytest.mark.slow
+def test_a_reference_named_by_preset_is_composed_and_the_proxy_never_trains_for_it(tmp_path):
+    """features.reference other than `proxy`: reference_init composes it as proxy_init composes checkpoint 0,
+    and the feature methods select without any proxy training."""
+    project = reduced_project(
+        tmp_path, selection={"budgets": [0.5], "methods": ["coincide", "semdedup"]}, features={"reference": "demo-tiny"}
+    )
+    targets = ["results/coincide/seed-0/subset_0.5.json", "results/semdedup/seed-0/subset_0.5.json"]
+    counts = job_counts(snakemake(project, "-n", *targets).stdout)
+    assert counts["reference_init"] == 1 and counts["features"] == 2 and "train_segment" not in counts
+    snakemake(project, "--cores", "2", *targets)
+    assert (project / "results/reference/config.json").is_file()
+    assert not (project / "results/proxy/checkpoint-1").exists()
+    log = (project / "logs/features/shard-0.log").read_text()
+    assert "features shard 0 done" in log
+    for target in targets:
+        assert json.loads((project / target).read_text())
