@@ -21,6 +21,8 @@ REHEARSAL_CHANGES = {
     "training.gpus",
     "trajectory.threads",
     "trajectory.gpus",
+    "features.threads",
+    "features.gpus",
     "target.threads",
     "target.gpus",
     "target.deepspeed",

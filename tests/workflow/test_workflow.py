@@ -80,13 +80,15 @@ def test_a_second_run_from_scratch_is_byte_identical(workflow_run, tmp_path):
 def test_dry_run_of_the_demo_evaluation_trains_every_method_budget_and_seed(tmp_path):
     result = snakemake(tmp_path, "-n", "results/eval/summary.tsv")
     counts = job_counts(result.stdout)
-    # 4 methods x 3 budgets x 3 seeds, plus the full set per seed
-    assert counts["finetune_target"] == counts["evaluate"] == 4 * 3 * 3 + 3
+    # 6 methods x 3 budgets x 3 seeds, plus the full set per seed
+    assert counts["finetune_target"] == counts["evaluate"] == 6 * 3 * 3 + 3
     assert counts["target_init"] == counts["pretrain_target"] == counts["summarize"] == 1
-    # one sample rule for every method: xmas and xmas-proportional one subset per budget; random and
-    # cluster-random one per budget and seed; full one
-    assert counts["sample"] == 2 * 3 + 2 * 3 * 3 + 1
-    for method, seed in (("xmas", 0), ("xmas-proportional", 0), ("random", 2), ("cluster-random", 1), ("full", 0)):
+    # one sample rule for every method: xmas, xmas-proportional, coincide and semdedup one subset per
+    # budget; random and cluster-random one per budget and seed; full one
+    assert counts["sample"] == 4 * 3 + 2 * 3 * 3 + 1
+    assert counts["features"] == 2 and counts["cluster_features"] == 2  # coherence: the report's alone
+    seeds = (("xmas", 0), ("xmas-proportional", 0), ("random", 2), ("cluster-random", 1), ("coincide", 0), ("full", 0))
+    for method, seed in seeds:
         assert f"results/{method}/seed-{seed}/subset_" in result.stdout
 
 
@@ -144,6 +146,8 @@ def test_evaluation_summary_of_the_reduced_demo(workflow_run):
             ("xmas-proportional", "0.5"),
             ("random", "0.5"),
             ("cluster-random", "0.5"),
+            ("coincide", "0.5"),
+            ("semdedup", "0.5"),
             ("full", "1"),
         ]
     }
