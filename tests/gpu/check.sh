@@ -22,6 +22,9 @@
 #    LLaVA-1.5-7B-shaped target built on the GPU in bf16, one micro-batch of 16 (train_step.py lora).
 #    Steps 2 and 3 run a warm-up step, then the measured one; each checks a finite loss and that
 #    the trained weights changed and the frozen ones did not.
+# 4. proxy-step-fsdp: step 2 through accelerate's FSDP (version 2, full_shard) in one process, as
+#    `training.fsdp` runs it (train_step.py proxy --fsdp full_shard); GPUs only, so --cpu-smoke
+#    reports it as SKIP.
 #
 # Output: versions (python, torch, CUDA, transformers, peft, accelerate), the GPU and missing
 # optional modules; each part's own output under a `== <part>` header; then a summary, one line
@@ -30,12 +33,14 @@
 #   RESULT proxy-step PASS|FAIL step_s=.. first_step_s=.. peak_gib=.. tokens_per_s=.. loss=.. examples=..
 #          tokens=.. parameters_m=.. trainable_m=..
 #   RESULT lora-7b-step PASS|FAIL (the same figures)
+#   RESULT proxy-step-fsdp PASS|FAIL|SKIP (the same figures)
 # and `check: PASS` or `check: FAIL (...)`; the exit status is 1 when any part fails. peak_gib is
 # torch.cuda.max_memory_allocated during the step (on a CPU, the peak resident set). Each part's
 # log is written to $XMAS_CHECK_LOGS (default $OUT when set, else a new temporary folder).
 #
 # Environment: PYTHON (default python, else python3); time limits in seconds XMAS_CHECK_BENCH_S
-# (200), XMAS_CHECK_PROXY_S (110), XMAS_CHECK_LORA_S (130) (120 each with --cpu-smoke);
+# (200), XMAS_CHECK_PROXY_S (110), XMAS_CHECK_LORA_S (130), XMAS_CHECK_FSDP_S (100) (120 each with
+# --cpu-smoke);
 # XMAS_CHECK_BENCH_EXAMPLES (64); XMAS_CHECK_MAX_DISAGREEMENT (0.05).
 set -euo pipefail
 
@@ -65,6 +70,7 @@ else
     STEP_ARGS=()
     LIMITS=("${XMAS_CHECK_BENCH_S:-200}" "${XMAS_CHECK_PROXY_S:-110}" "${XMAS_CHECK_LORA_S:-130}")
 fi
+FSDP_LIMIT=${XMAS_CHECK_FSDP_S:-100}
 LOGS=${XMAS_CHECK_LOGS:-${OUT:-$(mktemp -d -t xmas-gpu-check.XXXXXX)}}
 mkdir -p "$LOGS"
 START=$SECONDS
@@ -175,6 +181,14 @@ RESULTS+=("$(step_result proxy-step "$rc" "${LIMITS[1]}")")
 rc=0
 run_part lora-7b-step "${LIMITS[2]}" "$PYTHON" tests/gpu/train_step.py lora "${STEP_ARGS[@]}" || rc=$?
 RESULTS+=("$(step_result lora-7b-step "$rc" "${LIMITS[2]}")")
+
+if ((SMOKE)); then
+    RESULTS+=("RESULT proxy-step-fsdp SKIP accelerate runs FSDP on GPUs only")
+else
+    rc=0
+    run_part proxy-step-fsdp "$FSDP_LIMIT" "$PYTHON" tests/gpu/train_step.py proxy --fsdp full_shard || rc=$?
+    RESULTS+=("$(step_result proxy-step-fsdp "$rc" "$FSDP_LIMIT")")
+fi
 
 echo "== summary ($((SECONDS - START)) s in all; logs in $LOGS)"
 printf '%s\n' "${RESULTS[@]}" | tee "$LOGS/summary.txt"

@@ -31,13 +31,14 @@ def test_the_smoke_run_prints_each_check_and_passes(tmp_path):
     assert re.search(r"^torch \S+ \(CUDA \S+\), transformers \S+, peft \S+, accelerate \S+$", out, re.MULTILINE)
     assert "GPU: none (CPU smoke run" in out
     summary = out[out.index("== summary") :].splitlines()
-    assert [line.split()[:3] for line in summary[1:4]] == [
+    assert [line.split()[:3] for line in summary[1:5]] == [
         ["RESULT", "trajectory-bench", "PASS"],
         ["RESULT", "proxy-step", "PASS"],
         ["RESULT", "lora-7b-step", "PASS"],
+        ["RESULT", "proxy-step-fsdp", "SKIP"],  # accelerate has no FSDP on CPUs; train_step.py --fsdp on a GPU
     ]
     assert summary[-1] == "check: PASS"
-    assert (tmp_path / "summary.txt").read_text().splitlines() == summary[1:4]
+    assert (tmp_path / "summary.txt").read_text().splitlines() == summary[1:5]
     assert sorted(path.name for path in tmp_path.glob("*.log")) == [
         "lora-7b-step.log",
         "proxy-step.log",

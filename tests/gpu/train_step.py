@@ -1,6 +1,6 @@
 """One training step of the paper's proxy or of a LoRA fine-tune of its 7B target, on random weights
-built from configs, through xmas's training engine (``prepare_training`` and ``TorchTraining.train_step``
-of :mod:`xmas.training.engine`): ``python tests/gpu/train_step.py proxy|lora [--smoke]``.
+built from configs, through xmas's training engine (``Training.prepare`` and ``Training.train_step`` of
+:mod:`xmas.training.engine`): ``python tests/gpu/train_step.py proxy|lora [--smoke] [--fsdp full_shard]``.
 
 - ``proxy``: TinyLLaVA as ``proxy-init`` composes it (StableLM-2-Zephyr-1.6B: 24 layers, hidden 2048,
   32 heads, vocabulary 100352; CLIP ViT-L/14-336: 24 layers, hidden 1024, 576 image tokens; a 2-layer
@@ -19,6 +19,10 @@ second is the measured one. Peak memory is ``torch.cuda.max_memory_allocated`` (
 before each step); on a CPU the process's peak resident set (VmHWM). The step must give a finite
 loss, change the weights that train and leave the frozen ones alone. The last line is
 ``RESULT <proxy-step|lora-7b-step> PASS|FAIL key=value ...``; the exit status is 1 on FAIL.
+
+``--fsdp full_shard`` (or ``shard_grad_op``) runs the step through accelerate's FSDP (version 2) in one
+process, as ``target.fsdp`` does: on a GPU only (accelerate has no FSDP on CPUs); its RESULT is named
+``<name>-fsdp`` (proxy-step-fsdp).
 
 ``--smoke`` runs the same code at tiny widths on the CPU (tests/gpu/test_check.py). The recipe is
 ``xmas.models.recipe``, which needs neither pandas, pyarrow nor pillow.
@@ -43,9 +47,9 @@ from xmas.models.recipe import freeze_vision_tower, parameter_groups, with_lora 
 from xmas.settings import stage_defaults  # noqa: E402
 from xmas.training.engine import (  # noqa: E402
     MicroBatch,
+    Training,
     attention_implementation,
     context_from_environment,
-    prepare_training,
 )
 
 from bench import PROMPT_TOKENS, PeakMemory, bench_batches  # noqa: E402
@@ -282,9 +286,15 @@ def probes(model) -> dict[str, bool]:
     return chosen
 
 
+def whole(parameter) -> torch.Tensor:
+    """A parameter whole: FSDP's are sharded DTensors."""
+    parameter = parameter.detach()
+    return parameter.full_tensor() if hasattr(parameter, "full_tensor") else parameter
+
+
 def snapshot(model, names) -> dict[str, torch.Tensor]:
     parameters = dict(model.named_parameters())
-    return {name: parameters[name].detach().clone() for name in names}
+    return {name: whole(parameters[name]).clone() for name in names}
 
 
 def changed_as_expected(model, before: dict[str, torch.Tensor], expected: dict[str, bool]) -> list[str]:
@@ -292,7 +302,7 @@ def changed_as_expected(model, before: dict[str, torch.Tensor], expected: dict[s
     parameters = dict(model.named_parameters())
     problems = []
     for name, tensor in before.items():
-        changed = not torch.equal(parameters[name].detach(), tensor)
+        changed = not torch.equal(whole(parameters[name]), tensor)
         if changed != expected[name]:
             problems.append(f"{name} {'changed' if changed else 'did not change'}")
     return problems
@@ -339,20 +349,23 @@ def report_parameters(name: str, settings: dict, model, source: str) -> dict[str
     return {"parameters_m": f"{total / 1e6:.1f}", "trainable_m": f"{trainable / 1e6:.1f}"}
 
 
-def engine(kind: str, model, settings: dict, steps: dict, context):
-    """AdamW over the trainable weights at the recipe's learning rates, wrapped by xmas's prepare_training."""
+def engine(kind: str, model, settings: dict, steps: dict, fsdp: str | None = None) -> Training:
+    """AdamW over the trainable weights at the recipe's learning rates, through xmas's Training (DDP's path in one
+    process, or FSDP)."""
     learning_rate, projector_rate = LEARNING_RATES[kind]
     optimizer = torch.optim.AdamW(steps["parameter_groups"](model, learning_rate, projector_rate, 0.0))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return prepare_training(
-        model,
-        optimizer,
-        scheduler,
-        context,
+    training = Training(
         stage_defaults(
-            "finetune-target", precision="bf16", max_grad_norm=1.0, gradient_checkpointing=settings["checkpointing"]
-        ),
+            "finetune-target",
+            precision="bf16",
+            max_grad_norm=1.0,
+            gradient_checkpointing=settings["checkpointing"],
+            fsdp=fsdp,
+        )
     )
+    training.prepare(model, optimizer, scheduler)
+    return training
 
 
 def report_batch(name: str, settings: dict, batches: list[MicroBatch], memory: Memory) -> int:
@@ -399,9 +412,9 @@ def verdict(name: str, results: list, problems: list[str], settings: dict, token
     return 1 if problems else 0
 
 
-def run(kind: str, smoke: bool, steps_count: int = 2) -> int:
+def run(kind: str, smoke: bool, steps_count: int = 2, fsdp: str | None = None) -> int:
     settings = check_settings(kind, smoke)
-    name = settings["name"]
+    name = settings["name"] + ("-fsdp" if fsdp else "")
     context = context_from_environment()
     steps, source = recipe()
     memory = Memory(context.device)
@@ -413,7 +426,8 @@ def run(kind: str, smoke: bool, steps_count: int = 2) -> int:
         flush=True,
     )
     sizes = report_parameters(name, settings, model, source)
-    training = engine(kind, model, settings, steps, context)
+    training = engine(kind, model, settings, steps, fsdp)
+    context = training.context
     model.train()
     batches = micro_batches(model, settings, context.device)
     tokens = report_batch(name, settings, batches, memory)
@@ -430,13 +444,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("kind", choices=tuple(CHECKS))
     parser.add_argument("--smoke", action="store_true", help="tiny widths (for the CPU)")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps; the last is the measured one")
+    parser.add_argument("--fsdp", choices=("full_shard", "shard_grad_op"), help="through accelerate's FSDP (GPUs only)")
     args = parser.parse_args(argv)
     try:
-        return run(args.kind, args.smoke, args.steps)
+        return run(args.kind, args.smoke, args.steps, args.fsdp)
     except Exception as error:  # an OOM or a library error still ends with a RESULT line
         traceback.print_exc()
         reason = re.sub(r"\s+", " ", f"{type(error).__name__}: {error}")[:300]
-        print(f"RESULT {CHECKS[args.kind]['name']} FAIL error={reason!r}", flush=True)
+        name = CHECKS[args.kind]["name"] + ("-fsdp" if args.fsdp else "")
+        print(f"RESULT {name} FAIL error={reason!r}", flush=True)
         return 1
 
 

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +18,8 @@ from xmas.progress import StageStats
 from xmas.settings import stage_defaults
 from xmas.stages.train_segment import train_segment
 from xmas.training import loop
+from xmas.training.engine import free_port
+from xmas.training.launch import accelerate_arguments
 from xmas.training.loop import DataOrder, make_optimizer, rank_micro_batches
 
 from conftest import launched
@@ -93,10 +97,8 @@ def test_micro_batches_give_the_same_step_as_whole_batches(
         torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, small_examples, tmp_path):
-    """`accelerate launch` of 2 CPU processes (DDP over gloo), each on its half of every batch, equals one process."""
-    out = tmp_path / "ddp"
-    stage = [
+def segment_options(tiny_checkpoint, small_demo, small_examples, out: Path, stats: Path) -> list[str]:
+    return [
         "train-segment",
         "--checkpoint",
         "1",
@@ -124,8 +126,14 @@ def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, 
         "--threads",
         "1",
         "--stats",
-        str(tmp_path / "s.json"),
+        str(stats),
     ]
+
+
+def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, small_examples, tmp_path):
+    """`accelerate launch` of 2 CPU processes (DDP over gloo), each on its half of every batch, equals one process."""
+    out = tmp_path / "ddp"
+    stage = segment_options(tiny_checkpoint, small_demo, small_examples, out, tmp_path / "s.json")
     command = [*launched(2), *stage]
     result = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
@@ -140,3 +148,21 @@ def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, 
     assert json.loads((out / "training_log.json").read_text())["losses"] == pytest.approx(
         json.loads((tmp_path / "one" / "training_log.json").read_text())["losses"], rel=1e-5
     )
+
+
+def test_two_nodes_meeting_at_the_first_match_one_process(tiny_checkpoint, small_demo, small_examples, tmp_path):
+    """The launch of a job of several nodes (xmas.training.launch, what srun starts on every node), here two
+    launchers on this machine meeting at 127.0.0.1 as Slurm's nodes meet at the first of the job, one process each."""
+    out, stats = tmp_path / "nodes", tmp_path / "s.json"
+    options = accelerate_arguments(1, "fp32", nodes=2, head="127.0.0.1", port=str(free_port()))
+    stage = segment_options(tiny_checkpoint, small_demo, small_examples, out, stats)
+    command = [sys.executable, "-m", "accelerate.commands.launch", *options, "-m", "xmas", *stage]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment) for _ in range(2)]
+    logs = [node.communicate(timeout=300)[1] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert json.loads(stats.read_text())["processes"] == 2
+    together = single_process(tiny_checkpoint, tmp_path / "one", small_demo, small_examples)
+    apart = load_file(out / "model.safetensors")
+    for name in together:
+        torch.testing.assert_close(apart[name], together[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -200,10 +200,10 @@ def plan_table(project, *config) -> list[str]:
 def test_snakemake_plan_prints_every_rules_cpus_gpus_memory_and_runtime(tmp_path):
     table = plan_table(tmp_path, "--configfile", str(REPO / "config/llava665k.yaml"))
     rows = {line.split(" | ")[0].removeprefix("| "): line for line in table[2:]}
-    assert table[0] == "| rule | CPUs | GPUs | nodes | memory (MB) | runtime (min) |"
-    assert rows["finetune_target"] == "| finetune_target | 8 | 8 | 1 | 192000 | 1440 |"
-    assert rows["trajectory"] == "| trajectory | 4 | 1 | 1 | 32000 | 480 |"
-    assert rows["prepare"] == "| prepare | 2 | 0 | 1 | 16000 | 240 |"
+    assert table[0] == "| rule | CPUs | GPUs | nodes | processes | memory (MB) | runtime (min) |"
+    assert rows["finetune_target"] == "| finetune_target | 8 | 8 | 1 | 8 | 192000 | 1440 |"
+    assert rows["trajectory"] == "| trajectory | 4 | 1 | 1 | 1 | 32000 | 480 |"
+    assert rows["prepare"] == "| prepare | 2 | 0 | 1 | 1 | 16000 | 240 |"
     assert "demo_data" not in rows and "standin_model" not in rows  # not in this config's jobs
     assert not [path for path in tmp_path.rglob("*") if ".snakemake" not in path.parts]  # it writes no file
     # The README shows the table as the workflow prints it.

@@ -280,12 +280,15 @@ def test_the_plan_warns_of_jobs_no_node_could_run(slurm_cluster, tmp_path):
     too_big = reduced_project(
         tmp_path / "too-big",
         trajectory={**REDUCED_DEMO["trajectory"], "threads": cpus + 1},
+        training={**REDUCED_DEMO["training"], "nodes": 2},
         resources={"merge": {"mem_mb": memory + 1}},
     )
     result = run_on_slurm(too_big, "plan", timeout=120)
     succeeded(result)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert warnings == [
+        "warning: rule train_segment: its jobs ask for 2 nodes, but partition main has 1: Slurm would leave them "
+        "pending for ever",
         f"warning: rule trajectory: its jobs ask for {cpus + 1} CPUs, but no node of partition main has more than "
         f"{cpus}: Slurm would leave them pending for ever",
         f"warning: rule merge: its jobs ask for {memory + 1} MB of memory, but no node of partition main has more "

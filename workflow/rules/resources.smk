@@ -1,5 +1,5 @@
-# What a job asks a cluster for: CPUs and GPUs from the settings, memory and wall time from the config's
-# resources section (xmas.settings.job_resources), one node.
+# What a job asks a cluster for: CPUs, GPUs and nodes from the settings, memory and wall time from the config's
+# resources section (xmas.settings.job_resources).
 
 # CPUs (Slurm --cpus-per-task) and GPUs of the rules that use more than one CPU or can use a GPU.
 THREADS = {
@@ -19,6 +19,12 @@ GPUS = {
     "finetune_target": TARGET["gpus"],
     "evaluate": EVALUATION["gpus"],
 }
+# The training rules may span nodes: `gpus` GPUs on each, one accelerate launch per node (xmas.training.launch).
+NODES = {
+    "train_segment": TRAINING["nodes"],
+    "pretrain_target": TARGET["nodes"],
+    "finetune_target": TARGET["nodes"],
+}
 
 
 def job(rule_name):
@@ -30,7 +36,11 @@ def job(rule_name):
         "runtime": asked["runtime"],
         "nodes": asked["nodes"],
     }
-    if rule_name in GPUS:
+    if asked["nodes"] > 1:
+        # The Slurm executor asks for `gpu` in all (--gpus), `gres` per node; an `mpi` job runs its command on
+        # the first node as it is, and the command's srun starts a task (a launcher) on every node.
+        resources.update(gres=f"gpu:{asked['GPUs']}", mpi="srun", tasks=asked["nodes"])
+    elif rule_name in GPUS:
         resources["gpu"] = asked["GPUs"]
     if asked["partition"]:
         resources["slurm_partition"] = asked["partition"]
@@ -41,13 +51,14 @@ def job(rule_name):
 
 def asks(rule_name):
     """What a job of ``rule_name`` asks for on its first attempt. Memory and wall time come from the config's
-    resources; one node (accelerate launch runs every process of a job there); the CPUs and GPUs of its
-    settings. Jobs that use a GPU go to the partition XMAS_GPU_PARTITION names, when set (profiles/slurm)."""
+    resources, per node; the CPUs and GPUs of its settings, per node; its nodes (one but for the training rules
+    of a config that asks for more). Jobs that use a GPU go to the partition XMAS_GPU_PARTITION names, when set
+    (profiles/slurm)."""
     gpu_partition = GPUS.get(rule_name) and os.environ.get("XMAS_GPU_PARTITION")
     return {
         "CPUs": THREADS.get(rule_name, 1),
         "GPUs": GPUS.get(rule_name, 0),
-        "nodes": 1,
+        "nodes": NODES.get(rule_name, 1),
         **job_resources(config, rule_name),
         "partition": os.environ["XMAS_GPU_PARTITION"] if gpu_partition else None,
     }
@@ -66,14 +77,21 @@ def planned_jobs():
 def plan_table():
     """`snakemake plan`: what each rule's jobs ask for under this config, as a Markdown table."""
     rows = [
-        "| rule | CPUs | GPUs | nodes | memory (MB) | runtime (min) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| rule | CPUs | GPUs | nodes | processes | memory (MB) | runtime (min) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, asked in planned_jobs().items():
         rows.append(
-            f"| {name} | {asked['CPUs']} | {asked['GPUs']} | {asked['nodes']} | {asked['mem_mb']} | {asked['runtime']} |"
+            f"| {name} | {asked['CPUs']} | {asked['GPUs']} | {asked['nodes']} | {processes(name, asked)} | "
+            f"{asked['mem_mb']} | {asked['runtime']} |"
         )
     return "\n".join(rows)
+
+
+def processes(rule_name, asked):
+    """A job's processes: one per GPU on every node for the rules accelerate launches, else one."""
+    launched = rule_name in NODES or rule_name == "evaluate"
+    return max(1, asked["GPUs"]) * asked["nodes"] if launched else 1
 
 
 def slurm_nodes():
@@ -99,6 +117,11 @@ def unplaceable_jobs(plan, nodes, default):
         if not offered:
             lines.append(f"{name}: its partition {partition!r} is not one of sinfo's ({', '.join(nodes)})")
             continue
+        if asked["nodes"] > len(offered):
+            lines.append(
+                f"{name}: its jobs ask for {asked['nodes']} nodes, but partition {partition} has "
+                f"{len(offered)}: Slurm would leave them pending for ever"
+            )
         for what, unit, position in (("CPUs", "CPUs", 0), ("mem_mb", "MB of memory", 1), ("GPUs", "GPUs", 2)):
             most = max(node[position] for node in offered)
             if asked[what] > most:
@@ -118,6 +141,6 @@ def print_plan():
 
 
 def launcher(section):
-    """`xmas` on up to one GPU, `accelerate launch` with one process per GPU beyond (``section``: the
-    training or target config section: its gpus and precision)."""
-    return " ".join(launcher_prefix(section["gpus"], section["precision"]))
+    """`xmas` on up to one GPU, `accelerate launch` with one process per GPU beyond, through srun on every node of
+    a job of several (``section``: the training or target config section: its gpus, precision and nodes)."""
+    return " ".join(launcher_prefix(section["gpus"], section["precision"], section["nodes"]))

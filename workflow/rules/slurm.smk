@@ -20,3 +20,13 @@ onerror:
             " again; `sacctmgr show associations user=$USER` and `sinfo -s` list yours.",
             file=sys.stderr,
         )
+
+
+# A training job of several nodes starts one launcher per node through srun: only inside a Slurm allocation.
+onstart:
+    remote = workflow.remote_exec or workflow.subprocess_exec  # a job of the run, on its node
+    if max(NODES.values()) > 1 and runs_jobs(sys.argv) and not remote and workflow.executor_plugin.name != "slurm":
+        raise WorkflowError(
+            "config: training.nodes or target.nodes is above 1, which needs the Slurm executor "
+            f"(--profile profiles/slurm), not {workflow.executor_plugin.name}"
+        )

@@ -67,6 +67,13 @@ def image_only(processor_class):
     return ImageOnly
 
 
+def model_config(path: str | Path):
+    """A checkpoint's transformers config alone (what a training engine sizes itself by before the model loads)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
 def load_processor(path: str | Path, model_type: str | None = None):
     """A checkpoint's processor (its family's class) with the PIL image processor and no video processor."""
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer

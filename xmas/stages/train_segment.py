@@ -24,26 +24,21 @@ from xmas.data.examples import usable_records
 from xmas.data.sources import Source, as_source, stage_source
 from xmas.errors import XmasError
 from xmas.io import atomic_path, load_torch, verify
-from xmas.models.checkpoints import load_checkpoint
+from xmas.models.checkpoints import load_checkpoint, model_config
 from xmas.models.encoding import ConversationEncoder, Encoding
 from xmas.models.recipe import freeze_vision_tower
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, use_threads
 from xmas.settings import add_settings, settings_of
-from xmas.training.engine import (
-    Distributed,
-    attention_implementation,
-    context_from_environment,
-    distributed,
-    prepare_training,
-)
+from xmas.training.engine import Distributed, Training, attention_implementation, context_from_environment, training
 from xmas.training.loop import DataOrder, fit_steps, make_optimizer, micro_batches_for
 from xmas.training.schedule import checkpoint_count, checkpoint_step
 
-STATE_FILE = "training_state.pt"
+STATE_FILE = "training_state.pt"  # the step and the settings the chain shares
+ACCELERATE_STATE = "accelerate_state"  # optimizer, schedule, random states (and DeepSpeed's or FSDP's shards)
 LOG_FILE = "training_log.json"
-# How the steps run, not what they compute: these may change between segments (DeepSpeed aside,
-# whose optimizer state is kept in its own format). Every other setting must stay as it was.
-MAY_CHANGE = {"micro_batch_size", "precision", "gradient_checkpointing", "attn_implementation", "deepspeed"}
+# How the steps run, not what they compute: these may change between segments (DeepSpeed and FSDP aside,
+# whose optimizer states are kept in their own formats). Every other setting must stay as it was.
+MAY_CHANGE = {"micro_batch_size", "precision", "gradient_checkpointing", "attn_implementation", "deepspeed", "fsdp"}
 
 
 def load_state(previous: Path, settings: dict, checkpoint: int) -> dict | None:
@@ -105,7 +100,8 @@ def train_segment(
         raise XmasError(f"--checkpoint must be in 1..{count} (the proxy's checkpoints), got {checkpoint}")
     run = {**dataclasses.asdict(settings), "records": len(records)}  # what a chain of segments must share
     state = load_state(verify(previous), run, checkpoint)
-    with distributed() as context:
+    with training(settings, model_config(previous)) as engine:
+        context = engine.context
         model, processor = load_model(previous, settings, context.device)
         encoder = ConversationEncoder.of_checkpoint(previous, processor, image_root, context.device)
         total = checkpoint_step(count, len(records), settings)
@@ -114,24 +110,22 @@ def train_segment(
             freeze_vision_tower(model)
         optimizer, scheduler = make_optimizer(model, settings, total)
         order = DataOrder(len(records), settings.batch_size, settings.seed)
-        training = prepare_training(model, optimizer, scheduler, context, settings)
+        engine.prepare(model, optimizer, scheduler)
         if state is not None:
             start = state["step"]
-            training.load_state_dict(state, previous)
+            engine.load_state(previous / ACCELERATE_STATE)
         if start > stop:
             raise XmasError(f"{previous} is at step {start}, past checkpoint {checkpoint} (step {stop})")
         model.train()
         losses = fit_steps(
-            training,
+            engine,
             lambda step: micro_batches_for(step, order, records, encoder, settings, context),
             start,
             stop,
             context,
             desc=f"train to checkpoint {checkpoint}",
         )
-        save_segment(
-            training, processor, encoder.encoding, out, {"step": stop, "settings": run}, start, losses, context
-        )
+        save_segment(engine, processor, encoder.encoding, out, {"step": stop, "settings": run}, start, losses, context)
     stats.add("steps", stop - start)
     stats.add("in", len(records))
     stats.set("step", stop)
@@ -141,7 +135,7 @@ def train_segment(
 
 
 def save_segment(
-    training,
+    engine: Training,
     processor,
     encoding: Encoding,
     out: Path,
@@ -151,20 +145,19 @@ def save_segment(
     context: Distributed,
 ) -> None:
     """Every rank takes part in gathering sharded state; rank 0 alone writes, then renames atomically."""
-    shared = out.with_name(f".{out.name}.rank-shared")  # DeepSpeed writes its shards from every rank
+    shared = out.with_name(f".{out.name}.rank-shared")  # every rank writes its random state (and its shards)
     if context.is_main and shared.exists():
         shutil.rmtree(shared)
     context.barrier()
-    extra_state = training.save_state(shared)
+    engine.save_state(shared)  # the weights are the checkpoint's own
     with atomic_path(out) if context.is_main else contextlib.nullcontext(shared) as tmp:
-        training.save_model(tmp)
+        engine.save_model(tmp)
         context.barrier()
         if context.is_main:
             processor.save_pretrained(tmp)
             encoding.save(tmp)
-            for item in shared.iterdir() if shared.exists() else []:
-                shutil.move(str(item), tmp / item.name)
-            torch.save({**state, **extra_state}, tmp / STATE_FILE)
+            shutil.move(str(shared), tmp / ACCELERATE_STATE)
+            torch.save(state, tmp / STATE_FILE)
             (tmp / LOG_FILE).write_text(json.dumps({"first_step": start, "losses": losses}) + "\n")
     if context.is_main and shared.exists():
         shutil.rmtree(shared)

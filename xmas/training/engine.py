@@ -1,9 +1,9 @@
 """GPU, precision and distributed machinery shared by proxy training and target fine-tuning.
 
 - :func:`resolve_dtype`, :func:`attention_implementation`: names from the config to torch/transformers.
-- :func:`distributed`: rank and world size from the launcher's environment, the process group, the device.
-- :func:`prepare_training`: the model and optimizer wrapped for one process, torch DDP, or DeepSpeed
-  ZeRO; :mod:`xmas.training.loop` runs the steps through any of them.
+- :func:`context_from_environment`: rank and world size from the launcher's environment, and the device.
+- :class:`Training` (:func:`training`): one accelerate ``Accelerator`` per training stage, for one process, torch
+  DDP, DeepSpeed ZeRO-2/3 or FSDP; :mod:`xmas.training.loop` runs the steps through any of them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from xmas.errors import XmasError
+from xmas.io import load_torch
 from xmas.resources import resource
 from xmas.training.launch import MIXED_PRECISION
 
@@ -113,24 +114,184 @@ def context_from_environment(environ: dict[str, str] | None = None) -> Distribut
     return Distributed(rank, world_size, local_rank, device)
 
 
+# ----------------------------------------------------------------------------------- training
+
+
+@dataclasses.dataclass
+class MicroBatch:
+    inputs: dict[str, torch.Tensor]
+    weight: float = 1.0  # 0: a filler that only keeps this rank's collective calls in step with the others
+
+
+def strategy_of(settings) -> str:
+    """How the processes share the model: ``deepspeed`` (ZeRO), ``fsdp``, or ``ddp`` (whole copies; one
+    process without a launcher). ``settings``: a training stage's."""
+    if settings.deepspeed and settings.fsdp:
+        raise XmasError(
+            f"deepspeed ({settings.deepspeed}) and fsdp ({settings.fsdp}) are both set: choose one way to shard"
+        )
+    return "deepspeed" if settings.deepspeed else "fsdp" if settings.fsdp else "ddp"
+
+
+def sharded(settings) -> bool:
+    """Whether the run gathers parameters module by module (ZeRO, FSDP): every process must then run every
+    module in every micro-batch, the vision tower included (:func:`xmas.training.loop.encode_share`)."""
+    return strategy_of(settings) != "ddp"
+
+
+class Training:
+    """One accelerate ``Accelerator`` for a training stage, made before the model loads (ZeRO-3 then loads
+    each process's partition only): torch DDP, DeepSpeed ZeRO-2/3 or FSDP as ``settings`` ask; autocast in
+    bf16/fp16 over fp32 weights (DeepSpeed: its own mixed precision), fp16's gradient scaler, gradient sync
+    on a step's last micro-batch only, clipping, and the whole state saved and restored by accelerate.
+
+    What stays ours: the global batch cut into equal numbers of micro-batches per process, each loss a
+    fraction of the global batch's label tokens (:mod:`xmas.training.loop`).
+    """
+
+    def __init__(self, settings, model_config=None):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+        self.settings, self.strategy = settings, strategy_of(settings)
+        launched = context_from_environment()
+        on_cpu = launched.device.type == "cpu"
+        handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)]  # a text-only batch skips the projector
+        plugins = {}
+        if self.strategy == "deepspeed":
+            import_deepspeed()  # before anything else: the missing package is the error to report
+            self.accumulation = accumulation_steps(settings, launched.world_size)
+            plugins["deepspeed_plugin"] = deepspeed_plugin(settings, self.accumulation, model_config)
+            if on_cpu:
+                # accelerate has no CPU backend for DeepSpeed (a gap): gloo, as DeepSpeed's CPU accelerator uses.
+                handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        elif self.strategy == "fsdp":
+            if on_cpu:
+                raise XmasError(
+                    f"fsdp {settings.fsdp}: accelerate shards with FSDP on GPUs only, and this job sees none "
+                    "(torch.cuda.is_available() is False); set gpus, or use deepspeed (it runs on CPUs too) or neither"
+                )
+            plugins["fsdp_plugin"] = fsdp_plugin(settings)
+        self.own_environment = process_group_environment() if plugins else []
+        self.accelerator = Accelerator(
+            mixed_precision=MIXED_PRECISION[settings.precision],
+            cpu=on_cpu and self.strategy == "ddp",
+            kwargs_handlers=handlers,
+            **plugins,
+        )
+        state = self.accelerator.state
+        self.context = Distributed(state.process_index, state.num_processes, state.local_process_index, state.device)
+        self.trainable_file: str | None = None
+        self.accelerator.register_save_state_pre_hook(self._save_trainable)
+        self.accelerator.register_load_state_pre_hook(self._load_trainable)
+
+    def prepare(self, model, optimizer, scheduler) -> None:
+        """The model and optimizer wrapped for the strategy; the schedule steps once per global step, here."""
+        if self.settings.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        self.module, self.scheduler = model, scheduler
+        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.accelerator.register_for_checkpointing(scheduler)
+
+    @property
+    def loss_scale(self) -> int:
+        """What undoes the averaging the strategy does: over the processes (each loss is already a fraction of the
+        global batch), and DeepSpeed's over its gradient accumulation steps."""
+        return self.context.world_size * (self.accumulation if self.strategy == "deepspeed" else 1)
+
+    def train_step(self, micro_batches: list[MicroBatch], items: torch.Tensor) -> torch.Tensor:
+        """One optimizer step over this process's micro-batches of a global batch."""
+        total = torch.zeros((), device=self.context.device)
+        for position, micro in enumerate(micro_batches):
+            last = position == len(micro_batches) - 1
+            self.accelerator.sync_gradients = last  # DeepSpeed steps at this boundary, DDP and FSDP sync there
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                loss = self.model(**micro.inputs, num_items_in_batch=items).loss * micro.weight
+                self.accelerator.backward(loss * self.loss_scale)
+            total += loss.detach().float()
+        self.accelerator.clip_grad_norm_(self.model.parameters(), self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def save_model(self, folder: Path | None, **kwargs) -> None:
+        """The whole model (the adapter, for LoRA) in transformers' layout; under ZeRO-3 and FSDP every process
+        joins the gather, the main process writes."""
+        weights = self.accelerator.get_state_dict(self.model)
+        if self.context.is_main:
+            self.accelerator.unwrap_model(self.model).save_pretrained(folder, state_dict=weights, **kwargs)
+
+    def save_state(self, folder: Path, trainable_file: str | None = None) -> None:
+        """accelerate's state of the run in ``folder`` (every process takes part): optimizer, schedule, gradient
+        scaler, each process's random state; DeepSpeed's and FSDP's shards. Of the weights, only the trainable
+        ones, in ``trainable_file``, where the run's checkpoint does not hold them (None: it does)."""
+        self.trainable_file = trainable_file
+        kwargs = {"exclude_frozen_parameters": True} if self.strategy == "deepspeed" else {}
+        self.accelerator.save_state(str(folder), **kwargs)
+
+    def load_state(self, folder: Path, trainable_file: str | None = None) -> None:
+        if not folder.is_dir():
+            raise XmasError(f"{folder} is missing: the run's training state (optimizer, schedule, random states)")
+        self.trainable_file = trainable_file
+        kwargs = {"load_module_strict": False} if self.strategy == "deepspeed" else {}
+        try:
+            self.accelerator.load_state(str(folder), **kwargs)
+        except (FileNotFoundError, KeyError, ValueError, RuntimeError) as error:
+            raise XmasError(
+                f"{folder} cannot be resumed with strategy {self.strategy}: {error}; it was saved by another "
+                "(keep deepspeed and fsdp as they were), or train again from the start"
+            ) from None
+
+    def _save_trainable(self, models, weights: list, folder: str) -> None:
+        weights.clear()  # the checkpoint holds the whole model, or only what trains is kept, here
+        if self.trainable_file and self.context.is_main:
+            trainable = {name: p.detach().cpu() for name, p in self.module.named_parameters() if p.requires_grad}
+            torch.save(trainable, Path(folder) / self.trainable_file)
+
+    def _load_trainable(self, models, folder: str) -> None:
+        models.clear()  # the weights came with the checkpoint, or come from the trainable file, here
+        if self.trainable_file:
+            parameters = dict(self.module.named_parameters())
+            with torch.no_grad():
+                for name, value in load_torch(Path(folder) / self.trainable_file).items():
+                    parameters[name].copy_(value)
+
+    def close(self) -> None:
+        self.accelerator.state.destroy_process_group()  # a no-op where none was started
+        for name in self.own_environment:
+            os.environ.pop(name, None)
+
+
 @contextlib.contextmanager
-def distributed() -> Iterator[Distributed]:
-    """The process context; under a launcher (accelerate launch, torchrun), accelerate's process group (NCCL on CUDA,
-    gloo on CPU) lives inside."""
-    context = context_from_environment()
-    if not context.is_distributed:
-        yield context
-        return
-    from accelerate import PartialState
-
-    state = PartialState(cpu=context.device.type == "cpu")
+def training(settings, model_config=None) -> Iterator[Training]:
+    """The stage's :class:`Training`; its process group ends with the block."""
+    run = Training(settings, model_config)
     try:
-        yield context
+        yield run
     finally:
-        state.destroy_process_group()
+        run.close()
 
 
-# ----------------------------------------------------------------------------------- training wrappers
+def process_group_environment() -> list[str]:
+    """DeepSpeed and FSDP need a process group even for one process: one of its own when no launcher started
+    this one (as ``torchrun --standalone`` would set it up). Returns the variables it set."""
+    if "LOCAL_RANK" in os.environ:
+        return []
+    own = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+    own = {name: value for name, value in own.items() if name not in os.environ}
+    if "MASTER_PORT" not in os.environ:
+        own["MASTER_PORT"] = str(free_port())
+    os.environ.update(own)
+    return list(own)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def enable_gradient_checkpointing(model) -> None:
@@ -140,122 +301,7 @@ def enable_gradient_checkpointing(model) -> None:
         model.config.use_cache = False
 
 
-@dataclasses.dataclass
-class MicroBatch:
-    inputs: dict[str, torch.Tensor]
-    weight: float = 1.0  # 0: a filler that only keeps this rank's collective calls in step with the others
-
-
-class TorchTraining:
-    """One process or DDP through accelerate: autocast over fp32 weights in bf16/fp16, a gradient scaler in fp16,
-    DDP's gradient sync skipped on all but a step's last micro-batch, clipping of the unscaled gradients."""
-
-    def __init__(self, model, optimizer, scheduler, context: Distributed, precision: str, max_grad_norm: float):
-        from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        self.module, self.scheduler = model, scheduler  # the schedule steps once per global step, as here
-        self.context, self.max_grad_norm = context, max_grad_norm
-        self.accelerator = Accelerator(
-            mixed_precision=MIXED_PRECISION[precision],
-            cpu=context.device.type == "cpu",
-            # A batch without images leaves the projector unused on that rank.
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-
-    def train_step(self, micro_batches: list[MicroBatch], items: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), device=self.context.device)
-        for position, micro in enumerate(micro_batches):
-            last = position == len(micro_batches) - 1
-            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
-                loss = self.model(**micro.inputs, num_items_in_batch=items).loss * micro.weight
-                # DDP averages gradients over ranks; the losses are already fractions of the global batch.
-                self.accelerator.backward(loss * self.context.world_size)
-            total += loss.detach().float()
-        self.accelerator.clip_grad_norm_(self.module.parameters(), self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return total
-
-    def state_dict(self) -> dict:
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
-        if self.accelerator.scaler:
-            state["scaler"] = self.accelerator.scaler.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict, folder: Path) -> None:
-        if "optimizer" not in state:
-            raise XmasError(f"{folder} holds no optimizer state of a torch run (was it trained with DeepSpeed?)")
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.accelerator.scaler and "scaler" in state:
-            self.accelerator.scaler.load_state_dict(state["scaler"])
-
-    def save_model(self, folder: Path, **kwargs) -> None:
-        if self.context.is_main:
-            self.module.save_pretrained(folder, **kwargs)
-
-    def save_state(self, folder: Path) -> dict:
-        """What goes into the training-state file (the optimizer and scheduler travel in it)."""
-        return self.state_dict()
-
-
-class DeepSpeedTraining:
-    """DeepSpeed ZeRO-2/3: DeepSpeed owns mixed precision, clipping, the scheduler step and the shards.
-
-    DeepSpeed is driven directly, not through accelerate, where accelerate leaves a gap: on a machine without
-    an accelerator (CI's CPUs, where the ZeRO tests run over gloo) accelerate 1.x falls back to one process of
-    its own (DistributedType.NO) while DeepSpeed counts them all, and its ``cpu=True`` drops the DeepSpeed
-    plugin, so the ZeRO-2/3 equivalence tests could not run through it.
-    """
-
-    STATE_DIR = "deepspeed"
-    TAG = "segment"
-
-    def __init__(self, model, optimizer, scheduler, context: Distributed, config: dict):
-        deepspeed = import_deepspeed()
-        self.context, self.config, self.module = context, config, model
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config
-        )
-        self.accumulation = config["gradient_accumulation_steps"]
-
-    def train_step(self, micro_batches: list[MicroBatch], items: torch.Tensor) -> torch.Tensor:
-        """One optimizer step. DeepSpeed steps after exactly ``gradient_accumulation_steps`` micro-batches,
-        so a short last batch is filled up with weight-0 micro-batches (their gradients are zeros)."""
-        if len(micro_batches) > self.accumulation:
-            raise XmasError(f"{len(micro_batches)} micro-batches in a step, DeepSpeed expects {self.accumulation}")
-        fillers = [MicroBatch(micro_batches[0].inputs, weight=0.0)] * (self.accumulation - len(micro_batches))
-        total = torch.zeros((), device=self.context.device)
-        for micro in [*micro_batches, *fillers]:
-            loss = self.engine(**micro.inputs, num_items_in_batch=items).loss * micro.weight
-            # DeepSpeed divides by the accumulation steps and averages over ranks; undo both.
-            self.engine.backward(loss * self.context.world_size * self.accumulation)
-            self.engine.step()
-            total += loss.detach().float()
-        return total
-
-    def load_state_dict(self, state: dict, folder: Path) -> None:
-        if not (folder / self.STATE_DIR).is_dir():
-            raise XmasError(
-                f"{folder} holds no DeepSpeed state ({self.STATE_DIR}/): it was trained without "
-                "DeepSpeed; keep training.deepspeed as it was, or train again from checkpoint 0"
-            )
-        self.engine.load_checkpoint(str(folder / self.STATE_DIR), tag=self.TAG)
-
-    def save_model(self, folder: Path, **kwargs) -> None:
-        if self.config.get("zero_optimization", {}).get("stage") == 3:
-            weights = self.engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
-            if self.context.is_main:
-                self.module.save_pretrained(folder, state_dict=weights, **kwargs)
-        elif self.context.is_main:
-            self.module.save_pretrained(folder, **kwargs)
-
-    def save_state(self, folder: Path) -> dict:
-        self.engine.save_checkpoint(str(folder / self.STATE_DIR), tag=self.TAG)  # collective
-        return {}
+# ----------------------------------------------------------------------------------- DeepSpeed and FSDP
 
 
 def import_deepspeed():
@@ -266,9 +312,17 @@ def import_deepspeed():
     return deepspeed
 
 
+def accumulation_steps(settings, world_size: int) -> int:
+    """Micro-batches per global step on each process (:func:`xmas.training.loop.rank_micro_batches`)."""
+    per_rank = math.ceil(settings.batch_size / world_size)
+    return max(1, math.ceil(per_rank / (settings.micro_batch_size or per_rank)))
+
+
 def deepspeed_config(settings, world_size: int, hidden_size: int | None = None) -> dict:
-    """``settings.deepspeed``, a shipped preset (zero2, zero3) or a JSON file, with its "auto" values filled
-    from the training stage's ``settings`` and, for ZeRO-3's bucket sizes, the language model's hidden size."""
+    """``settings.deepspeed``, a shipped preset (zero2, zero3) or a JSON file, with the "auto" values accelerate
+    cannot fill filled: the micro-batch size and accumulation steps (accelerate reads them off a DataLoader, and
+    the data order here is ours) and ZeRO-3's bucket sizes (accelerate reads the hidden size off the top-level
+    config, which a VLM's is not: its language model's is). accelerate fills the rest."""
     choice = settings.deepspeed
     path = resource("deepspeed", f"{choice}.json") if choice in DEEPSPEED_PRESETS else Path(choice)
     if not path.is_file():
@@ -280,73 +334,65 @@ def deepspeed_config(settings, world_size: int, hidden_size: int | None = None) 
     except json.JSONDecodeError as error:
         raise XmasError(f"{path}: not valid JSON ({error})") from None
     per_rank = math.ceil(settings.batch_size / world_size)
-    micro = settings.micro_batch_size or per_rank
-    accumulation = max(1, math.ceil(per_rank / micro))
-    precision = settings.precision
     filled = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro * accumulation * world_size,
-        "gradient_clipping": settings.max_grad_norm,
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size or per_rank,
+        "gradient_accumulation_steps": accumulation_steps(settings, world_size),
     }
     for key, value in filled.items():
         if config.get(key, "auto") == "auto":
             config[key] = value
-    for section, wanted in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
-        if config.get(section, {}).get("enabled") == "auto":
-            config[section]["enabled"] = wanted
-    _fill_zero_sizes(config.get("zero_optimization", {}), hidden_size)
-    leftover = [key for key, value in _flatten(config) if value == "auto"]
-    if leftover:
-        raise XmasError(f"{path}: cannot fill 'auto' for {', '.join(leftover)}; set numbers there")
+    zero = config.setdefault("zero_optimization", {})
+    if hidden_size is not None:
+        derived = {
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+        }
+        for key, value in derived.items():
+            if zero.get(key) == "auto":
+                zero[key] = value
+    unfillable = [f"zero_optimization.{key}" for key in BUCKET_KEYS if zero.get(key) == "auto"]
+    if unfillable:
+        raise XmasError(f"{path}: cannot fill 'auto' for {', '.join(unfillable)}; set numbers there")
     return config
 
 
-def _fill_zero_sizes(zero: dict, hidden_size: int | None) -> None:
-    """ZeRO-3 bucket sizes that the HF integration derives from the model's hidden size."""
-    if hidden_size is None:
-        return
-    derived = {
-        "reduce_bucket_size": hidden_size * hidden_size,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-        "stage3_param_persistence_threshold": 10 * hidden_size,
-    }
-    for key, value in derived.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
+BUCKET_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
 
 
-def _flatten(config: dict, prefix: str = "") -> Iterator[tuple[str, object]]:
-    for key, value in config.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
+def deepspeed_plugin(settings, accumulation: int, model_config=None):
+    """accelerate's DeepSpeed plugin: ZeRO-3 partitions the model as it loads (zero.Init, through transformers)."""
+    from accelerate.utils import DeepSpeedPlugin
+
+    world_size = context_from_environment().world_size
+    config = deepspeed_config(settings, world_size, hidden_size_of(model_config))
+    return DeepSpeedPlugin(
+        hf_ds_config=config,
+        gradient_accumulation_steps=accumulation,
+        gradient_clipping=settings.max_grad_norm,
+        zero3_init_flag=config["zero_optimization"].get("stage") == 3,
+    )
+
+
+def fsdp_plugin(settings):
+    """accelerate's FSDP (version 2) plugin: every decoder and vision layer its own shard unit (the model's
+    ``_no_split_modules``, which accelerate reads), parameters resharded after the forward (``full_shard``) or
+    kept until the backward (``shard_grad_op``); activation checkpointing by FSDP's own wrapper."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=settings.fsdp == "full_shard",
+        auto_wrap_policy="transformer_based_wrap",
+        state_dict_type="SHARDED_STATE_DICT",
+        activation_checkpointing=settings.gradient_checkpointing,
+        cpu_ram_efficient_loading=False,
+    )
 
 
 def hidden_size_of(model_config) -> int | None:
     """The language model's hidden size (DeepSpeed derives its ZeRO-3 bucket sizes from it)."""
     return getattr(getattr(model_config, "text_config", model_config), "hidden_size", None)
-
-
-@contextlib.contextmanager
-def partitioned_loading(settings, model_config, world_size: int) -> Iterator[None]:
-    """Under ZeRO-3, a model loaded inside is partitioned over the processes as its weights are read
-    (transformers builds it under ``deepspeed.zero.Init`` while an ``HfDeepSpeedConfig`` is alive), so no
-    process ever holds the whole model. Elsewhere, nothing changes."""
-    config = deepspeed_config(settings, world_size, hidden_size_of(model_config)) if settings.deepspeed else {}
-    if config.get("zero_optimization", {}).get("stage") != 3:
-        yield
-        return
-    # zero.Init reads the world size from DeepSpeed's own view of the process group
-    import_deepspeed().init_distributed()
-    from transformers.integrations.deepspeed import HfDeepSpeedConfig
-
-    alive = HfDeepSpeedConfig(config)  # transformers keeps only a weak reference to it
-    try:
-        yield
-    finally:
-        del alive
 
 
 def parameter_count(parameters) -> int:
@@ -360,15 +406,3 @@ def parameters_held(parameters) -> int:
         parameter.ds_tensor.numel() if hasattr(parameter, "ds_tensor") else parameter.numel()
         for parameter in parameters
     )
-
-
-def prepare_training(model, optimizer, scheduler, context: Distributed, settings):
-    """The model and optimizer wrapped as the training stage's ``settings`` ask: DeepSpeed when ``deepspeed``
-    is set, else torch."""
-    if settings.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    if settings.deepspeed:
-        import_deepspeed()  # before anything else: the missing package is the error to report
-        config = deepspeed_config(settings, context.world_size, hidden_size_of(getattr(model, "config", None)))
-        return DeepSpeedTraining(model, optimizer, scheduler, context, config)
-    return TorchTraining(model, optimizer, scheduler, context, settings.precision, settings.max_grad_norm)

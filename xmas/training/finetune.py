@@ -25,20 +25,18 @@ import torch
 from xmas.data.records import record_id
 from xmas.data.sources import POSITION_COLUMNS, Source, as_source
 from xmas.errors import XmasError
-from xmas.io import atomic_path, damage_of, load_torch, read_json, seal_path, verify, write_seal
-from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint
+from xmas.io import atomic_path, damage_of, read_json, seal_path, verify, write_seal
+from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint, model_config
 from xmas.models.encoding import ConversationEncoder, Encoding
 from xmas.models.recipe import freeze_vision_tower, train_projector_only, with_lora
 from xmas.progress import StageStats, log, progress
 from xmas.training.engine import (
-    TorchTraining,
+    Training,
     attention_implementation,
-    distributed,
     parameter_count,
     parameters_held,
-    partitioned_loading,
-    prepare_training,
     resolve_dtype,
+    training,
 )
 from xmas.training.loop import DataOrder, fit_steps, make_optimizer, micro_batches_for
 from xmas.training.schedule import steps_per_epoch
@@ -103,13 +101,13 @@ def prepare_model(base: Path, settings, context, seed: int, projector_only: bool
     Without DeepSpeed, LoRA runs keep the frozen base weights in the run's half precision (a 7B model in
     float32 would not fit); what trains (LoRA, projector) stays float32 under autocast. Under DeepSpeed
     the base loads in the run's precision, DeepSpeed keeping float32 master weights, and under ZeRO-3
-    every process loads only its partition of it.
+    every process loads only its partition of it (the stage's :class:`Training`, made before, has set
+    that up).
     """
     half = settings.precision != "fp32" and (settings.lora_r or settings.deepspeed)
     dtype = resolve_dtype(settings.precision) if half else torch.float32
     implementation = attention_implementation(settings.attn_implementation, context.device)
-    with partitioned_loading(settings, model_config(base), context.world_size):
-        model, processor = load_checkpoint(base, dtype, attn_implementation=implementation)
+    model, processor = load_checkpoint(base, dtype, attn_implementation=implementation)
     log.info(
         "base loaded in %s; this process holds %.0f%% of its %d parameters",
         dtype,
@@ -134,12 +132,6 @@ def prepare_model(base: Path, settings, context, seed: int, projector_only: bool
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     return model.to(context.device), processor
-
-
-def model_config(base: Path):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(base)
 
 
 def finetune(
@@ -168,18 +160,19 @@ def finetune(
     total = settings.epochs * steps_per_epoch(len(records), settings.batch_size)
     identity = {**dataclasses.asdict(settings), "seed": seed, "projector_only": projector_only}  # what resumes
     partial = out.with_name(out.name + PARTIAL_SUFFIX)
-    with distributed() as context, records:
+    with training(settings, model_config(base)) as run, records:
+        context = run.context
         model, processor = prepare_model(base, settings, context, seed, projector_only)
         encoder = ConversationEncoder.of_checkpoint(base, processor, image_root, context.device)
         optimizer, scheduler = make_optimizer(model, settings, total, settings.projector_learning_rate)
-        training = prepare_training(model, optimizer, scheduler, context, settings)
+        run.prepare(model, optimizer, scheduler)
         model.train()
-        start, losses = resume(partial, training, model, identity, total, context)
+        start, losses = resume(partial, run, identity, total, context)
         every = settings.save_every_steps or total
         for first in range(start, total, every):
             last = min(first + every, total)
             losses += fit_steps(
-                training,
+                run,
                 lambda step: micro_batches_for(step, order, records, encoder, settings, context),
                 first,
                 last,
@@ -187,15 +180,15 @@ def finetune(
                 desc=f"fine-tune steps {first + 1}-{last} of {total}",
             )
             if last < total:
-                save_partial(partial, training, model, identity, last, losses, context)
-        run = {
+                save_partial(partial, run, identity, last, losses, context)
+        finished = {
             "base": str(Path(base).resolve()),
             "subset": subset.given,
             "records": len(records),
             "settings": identity,
             "losses": losses,
         }
-        save_target(training, processor, encoder.encoding, out, run, context)
+        save_target(run, processor, encoder.encoding, out, finished, context)
         if context.is_main:
             shutil.rmtree(partial, ignore_errors=True)
     stats.add("in", len(records))
@@ -212,7 +205,7 @@ def finetune(
 
 PARTIAL_SUFFIX = ".partial"
 STEP_FILE = "step.json"
-STATE_FILE = "state.pt"
+STATE_FILE = "state.pt"  # the trainable weights; accelerate's files beside it
 
 
 def saved_steps(partial: Path) -> list[Path]:
@@ -221,19 +214,16 @@ def saved_steps(partial: Path) -> list[Path]:
     return sorted(found, key=lambda folder: int(folder.name.removeprefix("step-")))
 
 
-def save_partial(partial: Path, training, model, settings: dict, step: int, losses: list[float], context) -> None:
-    """The run's state after ``step`` steps: trainable weights, optimizer, schedule, each process's random
-    state; written into a temporary folder, then renamed, so a kill leaves the previous state whole."""
+def save_partial(partial: Path, run: Training, settings: dict, step: int, losses: list[float], context) -> None:
+    """The run's state after ``step`` steps, as accelerate saves it (optimizer, schedule, each process's random
+    state; DeepSpeed's and FSDP's shards) with the trainable weights; written into a temporary folder, then
+    renamed, so a kill leaves the previous state whole."""
     tmp, folder = partial / f".step-{step}.tmp", partial / f"step-{step}"
     if context.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     context.barrier()
-    state = training.save_state(tmp)  # collective under DeepSpeed, which keeps the weights in its own files
-    if isinstance(training, TorchTraining) and context.is_main:
-        state["trainable"] = {name: p.detach().cpu() for name, p in model.named_parameters() if p.requires_grad}
-        torch.save(state, tmp / STATE_FILE)
-    torch.save(torch.random.get_rng_state(), tmp / f"rng-{context.rank}.pt")
+    run.save_state(tmp, trainable_file=STATE_FILE)  # every process takes part
     context.barrier()
     if context.is_main:
         (tmp / STEP_FILE).write_text(json.dumps({"step": step, "losses": losses, "settings": settings}) + "\n")
@@ -247,7 +237,7 @@ def save_partial(partial: Path, training, model, settings: dict, step: int, loss
     context.barrier()
 
 
-def resume(partial: Path, training, model, settings: dict, total: int, context) -> tuple[int, list[float]]:
+def resume(partial: Path, run: Training, settings: dict, total: int, context) -> tuple[int, list[float]]:
     """The step to start from and the losses so far: those of the last saved state of this same run, else 0."""
     found = saved_steps(partial)
     if not found:
@@ -262,23 +252,17 @@ def resume(partial: Path, training, model, settings: dict, total: int, context) 
         log.warning("%s was saved with other settings; starting the fine-tune from step 0", folder)
         return 0, []
     log.info("resuming from step %d of %d (%s)", saved["step"], total, folder)
-    state = load_torch(folder / STATE_FILE, weights_only=False) if (folder / STATE_FILE).is_file() else {}
-    if "trainable" in state:
-        with torch.no_grad():
-            parameters = dict(model.named_parameters())
-            for name, value in state.pop("trainable").items():
-                parameters[name].copy_(value)
-    training.load_state_dict(state, folder)
-    torch.random.set_rng_state(load_torch(folder / f"rng-{context.rank}.pt"))
+    run.load_state(folder, trainable_file=STATE_FILE)
     return saved["step"], saved["losses"]
 
 
-def save_target(training, processor, encoding: Encoding, out: Path, run: dict, context) -> None:
-    """Rank 0 writes the model (the adapter, for LoRA) and the processor; every rank joins ZeRO-3's gather."""
+def save_target(run: Training, processor, encoding: Encoding, out: Path, finished: dict, context) -> None:
+    """Rank 0 writes the model (the adapter, for LoRA) and the processor; every rank joins ZeRO-3's and FSDP's
+    gather."""
     with atomic_path(out) if context.is_main else contextlib.nullcontext(None) as tmp:
-        training.save_model(tmp)
+        run.save_model(tmp)
         if context.is_main:
             processor.save_pretrained(tmp)
             encoding.save(tmp)
-            (tmp / FINETUNE_RUN_FILE).write_text(json.dumps(run) + "\n")
+            (tmp / FINETUNE_RUN_FILE).write_text(json.dumps(finished) + "\n")
     context.barrier()

@@ -1,19 +1,39 @@
 """How a stage starts on a job's GPUs: ``xmas <stage>`` on one, ``accelerate launch ... -m xmas <stage>``
-(one process per GPU) on several. Free of torch, so that building the DAG stays light."""
+(one process per GPU) on several, and on several nodes one ``accelerate launch`` per node through ``srun``.
+Free of torch, so that building the DAG stays light."""
 
 from __future__ import annotations
 
 # The config's precisions by accelerate's names; the stage's Accelerator is given the same (engine.py).
 MIXED_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
+# Inside a Slurm job of several nodes: the first node hosts the rendezvous, on a port of the job's own, so that
+# jobs sharing that node do not collide.
+HEAD_NODE = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"'
+JOB_PORT = "$((29500 + SLURM_JOB_ID % 20000))"
 
-def launcher_prefix(gpus: int, precision: str = "fp32") -> list[str]:
-    """The command that starts a stage on ``gpus`` GPUs: one process per GPU when there are several, on one
-    node, the rendezvous on a free port (as torchrun --standalone), so jobs sharing a node do not collide."""
-    if gpus <= 1:
-        return ["xmas"]
+
+def accelerate_arguments(gpus: int, precision: str, nodes: int = 1, head: str = HEAD_NODE, port: str = JOB_PORT):
+    """``accelerate launch``'s options for ``gpus`` processes on each of ``nodes`` machines. One node: the
+    rendezvous on a free port (as torchrun --standalone). Several: every node's launcher meets the others at
+    ``head:port`` (torchrun's c10d rendezvous, which also numbers the nodes)."""
+    meeting = (
+        ["--main_process_port", "0"]
+        if nodes == 1
+        # c10d numbers the nodes as they arrive; accelerate asks for a machine rank all the same
+        else ["--rdzv_backend", "c10d", "--main_process_ip", head, "--main_process_port", port, "--machine_rank", "0"]
+    )
     return [
-        "accelerate", "launch", "--multi_gpu", "--num_machines", "1", "--num_processes", str(gpus),
-        "--main_process_port", "0", "--mixed_precision", MIXED_PRECISION[precision], "--dynamo_backend", "no",
-        "-m", "xmas",
+        "--multi_gpu", "--num_machines", str(nodes), "--num_processes", str(gpus * nodes), *meeting,
+        "--mixed_precision", MIXED_PRECISION[precision], "--dynamo_backend", "no",
     ]  # fmt: skip
+
+
+def launcher_prefix(gpus: int, precision: str = "fp32", nodes: int = 1) -> list[str]:
+    """The command that starts a stage on ``gpus`` GPUs on each of ``nodes`` nodes: ``xmas`` for one process;
+    else one process per GPU, and on several nodes one launcher per node (``srun``, one task per node, inside
+    the job's allocation)."""
+    if gpus <= 1 and nodes == 1:
+        return ["xmas"]
+    launch = ["accelerate", "launch", *accelerate_arguments(max(gpus, 1), precision, nodes), "-m", "xmas"]
+    return launch if nodes == 1 else ["srun", f"--nodes={nodes}", "--ntasks-per-node=1", *launch]

@@ -20,7 +20,7 @@ import torch
 from xmas.models.encoding import ConversationEncoder
 from xmas.models.recipe import IGNORE_INDEX, parameter_groups
 from xmas.progress import progress
-from xmas.training.engine import Distributed, MicroBatch
+from xmas.training.engine import Distributed, MicroBatch, sharded
 from xmas.training.schedule import steps_per_epoch
 
 
@@ -62,10 +62,10 @@ def micro_batches_for(
     step: int, order: DataOrder, records, encoder: ConversationEncoder, settings, context: Distributed
 ) -> list[MicroBatch]:
     """This rank's micro-batches of global step ``step``; an empty share becomes a weight-0 filler.
-    ``settings``: the training stage's (its micro_batch_size and deepspeed)."""
+    ``settings``: the training stage's (its micro_batch_size, deepspeed and fsdp)."""
     indices = order.indices(step)
     shares = rank_micro_batches(indices, context.rank, context.world_size, settings.micro_batch_size)
-    with_an_image = settings.deepspeed is not None
+    with_an_image = sharded(settings)
     return [
         MicroBatch(encode_share(encoder, [records[i] for i in share], with_an_image))
         if len(share)
@@ -76,10 +76,10 @@ def micro_batches_for(
 
 def encode_share(encoder: ConversationEncoder, share: list[dict], with_an_image: bool) -> dict[str, torch.Tensor]:
     """The share's inputs. ``with_an_image``: a share without images gets one more row, a blank image with
-    nothing labelled. DeepSpeed gathers (ZeRO-3) and reduces (ZeRO-2) the parameters of the modules that
-    ran, in step across the processes, so every process must run the vision tower and projector in every
-    micro-batch; the row adds nothing to the loss and zeros to their gradients (LLaVA's trainer likewise
-    runs text-only samples through an empty slice of image features)."""
+    nothing labelled. DeepSpeed gathers (ZeRO-3) and reduces (ZeRO-2), and FSDP gathers, the parameters of
+    the modules that ran, in step across the processes, so every process must run the vision tower and
+    projector in every micro-batch; the row adds nothing to the loss and zeros to their gradients (LLaVA's
+    trainer likewise runs text-only samples through an empty slice of image features)."""
     items = [encoder.encode(record, with_labels=True) for record in share]
     if with_an_image and not any("pixel_values" in item for item in items):
         items.append(encoder.filler_with_an_image())
