@@ -12,6 +12,7 @@ import struct
 import zlib
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -88,17 +89,19 @@ def test_later_stages_read_single_records_back_by_position(onevision, tiny_check
         records[0]
 
 
+@pytest.mark.parametrize("held_as", ["data", "saved"])  # parquet shards, a save_to_disk folder
 def test_a_parquet_subset_is_the_selected_rows_in_source_order_that_datasets_loads(
-    onevision, tiny_checkpoint, demo_records, tmp_path
+    held_as, onevision, tiny_checkpoint, demo_records, tmp_path
 ):
     import datasets
 
-    examples = prepare(onevision / "data", None, PREPARE, 2, StageStats("t"), tiny_checkpoint)
+    examples = prepare(onevision / held_as, None, PREPARE, 2, StageStats("t"), tiny_checkpoint)
     chosen = examples.uid.iloc[[30, 3, 11, 25]]
     manifest = pd.DataFrame({"uid": examples.uid, "selected": examples.uid.isin(chosen)})
     examples.to_parquet(tmp_path / "examples.parquet")
+    assert open_source(onevision / held_as).suffix == ".parquet"
     written = write_subset(
-        open_source(onevision / "data"), tmp_path / "examples.parquet", manifest, tmp_path / "s.parquet"
+        open_source(onevision / held_as), tmp_path / "examples.parquet", manifest, tmp_path / "s.parquet"
     )
     assert written == 4
     subset = datasets.load_dataset("parquet", data_files=str(tmp_path / "s.parquet"), split="train")
@@ -176,16 +179,58 @@ def test_bad_table_files_are_named_with_their_row_group_and_column(demo_records,
         list(open_source(good, columns={"messages": "dialogue"}).records())
     with pytest.raises(XmasError, match=r"column 'data_source' is string, not a list of messages"):
         list(open_source(good, columns={"messages": "data_source"}).records())
-    # a corrupt row group: the bytes of row group 1's column chunks overwritten
+    with pytest.raises(XmasError, match=r"no column 'picture' \(dataset.columns names it\); its columns: id, image"):
+        list(open_source(good, columns={"images": "picture"}).records())
+    with pytest.raises(XmasError, match=r"column 'conversations' is list<.*>, not images"):
+        list(open_source(good, columns={"images": "conversations"}).records())
+    # a corrupt row group: the bytes of row group 1's conversations overwritten
     metadata = pq.ParquetFile(shard).metadata.row_group(1)
-    start = min(metadata.column(i).data_page_offset for i in range(metadata.num_columns))
+    chunk = next(
+        metadata.column(i)
+        for i in range(metadata.num_columns)
+        if metadata.column(i).path_in_schema.startswith("conversations")
+    )
     data = bytearray(shard.read_bytes())
-    data[start : start + 400] = b"\xff" * 400
+    data[chunk.data_page_offset : chunk.data_page_offset + 200] = b"\xff" * 200
     broken = tmp_path / "broken/train.parquet"
     broken.parent.mkdir()
     broken.write_bytes(bytes(data))
-    with pytest.raises(XmasError, match=r"broken/train.parquet: row group 1 cannot be read"):
+    with pytest.raises(XmasError, match=r"broken/train.parquet: row group 1, column 'conversations', cannot be read"):
         list(open_source(broken.parent).records())
+
+
+def test_a_shard_without_a_column_the_first_has_is_named(demo_records, small_demo, tmp_path):
+    first, second = write_parquet_shards(
+        dataset_of(onevision_rows(demo_records[:16], small_demo["images"]), "onevision"), tmp_path, rows_per_group=8
+    )
+    pq.write_table(pq.read_table(second).drop_columns(["image"]), second)
+    with pytest.raises(XmasError, match=rf"{second}: no column 'image' \({first}, the first shard, has it\)"):
+        list(open_source(tmp_path).records())
+
+
+def test_text_that_is_not_utf8_excludes_its_record_and_names_the_field(
+    demo_records, small_demo, tiny_checkpoint, tmp_path
+):
+    """Parquet does not check that its strings are UTF-8: a record with bytes that are not is excluded as
+    invalid_unicode, the field named; the rest of its row group is read as written."""
+    [shard] = write_parquet_shards(
+        dataset_of(onevision_rows(demo_records[:16], small_demo["images"]), "onevision"), tmp_path / "data", shards=1
+    )
+    table = pq.read_table(shard)
+    ids, turns = table.column("id").cast(pa.binary()).to_pylist(), table.column("conversations")
+    as_bytes = pa.list_(pa.struct([("from", pa.binary()), ("value", pa.binary())]))
+    conversations = turns.cast(as_bytes).to_pylist()
+    ids[3] = b"record \xff"
+    conversations[5][1]["value"] = b"an answer \xc3("
+    table = table.set_column(0, "id", pa.array(ids, pa.binary()).view(pa.string()))
+    column = table.schema.get_field_index("conversations")
+    table = table.set_column(column, "conversations", pa.array(conversations, as_bytes).view(turns.type))
+    pq.write_table(table, shard)
+    examples = prepare(tmp_path / "data", None, PREPARE, 2, StageStats("t"), tiny_checkpoint)
+    excluded = examples[examples.status != "ok"]
+    assert excluded.index.tolist() == [3, 5] and set(excluded.reason) == {"invalid_unicode"}
+    assert "field ['id']" in excluded.detail[3] and "field ['conversations'][1]['value']" in excluded.detail[5]
+    assert examples.uid[3] == "record \\udcff" and (examples.status.drop([3, 5]) == "ok").all()
 
 
 def test_the_format_is_told_from_the_path_and_named_in_the_log(onevision, small_demo, tmp_path, caplog):

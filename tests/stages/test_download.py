@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import os
+import stat
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 import yaml
 
 from xmas.cli import main
-from xmas.data.download import BLOCK, Downloader, load_manifest, resolve_manifest
+from xmas.data.download import BLOCK, Downloader, load_manifest, resolve_manifest, unpack
 from xmas.errors import XmasError
 from xmas.progress import StageStats
 
@@ -252,3 +254,26 @@ def test_a_url_list_fetches_the_referenced_images_and_lists_the_dead_links(tmp_p
         failed = (dest / "downloads/ocr.failed.tsv").read_text()
         assert "2.jpg\tHTTP 404" in failed and "3.jpg\tnot in the URL list" in failed
         assert not server.served("/img/9")  # not referenced by the annotations: not fetched
+
+
+@pytest.mark.parametrize("fmt", ["tar", "zip"])
+def test_an_archive_holding_a_link_is_refused_and_kept(fmt, tmp_path):
+    """A link in an image archive could lead anywhere once unpacked: the archive is not unpacked, and kept."""
+    archive = tmp_path / f"images.{fmt}"
+    if fmt == "tar":
+        with tarfile.open(archive, "w") as bundle:
+            image = tarfile.TarInfo("imgs/a.jpg")
+            image.size = 3
+            bundle.addfile(image, io.BytesIO(b"jpg"))
+            link = tarfile.TarInfo("imgs/b.jpg")
+            link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"  # inside the archive: tar's "data" filter allows it
+            bundle.addfile(link)
+    else:
+        with zipfile.ZipFile(archive, "w") as bundle:
+            bundle.writestr("imgs/a.jpg", b"jpg")
+            link = zipfile.ZipInfo("imgs/b.jpg")
+            link.external_attr = (stat.S_IFLNK | 0o777) << 16
+            bundle.writestr(link, "/etc/passwd")
+    with pytest.raises(XmasError, match=r"holds a link, imgs/b\.jpg -> .*it is not unpacked \(the archive is kept"):
+        unpack(archive, {"format": fmt, "member": "imgs", "to": "images/coco"}, tmp_path / "dest", "coco")
+    assert archive.is_file() and not (tmp_path / "dest" / "images" / "coco").exists()

@@ -21,6 +21,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tarfile
 import time
 import urllib.error
@@ -486,6 +487,9 @@ def unpack(archive: Path, spec: dict, dest: Path, label: str) -> None:
 def unzip(archive: Path, staging: Path, label: str) -> None:
     with zipfile.ZipFile(archive) as bundle:
         members = bundle.infolist()
+        for info in members:
+            if stat.S_ISLNK(info.external_attr >> 16):  # a symlink entry (its target is the entry's content)
+                raise refused_link(label, archive, info.filename, bundle.read(info).decode(errors="replace"))
         ensure_space(staging.parent, sum(info.file_size for info in members), label)
         for info in progress(members, total=len(members), desc=f"unpack {label}", unit="file"):
             bundle.extract(info, staging)  # extract() drops absolute paths and '..' from member names
@@ -494,4 +498,18 @@ def unzip(archive: Path, staging: Path, label: str) -> None:
 def untar(archive: Path, staging: Path, label: str) -> None:
     with tarfile.open(archive) as bundle:
         for member in progress(bundle, desc=f"unpack {label}", unit="file"):
-            bundle.extract(member, staging, filter="data")  # "data": no absolute paths, links out, devices
+            if member.issym() or member.islnk():
+                raise refused_link(label, archive, member.name, member.linkname)
+            try:
+                bundle.extract(member, staging, filter="data")  # "data": no absolute paths, devices
+            except tarfile.FilterError as error:
+                raise XmasError(f"{label}: {archive} is refused: {error}; the archive is kept") from None
+
+
+def refused_link(label: str, archive: Path, name: str, target: str) -> XmasError:
+    """Image archives hold files: a link in one (it could point anywhere once unpacked) refuses the archive,
+    which is kept for a look (fetching it again would bring the same)."""
+    return XmasError(
+        f"{label}: {archive} holds a link, {name} -> {target}; an archive of images has no business holding "
+        "links, so it is not unpacked (the archive is kept: check where it came from)"
+    )

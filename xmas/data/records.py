@@ -243,8 +243,8 @@ def check_conversation(record: dict, max_images: int) -> list[str]:
     if field is not None:
         raise InvalidRecord(
             "invalid_unicode",
-            f"field {field} holds a lone surrogate (a \\ud800-\\udfff escape), "
-            "which is not text UTF-8 can store or a tokenizer can read",
+            f"field {field} holds a lone surrogate (a \\ud800-\\udfff escape in JSON, bytes that are not UTF-8 in "
+            "parquet), which is not text UTF-8 can store or a tokenizer can read",
         )
     turns = record.get("conversations")
     if turns is None:

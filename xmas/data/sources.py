@@ -111,9 +111,68 @@ class Shard:
             table = pa.Table.from_batches([self._batches[row_group]])
             return table.select(columns) if columns is not None else table
         except (pa.ArrowException, OSError) as error:
+            column = self.unreadable_column(row_group, columns)
+            where = f", column {column!r}," if column else ""
             raise XmasError(
-                f"{self.path}: row group {row_group} cannot be read ({type(error).__name__}: {error})"
+                f"{self.path}: row group {row_group}{where} cannot be read ({type(error).__name__}: {error})"
             ) from None
+
+    def unreadable_column(self, row_group: int, columns: list[str] | None) -> str | None:
+        """The first of ``columns`` that a row group's read fails on, read one at a time (None: none alone)."""
+        for name in columns or self.schema.names if self._file is not None else []:
+            try:
+                self._file.read_row_group(row_group, columns=[name])
+            except (pa.ArrowException, OSError):
+                return name
+        return None
+
+
+def rows_of(table: pa.Table) -> list[dict]:
+    """A table's rows as Python records. Text that is not UTF-8 (parquet does not check) arrives with its bad
+    bytes as lone surrogates (``surrogateescape``), so that validation excludes that record alone as
+    ``invalid_unicode`` and names its field."""
+    try:
+        return table.to_pylist()
+    except UnicodeDecodeError:
+        return [row_of(table.slice(row, 1)) for row in range(table.num_rows)]
+
+
+def row_of(row: pa.Table) -> dict:
+    try:
+        return row.to_pylist()[0]
+    except UnicodeDecodeError:
+        fields = row.schema
+        return {
+            field.name: escaped(row.column(field.name).cast(as_binary(field.type)).to_pylist()[0], field.type)
+            for field in fields
+        }
+
+
+def as_binary(kind: pa.DataType) -> pa.DataType:
+    """``kind`` with its text as bytes (the cast only relabels: it checks nothing)."""
+    if pa.types.is_string(kind):
+        return pa.binary()
+    if pa.types.is_large_string(kind):
+        return pa.large_binary()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        make = pa.list_ if pa.types.is_list(kind) else pa.large_list
+        return make(pa.field(kind.value_field.name, as_binary(kind.value_type)))
+    if pa.types.is_struct(kind):
+        return pa.struct([pa.field(field.name, as_binary(field.type)) for field in kind])
+    return kind
+
+
+def escaped(value, kind: pa.DataType):
+    """A value read as :func:`as_binary`'s type, its text decoded again, bad bytes as lone surrogates."""
+    if value is None:
+        return None
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return value.decode("utf-8", "surrogateescape")
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return [escaped(item, kind.value_type) for item in value]
+    if pa.types.is_struct(kind):
+        return {field.name: escaped(value.get(field.name), field.type) for field in kind}
+    return value
 
 
 def read_arrow(path: Path) -> pa.Table:
@@ -134,6 +193,7 @@ class Source:
     files: tuple[Path, ...]
     layout: Layout | None
     shards: tuple[Shard, ...] = field(default=(), compare=False, repr=False)
+    named: tuple[str, ...] = ()  # the table's columns dataset.columns names: each shard must have them
 
     @property
     def suffix(self) -> str:
@@ -165,9 +225,9 @@ class Source:
         index = 0
         columns = record_columns(self.shards[0].schema, self.layout)
         for number, shard in enumerate(self.shards):
-            check_columns(shard, self.layout)
+            check_columns(shard, self.layout, self.named, columns, self.files[0])
             for row_group in range(shard.row_groups):
-                rows = shard.read(row_group, columns).to_pylist()
+                rows = rows_of(shard.read(row_group, columns))
                 for row, record in enumerate(rows):
                     position = {"shard": number, "row_group": row_group, "row": row}
                     yield Positioned(index, position, self.convert(record))
@@ -269,22 +329,27 @@ def record_columns(schema: pa.Schema, layout: Layout) -> list[str]:
     return [name for name in schema.names if name in wanted]
 
 
-def check_columns(shard: Shard, layout: Layout) -> None:
+def check_columns(shard: Shard, layout: Layout, named: tuple[str, ...], columns: list[str], first: Path) -> None:
     """A shard must hold the messages as a list column; its images, where it has them, as paths or
-    ``{bytes, path}`` structs (or lists of either)."""
+    ``{bytes, path}`` structs (or lists of either); the columns dataset.columns ``named``; and the ``columns``
+    the ``first`` shard holds records in."""
     schema = shard.schema
     if layout.messages not in schema.names:
         raise XmasError(
             f"{shard.path}: no column {layout.messages!r} of messages (set dataset.columns: messages=<column>); "
             f"its columns: {', '.join(schema.names)}"
         )
+    for name in sorted({*named, *columns} - set(schema.names)):
+        why = "dataset.columns names it" if name in named else f"{first}, the first shard, has it"
+        raise XmasError(f"{shard.path}: no column {name!r} ({why}); its columns: {', '.join(schema.names)}")
     kind = schema.field(layout.messages).type
     if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
         raise XmasError(f"{shard.path}: column {layout.messages!r} is {kind}, not a list of messages")
     if layout.images in schema.names:
         kind = schema.field(layout.images).type
         item = kind.value_type if pa.types.is_list(kind) or pa.types.is_large_list(kind) else kind
-        if not (pa.types.is_struct(item) or pa.types.is_string(item) or pa.types.is_large_string(item)):
+        embedded = pa.types.is_struct(item) and item.get_field_index("bytes") >= 0
+        if not (embedded or pa.types.is_string(item) or pa.types.is_large_string(item)):
             raise XmasError(
                 f"{shard.path}: column {layout.images!r} is {kind}, not images ({{bytes, path}} structs or paths, "
                 "or lists of them)"
@@ -395,7 +460,8 @@ def open_source(annotations: str | Path, format: str = "auto", columns: dict | N
         if kind in JSON_KINDS:
             return Source(given, kind, files, json_layout(files[0], format, *renamed))
         shards = tuple(Shard(path, kind) for path in files)
-        return Source(given, kind, files, table_layout(shards[0].schema).changed(*renamed), shards)
+        layout = table_layout(shards[0].schema).changed(*renamed)
+        return Source(given, kind, files, layout, shards, tuple(sorted(set(renamed[0].values()))))
     except ValueError as error:
         raise XmasError(f"{given}: dataset.columns or dataset.tags: {error}") from None
 
