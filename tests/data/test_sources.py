@@ -310,3 +310,13 @@ def test_a_table_is_read_a_row_group_at_a_time_as_its_records_are_used(onevision
     assert reads == [("train-00000-of-00002.parquet", 0)]
     rest = list(records)
     assert len(rest) == 39 and len(reads) == len(set(reads)) == 6  # 2 shards x 3 row groups, each read once
+
+
+def test_a_dataset_dict_folder_is_told_to_name_one_of_its_splits(demo_records, small_demo, tmp_path):
+    import datasets
+
+    dataset = dataset_of(onevision_rows(demo_records[:4], small_demo["images"]), "onevision")
+    datasets.DatasetDict({"train": dataset, "test": dataset}).save_to_disk(str(tmp_path / "dict"))
+    with pytest.raises(XmasError, match=rf"a DatasetDict .* name one of its splits .*: {tmp_path}/dict/test, "):
+        open_source(tmp_path / "dict")
+    assert open_source(tmp_path / "dict" / "train").count() == 4

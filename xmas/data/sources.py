@@ -359,9 +359,12 @@ def check_columns(shard: Shard, layout: Layout, named: tuple[str, ...], columns:
 def write_table_subset(source: Source, chosen: pd.DataFrame, out: Path) -> int:
     schema = source.shards[0].schema
     id_column = source.layout.id if source.layout.id in schema.names else None
-    written, pending = 0, []
+    written, pending, opened = 0, [], None
     with atomic_path(out) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for (shard, row_group), group in chosen.groupby(["shard", "row_group"], sort=True):
+            if opened is not None and opened != shard:
+                source.shards[int(opened)].close()  # shards come in order: a source of thousands holds one open
+            opened = shard
             table = source.shards[int(shard)].read(int(row_group))
             taken = table.take(pa.array(group["row"].astype("int64")))
             ids = taken.column(id_column).to_pylist() if id_column else [None] * len(group)
@@ -409,6 +412,12 @@ def locate(given: str) -> tuple[str, tuple[Path, ...]]:
                 raise XmasError(f"{state}: not the state.json of datasets' save_to_disk ({error!r})") from None
             return "arrow", tuple(path / name for name in names)
         files = tuple(sorted(path.rglob("*.parquet")))
+        if not files and (path / "dataset_dict.json").is_file():
+            splits = sorted(folder.name for folder in path.iterdir() if (folder / "state.json").is_file())
+            raise XmasError(
+                f"{given}: a DatasetDict that datasets' save_to_disk wrote; name one of its splits as "
+                f"dataset.annotations: {', '.join(str(path / split) for split in splits)}"
+            )
         if not files:
             raise XmasError(
                 f"{given}: a folder with no parquet shards (*.parquet) and no state.json of datasets' save_to_disk"
