@@ -61,3 +61,23 @@ def test_every_feature_is_a_methods_and_is_computed():
     from xmas.methods import FEATURES
 
     assert [method.features for method in METHODS.values() if method.features] == list(FEATURES)
+
+
+def test_every_feature_has_its_rule_its_clusters_and_its_extraction(tiny_checkpoint):
+    """What a feature method needs beyond its entry in xmas/methods.py, each checked against FEATURES: its rule
+    (xmas/selection/<feature>.py, whose choose the sample stage calls), its K (features.<feature>_clusters) and
+    its column of the features jobs' output."""
+    import inspect
+
+    from xmas.methods import FEATURES
+    from xmas.selection import rule_of
+    from xmas.stages.features import reference_shape
+
+    schema = load_schema()["properties"]["features"]["properties"]
+    for feature in FEATURES:
+        choose = rule_of(feature).choose
+        assert list(inspect.signature(choose).parameters) == [
+            "features", "clusters", "centroids", "budget", "metadata", "settings"
+        ], feature  # fmt: skip
+        assert "cluster-features" in schema[f"{feature}_clusters"]["x-stages"], feature
+    assert list(reference_shape(tiny_checkpoint, None)[1]) == list(FEATURES)

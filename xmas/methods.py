@@ -2,7 +2,7 @@
 
 ``xmas sample`` dispatches on these declarations, the workflow derives each method's inputs and
 seeds from them, and a test holds the config schema's list of methods to this one. Adding a method
-is one entry here (and, for a new way of choosing, its branch in ``xmas/stages/sample.py``) plus its
+is one entry here (on a new feature, also that feature's rule, ``xmas/selection/<feature>.py``) plus its
 test: the schema's ``selection.methods`` takes any name declared here (the workflow checks it, and
 docs/configuration.md lists them). Imports nothing heavy: the workflow reads it while it builds the DAG.
 """
@@ -16,6 +16,12 @@ from xmas.errors import XmasError
 SIGNALS = ("attention", "loss")  # what a trajectory job records per example and checkpoint (xmas trajectory)
 INSIDE_CLUSTERS = ("stability", "random")
 FEATURES = ("coincide", "semdedup")  # what a features job records per example (xmas features), by the method using it
+
+
+def signal_prefix(signal: str) -> str:
+    """Where a signal's outputs go under results/ and its logs under logs/ (and logs/stats/): at the top for
+    XMAS's attention, under ``<signal>/`` for the others."""
+    return "" if signal == "attention" else f"{signal}/"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -105,3 +105,26 @@ def test_without_a_full_fine_tune_there_is_no_ratio(stats_dir):
     for path in (stats_dir / "target/full").rglob("*.json"):
         path.unlink()
     assert "× a full fine-tune" not in method_costs(stats_dir, ["xmas"]).columns
+
+
+def test_every_selection_job_of_the_workflow_counts_to_a_stage(tmp_path):
+    """The stages are derived from the signals and features (xmas.methods): every stats file a selection job of
+    the workflow writes (a dry run of every method, with a reference composed from a preset) falls in one."""
+    import fnmatch
+    import re
+
+    from xmas.evaluation.cost import STAGES
+    from xmas.methods import SELECTABLE
+
+    from conftest import snakemake
+
+    (tmp_path / "config.yaml").write_text(
+        f"selection: {{methods: [{', '.join(SELECTABLE)}], budgets: [0.5]}}\nfeatures: {{reference: demo-tiny}}\n"
+    )
+    dry_run = snakemake(tmp_path, "-n", "-p", "results/report.html").stdout
+    written = set(re.findall(r"--stats logs/stats/(\S+\.json)", dry_run))
+    not_selection = ("demo_data", "sample/", "coherence", "report")
+    selection = {path for path in written if not path.startswith(not_selection)}
+    assert {"reference.json", "loss/cluster.json", "semdedup/cluster.json"} <= selection
+    uncounted = [path for path in selection if not any(fnmatch.fnmatch(path, stage.pattern) for stage in STAGES)]
+    assert not uncounted, uncounted

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 from xmas.selection.coincide import allocate, greedy_mmd, kernel, select, transferability
+from xmas.settings import default_of
+
+TEMPERATURE = default_of("features.temperature")  # theirs, 0.1
 
 
 def cosine(a, b) -> float:
@@ -51,14 +54,22 @@ def test_prototypes_are_picked_one_by_one_to_minimise_the_mmd():
 
 def test_the_budget_is_shared_in_order_of_share_and_a_small_clusters_rest_goes_to_those_after_it():
     # equal scores: shares of a third; the clusters are visited last index first (argsort, reversed)
-    assert allocate(np.zeros(3), np.array([10, 10, 1]), 9).tolist() == [4, 4, 1]  # 1 of its 3, the rest carried
-    assert allocate(np.zeros(3), np.array([1, 10, 10]), 9).tolist() == [1, 3, 3]  # visited last: 2 are lost
+    assert allocate(np.zeros(3), np.array([10, 10, 1]), 9, TEMPERATURE).tolist() == [
+        4,
+        4,
+        1,
+    ]  # 1 of its 3, the rest carried
+    assert allocate(np.zeros(3), np.array([1, 10, 10]), 9, TEMPERATURE).tolist() == [
+        1,
+        3,
+        3,
+    ]  # visited last: 2 are lost
     # unequal scores: softmax(score / 0.1) shares, each of what remains
     scores = np.array([0.3, 0.1, 0.2])
     shares = np.exp(scores / 0.1) / np.exp(scores / 0.1).sum()
     first = round(20 * shares[0])
     second = round((20 - first) * np.exp(0.2 / 0.1) / (np.exp(0.2 / 0.1) + np.exp(0.1 / 0.1)))
-    assert allocate(scores, np.array([100, 100, 100]), 20).tolist() == [first, 20 - first - second, second]
+    assert allocate(scores, np.array([100, 100, 100]), 20, TEMPERATURE).tolist() == [first, 20 - first - second, second]
 
 
 def test_select_takes_each_clusters_count_of_prototypes_in_order_of_share():
@@ -69,7 +80,7 @@ def test_select_takes_each_clusters_count_of_prototypes_in_order_of_share():
     features /= np.linalg.norm(features, axis=1, keepdims=True)
     centroids = np.stack([features[clusters == c].mean(axis=0) for c in range(3)])
     language = np.arange(4, 8)  # the language halves: the last 4 columns
-    chosen = select(features, clusters, centroids, language, 9)
+    chosen = select(features, clusters, centroids, language, 9, TEMPERATURE)
     # the literal reading: density, transferability on the language halves, shares, counts, prototypes
     density = [
         np.mean(
@@ -78,7 +89,7 @@ def test_select_takes_each_clusters_count_of_prototypes_in_order_of_share():
         for c in range(3)
     ]
     score = transferability(centroids[:, language]) / np.array(density)
-    counts = allocate(score, np.bincount(clusters), 9)
+    counts = allocate(score, np.bincount(clusters), 9, TEMPERATURE)
     order = np.argsort(np.exp(score / 0.1) / np.exp(score / 0.1).sum())[::-1]
     expected = [
         np.flatnonzero(clusters == c)[greedy_mmd(kernel(features[clusters == c]), counts[c])]

@@ -13,6 +13,8 @@ from xmas.settings import stage_defaults
 from xmas.stages.cluster_features import cluster_features
 from xmas.stages.sample import check_accounting, sample
 
+SAMPLE = stage_defaults("sample")  # COINCIDE's temperature 0.1 among them
+
 
 @pytest.mark.parametrize("method", ["coincide", "semdedup"])
 def test_feature_methods_select_their_budget_and_account_for_every_record(
@@ -30,9 +32,7 @@ def test_feature_methods_select_their_budget_and_account_for_every_record(
     labels = clusters.column("cluster").to_numpy()
     assert (labels == TEXT_ONLY).sum() == (~usable.has_image).sum() > 0
     stats = StageStats("t")
-    manifest = sample(
-        method, "0.3", small_examples, clusters_path, 3, 0, stats, centroids=centroids_path, temperature=0.1
-    )
+    manifest = sample(method, "0.3", small_examples, clusters_path, 0, stats, SAMPLE, centroids=centroids_path)
     check_accounting(manifest, examples)
     target = round(0.3 * len(usable))
     assert manifest.selected.sum() == target
@@ -42,12 +42,10 @@ def test_feature_methods_select_their_budget_and_account_for_every_record(
     assert reasons <= {"cluster_quota_filled", "near_duplicate", "budget_filled", "text_not_drawn"}
     if method == "semdedup":
         assert 0.0 <= stats.extra["eps"] <= 1.0
-    again = sample(
-        method, "0.3", small_examples, clusters_path, 3, 0, StageStats("t"), centroids=centroids_path, temperature=0.1
-    )
+    again = sample(method, "0.3", small_examples, clusters_path, 0, StageStats("t"), SAMPLE, centroids=centroids_path)
     assert again.equals(manifest)
     with pytest.raises(XmasError, match="needs --clusters and --centroids"):
-        sample(method, "0.3", small_examples, clusters_path, 3, 0, StageStats("t"))
+        sample(method, "0.3", small_examples, clusters_path, 0, StageStats("t"), SAMPLE)
 
 
 def test_missing_features_are_named(small_examples, feature_shards):

@@ -8,8 +8,18 @@ import pytest
 
 from xmas.errors import XmasError
 from xmas.io import write_parquet
+from xmas.methods import METHODS
 from xmas.progress import StageStats
+from xmas.settings import stage_defaults
 from xmas.stages.sample import budget_size, proportional_quotas, sample, water_fill, xmas_select
+
+SETTINGS = stage_defaults("sample")  # min_cluster_size 3, text_only_share cluster (upstream's)
+
+
+def select(frame, target, min_cluster_size, seed, method="xmas", **settings):
+    """xmas_select for ``method`` with the sample stage's settings at their defaults but ``settings``."""
+    changed = stage_defaults("sample", min_cluster_size=min_cluster_size, **settings)
+    return xmas_select(frame, target, seed, METHODS[method], changed)
 
 
 def valid_frame(clusters: list[int], stability: list[float] | None = None) -> pd.DataFrame:
@@ -56,24 +66,24 @@ def test_water_fill_is_exact_whenever_the_groups_hold_the_target():
 
 def test_lowest_stability_first_with_ties_in_source_order():
     frame = valid_frame([0] * 6, [3.0, 1.0, 2.0, 1.0, 5.0, 0.5])
-    chosen = xmas_select(frame, 3, 1, 0)
+    chosen = select(frame, 3, 1, 0)
     assert chosen.loc[chosen.selected, "uid"].tolist() == ["u1", "u3", "u5"]
     assert chosen.loc[~chosen.selected, "reason"].unique().tolist() == ["cluster_quota_filled"]
-    tie = xmas_select(valid_frame([0] * 4, [1.0, 1.0, 1.0, 1.0]), 2, 1, 0)
+    tie = select(valid_frame([0] * 4, [1.0, 1.0, 1.0, 1.0]), 2, 1, 0)
     assert tie.loc[tie.selected, "uid"].tolist() == ["u0", "u1"]
 
 
 def test_text_only_group_is_drawn_with_the_seed():
     frame = valid_frame([-1] * 20 + [0] * 20)
-    draws = [tuple(xmas_select(frame, 10, 1, seed).query("selected and cluster == -1").uid) for seed in (0, 0, 1)]
+    draws = [tuple(select(frame, 10, 1, seed).query("selected and cluster == -1").uid) for seed in (0, 0, 1)]
     assert len(draws[0]) == 5 and draws[0] == draws[1] and draws[0] != draws[2]
-    not_drawn = xmas_select(frame, 10, 1, 0).query("not selected and cluster == -1")
+    not_drawn = select(frame, 10, 1, 0).query("not selected and cluster == -1")
     assert set(not_drawn.reason) == {"text_not_drawn"}
 
 
 def test_small_clusters_are_skipped():
     frame = valid_frame([0, 0, 1, 1, 1, 2, 2, 2, 2, 2])
-    chosen = xmas_select(frame, 4, 3, 0)
+    chosen = select(frame, 4, 3, 0)
     assert chosen.selected.sum() == 4
     assert set(chosen.query("cluster == 0").reason) == {"cluster_below_min_size"}
     assert not chosen.query("cluster == 0").selected.any()
@@ -83,7 +93,7 @@ def test_text_only_records_keep_their_share_when_proportional():
     # 168 text-only records of 1000 usable at 50%, as on the demo: upstream's rule gives them one group's quota
     frame = valid_frame([-1] * 168 + [c for c in range(8) for _ in range(104)])
     per_group = {
-        share: xmas_select(frame, 500, 3, 0, text_only_share=share).query("selected").cluster.value_counts()
+        share: select(frame, 500, 3, 0, text_only_share=share).query("selected").cluster.value_counts()
         for share in ("cluster", "proportional")
     }
     assert per_group["cluster"][-1] == 500 // 9 + 1 and per_group["proportional"][-1] == 84  # round(500 * 0.168)
@@ -106,9 +116,17 @@ def test_proportional_quotas_are_exact_and_give_back_what_images_cannot_fill():
 def test_xmas_proportional_is_xmas_with_the_proportional_share(small_selection):
     examples, clusters = small_selection
     manifests = [
-        sample("xmas-proportional", "0.5", examples, clusters, 3, 0, StageStats("t")),
-        sample("xmas", "0.5", examples, clusters, 3, 0, StageStats("t"), text_only_share="proportional"),
-        sample("xmas", "0.5", examples, clusters, 3, 0, StageStats("t")),
+        sample("xmas-proportional", "0.5", examples, clusters, 0, StageStats("t"), SETTINGS),
+        sample(
+            "xmas",
+            "0.5",
+            examples,
+            clusters,
+            0,
+            StageStats("t"),
+            stage_defaults("sample", text_only_share="proportional"),
+        ),
+        sample("xmas", "0.5", examples, clusters, 0, StageStats("t"), SETTINGS),
     ]
     pd.testing.assert_frame_equal(manifests[0], manifests[1])
     text_selected = [int(m.selected[m.uid.isin(["r10", "r11"])].sum()) for m in manifests]
@@ -144,19 +162,19 @@ def small_selection(tmp_path):
 @pytest.mark.parametrize("method", ["xmas", "xmas-proportional", "loss", "cluster-random", "random"])
 def test_manifest_accounts_for_every_record_once(small_selection, method):
     examples, clusters = small_selection
-    manifest = sample(method, "0.5", examples, clusters, 3, 0, StageStats("t"))
+    manifest = sample(method, "0.5", examples, clusters, 0, StageStats("t"), SETTINGS)
     assert manifest.uid.tolist() == [f"r{i}" for i in range(13)]
     assert manifest.selected.sum() == 6  # round(0.5 * 12 usable)
     assert manifest.loc[12, "reason"] == "excluded:image_missing" and not manifest.loc[12, "selected"]
     assert manifest.loc[~manifest.selected, "reason"].notna().all()
     assert manifest.loc[manifest.selected, "reason"].isna().all()
-    again = sample(method, "0.5", examples, clusters, 3, 0, StageStats("t"))
+    again = sample(method, "0.5", examples, clusters, 0, StageStats("t"), SETTINGS)
     pd.testing.assert_frame_equal(manifest, again)
 
 
 def test_xmas_subset_of_the_small_selection(small_selection):
     examples, clusters = small_selection
-    manifest = sample("xmas", "0.5", examples, clusters, 3, 0, StageStats("t"))
+    manifest = sample("xmas", "0.5", examples, clusters, 0, StageStats("t"), SETTINGS)
     # groups by size: text(2), cluster 0(3), cluster 2(3), cluster 1(4); quotas 6//4=1, 5//3=1, 4//2=2, 2
     chosen = manifest.loc[manifest.selected, "uid"].tolist()
     assert chosen[:1] == ["r1"]  # cluster 0: the most stable one
@@ -168,8 +186,8 @@ def test_xmas_subset_of_the_small_selection(small_selection):
 def test_cluster_random_keeps_the_xmas_quotas_but_draws_inside_clusters():
     clusters = [0] * 40 + [1] * 40 + [2] * 6 + [-1] * 4
     valid = valid_frame(clusters)
-    stable = xmas_select(valid, 30, 3, seed=0)
-    drawn = [xmas_select(valid, 30, 3, seed, inside_clusters="random") for seed in (0, 1)]
+    stable = select(valid, 30, 3, 0)
+    drawn = [select(valid, 30, 3, seed, method="cluster-random") for seed in (0, 1)]
     per_cluster = [frame[frame.selected].cluster.value_counts().sort_index().tolist() for frame in (stable, *drawn)]
     assert per_cluster[0] == per_cluster[1] == per_cluster[2] == [4, 10, 10, 6]  # text 4, clusters 0 and 1, 2
     in_cluster_0 = [set(frame.uid[frame.selected & (frame.cluster == 0)]) for frame in (stable, *drawn)]
@@ -180,23 +198,23 @@ def test_cluster_random_keeps_the_xmas_quotas_but_draws_inside_clusters():
 
 def test_full_selects_every_usable_record_and_only_with_budget_one(small_selection):
     examples, _ = small_selection
-    manifest = sample("full", "1", examples, None, 3, 0, StageStats("t"))
+    manifest = sample("full", "1", examples, None, 0, StageStats("t"), SETTINGS)
     assert manifest.selected.tolist() == [True] * 12 + [False]
     with pytest.raises(XmasError, match="budget must be 1"):
-        sample("full", "0.5", examples, None, 3, 0, StageStats("t"))
+        sample("full", "0.5", examples, None, 0, StageStats("t"), SETTINGS)
 
 
 @pytest.mark.parametrize("method", ["xmas", "loss", "cluster-random"])
 def test_clustered_methods_need_clusters(small_selection, method):
     examples, _ = small_selection
     with pytest.raises(XmasError, match=f"method {method} needs --clusters"):
-        sample(method, "0.5", examples, None, 3, 0, StageStats("t"))
+        sample(method, "0.5", examples, None, 0, StageStats("t"), SETTINGS)
 
 
 def test_xmas_needs_clusters(small_selection):
     examples, _ = small_selection
     with pytest.raises(XmasError, match="needs --clusters"):
-        sample("xmas", "0.5", examples, None, 3, 0, StageStats("t"))
+        sample("xmas", "0.5", examples, None, 0, StageStats("t"), SETTINGS)
 
 
 @pytest.mark.parametrize("tamper", ["drop", "duplicate", "unexplained", "select_excluded", "wrong_reason", "move"])
@@ -205,7 +223,7 @@ def test_accounting_fails_loudly_when_a_record_is_not_accounted_for(small_select
 
     examples_path, clusters = small_selection
     examples = pd.read_parquet(examples_path)
-    manifest = sample("xmas", "0.5", examples_path, clusters, 3, 0, StageStats("t"))
+    manifest = sample("xmas", "0.5", examples_path, clusters, 0, StageStats("t"), SETTINGS)
     check_accounting(manifest, examples)  # the untouched manifest passes
     unselected = manifest.index[~manifest.selected & ~manifest.reason.str.startswith("excluded:")][0]
     if tamper == "drop":

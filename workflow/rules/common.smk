@@ -31,7 +31,7 @@ from xmas.data.examples import usable_count
 from xmas.data.sources import llamafactory_entry, open_source
 from xmas.errors import XmasError
 from xmas.io import copy_sealed, damaged_outputs, set_aside
-from xmas.methods import METHODS
+from xmas.methods import METHODS, signal_prefix
 from xmas.resources import resource
 from xmas.settings import config_settings, job_resources, stage_flags
 from xmas.training.launch import launcher_prefix

@@ -61,7 +61,7 @@ def all_subsets():
 
 def signal_folder(signal):
     """Where a signal's trajectories and clusters go: results/ for XMAS's attention, results/<signal>/ else."""
-    return "results" if signal == "attention" else f"results/{signal}"
+    return f"results/{signal_prefix(signal)}".rstrip("/")
 
 
 def clusters_of(method):

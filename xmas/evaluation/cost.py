@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from xmas.io import read_json
-from xmas.methods import METHODS
+from xmas.methods import FEATURES, METHODS, SIGNALS, signal_prefix
 
 
 @dataclass(frozen=True)
@@ -28,21 +28,31 @@ class Stage:
     needed_by: str | None
 
 
-# The selection's stages, in DAG order. Sampling is each method's own (sample/<method>/).
-STAGES = (
-    Stage("proxy checkpoint 0", "proxy/checkpoint-0.json", None),
-    Stage("prepare", "prepare.json", None),
-    Stage("proxy training", "proxy/checkpoint-[1-9]*.json", "any"),
-    Stage("attention trajectories", "trajectories/*/*.json", "attention"),
-    Stage("attention merge", "merge.json", "attention"),
-    Stage("attention clusters", "cluster.json", "attention"),
-    Stage("loss trajectories", "loss/trajectories/*/*.json", "loss"),
-    Stage("loss merge", "loss/merge.json", "loss"),
-    Stage("loss clusters", "loss/cluster.json", "loss"),
-    Stage("reference features", "features/*.json", "features"),
-    Stage("coincide clusters", "coincide/cluster.json", "coincide"),
-    Stage("semdedup clusters", "semdedup/cluster.json", "semdedup"),
-)
+def selection_stages() -> tuple[Stage, ...]:
+    """The selection's stages, in DAG order, as the workflow's rules write their stats: every method's, the
+    proxy's training, each signal's trajectories, merge and clusters, the reference VLM (unless it is the
+    proxy) and its features, each feature's clusters. Sampling is each method's own (sample/<method>/)."""
+    stages = [
+        Stage("proxy checkpoint 0", "proxy/checkpoint-0.json", None),
+        Stage("prepare", "prepare.json", None),
+        Stage("proxy training", "proxy/checkpoint-[1-9]*.json", "any"),
+    ]
+    for signal in SIGNALS:
+        prefix = signal_prefix(signal)
+        stages += [
+            Stage(f"{signal} trajectories", f"{prefix}trajectories/*/*.json", signal),
+            Stage(f"{signal} merge", f"{prefix}merge.json", signal),
+            Stage(f"{signal} clusters", f"{prefix}cluster.json", signal),
+        ]
+    stages += [
+        Stage("reference model", "reference.json", "features"),
+        Stage("reference features", "features/*.json", "features"),
+    ]
+    stages += [Stage(f"{feature} clusters", f"{feature}/cluster.json", feature) for feature in FEATURES]
+    return tuple(stages)
+
+
+STAGES = selection_stages()
 FULL_FINETUNE = "target/full/*/*.json"  # the reference: one full-data fine-tune per evaluation seed
 COLUMNS = ["jobs", "wall s", "CPU s", "GPU s"]
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from xmas.selection import Choice
+
 SIMILAR = 0.9  # centroids more similar than this do not count towards transferability
-TEMPERATURE = 0.1
 SIGMA = 1.0
 
 
@@ -53,7 +54,7 @@ def visiting_order(scores: np.ndarray, temperature: float) -> np.ndarray:
     return np.argsort(softmax(scores, temperature))[::-1]
 
 
-def allocate(scores: np.ndarray, sizes: np.ndarray, budget: int, temperature: float = TEMPERATURE) -> np.ndarray:
+def allocate(scores: np.ndarray, sizes: np.ndarray, budget: int, temperature: float) -> np.ndarray:
     """How many records each cluster gives: clusters visited in descending ``softmax(scores / temperature)``,
     each taking ``round(remaining * share)`` (at most its size), the shares renormalised over the clusters
     still to visit."""
@@ -91,7 +92,7 @@ def select(
     centroids: np.ndarray,
     language: np.ndarray,
     budget: int,
-    temperature: float = TEMPERATURE,
+    temperature: float,
     sigma: float = SIGMA,
 ) -> np.ndarray:
     """The rows COINCIDE selects: ``features`` of every record, ``clusters`` each record's cluster (0..K-1),
@@ -107,3 +108,15 @@ def select(
     order = visiting_order(scores, temperature)
     chosen = [members[cluster][greedy_mmd(grams[cluster], counts[cluster])] for cluster in order if counts[cluster]]
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=int)
+
+
+def choose(
+    features: np.ndarray, clusters: np.ndarray, centroids: np.ndarray, budget: int, metadata: dict, settings
+) -> Choice:
+    """:func:`select` as the sample stage calls it (``settings``: its, with COINCIDE's temperature); the
+    language halves are every second of the feature's ``coincide_parts`` pooled parts."""
+    parts = metadata["coincide_parts"]
+    width = features.shape[1] // parts
+    language = np.concatenate([np.arange(part * width, (part + 1) * width) for part in range(1, parts, 2)])
+    chosen = select(features, clusters, centroids, language, budget, settings.temperature)
+    return Choice(chosen, np.full(len(features), "cluster_quota_filled", dtype=object), {})

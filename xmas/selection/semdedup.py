@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from xmas.selection import Choice
+
 
 def unit(rows: np.ndarray) -> np.ndarray:
     rows = rows.astype(np.float64)
@@ -67,3 +69,14 @@ def kept_for(
     # budget-th smallest similarity
     threshold = np.sort(similarity)[budget - 1]
     return rows[similarity <= threshold], float(1.0 - threshold)
+
+
+def choose(
+    features: np.ndarray, clusters: np.ndarray, centroids: np.ndarray, budget: int, metadata: dict, settings
+) -> Choice:
+    """:func:`select` as the sample stage calls it: a record not chosen is a near-duplicate, or was kept by the
+    rule's eps and cut by the budget."""
+    kept, eps = kept_for(features, clusters, centroids, budget)
+    reasons = np.full(len(features), "near_duplicate", dtype=object)
+    reasons[kept] = "budget_filled"
+    return Choice(kept[:budget], reasons, {"eps": eps})

@@ -24,9 +24,9 @@ from xmas.data.examples import TEXT_ONLY, read_examples
 from xmas.data.sources import POSITION_COLUMNS, Source, as_source, stage_source
 from xmas.errors import XmasError
 from xmas.io import read_parquet, read_table, write_parquet
-from xmas.methods import FEATURE_METHODS, METHODS, method_named
+from xmas.methods import FEATURE_METHODS, METHODS, Method, method_named
 from xmas.progress import StageStats, add_input_arguments, log
-from xmas.selection import coincide, semdedup
+from xmas.selection import rule_of
 from xmas.selection.vectors import METADATA, feature_matrix
 from xmas.settings import add_settings, settings_of
 
@@ -76,23 +76,18 @@ def proportional_quotas(sizes: dict[int, int], target: int, n_valid: int) -> dic
     return {**quotas, TEXT_ONLY: min(sizes[TEXT_ONLY], target - sum(quotas.values()))}
 
 
-def xmas_select(
-    valid: pd.DataFrame,
-    target: int,
-    min_cluster_size: int,
-    seed: int,
-    inside_clusters: str = "stability",
-    text_only_share: str = "cluster",
-) -> pd.DataFrame:
+def xmas_select(valid: pd.DataFrame, target: int, seed: int, method: Method, settings) -> pd.DataFrame:
     """``valid``: uid, index, cluster, stability for usable records. Adds ``selected`` and ``reason``.
 
-    ``inside_clusters``: ``stability`` keeps a cluster's most stable examples (XMAS), ``random``
-    draws them (the cluster-random baseline). ``text_only_share``: ``cluster`` gives the text-only
-    records one group's quota, ``proportional`` their share of the usable records.
+    The ``method``'s ``inside_clusters``: ``stability`` keeps a cluster's most stable examples (XMAS),
+    ``random`` draws them (the cluster-random baseline). Its ``text_only_share``, else the setting's
+    (``settings``: the sample stage's, with ``min_cluster_size``): ``cluster`` gives the text-only records one
+    group's quota, ``proportional`` their share of the usable records.
     """
+    inside_clusters, text_only_share = method.inside_clusters, method.text_only_share or settings.text_only_share
     valid = valid.sort_values("index").assign(selected=False, reason=None)
     sizes = valid.cluster.value_counts().to_dict()
-    small = {c for c, n in sizes.items() if c != TEXT_ONLY and n < min_cluster_size}
+    small = {c for c, n in sizes.items() if c != TEXT_ONLY and n < settings.min_cluster_size}
     valid.loc[valid.cluster.isin(small), "reason"] = "cluster_below_min_size"
     groups = {c: n for c, n in sizes.items() if c not in small}
     if text_only_share == "proportional" and TEXT_ONLY in groups:
@@ -115,11 +110,11 @@ def xmas_select(
 
 
 def feature_select(
-    method: str, valid: pd.DataFrame, clusters: Path, centroids: Path, target: int, seed: int, temperature: float
-) -> pd.DataFrame:
-    """COINCIDE's or SemDeDup's rule (xmas.selection) on the image records, with the features and centroids
-    ``xmas cluster-features`` wrote; the text-only records keep their share of the usable records, drawn
-    at random (whatever the images cannot fill goes to them)."""
+    method: Method, valid: pd.DataFrame, clusters: Path, centroids: Path, target: int, seed: int, settings
+) -> tuple[pd.DataFrame, dict]:
+    """A feature method's rule (xmas/selection/<its feature>.py) on the image records, with the features and
+    centroids ``xmas cluster-features`` wrote; the text-only records keep their share of the usable records,
+    drawn at random (whatever the images cannot fill goes to them). Returns the decisions and the rule's stats."""
     valid = valid.sort_values("index").assign(selected=False, reason=None)
     table = read_table(clusters)
     table = table.filter(pc.not_equal(table.column("cluster"), TEXT_ONLY))
@@ -130,24 +125,15 @@ def feature_select(
     features = feature_matrix(table, "feature")[rows]
     labels = table.column("cluster").to_numpy()[rows]
     centres = feature_matrix(read_table(centroids), "centroid")
+    metadata = json.loads(table.schema.metadata[METADATA.encode()])
     image_quota = min(len(images), target - text_share(len(text), target, len(valid)))
-    valid.loc[images.index, "reason"] = "cluster_quota_filled"
-    if method == "coincide":
-        parts = json.loads(table.schema.metadata[METADATA.encode()])["coincide_parts"]
-        width = features.shape[1] // parts
-        language = np.concatenate([np.arange(part * width, (part + 1) * width) for part in range(1, parts, 2)])
-        chosen = coincide.select(features, labels, centres, language, image_quota, temperature)
-    else:
-        kept, eps = semdedup.kept_for(features, labels, centres, image_quota)
-        valid.loc[images.index, "reason"] = "near_duplicate"
-        valid.loc[images.index[kept], "reason"] = "budget_filled"
-        valid.attrs["eps"] = eps
-        chosen = kept[:image_quota]
-    valid.loc[images.index[chosen], ["selected", "reason"]] = [True, None]
-    drawn = text.index[seeded_draw(len(text), min(len(text), target - len(chosen)), seed)]
+    choice = rule_of(method.features).choose(features, labels, centres, image_quota, metadata, settings)
+    valid.loc[images.index, "reason"] = choice.reasons
+    valid.loc[images.index[choice.chosen], ["selected", "reason"]] = [True, None]
+    drawn = text.index[seeded_draw(len(text), min(len(text), target - len(choice.chosen)), seed)]
     valid.loc[text.index, "reason"] = "text_not_drawn"
     valid.loc[drawn, ["selected", "reason"]] = [True, None]
-    return valid
+    return valid, choice.stats
 
 
 def random_select(valid: pd.DataFrame, target: int, seed: int) -> pd.DataFrame:
@@ -221,15 +207,13 @@ def sample(
     budget: str,
     examples_path: Path,
     clusters_path: Path | None,
-    min_cluster_size: int,
     seed: int,
     stats: StageStats,
-    text_only_share: str = "cluster",
+    settings,
     centroids: Path | None = None,
-    temperature: float | None = None,
 ) -> pd.DataFrame:
-    """The manifest of ``method_name``'s subset for ``budget``; ``centroids`` and ``temperature``: the feature
-    methods' (COINCIDE's temperature)."""
+    """The manifest of ``method_name``'s subset for ``budget`` (``settings``: the sample stage's); ``centroids``:
+    the feature methods'."""
     method = method_named(method_name)
     examples = read_parquet(examples_path)
     valid = examples.loc[examples.status == "ok", ["uid", "index"]]
@@ -244,15 +228,13 @@ def sample(
             raise XmasError(f"method {method.name} needs --clusters (of its {method.signal} trajectories)")
         if valid.cluster.isna().any():
             raise XmasError(f"{clusters_path} has no cluster for {int(valid.cluster.isna().sum())} usable records")
-        decided = xmas_select(
-            valid, target, min_cluster_size, seed, method.inside_clusters, method.text_only_share or text_only_share
-        )
+        decided = xmas_select(valid, target, seed, method, settings)
     elif method.features is not None:
         if clusters_path is None or centroids is None:
             raise XmasError(f"method {method.name} needs --clusters and --centroids (of `xmas cluster-features`)")
-        decided = feature_select(method.name, valid, clusters_path, centroids, target, seed, temperature)
-        if "eps" in decided.attrs:
-            stats.set("eps", decided.attrs["eps"])
+        decided, found = feature_select(method, valid, clusters_path, centroids, target, seed, settings)
+        for name, value in found.items():
+            stats.set(name, value)
     elif method.every_record:
         if target != len(valid):
             raise XmasError(f"method {method.name} selects every usable record: its budget must be 1, got {budget!r}")
@@ -270,7 +252,7 @@ def sample(
             target,
             selected,
             int((manifest.reason == "cluster_below_min_size").sum()),
-            min_cluster_size,
+            settings.min_cluster_size,
         )
     stats.add("in", len(examples))
     stats.add("valid", len(valid))
@@ -327,20 +309,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     stats = StageStats(f"sample {args.method} {args.budget}")
-    source = stage_source(args.annotations, settings_of(args, "sample"))
+    settings = settings_of(args, "sample")
+    source = stage_source(args.annotations, settings)
     if args.out.suffix != source.suffix:
         raise XmasError(f"--out {args.out}: a subset of {source.given} is written as {source.suffix}, its format")
     manifest = sample(
-        args.method,
-        args.budget,
-        args.examples,
-        args.clusters,
-        args.min_cluster_size,
-        args.seed,
-        stats,
-        args.text_only_share,
-        args.centroids,
-        args.temperature,
+        args.method, args.budget, args.examples, args.clusters, args.seed, stats, settings, args.centroids
     )
     written = write_subset(source, args.examples, manifest, args.out)
     selected = int(manifest.selected.sum())
