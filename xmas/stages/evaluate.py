@@ -16,6 +16,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -29,7 +30,7 @@ from xmas.io import atomic_path, write_parquet
 from xmas.models.checkpoints import load_target
 from xmas.models.encoding import ConversationEncoder, Encoding
 from xmas.progress import StageStats, add_threads_argument, log, progress, use_threads
-from xmas.settings import add_settings
+from xmas.settings import add_settings, settings_of
 from xmas.training.engine import compute_device
 
 # In evaluation.benchmarks of the lmms-eval suite: the held-out split (--test) as local lmms-eval tasks.
@@ -160,19 +161,26 @@ def expand_heldout(names: list[str], heldout: dict) -> list[str]:
     return expanded
 
 
-def lmms_benchmarks(model_path: Path, args: argparse.Namespace, work_dir: Path, stats: StageStats):
+class Held(NamedTuple):
+    """The held-out split: its records (LLaVA format) and the folder their image paths are relative to."""
+
+    records: Path | None
+    image_root: Path | None
+
+
+def lmms_benchmarks(model_path: Path, settings, test: Held, work_dir: Path, stats: StageStats):
     """The benchmarks to run, the table of their tasks and metrics, and the local task folder (or None)."""
     from xmas.evaluation.lmms_eval import benchmark_table, check_benchmarks, check_judge
 
-    names, heldout, include_path = list(args.benchmarks), {}, None
+    names, heldout, include_path = list(settings.benchmarks), {}, None
     if HELDOUT in names:
         heldout, include_path = heldout_benchmarks(
-            model_path, args.test, args.image_root, work_dir / "heldout-tasks", args.max_new_tokens, stats
+            model_path, test.records, test.image_root, work_dir / "heldout-tasks", settings.max_new_tokens, stats
         )
         names = expand_heldout(names, heldout)
-    table = benchmark_table(args.metrics, heldout)
+    table = benchmark_table(settings.metrics, heldout)
     names = check_benchmarks(names, table)
-    check_judge(names, table, args.allow_judge, os.environ)
+    check_judge(names, table, settings.allow_judge, os.environ)
     return names, table, include_path
 
 
@@ -213,24 +221,25 @@ def lmms_eval_model(checkpoint: Path, extra_model_args: dict) -> tuple[str, dict
     return family.lmms_eval_model, {**pixel_bounds(processor.image_processor, family), **extra_model_args}
 
 
-def evaluate_lmms(model_path: Path, args: argparse.Namespace, work_dir: Path, stats: StageStats) -> pd.DataFrame:
-    """``evaluation.benchmarks`` through lmms-eval: one row (benchmark, score, n) each."""
+def evaluate_lmms(model_path: Path, settings, test: Held, work_dir: Path, stats: StageStats) -> pd.DataFrame:
+    """``evaluation.benchmarks`` through lmms-eval (``settings``: the evaluate stage's): one row (benchmark,
+    score, n) each."""
     from xmas.evaluation.lmms_eval import check_lmms_eval_installed, run_lmms_eval
 
-    names, table, include_path = lmms_benchmarks(model_path, args, work_dir, stats)
+    names, table, include_path = lmms_benchmarks(model_path, settings, test, work_dir, stats)
     check_lmms_eval_installed(judge=any(table[name].needs_judge for name in names))
     with lmms_checkpoint(model_path, work_dir) as checkpoint:
-        model, model_args = lmms_eval_model(checkpoint, args.model_args)
+        model, model_args = lmms_eval_model(checkpoint, settings.model_args)
         # lmms-eval's llava_hf answers one question at a time (it asserts batch_size 1).
         rows = run_lmms_eval(
             checkpoint,
             names,
             work_dir / "lmms-eval",
-            gpus=args.gpus,
+            gpus=settings.gpus,
             batch_size=1,
             model=model,
             extra_model_args=model_args,
-            allow_judge=args.allow_judge,
+            allow_judge=settings.allow_judge,
             table=table,
             include_path=include_path,
         )
@@ -271,16 +280,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     use_threads(args.threads)
     stats = StageStats(f"evaluate {args.model}")
-    if args.suite == "exact-match":
+    settings = settings_of(args, "evaluate")
+    if settings.suite == "exact-match":
         if args.test is None or args.image_root is None:
             raise XmasError("--suite exact-match needs --test and --image-root")
         scores, predictions = evaluate_exact_match(
-            args.model, args.test, args.image_root, args.batch_size, args.max_new_tokens, stats
+            args.model, args.test, args.image_root, settings.batch_size, settings.max_new_tokens, stats
         )
         write_parquet(predictions, args.predictions or args.out.with_suffix(".predictions.parquet"))
     else:
         work_dir = args.work_dir or args.out.with_suffix("")
-        scores = evaluate_lmms(args.model, args, work_dir, stats)
+        scores = evaluate_lmms(args.model, settings, Held(args.test, args.image_root), work_dir, stats)
     stats.add("out", len(scores))
     write_scores(scores, args.out)
     stats.finish(args.stats)
