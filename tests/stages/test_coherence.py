@@ -54,8 +54,11 @@ def test_the_sketch_is_the_full_gradients_count_sketch_and_keeps_its_cosines(
         sketches.append(sketch(record))
         grads = [torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in sketch.parameters]
         full.append(torch.cat(grads).numpy().astype(np.float64))
-    buckets = torch.cat([bucket for bucket, _ in sketch.hashes]).numpy()
-    signs = torch.cat([sign for _, sign in sketch.hashes]).numpy()
+    total = sum(p.numel() for p in sketch.parameters)
+    buckets, signs = (values.numpy() for values in sketch.hashed(0, total, "cpu"))  # what it hashes as it goes
+    assert np.bincount(buckets, minlength=4096).min() > 0 and abs(signs.mean()) < 0.02  # spread, balanced
+    sketch.CHUNK = 1000  # hashed a chunk at a time, a parameter's chunks continuing its positions: the same sketch
+    np.testing.assert_allclose(sketch(records[-1]), sketches[-1], rtol=1e-5, atol=1e-7)
     for got, gradient in zip(sketches, full):
         np.testing.assert_allclose(
             got, np.bincount(buckets, weights=signs * gradient, minlength=4096), rtol=1e-4, atol=1e-6
@@ -83,3 +86,19 @@ def test_the_stage_measures_clusters_of_the_small_demo(tiny_checkpoint, small_de
     assert result["examples"] == 12 and result["clusters"] == 3 and result["dimensions"] == 256
     assert -1 <= result["inside"] <= 1 and -1 <= result["across"] <= 1 and result["random_gap"]["sd"] >= 0
     assert stats.counts["in"] == 12
+
+
+def test_auto_runs_the_diagnostic_on_generated_data_only(tmp_path):
+    """coherence.enabled: auto (the default) plans it for the demo, not for data of one's own, unless true."""
+    from conftest import job_counts, snakemake
+
+    own = tmp_path / "data"
+    (own / "images").mkdir(parents=True)
+    (own / "train.json").write_text('[{"id": "a", "conversations": [{"from": "human", "value": "hi"}]}]')
+    dataset = f"dataset: {{annotations: {own / 'train.json'}, image_root: {own / 'images'}}}\n"
+    plans = {}
+    for name, config in {"demo": "", "own": dataset, "own, enabled": dataset + "coherence: {enabled: true}\n"}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.yaml").write_text(config or "{}\n")
+        plans[name] = job_counts(snakemake(tmp_path / name, "-n", "results/report.html").stdout).get("coherence", 0)
+    assert plans == {"demo": 1, "own": 0, "own, enabled": 1}

@@ -173,7 +173,7 @@ def test_the_demo_plan_asks_for_little_and_fits_this_machine(tmp_path, monkeypat
         "cluster": job(1000, 30),
         "features": job(1000, 60, gpu=0),
         "cluster_features": job(1000, 30),
-        "coherence": job(2000, 30),
+        "coherence": job(2000, 30, gpu=0),
         "sample": job(1000, 30),
         "report": job(1000, 30),
         "target_init": job(1000, 30),

@@ -23,6 +23,7 @@ REHEARSAL_CHANGES = {
     "trajectory.gpus",
     "features.threads",
     "features.gpus",
+    "coherence.gpus",
     "target.threads",
     "target.gpus",
     "target.deepspeed",

@@ -4,8 +4,9 @@ TARGET_BASE = "results/target/base"
 TARGET_ALIGNED = "results/target/aligned"
 EXAMPLES = "results/data/examples.parquet"
 CLUSTERS = "results/selection/clusters.parquet"
-# The gradient-coherence diagnostic, when coherence.enabled.
-COHERENCE_FILE = "results/selection/coherence.json" if COHERENCE["enabled"] else None
+# The gradient-coherence diagnostic, when coherence.enabled says so (auto: on generated data only).
+COHERENCE_ON = COHERENCE["enabled"] is True or (COHERENCE["enabled"] == "auto" and GENERATED)
+COHERENCE_FILE = "results/selection/coherence.json" if COHERENCE_ON else None
 SELECTION_METHODS = SELECTION["methods"]
 # The signals whose trajectories the selected methods sample from (their rules exist only then).
 SIGNALS_USED = {METHODS[method].signal for method in SELECTION_METHODS} - {None}

@@ -10,6 +10,7 @@ THREADS = {
     "pretrain_target": ALIGNMENT["threads"],
     "finetune_target": TARGET["threads"],
     "evaluate": EVALUATION["threads"],
+    "coherence": COHERENCE["threads"],
 }
 GPUS = {
     "train_segment": TRAINING["gpus"],
@@ -18,6 +19,7 @@ GPUS = {
     "pretrain_target": TARGET["gpus"],
     "finetune_target": TARGET["gpus"],
     "evaluate": EVALUATION["gpus"],
+    "coherence": COHERENCE["gpus"],
 }
 # The training rules may span nodes: `gpus` GPUs on each, one accelerate launch per node (xmas.training.launch).
 NODES = {

@@ -50,6 +50,7 @@ if COHERENCE_FILE:
         log:
             log="logs/coherence.log",
             stats="logs/stats/coherence.json",
+        threads: THREADS["coherence"]
         resources:
             **job("coherence"),
         params:
@@ -59,7 +60,7 @@ if COHERENCE_FILE:
         shell:
             "xmas coherence --model {input.model} --examples {input.examples} {params.annotations}"
             " {params.image_root} --clusters {input.clusters} --out {output} {params.options}"
-            " --stats {log.stats} 2> {log.log}"
+            " --threads {threads} --stats {log.stats} 2> {log.log}"
 
 
 rule sample:

@@ -1,11 +1,12 @@
 """Rule ``coherence``: does XMAS's premise hold on this data? XMAS rests on examples with similar attention
 trajectories having similar gradients. This takes a few hundred image examples from randomly chosen
 clusters, computes each one's gradient of its loss on the proxy at a checkpoint, projects them to a few
-thousand dimensions (a count sketch: each parameter adds its gradient, signed at random, to a random one of
-the dimensions, which keeps inner products in expectation), and compares the mean cosine similarity of
-pairs inside a cluster with that of pairs across clusters, and with the same for random groupings of the
-same sizes (``results/selection/coherence.json``). A gap inside-minus-across well above the random
-groupings' says the clusters mean something for training on this data.
+thousand dimensions (a count sketch: each parameter element adds its gradient, signed at random, to a random
+one of the dimensions, which keeps inner products in expectation), on the job's GPU when it has one, and
+compares the mean cosine similarity of pairs inside a cluster with that of pairs across clusters, and with
+the same for random groupings of the same sizes (``results/selection/coherence.json``). A gap
+inside-minus-across well above the random groupings' says the clusters mean something for training on this
+data.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from xmas.models.checkpoints import load_checkpoint
 from xmas.models.encoding import ConversationEncoder
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, progress, use_threads
 from xmas.settings import add_settings, settings_of
+from xmas.training.engine import compute_device
 
 BINS = np.linspace(-1.0, 1.0, 41)  # of the pairs' cosine similarities, for the report's figure
 
@@ -49,26 +51,39 @@ def chosen_examples(usable: pd.DataFrame, clusters: pd.DataFrame, examples: int,
 
 
 class GradientSketch:
-    """Each example's gradient of its loss, count-sketched to ``dimensions`` (the hashes of a parameter are
-    drawn from ``seed`` and its position, so every example is projected alike)."""
+    """Each example's gradient of its loss, count-sketched to ``dimensions``. A parameter element's bucket and sign
+    are hashes of its position among all of the model's trainable elements (multiply-shift hashing with odd
+    multipliers drawn from ``seed``, pairwise independent as a count sketch needs), computed as they are used:
+    nothing per element is kept, so the sketch of a 2B-parameter proxy costs no memory of its own beyond a chunk's."""
+
+    CHUNK = 1 << 24  # elements hashed at a time
 
     def __init__(self, model, encoder: ConversationEncoder, dimensions: int, seed: int):
         self.model, self.encoder, self.dimensions = model, encoder, dimensions
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.hashes = []
-        for position, parameter in enumerate(self.parameters):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + position)
-            bucket = torch.randint(dimensions, (parameter.numel(),), generator=generator)
-            sign = torch.randint(2, (parameter.numel(),), generator=generator).to(torch.float32) * 2 - 1
-            self.hashes.append((bucket.to(parameter.device), sign.to(parameter.device)))
+        self.offsets = np.cumsum([0] + [p.numel() for p in self.parameters[:-1]]).tolist()
+        odd = np.random.default_rng(seed).integers(1, 1 << 62, size=2) * 2 + 1
+        self.bucket_multiplier, self.sign_multiplier = (int(value) for value in odd)
+
+    def hashed(self, start: int, count: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buckets and signs of the elements ``start .. start + count - 1`` (int64 products wrap modulo 2**64)."""
+        position = torch.arange(start, start + count, device=device, dtype=torch.int64)
+        high = ((position * self.bucket_multiplier) >> 32) & 0xFFFFFFFF  # the product's high 32 bits
+        sign = (position * self.sign_multiplier < 0).to(torch.float32) * 2 - 1  # its top bit
+        return high % self.dimensions, sign
 
     def __call__(self, record: dict) -> np.ndarray:
         self.model.zero_grad(set_to_none=True)
         self.model(**self.encoder([record], with_labels=True)).loss.backward()
         sketch = torch.zeros(self.dimensions, device=self.parameters[0].device)
-        for parameter, (bucket, sign) in zip(self.parameters, self.hashes):
-            if parameter.grad is not None:
-                sketch.index_add_(0, bucket, parameter.grad.flatten().float() * sign)
+        for parameter, offset in zip(self.parameters, self.offsets):
+            if parameter.grad is None:
+                continue
+            gradient = parameter.grad.flatten()
+            for start in range(0, gradient.numel(), self.CHUNK):
+                part = gradient[start : start + self.CHUNK].float()
+                bucket, sign = self.hashed(offset + start, part.numel(), part.device)
+                sketch.index_add_(0, bucket, part * sign)
         return sketch.cpu().numpy()
 
 
@@ -113,8 +128,9 @@ def measure(
         usable_image_examples(examples), read_parquet(clusters), settings.gradients, settings.per_cluster, settings.seed
     )
     model, processor = load_checkpoint(model_path)
-    model.eval()
-    encoder = ConversationEncoder.of_checkpoint(model_path, processor, image_root)
+    device = compute_device()
+    model.to(device).eval()
+    encoder = ConversationEncoder.of_checkpoint(model_path, processor, image_root, device)
     sketch = GradientSketch(model, encoder, settings.dimensions, settings.seed)
     with as_source(source).reader(chosen) as records:
         positions = progress(range(len(chosen)), total=len(chosen), desc="gradients", unit="example")
