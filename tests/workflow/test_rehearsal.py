@@ -23,6 +23,7 @@ REHEARSAL_CHANGES = {
     "trajectory.gpus",
     "features.threads",
     "features.gpus",
+    "features.cluster_threads",
     "coherence.gpus",
     "target.threads",
     "target.gpus",

@@ -50,16 +50,18 @@ if FEATURE_METHODS_USED:
         output:
             clusters="results/{method}/selection/clusters.parquet",
             centroids="results/{method}/selection/centroids.parquet",
+            features="results/{method}/selection/features.npy",
         log:
             log="logs/{method}/cluster.log",
             stats="logs/stats/{method}/cluster.json",
         wildcard_constraints:
             method="|".join(FEATURE_METHODS_USED),
+        threads: THREADS["cluster_features"]
         resources:
             **job("cluster_features"),
         params:
             options=flags("cluster-features"),
         shell:
             "xmas cluster-features {input.shards} --method {wildcards.method} --examples {input.examples}"
-            " --out {output.clusters} --centroids {output.centroids} {params.options}"
-            " --stats {log.stats} 2> {log.log}"
+            " --out {output.clusters} --centroids {output.centroids} --features {output.features} {params.options}"
+            " --threads {threads} --stats {log.stats} 2> {log.log}"

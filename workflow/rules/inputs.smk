@@ -28,13 +28,15 @@ def sample_inputs(method):
     if clusters_of(method):
         inputs["clusters"] = clusters_of(method)
     if centroids_of(method):
-        inputs["centroids"] = centroids_of(method)
+        inputs.update(centroids=centroids_of(method), features=features_of(method))
     return inputs
 
 
 def clusters_option(method):
     options = f"--clusters {clusters_of(method)}" if clusters_of(method) else ""
-    return f"{options} --centroids {centroids_of(method)}" if centroids_of(method) else options
+    if centroids_of(method):
+        options += f" --centroids {centroids_of(method)} --features {features_of(method)}"
+    return options
 
 
 def reference_model(wildcards):

@@ -79,6 +79,11 @@ def centroids_of(method):
     return f"results/{method}/selection/centroids.parquet" if METHODS[method].features else None
 
 
+def features_of(method):
+    """The image records' features a feature method's rule reads, else None."""
+    return f"results/{method}/selection/features.npy" if METHODS[method].features else None
+
+
 def target_dir(method, budget, seed):
     return f"results/target/{method}/{budget}/seed-{seed}"
 

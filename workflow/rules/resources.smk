@@ -7,6 +7,7 @@ THREADS = {
     "train_segment": TRAINING["threads"],
     "trajectory": TRAJECTORY["threads"],
     "features": FEATURES["threads"],
+    "cluster_features": FEATURES["cluster_threads"],
     "pretrain_target": ALIGNMENT["threads"],
     "finetune_target": TARGET["threads"],
     "evaluate": EVALUATION["threads"],

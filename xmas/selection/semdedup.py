@@ -25,12 +25,13 @@ def unit(rows: np.ndarray) -> np.ndarray:
 
 
 def sorted_clusters(embeddings: np.ndarray, clusters: np.ndarray, centroids: np.ndarray) -> list[np.ndarray]:
-    """Each cluster's rows (cluster 0 first), farthest from its centroid first (ties: the lower row)."""
-    embeddings, centroids = unit(embeddings), unit(centroids)
+    """Each cluster's rows (cluster 0 first), farthest from its centroid first (ties: the lower row). The
+    embeddings are read a cluster at a time (they may be memory-mapped)."""
+    centroids = unit(centroids)
     order = []
     for cluster in range(len(centroids)):
         rows = np.flatnonzero(clusters == cluster)
-        distance = 1.0 - embeddings[rows] @ centroids[cluster]
+        distance = 1.0 - unit(embeddings[rows]) @ centroids[cluster]
         order.append(rows[np.argsort(-distance, kind="stable")])
     return order
 

@@ -15,6 +15,7 @@ import argparse
 import json
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -27,7 +28,7 @@ from xmas.io import read_parquet, read_table, write_parquet
 from xmas.methods import FEATURE_METHODS, METHODS, Method, method_named
 from xmas.progress import StageStats, add_input_arguments, log
 from xmas.selection import rule_of
-from xmas.selection.vectors import METADATA, feature_matrix
+from xmas.selection.vectors import METADATA, feature_matrix, read_matrix
 from xmas.settings import add_settings, settings_of
 
 MANIFEST_COLUMNS = ["uid", "index", "cluster", "stability", "selected", "reason"]
@@ -110,30 +111,44 @@ def xmas_select(valid: pd.DataFrame, target: int, seed: int, method: Method, set
 
 
 def feature_select(
-    method: Method, valid: pd.DataFrame, clusters: Path, centroids: Path, target: int, seed: int, settings
+    method: Method, valid: pd.DataFrame, inputs: FeatureInputs, target: int, seed: int, settings
 ) -> tuple[pd.DataFrame, dict]:
-    """A feature method's rule (xmas/selection/<its feature>.py) on the image records, with the features and
-    centroids ``xmas cluster-features`` wrote; the text-only records keep their share of the usable records,
-    drawn at random (whatever the images cannot fill goes to them). Returns the decisions and the rule's stats."""
+    """A feature method's rule (xmas/selection/<its feature>.py) on the image records, with what
+    ``xmas cluster-features`` wrote (their features memory-mapped: the rule reads a cluster's at a time); the
+    text-only records keep their share of the usable records, drawn at random (whatever the images cannot fill
+    goes to them). Returns the decisions and the rule's stats."""
     valid = valid.sort_values("index").assign(selected=False, reason=None)
-    table = read_table(clusters)
+    table = read_table(inputs.clusters)
     table = table.filter(pc.not_equal(table.column("cluster"), TEXT_ONLY))
+    features = read_matrix(inputs.features)
+    if len(features) != table.num_rows:
+        raise XmasError(
+            f"{inputs.features} holds {len(features)} rows, {inputs.clusters} {table.num_rows} image records"
+        )
     images, text = valid[valid.cluster != TEXT_ONLY], valid[valid.cluster == TEXT_ONLY]
-    rows = pd.Index(table.column("uid").to_pylist()).get_indexer(images.uid)
-    if (rows < 0).any():
-        raise XmasError(f"{clusters} has no feature for {int((rows < 0).sum())} usable image records")
-    features = feature_matrix(table, "feature")[rows]
-    labels = table.column("cluster").to_numpy()[rows]
-    centres = feature_matrix(read_table(centroids), "centroid")
+    # the rule runs in the features' order; its rows map back to the usable records by uid
+    at = pd.Index(images.uid).get_indexer(table.column("uid").to_pylist())
+    if (at < 0).any() or len(at) != len(images):
+        raise XmasError(f"{inputs.clusters} does not hold the usable image records of this run; cluster them again")
+    labels = table.column("cluster").to_numpy()
+    centres = feature_matrix(read_table(inputs.centroids), "centroid")
     metadata = json.loads(table.schema.metadata[METADATA.encode()])
     image_quota = min(len(images), target - text_share(len(text), target, len(valid)))
     choice = rule_of(method.features).choose(features, labels, centres, image_quota, metadata, settings)
-    valid.loc[images.index, "reason"] = choice.reasons
-    valid.loc[images.index[choice.chosen], ["selected", "reason"]] = [True, None]
+    valid.loc[images.index[at], "reason"] = choice.reasons
+    valid.loc[images.index[at[choice.chosen]], ["selected", "reason"]] = [True, None]
     drawn = text.index[seeded_draw(len(text), min(len(text), target - len(choice.chosen)), seed)]
     valid.loc[text.index, "reason"] = "text_not_drawn"
     valid.loc[drawn, ["selected", "reason"]] = [True, None]
     return valid, choice.stats
+
+
+class FeatureInputs(NamedTuple):
+    """What ``xmas cluster-features`` wrote for a feature method."""
+
+    clusters: Path
+    centroids: Path
+    features: Path
 
 
 def random_select(valid: pd.DataFrame, target: int, seed: int) -> pd.DataFrame:
@@ -211,9 +226,10 @@ def sample(
     stats: StageStats,
     settings,
     centroids: Path | None = None,
+    features: Path | None = None,
 ) -> pd.DataFrame:
-    """The manifest of ``method_name``'s subset for ``budget`` (``settings``: the sample stage's); ``centroids``:
-    the feature methods'."""
+    """The manifest of ``method_name``'s subset for ``budget`` (``settings``: the sample stage's); ``centroids`` and
+    ``features``: the feature methods' (from ``xmas cluster-features``)."""
     method = method_named(method_name)
     examples = read_parquet(examples_path)
     valid = examples.loc[examples.status == "ok", ["uid", "index"]]
@@ -230,9 +246,12 @@ def sample(
             raise XmasError(f"{clusters_path} has no cluster for {int(valid.cluster.isna().sum())} usable records")
         decided = xmas_select(valid, target, seed, method, settings)
     elif method.features is not None:
-        if clusters_path is None or centroids is None:
-            raise XmasError(f"method {method.name} needs --clusters and --centroids (of `xmas cluster-features`)")
-        decided, found = feature_select(method, valid, clusters_path, centroids, target, seed, settings)
+        if clusters_path is None or centroids is None or features is None:
+            raise XmasError(
+                f"method {method.name} needs --clusters, --centroids and --features (of `xmas cluster-features`)"
+            )
+        inputs = FeatureInputs(clusters_path, centroids, features)
+        decided, found = feature_select(method, valid, inputs, target, seed, settings)
         for name, value in found.items():
             stats.set(name, value)
     elif method.every_record:
@@ -294,6 +313,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ")",
     )
     parser.add_argument("--centroids", type=Path, help="centroids.parquet from `xmas cluster-features`")
+    parser.add_argument("--features", type=Path, help="features.npy from `xmas cluster-features`")
     parser.add_argument(
         "--out", required=True, type=Path, help="subset to write, in the source's format (.json, .jsonl or .parquet)"
     )
