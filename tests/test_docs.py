@@ -13,7 +13,11 @@ from xmas.settings import all_settings, load_schema
 from conftest import REPO
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-COMMENTED = [*sorted((REPO / "config").glob("*.yaml")), *sorted((REPO / "profiles").glob("*/config.yaml"))]
+COMMENTED = [
+    *sorted((REPO / "config").glob("*.yaml")),
+    *sorted((REPO / "profiles").glob("*/config.yaml")),
+    *sorted((REPO / "workflow/profiles").glob("*/config.yaml")),  # Snakemake's default profile
+]
 SECTIONS = {key for key, spec in load_schema()["properties"].items() if "properties" in spec}
 SETTINGS = {setting.name for setting in all_settings()}
 
