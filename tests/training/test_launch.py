@@ -16,13 +16,16 @@ def test_launch_command_lines():
 
 
 def test_a_job_of_several_nodes_starts_a_launcher_on_each_meeting_at_the_first():
-    command = " ".join(launcher_prefix(4, "bf16", nodes=2))
-    assert command.startswith(
-        "srun --nodes=2 --ntasks-per-node=1 accelerate launch --multi_gpu --num_machines 2 --num_processes 8 "
-        '--rdzv_backend c10d --main_process_ip "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)" '
+    """tests/training/test_loop.py runs this command (without srun) as two nodes on this machine."""
+    prefix = launcher_prefix(4, "bf16", nodes=2)
+    assert prefix[:5] == ["srun", "--nodes=2", "--ntasks-per-node=1", "bash", "-c"] and prefix[-1] == "xmas"
+    per_node = prefix[5]
+    assert per_node.startswith(
+        "'exec accelerate launch --multi_gpu --num_machines 2 --num_processes 8 --rdzv_backend c10d "
+        '--main_process_ip "$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)" '
     )
-    assert "--main_process_port $((29500 + SLURM_JOB_ID % 20000))" in command and command.endswith(" -m xmas")
-    assert launcher_prefix(1, nodes=3)[:4] == ["srun", "--nodes=3", "--ntasks-per-node=1", "accelerate"]
+    assert '--machine_rank "$SLURM_NODEID"' in per_node and per_node.endswith(' -m xmas "$@"\'')
+    assert launcher_prefix(1, nodes=3)[:3] == ["srun", "--nodes=3", "--ntasks-per-node=1"]
 
 
 def test_rule_launches_one_process_per_gpu(tmp_path):
@@ -47,7 +50,10 @@ def test_a_training_rule_of_several_nodes_asks_slurm_for_each_and_runs_only_ther
     finetune = out.split("rule finetune_target:")[1]
     # gres is per node where `gpu` is the job's total; an `mpi` job's command starts its own tasks (srun)
     assert "nodes=2, gres=gpu:4, mpi=srun, tasks=2" in finetune.split("Shell command:")[0]
-    assert " --num_processes 8 --rdzv_backend c10d " in finetune and "srun --nodes=2 --ntasks-per-node=1" in finetune
+    assert (
+        " --num_processes 8 --rdzv_backend c10d " in finetune and "srun --nodes=2 --ntasks-per-node=1 bash" in finetune
+    )
+    assert ' -m xmas "$@"\' xmas finetune-target --base ' in finetune
     plan = snakemake(project, "--cores", "1", "plan").stdout
     assert "| finetune_target | 1 | 4 | 2 | 8 |" in plan and "| train_segment | 1 | 0 | 1 | 1 |" in plan
     local = run_snakemake(project, "--cores", "1", "results/subset_0.5.json")

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +18,10 @@ from xmas.settings import stage_defaults
 from xmas.stages.train_segment import train_segment
 from xmas.training import loop
 from xmas.training.engine import free_port
-from xmas.training.launch import accelerate_arguments
+from xmas.training.launch import launcher_prefix
 from xmas.training.loop import DataOrder, make_optimizer, rank_micro_batches
 
-from conftest import launched
+from conftest import launched, workflow_environment
 
 SETTINGS = stage_defaults("train-segment", epochs=1, batch_size=24, checkpoints=3, learning_rate=2e-3, warmup_ratio=0.1)
 
@@ -151,16 +150,36 @@ def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, 
 
 
 def test_two_nodes_meeting_at_the_first_match_one_process(tiny_checkpoint, small_demo, small_examples, tmp_path):
-    """The launch of a job of several nodes (xmas.training.launch, what srun starts on every node), here two
-    launchers on this machine meeting at 127.0.0.1 as Slurm's nodes meet at the first of the job, one process each."""
+    """The command of a job of several nodes (xmas.training.launch), as srun starts it on each node, here twice on
+    this machine: each launcher with its node's rank, the job's node list (this machine) and id (its port), one
+    process each, meeting at the first node; together they train as one process does."""
     out, stats = tmp_path / "nodes", tmp_path / "s.json"
-    options = accelerate_arguments(1, "fp32", nodes=2, head="127.0.0.1", port=str(free_port()))
+    prefix = launcher_prefix(1, "fp32", nodes=2)
+    srun, (shell, flag, per_node, name) = prefix[:3], prefix[3:]
+    assert srun[0] == "srun" and (shell, flag) == ("bash", "-c")
+    port = next(port for port in iter(free_port, None) if 29500 <= port < 49500)
     stage = segment_options(tiny_checkpoint, small_demo, small_examples, out, stats)
-    command = [sys.executable, "-m", "accelerate.commands.launch", *options, "-m", "xmas", *stage]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    nodes = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=environment) for _ in range(2)]
-    logs = [node.communicate(timeout=300)[1] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    logs = [tmp_path / f"node-{rank}.log" for rank in range(2)]
+    nodes = [
+        subprocess.Popen(
+            [shell, flag, per_node.strip("'"), name, *stage],
+            stderr=log.open("w"),
+            env=workflow_environment(
+                OMP_NUM_THREADS="1",
+                SLURM_NODEID=str(rank),
+                SLURM_JOB_NODELIST="localhost",
+                SLURM_JOB_ID=str(port - 29500),
+            ),
+        )
+        for rank, log in enumerate(logs)
+    ]
+    try:
+        for node in nodes:
+            node.wait(timeout=300)
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], "".join(log.read_text()[-3000:] for log in logs)
     assert json.loads(stats.read_text())["processes"] == 2
     together = single_process(tiny_checkpoint, tmp_path / "one", small_demo, small_examples)
     apart = load_file(out / "model.safetensors")

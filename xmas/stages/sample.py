@@ -334,7 +334,15 @@ def run(args: argparse.Namespace) -> None:
     if args.out.suffix != source.suffix:
         raise XmasError(f"--out {args.out}: a subset of {source.given} is written as {source.suffix}, its format")
     manifest = sample(
-        args.method, args.budget, args.examples, args.clusters, args.seed, stats, settings, args.centroids
+        args.method,
+        args.budget,
+        args.examples,
+        args.clusters,
+        args.seed,
+        stats,
+        settings,
+        args.centroids,
+        args.features,
     )
     written = write_subset(source, args.examples, manifest, args.out)
     selected = int(manifest.selected.sum())
