@@ -395,7 +395,7 @@ SMOLVLM_256M = {
         "patch_size": 16,
     },
     "image_processor": {"size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512}},
-    "image_seq_len": 64,
+    "processor": {"image_seq_len": 64},
 }
 FAMILY_SHAPES = {
     "qwen2_5_vl": (
@@ -453,6 +453,40 @@ FAMILY_SHAPES = {
     ),
     "idefics3": ("SmolVLM-256M-Instruct", {"tiny": SMOLVLM_TINY, "paper": SMOLVLM_256M}),
     "smolvlm": ("SmolVLM2-256M-Video-Instruct", {"tiny": SMOLVLM_TINY, "paper": SMOLVLM_256M}),
+    "internvl": (
+        "InternVL3-1B-hf",
+        {
+            "tiny": {
+                "text": QWEN_TINY["text"],
+                "vision": {
+                    "hidden_size": 128,
+                    "intermediate_size": 256,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                },
+            },
+            "paper": {  # InternVL3-1B: InternViT-300M (448 px crops, 256 tokens each) and Qwen2.5-0.5B
+                "text": {
+                    "hidden_size": 896,
+                    "intermediate_size": 4864,
+                    "num_hidden_layers": 24,
+                    "num_attention_heads": 14,
+                    "num_key_value_heads": 2,
+                    "vocab_size": 151674,
+                },
+                "vision": {
+                    "hidden_size": 1024,
+                    "intermediate_size": 4096,
+                    "num_hidden_layers": 24,
+                    "num_attention_heads": 16,
+                    "image_size": [448, 448],
+                    "patch_size": [14, 14],
+                },
+                "image_processor": {"size": {"height": 448, "width": 448}},
+                "processor": {"image_seq_length": 256},
+            },
+        },
+    ),
 }
 # Images of the family benchmarks: COCO-like photos (paper) or the stand-ins' sizes (tiny), wide and tall.
 FAMILY_IMAGE_SIZES = {
@@ -502,7 +536,8 @@ def family_bench(args: argparse.Namespace, work: Path):
     if "image_processor" in shape:
         settings = {k: v for k, v in processor.image_processor.to_dict().items() if k != "image_processor_type"}
         processor.image_processor = type(processor.image_processor)(**{**settings, **shape["image_processor"]})
-        processor.image_seq_len = shape["image_seq_len"]
+    for name, value in shape.get("processor", {}).items():  # the tokens of a tile or crop
+        setattr(processor, name, value)
     torch.manual_seed(args.seed)
     model = family.transformers_class("model_class")(config).eval()
     return model, ConversationEncoder(processor, work / "images", Encoding("front", 1 << 20))

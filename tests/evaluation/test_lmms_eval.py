@@ -33,6 +33,7 @@ from xmas.evaluation.lmms_eval import (
 )
 from xmas.evaluation.local_task import task_name
 from xmas.io import write_records
+from xmas.models.families import FAMILIES
 from xmas.progress import StageStats
 from xmas.stages.evaluate import evaluate_exact_match
 
@@ -416,11 +417,15 @@ def questions_of_varied_sizes(varied_data, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
-def test_the_qwen_families_are_scored_by_lmms_evals_qwen_models_with_their_own_pixel_bounds(
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "internvl"])
+def test_the_families_are_scored_by_lmms_evals_own_models_with_their_own_image_bounds(
     family, lmms_eval, modern_checkpoints, questions_of_varied_sizes, varied_data, tmp_path
 ):
     from xmas.models.checkpoints import load_processor
+    from xmas.models.image_tokens import pixel_bounds as bounds_of
+
+    def pixel_bounds(processor):  # what xmas gives lmms-eval: Qwen's pixel bounds, InternVL's crop bounds
+        return bounds_of(processor.image_processor, FAMILIES[family])
 
     checkpoint, scores = modern_checkpoints[family], tmp_path / "scores.tsv"
     result = subprocess.run(
@@ -451,8 +456,7 @@ def test_the_qwen_families_are_scored_by_lmms_evals_qwen_models_with_their_own_p
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    size = load_processor(checkpoint).image_processor.size
-    bounds = f"min_pixels={size['shortest_edge']},max_pixels={size['longest_edge']}"
+    bounds = ",".join(f"{name}={value}" for name, value in pixel_bounds(load_processor(checkpoint)).items())
     assert f"xmas_{family} (pretrained=" in result.stderr and bounds in result.stderr  # lmms-eval's own log line
     table = pd.read_csv(scores, sep="\t")
     assert dict(zip(table.benchmark, table.n)) == {"color": 3, "count": 3} and table.score.between(0, 100).all()

@@ -1,9 +1,11 @@
-"""lmms-eval's own Qwen-VL models (``lmms_eval.models.simple.qwen2_5_vl`` and ``qwen3_vl``) for xmas's targets.
+"""lmms-eval's own Qwen-VL models (``lmms_eval.models.simple.qwen2_5_vl`` and ``qwen3_vl``) and its InternVL model
+(``lmms_eval.models.chat.internvl_hf``) for xmas's targets.
 
 Everything that scores is lmms-eval's: the prompt (its system turn, the images before the question), the
-batching, greedy generation and the stop strings. Two things those models import need torchvision, which a
+batching, greedy generation and the stop strings. Two things the Qwen models import need torchvision, which a
 CPU machine often lacks, and would load images otherwise than training did; both are replaced in the
-models' modules when this module is imported (by lmms-eval, through :mod:`xmas.evaluation.lmms_eval_plugin`):
+models' modules when this module is imported (by lmms-eval, through :mod:`xmas.evaluation.lmms_eval_plugin`).
+InternVL's model needs only the first: it hands the processor lmms-eval's images and crop bounds itself.
 
 - ``AutoProcessor``: transformers builds Qwen-VL's video processor with torchvision alone. The processor is
   xmas's (:func:`xmas.models.checkpoints.load_processor`: images only, the PIL image processor training used)
@@ -29,6 +31,7 @@ class ImageOnlyProcessor:
 
     @staticmethod
     def from_pretrained(path, min_pixels: int | None = None, max_pixels: int | None = None, **kwargs):
+        """(``kwargs``: what else the models pass, a revision, trust_remote_code: xmas's checkpoints are local.)"""
         from xmas.models.checkpoints import load_processor
         from xmas.models.families import family_of
         from xmas.models.image_tokens import bound_pixels
@@ -92,3 +95,4 @@ def lmms_eval_model(module_name: str, class_name: str):
 
 Qwen2_5_VL = lmms_eval_model("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL")
 Qwen3_VL = lmms_eval_model("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL")
+InternVL = lmms_eval_model("lmms_eval.models.chat.internvl_hf", "InternVLHf")

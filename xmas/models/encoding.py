@@ -136,7 +136,8 @@ class ConversationEncoder:
         return cls(processor, image_root, Encoding.load(folder), device)
 
     def messages(self, record: dict) -> list[dict]:
-        return to_messages(record, self.encoding.image_position)
+        messages = to_messages(record, self.encoding.image_position)
+        return after_image_lines(messages) if self.family.image_line else messages
 
     def text(self, record: dict) -> str:
         return self.processor.apply_chat_template(self.messages(record), tokenize=False)
@@ -307,6 +308,17 @@ class ConversationEncoder:
                 [item[name] for item in items if name in item], dim=1 if self.family.layout == "tiles" else 0
             )
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
+
+
+def after_image_lines(messages: list[dict]) -> list[dict]:
+    """The messages with the newline that starts a text right after an image dropped: the family's template
+    writes its own after the image (InternVL's ``<IMG_CONTEXT>\n``), as its training wrote one."""
+    for message in messages:
+        content = message["content"]
+        for position, item in enumerate(content[1:], start=1):
+            if item["type"] == "text" and content[position - 1]["type"] == "image" and item["text"].startswith("\n"):
+                content[position] = {**item, "text": item["text"][1:]}
+    return messages
 
 
 def join_images(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -33,6 +33,8 @@ class Family:
     images_per_record: int | None = None  # the most images one record may hold; None: any number
     # Processor outputs with one value per token, cut and padded with input_ids (Qwen's M-RoPE needs them).
     token_inputs: tuple[str, ...] = ()
+    # The chat template ends an image's line itself (``<image>\n``): the newline after a record's <image> tag goes.
+    image_line: bool = False
     source: str = ""
 
     def transformers_class(self, attribute: str):
@@ -112,7 +114,25 @@ SMOLVLM = dataclasses.replace(
     source="SmolVLM2: Idefics3's layout in transformers' SmolVLM classes",
 )
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (LLAVA, QWEN2_5_VL, QWEN3_VL, IDEFICS3, SMOLVLM)}
+INTERNVL = Family(
+    name="internvl",
+    model_types=("internvl",),
+    model_class="InternVLForConditionalGeneration",
+    processor_class="InternVLProcessor",
+    image_processor_class="GotOcr2ImageProcessorPil",
+    vision_tower="model.vision_tower",
+    projector=("model.multi_modal_projector",),
+    language_model="model.language_model",
+    image_token="<IMG_CONTEXT>",
+    layout="crops",
+    lmms_eval_model="xmas_internvl",  # lmms-eval's internvl_hf, loading images as training did
+    image_line=True,
+    source="InternVL3 and InternVL3.5 (-hf): 448 px crops by aspect ratio plus a thumbnail, pixel-shuffled ViT",
+)
+
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (LLAVA, QWEN2_5_VL, QWEN3_VL, IDEFICS3, SMOLVLM, INTERNVL)
+}
 
 
 def family_named(name: str) -> Family:

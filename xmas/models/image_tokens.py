@@ -52,7 +52,7 @@ class Fixed:
     largest_side = smallest_side
 
     @staticmethod
-    def size(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
+    def bounded(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
         raise XmasError(
             f"min_pixels/max_pixels: a {family.name} model resizes every image to one size; leave them null"
         )
@@ -87,7 +87,7 @@ class Dynamic:
         return math.isqrt(image_processor.size["longest_edge"])
 
     @staticmethod
-    def size(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
+    def bounded(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
         size = dict(settings["size"])
         size.update(
             {
@@ -104,7 +104,7 @@ class Dynamic:
                 f"max_pixels {size['longest_edge']} is below one {factor}x{factor} merged patch "
                 f"({factor * factor} pixels), the least a {family.name} image takes"
             )
-        return size
+        return {"size": size}
 
     @staticmethod
     def bounds(image_processor) -> dict[str, int]:
@@ -134,7 +134,7 @@ class Tiles:
         return image_processor.size["longest_edge"]
 
     @staticmethod
-    def size(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
+    def bounded(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
         if min_pixels is not None:
             raise XmasError(
                 f"min_pixels: a {family.name} model resizes every image's longest edge to one length "
@@ -147,14 +147,65 @@ class Tiles:
                 f"max_pixels {max_pixels} is below one {tile}x{tile} tile ({tile * tile} pixels), "
                 f"the least a {family.name} image takes"
             )
-        return {"longest_edge": edge}
+        return {"size": {"longest_edge": edge}}
 
     @staticmethod
     def bounds(image_processor) -> dict[str, int]:
         return {"max_pixels": image_processor.size["longest_edge"] ** 2}
 
 
-LAYOUTS = {"fixed": Fixed, "dynamic": Dynamic, "tiles": Tiles}
+class Crops:
+    """InternVL's: the image cut into square crops of one size, as many as its aspect ratio asks within
+    ``min_patches``..``max_patches``, plus a thumbnail of the whole when there are several; each crop a fixed run
+    of image tokens, all of them between one ``<img>`` and ``</img>``. Pixel bounds set the crops' count."""
+
+    @staticmethod
+    def key(image_processor, width: int, height: int) -> int:
+        return image_processor.get_number_of_image_patches(height, width, {"crop_to_patches": True})
+
+    @staticmethod
+    def replacement(processor, key: int) -> str:
+        return processor.replace_image_token({"num_patches": [key]}, 0)
+
+    @staticmethod
+    def smallest_side(image_processor) -> int:
+        return image_processor.size["height"]  # one crop, no thumbnail
+
+    @staticmethod
+    def largest_side(image_processor) -> int:
+        return image_processor.size["height"] * math.isqrt(image_processor.max_patches)
+
+    @staticmethod
+    def most(processor) -> int:
+        """Every crop an image may take and the thumbnail (an image of the best aspect ratio takes them)."""
+        crops = processor.image_processor.max_patches
+        return (crops + (crops > 1)) * processor.image_seq_length
+
+    @staticmethod
+    def bounded(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
+        side = settings["size"]["height"]
+        crops = {
+            key: max(1, math.ceil(value / side**2) if key == "min_patches" else value // side**2)
+            for key, value in (("min_patches", min_pixels), ("max_patches", max_pixels))
+            if value is not None
+        }
+        if max_pixels is not None and max_pixels < side * side:
+            raise XmasError(
+                f"max_pixels {max_pixels} is below one {side}x{side} crop ({side * side} pixels), "
+                f"the least a {family.name} image takes"
+            )
+        merged = {"min_patches": settings["min_patches"], "max_patches": settings["max_patches"], **crops}
+        if merged["min_patches"] > merged["max_patches"]:
+            raise XmasError(f"min_pixels {min_pixels} asks for more crops than max_pixels {max_pixels} allows")
+        return merged
+
+    @staticmethod
+    def bounds(image_processor) -> dict[str, int]:
+        """As lmms-eval's InternVL model takes them."""
+        return {"min_patches": image_processor.min_patches, "max_patches": image_processor.max_patches}
+
+
+LAYOUTS = {"fixed": Fixed, "dynamic": Dynamic, "tiles": Tiles, "crops": Crops}
 
 
 class ImageTokens:
@@ -189,7 +240,10 @@ class ImageTokens:
         return self.run(self.smallest_side(), self.smallest_side()).image_tokens
 
     def most(self) -> int:
-        """Image tokens of the largest square image the settings allow (the square takes the most)."""
+        """Image tokens of the largest square image the settings allow (the square takes the most), or what the
+        layout says is most."""
+        if hasattr(self.layout, "most"):
+            return self.layout.most(self.processor)
         side = self.layout.largest_side(self.processor.image_processor)
         return self.run(side, side).image_tokens
 
@@ -202,8 +256,8 @@ def bound_pixels(image_processor, family: Family, min_pixels: int | None, max_pi
     if min_pixels is None and max_pixels is None:
         return image_processor
     settings = {key: value for key, value in image_processor.to_dict().items() if key != "image_processor_type"}
-    size = LAYOUTS[family.layout].size(settings, family, min_pixels, max_pixels)
-    return type(image_processor)(**{**settings, "size": size})
+    changed = LAYOUTS[family.layout].bounded(settings, family, min_pixels, max_pixels)
+    return type(image_processor)(**{**settings, **changed})
 
 
 def pixel_bounds(image_processor, family: Family) -> dict[str, int]:

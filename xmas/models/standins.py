@@ -538,6 +538,93 @@ def smolvlm(out: Path, family: str) -> None:
     model.to(torch.bfloat16).save_pretrained(out)
 
 
+# InternVL's tokens after Qwen's, in the -hf repos' order (<img> 151665, <IMG_CONTEXT> 151667 in InternVL3's),
+# named by the converter as the processor reads them.
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+INTERNVL_NAMED = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+
+def internvl(out: Path, tie_word_embeddings: bool) -> None:
+    """InternVL3 (-hf, transformers' own classes): Qwen2Tokenizer with Qwen's tokens then InternVL's (named in
+    tokenizer_config.json), the repo's chat template, GotOcr2's image processor cutting 56 px crops (the real:
+    448 px, at most 12, ImageNet mean and std), 14 px patches pixel-shuffled to 4 tokens a crop (the real:
+    256), and a Qwen2 language model."""
+    from tokenizers import AddedToken
+    from transformers import GotOcr2ImageProcessorPil, InternVLConfig, InternVLForConditionalGeneration
+
+    template = chat_template_of("internvl")
+    tokenizer = qwen_tokenizer(QWEN_PLAIN, 8192, template)
+    tokenizer.add_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in [*INTERNVL_TOKENS, "<video>"]],
+        special_tokens=True,
+    )
+    save_vocab_files(tokenizer, out)
+    tokenizer = type(tokenizer).from_pretrained(out, extra_special_tokens=INTERNVL_NAMED)
+    save_vocab_files(tokenizer, out)
+    crop = 56
+    GotOcr2ImageProcessorPil(
+        size={"height": crop, "width": crop},
+        crop_to_patches=False,  # as the converter leaves it: InternVLProcessor crops at call time
+        min_patches=1,
+        max_patches=12,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+        resample=3,
+    ).save_pretrained(out)
+    # the -hf repos' processor_config.json, which transformers 4 wrote (5 would nest the image processor in it)
+    (out / "processor_config.json").write_text(
+        json.dumps({"image_seq_length": 4, "processor_class": "InternVLProcessor"}, indent=2) + "\n"
+    )
+    (out / "chat_template.jinja").write_text(template)
+    text = {
+        "model_type": "qwen2",
+        "vocab_size": len(tokenizer),
+        "hidden_size": LANGUAGE_HIDDEN,
+        "intermediate_size": 2 * LANGUAGE_HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1_000_000.0,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": tie_word_embeddings,
+    }
+    vision = {
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": 2 * VISION_HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": crop,
+        "patch_size": PATCH_SIZE,
+        "attention_bias": True,
+        "use_qk_norm": False,
+        "norm_type": "layer_norm",
+        "hidden_act": "gelu",
+    }
+    config = InternVLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=4,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(0)
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.update(
+        bos_token_id=text["bos_token_id"], eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.to(torch.bfloat16).save_pretrained(out)
+
+
 # stand-in name (the folder) -> (the Hub id it stands for, what writes it)
 STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "vicuna-7b-v1.5": ("lmsys/vicuna-7b-v1.5", vicuna),
@@ -566,6 +653,9 @@ STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "SmolVLM-256M-Instruct": ("HuggingFaceTB/SmolVLM-256M-Instruct", lambda out: smolvlm(out, "idefics3")),
     "SmolVLM-500M-Instruct": ("HuggingFaceTB/SmolVLM-500M-Instruct", lambda out: smolvlm(out, "idefics3")),
     "SmolVLM2-256M-Video-Instruct": ("HuggingFaceTB/SmolVLM2-256M-Video-Instruct", lambda out: smolvlm(out, "smolvlm")),
+    # InternVL3-1B's language model is Qwen2.5-0.5B's (tied embeddings), 8B's Qwen2.5-7B's (untied)
+    "InternVL3-1B-hf": ("OpenGVLab/InternVL3-1B-hf", lambda out: internvl(out, tie_word_embeddings=True)),
+    "InternVL3-8B-hf": ("OpenGVLab/InternVL3-8B-hf", lambda out: internvl(out, tie_word_embeddings=False)),
 }
 
 
