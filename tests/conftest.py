@@ -204,6 +204,7 @@ MODERN_FAMILIES = {
     "idefics3": "smolvlm-256m",
     "smolvlm": "SmolVLM2-256M-Video-Instruct",
     "internvl": "internvl3-1b",
+    "llava_onevision": "llava-onevision-0.5b",
 }
 # Images of many shapes: wide, tall, square, tiny, extreme (an aspect ratio of 7.5).
 VARIED_SIZES = [(100, 60), (60, 100), (300, 40), (64, 64), (200, 150), (33, 47)]

@@ -487,6 +487,44 @@ FAMILY_SHAPES = {
             },
         },
     ),
+    "llava_onevision": (
+        "llava-onevision-qwen2-0.5b-ov-hf",
+        {
+            "tiny": {
+                "text": QWEN_TINY["text"],
+                "vision": {
+                    "hidden_size": 128,
+                    "intermediate_size": 256,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                },
+            },
+            "paper": {  # OneVision-0.5B: SigLIP-so400m less its last layer (384 px tiles, 729 tokens), Qwen2-0.5B
+                "text": {
+                    "hidden_size": 896,
+                    "intermediate_size": 4864,
+                    "num_hidden_layers": 24,
+                    "num_attention_heads": 14,
+                    "num_key_value_heads": 2,
+                    "vocab_size": 151936,
+                },
+                "vision": {
+                    "hidden_size": 1152,
+                    "intermediate_size": 4304,
+                    "num_hidden_layers": 26,
+                    "num_attention_heads": 16,
+                    "image_size": 384,
+                    "patch_size": 14,
+                },
+                "config": {"image_grid_pinpoints": [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)]},
+                "image_processor": {
+                    "size": {"height": 384, "width": 384},
+                    "image_grid_pinpoints": [[384 * r, 384 * c] for r in range(1, 7) for c in range(1, 7)],
+                },
+                "processor": {"num_image_tokens": 729},
+            },
+        },
+    ),
 }
 # Images of the family benchmarks: COCO-like photos (paper) or the stand-ins' sizes (tiny), wide and tall.
 FAMILY_IMAGE_SIZES = {
@@ -528,6 +566,7 @@ def family_bench(args: argparse.Namespace, work: Path):
         config.text_config.rope_parameters = rope
     config.text_config.update(text)
     config.vision_config.update(vision)
+    config.update(shape.get("config", {}))
     if getattr(config.text_config, "layer_types", None):  # one per layer, as the stand-in's 2 were
         config.text_config.layer_types = config.text_config.layer_types[:1] * config.text_config.num_hidden_layers
     processor = load_processor(work / standin)

@@ -33,6 +33,7 @@ FAMILY_STANDIN = {
     "idefics3": "SmolVLM-256M-Instruct",
     "smolvlm": "SmolVLM2-256M-Video-Instruct",
     "internvl": "InternVL3-1B-hf",
+    "llava_onevision": "llava-onevision-qwen2-0.5b-ov-hf",
 }
 END_OF_TURN = {
     "qwen2_5_vl": "<|im_end|>",
@@ -40,6 +41,7 @@ END_OF_TURN = {
     "idefics3": "<end_of_utterance>",
     "smolvlm": "<end_of_utterance>",
     "internvl": "<|im_end|>",
+    "llava_onevision": "<|im_end|>",
 }
 GENERATION_PROMPT = {
     "qwen2_5_vl": "<|im_start|>assistant\n",
@@ -47,6 +49,7 @@ GENERATION_PROMPT = {
     "idefics3": "Assistant:",
     "smolvlm": "Assistant:",
     "internvl": "<|im_start|>assistant\n",
+    "llava_onevision": "<|im_start|>assistant\n",
 }
 TEMPLATE = {
     "qwen2_5_vl": "qwen2_5_vl",
@@ -54,6 +57,7 @@ TEMPLATE = {
     "idefics3": "smolvlm",
     "smolvlm": "smolvlm",
     "internvl": "internvl",
+    "llava_onevision": "llava_onevision",
 }
 RECORDS = varied_records()
 IMAGE_RECORDS = [record for record in RECORDS if "image" in record]
@@ -172,7 +176,7 @@ def test_the_capture_takes_every_image_of_a_record_with_several(family, perturbe
         image_tokens = (batch["input_ids"][row] == encoder.image_token_id).nonzero().flatten()
         assert cols.tolist() == image_tokens.tolist()
         sizes = [Image.open(encoder.image_root / path).size for path in image_paths(record)]
-        assert len(cols) == sum(encoder.images.run(*size).image_tokens for size in sizes)
+        assert len(cols) == sum(encoder.images.run(*size, len(sizes)).image_tokens for size in sizes)
         assert length.image_end == int(cols.max()) + 1
         expected = reference[row][rows][:, cols]
         got = blocks[row, : len(rows), : len(cols)]
@@ -251,6 +255,9 @@ def test_pixel_bounds_reach_the_saved_processor_and_bound_each_images_tokens(
         }
         assert {bounded.run(*size).image_tokens for size in VARIED_SIZES} <= set(range(9, 17))
         assert bounded.run(200, 150).image_tokens < encoder.images.run(200, 150).image_tokens
+    elif layout == "anyres":
+        with pytest.raises(XmasError, match="lays every image on one of its grids"):
+            modern_checkpoint(family, standins, varied_data["train"], tmp_path / "bounded", max_pixels=128 * 128)
     elif layout == "crops":
         crop = encoder.images.smallest_side()
         checkpoint = modern_checkpoint(

@@ -1,11 +1,12 @@
-"""lmms-eval's own Qwen-VL models (``lmms_eval.models.simple.qwen2_5_vl`` and ``qwen3_vl``) and its InternVL model
-(``lmms_eval.models.chat.internvl_hf``) for xmas's targets.
+"""lmms-eval's own Qwen-VL models (``lmms_eval.models.simple.qwen2_5_vl`` and ``qwen3_vl``), its InternVL model
+(``lmms_eval.models.chat.internvl_hf``) and its transformers LLaVA model for LLaVA-OneVision
+(``lmms_eval.models.simple.llava_hf``) for xmas's targets.
 
 Everything that scores is lmms-eval's: the prompt (its system turn, the images before the question), the
 batching, greedy generation and the stop strings. Two things the Qwen models import need torchvision, which a
 CPU machine often lacks, and would load images otherwise than training did; both are replaced in the
 models' modules when this module is imported (by lmms-eval, through :mod:`xmas.evaluation.lmms_eval_plugin`).
-InternVL's model needs only the first: it hands the processor lmms-eval's images and crop bounds itself.
+InternVL's and LLaVA-OneVision's need only the first: they hand the processor lmms-eval's images themselves.
 
 - ``AutoProcessor``: transformers builds Qwen-VL's video processor with torchvision alone. The processor is
   xmas's (:func:`xmas.models.checkpoints.load_processor`: images only, the PIL image processor training used)
@@ -96,3 +97,4 @@ def lmms_eval_model(module_name: str, class_name: str):
 Qwen2_5_VL = lmms_eval_model("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL")
 Qwen3_VL = lmms_eval_model("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL")
 InternVL = lmms_eval_model("lmms_eval.models.chat.internvl_hf", "InternVLHf")
+LlavaOneVision = lmms_eval_model("lmms_eval.models.simple.llava_hf", "LlavaHf")

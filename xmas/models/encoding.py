@@ -175,7 +175,7 @@ class ConversationEncoder:
                 f"record {record.get('id')!r}: its text holds {placeholders} image tokens "
                 f"({self.processor.image_token}) for {len(sizes)} images"
             )
-        return [self.images.run(width, height) for width, height in sizes]
+        return [self.images.run(width, height, len(sizes)) for width, height in sizes]
 
     def too_many_images(self, record: dict) -> str | None:
         """Why the record holds more images than models of this family take; None when it does not."""
@@ -231,10 +231,11 @@ class ConversationEncoder:
         return expanded, expanded_mask
 
     def processed(self, text: str, images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """The processor's output for one text and its images (tiles layouts take images per sample)."""
+        """The processor's output for one text and its images (a list of a sample's images, where the layout's
+        processor takes them so: tiles, anyres)."""
         if not images:
             return self.processor(text=[text], return_tensors="pt")
-        batched = [images] if self.family.layout == "tiles" else images
+        batched = [images] if self.images.layout.nested else images
         return self.processor(text=[text], images=batched, return_tensors="pt")
 
     def item(

@@ -130,8 +130,24 @@ INTERNVL = Family(
     source="InternVL3 and InternVL3.5 (-hf): 448 px crops by aspect ratio plus a thumbnail, pixel-shuffled ViT",
 )
 
+LLAVA_ONEVISION = Family(
+    name="llava_onevision",
+    model_types=("llava_onevision",),
+    model_class="LlavaOnevisionForConditionalGeneration",
+    processor_class="LlavaOnevisionProcessor",
+    image_processor_class="LlavaOnevisionImageProcessorPil",
+    vision_tower="model.vision_tower",
+    projector=("model.multi_modal_projector",),
+    language_model="model.language_model",
+    image_token="<image>",
+    layout="anyres",
+    lmms_eval_model="xmas_llava_onevision",  # lmms-eval's llava_hf, loading images as training did
+    image_line=True,
+    source="LLaVA-OneVision (-hf): SigLIP tiles of the best anyres grid with a newline per row, Qwen2",
+)
+
 FAMILIES: dict[str, Family] = {
-    family.name: family for family in (LLAVA, QWEN2_5_VL, QWEN3_VL, IDEFICS3, SMOLVLM, INTERNVL)
+    family.name: family for family in (LLAVA, QWEN2_5_VL, QWEN3_VL, IDEFICS3, SMOLVLM, INTERNVL, LLAVA_ONEVISION)
 }
 
 

@@ -33,8 +33,10 @@ class Run:
 class Fixed:
     """Every image resized to one size: one count (Llava's CLIP or SigLIP tower)."""
 
+    nested = False  # the processor takes a batch's images as one list (True: a list per sample)
+
     @staticmethod
-    def key(image_processor, width: int, height: int):
+    def key(image_processor, width: int, height: int, images: int = 1):
         return None
 
     @staticmethod
@@ -66,8 +68,10 @@ class Dynamic:
     """Qwen-VL's dynamic resolution: the image resized to a multiple of a merged patch within min/max pixels,
     one token per merged patch."""
 
+    nested = False
+
     @staticmethod
-    def key(image_processor, width: int, height: int) -> int:
+    def key(image_processor, width: int, height: int, images: int = 1) -> int:
         try:
             patches = image_processor.get_number_of_image_patches(height, width, {})
         except ValueError as error:  # Qwen's smart_resize refuses aspect ratios beyond 200
@@ -115,8 +119,10 @@ class Tiles:
     """Idefics3's and SmolVLM's: the image's longest edge resized to one length, split into tiles of one size
     plus the global image, each a fixed run of image tokens after its marker."""
 
+    nested = True
+
     @staticmethod
-    def key(image_processor, width: int, height: int) -> tuple[int, int]:
+    def key(image_processor, width: int, height: int, images: int = 1) -> tuple[int, int]:
         _, rows, cols = image_processor.get_number_of_image_patches(height, width, {})
         return rows, cols
 
@@ -159,8 +165,10 @@ class Crops:
     ``min_patches``..``max_patches``, plus a thumbnail of the whole when there are several; each crop a fixed run
     of image tokens, all of them between one ``<img>`` and ``</img>``. Pixel bounds set the crops' count."""
 
+    nested = False
+
     @staticmethod
-    def key(image_processor, width: int, height: int) -> int:
+    def key(image_processor, width: int, height: int, images: int = 1) -> int:
         return image_processor.get_number_of_image_patches(height, width, {"crop_to_patches": True})
 
     @staticmethod
@@ -205,7 +213,51 @@ class Crops:
         return {"min_patches": image_processor.min_patches, "max_patches": image_processor.max_patches}
 
 
-LAYOUTS = {"fixed": Fixed, "dynamic": Dynamic, "tiles": Tiles, "crops": Crops}
+class Anyres:
+    """LLaVA-OneVision's: an image alone in its record is cut into the tiles of its best grid (anyres, at most 9
+    tiles' worth) plus the whole image, its features unpadded to the image's aspect ratio with a newline
+    feature closing each row (image tokens too); each image of a record of several is padded to a square,
+    one tile's features and a newline. The processor takes a record's images together."""
+
+    nested = True
+
+    @staticmethod
+    def key(image_processor, width: int, height: int, images: int = 1):
+        return (height, width) if images == 1 else "one of several"
+
+    @staticmethod
+    def replacement(processor, key) -> str:
+        if key == "one of several":
+            count = processor.num_image_tokens + 1 - (processor.vision_feature_select_strategy == "default")
+        else:
+            count = processor._get_num_multimodal_tokens(image_sizes=[key])["num_image_tokens"][0]
+        return processor.image_token * count
+
+    @staticmethod
+    def smallest_side(image_processor) -> int:
+        return image_processor.size["height"]  # one tile
+
+    @staticmethod
+    def largest_side(image_processor) -> int:
+        return max(side for pinpoint in image_processor.image_grid_pinpoints for side in pinpoint)
+
+    @staticmethod
+    def fewest(processor) -> int:
+        return processor.num_image_tokens + 1 - (processor.vision_feature_select_strategy == "default")
+
+    @staticmethod
+    def bounded(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
+        raise XmasError(
+            f"min_pixels/max_pixels: a {family.name} model lays every image on one of its grids "
+            "(image_grid_pinpoints, at most 9 tiles' worth); it takes no pixel bounds, leave them null"
+        )
+
+    @staticmethod
+    def bounds(image_processor) -> dict[str, int]:
+        return {}
+
+
+LAYOUTS = {"fixed": Fixed, "dynamic": Dynamic, "tiles": Tiles, "crops": Crops, "anyres": Anyres}
 
 
 class ImageTokens:
@@ -219,8 +271,9 @@ class ImageTokens:
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
         self._runs = functools.lru_cache(maxsize=4096)(self._run_of_key)
 
-    def run(self, width: int, height: int) -> Run:
-        return self._runs(self.layout.key(self.processor.image_processor, width, height))
+    def run(self, width: int, height: int, images: int = 1) -> Run:
+        """The run of an image of ``width`` x ``height``, one of ``images`` in its record."""
+        return self._runs(self.layout.key(self.processor.image_processor, width, height, images))
 
     def _run_of_key(self, key) -> Run:
         ids = tuple(self.tokenizer(self.layout.replacement(self.processor, key), add_special_tokens=False)["input_ids"])
@@ -235,6 +288,8 @@ class ImageTokens:
 
     def fewest(self) -> int:
         """Image tokens of the fewest an image can take (a lower bound over every image)."""
+        if hasattr(self.layout, "fewest"):
+            return self.layout.fewest(self.processor)
         if self.family.layout == "tiles":
             return self.processor.image_seq_len  # the global image alone, where no image is split
         return self.run(self.smallest_side(), self.smallest_side()).image_tokens

@@ -286,9 +286,9 @@ class Qwen:
     shard: str | None  # max_shard_size when the real checkpoint is sharded
 
 
-def qwen_tokenizer(plain: list[str], model_max_length: int, template: str):
+def qwen_tokenizer(plain: list[str], model_max_length: int, template: str | None, special: list[str] = QWEN_SPECIAL):
     """Qwen2Tokenizer as Qwen-VL's Instruct repos have it: byte-level BPE with Qwen's pre-tokenizer, no BOS,
-    EOS <|im_end|>, padding with <|endoftext|>, the vision tokens special."""
+    EOS <|im_end|>, padding with <|endoftext|>, the vision tokens special (Qwen2's own: the first three alone)."""
     from tokenizers import AddedToken
     from transformers import Qwen2Tokenizer
 
@@ -305,9 +305,7 @@ def qwen_tokenizer(plain: list[str], model_max_length: int, template: str):
         model_max_length=model_max_length,
         chat_template=template,
     )
-    tokenizer.add_tokens(
-        [AddedToken(token, special=True, normalized=False) for token in QWEN_SPECIAL], special_tokens=True
-    )
+    tokenizer.add_tokens([AddedToken(token, special=True, normalized=False) for token in special], special_tokens=True)
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in plain])
     return tokenizer
 
@@ -625,6 +623,84 @@ def internvl(out: Path, tie_word_embeddings: bool) -> None:
     model.to(torch.bfloat16).save_pretrained(out)
 
 
+def llava_onevision(out: Path, tie_word_embeddings: bool) -> None:
+    """LLaVA-OneVision (-hf): Qwen2Tokenizer with <image> and <video> added (as llava-hf's conversion adds
+    them), the repo's chat template, the SigLIP image processor's anyres grid of 32 px tiles (the real: 384 px,
+    grids up to 6x6, at most 9 tiles' worth), 8 px patches (16 tokens a tile; the real 729), every feature
+    kept (``full``), and a Qwen2 language model."""
+    from tokenizers import AddedToken
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    template = chat_template_of("llava_onevision")
+    tokenizer = qwen_tokenizer([], 32768, None, special=QWEN_SPECIAL[:3])  # Qwen2-Instruct's: 151643-151645
+    tokenizer.add_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in ("<image>", "<video>")], special_tokens=True
+    )
+    save_vocab_files(tokenizer, out)
+    tile, patch = 32, 8
+    pinpoints = [[tile * rows, tile * cols] for rows in range(1, 7) for cols in range(1, 7)]
+    LlavaOnevisionImageProcessorPil(
+        size={"height": tile, "width": tile},
+        image_grid_pinpoints=pinpoints,
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+        resample=3,
+        do_pad=True,
+    ).save_pretrained(out)
+    tokens = (tile // patch) ** 2
+    # the repo's processor_config.json and chat_template.json, as transformers 4 wrote them
+    settings = {"image_token": "<image>", "num_image_tokens": tokens, "processor_class": "LlavaOnevisionProcessor"}
+    settings.update(video_token="<video>", vision_feature_select_strategy="full")
+    (out / "processor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+    save_chat_template_json(template, out)
+    ids = {name: tokenizer.convert_tokens_to_ids(f"<{name}>") for name in ("image", "video")}
+    config = LlavaOnevisionConfig(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": 2 * VISION_HIDDEN,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": tile,
+            "patch_size": patch,
+            "vision_use_head": False,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        },
+        text_config={
+            "model_type": "qwen2",
+            "vocab_size": len(tokenizer),
+            "hidden_size": LANGUAGE_HIDDEN,
+            "intermediate_size": 2 * LANGUAGE_HIDDEN,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 32768,
+            "rope_theta": 1_000_000.0,
+            "rms_norm_eps": 1e-6,
+            "use_sliding_window": False,
+            "tie_word_embeddings": tie_word_embeddings,
+            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+            "eos_token_id": tokenizer.eos_token_id,
+        },
+        image_token_index=ids["image"],
+        video_token_index=ids["video"],
+        vision_feature_layer=-1,  # LLaVA-NeXT's mm_vision_select_layer -2 of SigLIP, whose last layer is dropped
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=pinpoints,
+        vision_aspect_ratio="anyres_max_9",
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(0)
+    model = LlavaOnevisionForConditionalGeneration(config)
+    model.generation_config.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model.to(torch.float16).save_pretrained(out)  # llava-hf's are float16
+
+
 # stand-in name (the folder) -> (the Hub id it stands for, what writes it)
 STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "vicuna-7b-v1.5": ("lmsys/vicuna-7b-v1.5", vicuna),
@@ -656,6 +732,15 @@ STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     # InternVL3-1B's language model is Qwen2.5-0.5B's (tied embeddings), 8B's Qwen2.5-7B's (untied)
     "InternVL3-1B-hf": ("OpenGVLab/InternVL3-1B-hf", lambda out: internvl(out, tie_word_embeddings=True)),
     "InternVL3-8B-hf": ("OpenGVLab/InternVL3-8B-hf", lambda out: internvl(out, tie_word_embeddings=False)),
+    # Qwen2-0.5B-Instruct ties its embeddings, Qwen2-7B-Instruct does not
+    "llava-onevision-qwen2-0.5b-ov-hf": (
+        "llava-hf/llava-onevision-qwen2-0.5b-ov-hf",
+        lambda out: llava_onevision(out, tie_word_embeddings=True),
+    ),
+    "llava-onevision-qwen2-7b-ov-hf": (
+        "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+        lambda out: llava_onevision(out, tie_word_embeddings=False),
+    ),
 }
 
 
