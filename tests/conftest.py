@@ -205,6 +205,7 @@ MODERN_FAMILIES = {
     "smolvlm": "SmolVLM2-256M-Video-Instruct",
     "internvl": "internvl3-1b",
     "llava_onevision": "llava-onevision-0.5b",
+    "gemma3": "gemma-3-4b",
 }
 # Images of many shapes: wide, tall, square, tiny, extreme (an aspect ratio of 7.5).
 VARIED_SIZES = [(100, 60), (60, 100), (300, 40), (64, 64), (200, 150), (33, 47)]

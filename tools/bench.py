@@ -525,6 +525,44 @@ FAMILY_SHAPES = {
             },
         },
     ),
+    "gemma3": (
+        "gemma-3-4b-it",
+        {
+            "tiny": {
+                "text": {**QWEN_TINY["text"], "head_dim": 32, "num_hidden_layers": 6},
+                "vision": {
+                    "hidden_size": 128,
+                    "intermediate_size": 256,
+                    "num_hidden_layers": 2,
+                    "num_attention_heads": 4,
+                },
+            },
+            "paper": {  # Gemma-3-4B-it: SigLIP at 896 px pooled to 256 tokens; 34 layers, 5 in 6 of 1024-token windows
+                "text": {
+                    "hidden_size": 2560,
+                    "intermediate_size": 10240,
+                    "num_hidden_layers": 34,
+                    "num_attention_heads": 8,
+                    "num_key_value_heads": 4,
+                    "head_dim": 256,
+                    "query_pre_attn_scalar": 256,
+                    "sliding_window": 1024,
+                    "vocab_size": 262208,
+                },
+                "vision": {
+                    "hidden_size": 1152,
+                    "intermediate_size": 4304,
+                    "num_hidden_layers": 27,
+                    "num_attention_heads": 16,
+                    "image_size": 896,
+                    "patch_size": 14,
+                },
+                "config": {"mm_tokens_per_image": 256},
+                "image_processor": {"size": {"height": 896, "width": 896}},
+                "processor": {"image_seq_length": 256},
+            },
+        },
+    ),
 }
 # Images of the family benchmarks: COCO-like photos (paper) or the stand-ins' sizes (tiny), wide and tall.
 FAMILY_IMAGE_SIZES = {
@@ -567,16 +605,22 @@ def family_bench(args: argparse.Namespace, work: Path):
     config.text_config.update(text)
     config.vision_config.update(vision)
     config.update(shape.get("config", {}))
-    if getattr(config.text_config, "layer_types", None):  # one per layer, as the stand-in's 2 were
-        config.text_config.layer_types = config.text_config.layer_types[:1] * config.text_config.num_hidden_layers
+    pattern = getattr(config.text_config, "layer_types", None)
+    if pattern:  # the stand-in's pattern over the layers (Gemma's 5 sliding, 1 global), a global one kept
+        layers = config.text_config.num_hidden_layers
+        types = [pattern[layer % len(pattern)] for layer in range(layers)]
+        if "full_attention" in pattern and "full_attention" not in types:
+            types[-1] = "full_attention"
+        config.text_config.layer_types = types
     processor = load_processor(work / standin)
     if "pixels" in shape:
         processor.image_processor = bound_pixels(processor.image_processor, family, *shape["pixels"])
     if "image_processor" in shape:
         settings = {k: v for k, v in processor.image_processor.to_dict().items() if k != "image_processor_type"}
         processor.image_processor = type(processor.image_processor)(**{**settings, **shape["image_processor"]})
-    for name, value in shape.get("processor", {}).items():  # the tokens of a tile or crop
-        setattr(processor, name, value)
+    if "processor" in shape:  # the tokens of a tile, crop or image: the processor made again with them
+        parts = {name: getattr(processor, name) for name in type(processor).get_attributes()}
+        processor = type(processor)(**parts, chat_template=processor.chat_template, **shape["processor"])
     torch.manual_seed(args.seed)
     model = family.transformers_class("model_class")(config).eval()
     return model, ConversationEncoder(processor, work / "images", Encoding("front", 1 << 20))

@@ -17,13 +17,15 @@ PYTHON=${PYTHON:-python}
     "pytz==2026.6" \
     "pytablewriter==1.2.1" \
     "decord==0.6.0" \
+    "av==15.1.0" \
     "filelock==3.32.7"
 # filelock 3.x: lmms-eval 0.7.3 patches filelock._api, which filelock 4 no longer has.
-# decord: imported by the llava_hf model file (for videos) even when only images are evaluated.
+# decord: imported by the llava_hf model file (for videos) even when only images are evaluated; av (PyAV,
+# below lmms-eval's 16) likewise by its gemma3 model.
 "$PYTHON" -m pip install --no-deps "lmms-eval==0.7.3"
 
-# What `python -m lmms_eval --model llava_hf` (the Llava family) and `--model xmas_qwen2_5_vl` / `xmas_qwen3_vl`
-# (the Qwen families: lmms-eval's Qwen models as xmas registers them) import, so a missing module fails here.
+# What `python -m lmms_eval --model llava_hf` (the Llava family) and the models xmas registers (lmms-eval's Qwen,
+# InternVL, LLaVA-OneVision and Gemma 3 models) import, so a missing module fails here.
 "$PYTHON" -c "import lmms_eval.__main__, lmms_eval.evaluator, lmms_eval.models.simple.llava_hf, \
 lmms_eval.models.chat.llava_hf, xmas.evaluation.lmms_eval_qwen, pytablewriter; \
 print('lmms-eval', __import__('importlib.metadata').metadata.version('lmms-eval'), 'ready')"

@@ -417,7 +417,7 @@ def questions_of_varied_sizes(varied_data, tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "internvl", "llava_onevision", "gemma3"])
 def test_the_families_are_scored_by_lmms_evals_own_models_with_their_own_image_bounds(
     family, lmms_eval, modern_checkpoints, questions_of_varied_sizes, varied_data, tmp_path
 ):

@@ -130,3 +130,33 @@ def test_half_precision_weights_keep_float32_capture(model_and_encoder, mixed_re
 def test_flash_output_needs_cuda(model_and_encoder):
     with pytest.raises(XmasError, match="flash_attention_2 needs the model on a CUDA device"):
         CrossModalAttention(copy.deepcopy(model_and_encoder[0]), output="flash_attention_2")
+
+
+def test_gemma3s_own_masks_reach_the_capture_layer_by_layer(modern_checkpoints, varied_data):
+    """Gemma 3 attends with a mask of its own in every layer: an image's tokens see each other both ways, and 5
+    layers in 6 see a sliding window only (8 tokens in its stand-in). The capture takes exactly that mask: a
+    sliding layer gives a text row farther than the window from every image column nothing, the global layer
+    does; and without the processor's token_type_ids the model would silently attend causally instead."""
+    from conftest import varied_records
+
+    checkpoint = modern_checkpoints["gemma3"]
+    model, processor = load_checkpoint(checkpoint)
+    model.eval()
+    encoder = ConversationEncoder.of_checkpoint(checkpoint, processor, varied_data["images"])
+    record = next(r for r in varied_records() if r.get("image") and len(r["conversations"]) == 4)
+    batch = encoder([record], with_labels=False)
+    layer_types = model.config.text_config.layer_types
+    sliding, full = layer_types.index("sliding_attention"), layer_types.index("full_attention")
+    window = model.config.text_config.sliding_window
+    blocks = {}
+    for layer in (sliding, full):
+        blocks[layer], positions = CrossModalAttention(copy.deepcopy(model), [layer]).blocks(batch)
+        rows, cols = positions.rows[0][positions.row_valid[0]], positions.cols[0][positions.col_valid[0]]
+        expected = eager_reference(model, batch, [layer])[0][rows][:, cols]
+        torch.testing.assert_close(blocks[layer][0, : len(rows), : len(cols)], expected, rtol=1e-4, atol=1e-6)
+    far = rows - cols.max() >= window  # rows the window keeps every image column from
+    assert far.any() and (~far).any()
+    assert torch.all(blocks[sliding][0, : len(rows)][far] == 0) and torch.all(blocks[full][0, : len(rows)][far] > 0)
+    causal = {key: value for key, value in batch.items() if key != "token_type_ids"}
+    without, _ = CrossModalAttention(copy.deepcopy(model), [full]).blocks(causal)
+    assert not torch.allclose(without, blocks[full])  # the image block's two-way attention moved the rows' values

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 
 def manifests():
-    """``xmas_qwen2_5_vl``, ``xmas_qwen3_vl``, ``xmas_internvl`` and ``xmas_llava_onevision``: lmms-eval's own models
-    for them, with images loaded as training loaded them (:mod:`xmas.evaluation.lmms_eval_qwen`)."""
+    """``xmas_qwen2_5_vl``, ``xmas_qwen3_vl``, ``xmas_internvl``, ``xmas_llava_onevision`` and ``xmas_gemma3``:
+    lmms-eval's own models for them, with images loaded as training loaded them
+    (:mod:`xmas.evaluation.lmms_eval_qwen`)."""
     from lmms_eval.models.registry_v2 import ModelManifest
 
     module = "xmas.evaluation.lmms_eval_qwen"
@@ -18,6 +19,7 @@ def manifests():
                 ("qwen2_5_vl", "Qwen2_5_VL"),
                 ("qwen3_vl", "Qwen3_VL"),
                 ("llava_onevision", "LlavaOneVision"),
+                ("gemma3", "Gemma3"),
             )
         ),
         ModelManifest(model_id="xmas_internvl", chat_class_path=f"{module}.InternVL"),  # a chat model in lmms-eval

@@ -1,12 +1,13 @@
 """lmms-eval's own Qwen-VL models (``lmms_eval.models.simple.qwen2_5_vl`` and ``qwen3_vl``), its InternVL model
-(``lmms_eval.models.chat.internvl_hf``) and its transformers LLaVA model for LLaVA-OneVision
-(``lmms_eval.models.simple.llava_hf``) for xmas's targets.
+(``lmms_eval.models.chat.internvl_hf``), its transformers LLaVA model for LLaVA-OneVision
+(``lmms_eval.models.simple.llava_hf``) and its Gemma 3 model (``lmms_eval.models.simple.gemma3``) for xmas's targets.
 
 Everything that scores is lmms-eval's: the prompt (its system turn, the images before the question), the
 batching, greedy generation and the stop strings. Two things the Qwen models import need torchvision, which a
 CPU machine often lacks, and would load images otherwise than training did; both are replaced in the
 models' modules when this module is imported (by lmms-eval, through :mod:`xmas.evaluation.lmms_eval_plugin`).
-InternVL's and LLaVA-OneVision's need only the first: they hand the processor lmms-eval's images themselves.
+InternVL's, LLaVA-OneVision's and Gemma 3's need only the first: they hand the processor lmms-eval's images
+themselves.
 
 - ``AutoProcessor``: transformers builds Qwen-VL's video processor with torchvision alone. The processor is
   xmas's (:func:`xmas.models.checkpoints.load_processor`: images only, the PIL image processor training used)
@@ -35,12 +36,13 @@ class ImageOnlyProcessor:
         """(``kwargs``: what else the models pass, a revision, trust_remote_code: xmas's checkpoints are local.)"""
         from xmas.models.checkpoints import load_processor
         from xmas.models.families import family_of
-        from xmas.models.image_tokens import bound_pixels
+        from xmas.models.image_tokens import bound_pixels, pixel_bounds
 
         processor = load_processor(path)
-        processor.image_processor = bound_pixels(
-            processor.image_processor, family_of(processor), min_pixels, max_pixels
-        )
+        if pixel_bounds(processor.image_processor, family_of(processor)):  # Gemma 3's takes none: lmms-eval's ignored
+            processor.image_processor = bound_pixels(
+                processor.image_processor, family_of(processor), min_pixels, max_pixels
+            )
         return processor
 
 
@@ -98,3 +100,4 @@ Qwen2_5_VL = lmms_eval_model("lmms_eval.models.simple.qwen2_5_vl", "Qwen2_5_VL")
 Qwen3_VL = lmms_eval_model("lmms_eval.models.simple.qwen3_vl", "Qwen3_VL")
 InternVL = lmms_eval_model("lmms_eval.models.chat.internvl_hf", "InternVLHf")
 LlavaOneVision = lmms_eval_model("lmms_eval.models.simple.llava_hf", "LlavaHf")
+Gemma3 = lmms_eval_model("lmms_eval.models.simple.gemma3", "Gemma3")

@@ -225,14 +225,15 @@ def top_singular_values(blocks: torch.Tensor, k: int) -> torch.Tensor:
     return values[:, :k]
 
 
-def capture_output(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """sdpa or flash_attention_2 for the layer outputs (the captured probabilities never use either)."""
+def capture_output(requested: str, device: torch.device, dtype: torch.dtype, family=None) -> str:
+    """sdpa or flash_attention_2 for the layer outputs (the captured probabilities never use either); sdpa for a
+    ``family`` flash-attn cannot run."""
     if requested == "eager":
         raise XmasError(
             "trajectory attn_implementation eager: the capture replaces eager attention; "
             "use auto, sdpa or flash_attention_2"
         )
-    chosen = attention_implementation(requested, device)
+    chosen = attention_implementation(requested, device, family)
     if chosen == "flash_attention_2" and requested == "auto" and dtype == torch.float32:
         return "sdpa"  # flash-attn computes in half precision only; float32 weights keep SDPA
     return chosen

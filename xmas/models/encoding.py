@@ -116,7 +116,10 @@ class ConversationEncoder:
         self.image_root = Path(image_root) if image_root is not None else None
         self.images = ImageTokens(processor)
         self.family = self.images.family
-        self.image_token_id = self.images.image_token_id
+        self.image_token_id = self.images.image_token_id  # the attention block's columns
+        self.placeholder_id = self.images.placeholder_id  # what the chat template writes for an image
+        self.in_text = getattr(self.images.layout, "in_text", False)
+        self.special_tokens = not self.template_writes_bos()
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             raise XmasError("the tokenizer has no pad token; proxy-init gives it one")
@@ -134,6 +137,15 @@ class ConversationEncoder:
                 raise XmasError(f"{folder} is not a model checkpoint (no config.json); build it with `xmas proxy-init`")
             processor = load_processor(folder)
         return cls(processor, image_root, Encoding.load(folder), device)
+
+    def template_writes_bos(self) -> bool:
+        """Whether the chat template writes the tokenizer's BOS itself (Gemma's): then the tokenizer adds none, as
+        the family's own ``apply_chat_template(tokenize=True)`` does, so a record starts with one BOS."""
+        bos = self.tokenizer.bos_token
+        if bos is None:
+            return False
+        probe = [{"role": "user", "content": [{"type": "text", "text": "Hi."}]}]
+        return self.processor.apply_chat_template(probe, tokenize=False).startswith(bos)
 
     def messages(self, record: dict) -> list[dict]:
         messages = to_messages(record, self.encoding.image_position)
@@ -169,7 +181,7 @@ class ConversationEncoder:
 
     def runs(self, ids: list[int], sizes: list[tuple[int, int]], record: dict) -> list[Run]:
         """The token run of each image placeholder of ``ids``, in order."""
-        placeholders = sum(1 for token in ids if token == self.image_token_id)
+        placeholders = sum(1 for token in ids if token == self.placeholder_id)
         if placeholders != len(sizes):
             raise XmasError(
                 f"record {record.get('id')!r}: its text holds {placeholders} image tokens "
@@ -186,8 +198,13 @@ class ConversationEncoder:
 
     def lengths(self, records: list[dict]) -> list[Length]:
         """Token lengths of records, tokenized in one batch (fast tokenizers use every core), with each image's
-        tokens counted from its size."""
-        ids = self.tokenizer([self.text(record) for record in records], add_special_tokens=True)["input_ids"]
+        tokens counted from its size (a layout ``in_text``: the runs written into the text first)."""
+        texts = [self.text(record) for record in records]
+        if self.in_text:
+            texts = [self.expanded(text, self.sizes(record), record)[0] for text, record in zip(texts, records)]
+            ids = self.tokenizer(texts, add_special_tokens=self.special_tokens)["input_ids"]
+            return [self.written_length(row) for row in ids]
+        ids = self.tokenizer(texts, add_special_tokens=self.special_tokens)["input_ids"]
         return [self.length(row, self.runs(row, self.sizes(record), record)) for record, row in zip(records, ids)]
 
     def lengths_or_errors(self, records: list[dict]) -> list[Length | str]:
@@ -208,12 +225,42 @@ class ConversationEncoder:
         tokens = len(ids) + sum(len(run.ids) - 1 for run in runs)
         if not runs:
             return Length(tokens, 0)
-        last = max(position for position, token in enumerate(ids) if token == self.image_token_id)
+        last = max(position for position, token in enumerate(ids) if token == self.placeholder_id)
         before = sum(len(run.ids) - 1 for run in runs[:-1])
         return Length(tokens, last + before + runs[-1].last_image + 1)
 
-    def answer_mask(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[bool]]:
-        encoded = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
+    def written_length(self, ids: list[int]) -> Length:
+        """The length of ids whose images are expanded already."""
+        images = [position for position, token in enumerate(ids) if token == self.image_token_id]
+        return Length(len(ids), images[-1] + 1 if images else 0)
+
+    def expanded(self, text: str, sizes: list[tuple[int, int]], record: dict) -> tuple[str, list[tuple[int, int]]]:
+        """The text with each image placeholder replaced by the text the processor writes for the image, and
+        (position in ``text``, growth) of each replacement."""
+        placeholder = self.processor.image_token
+        pieces = text.split(placeholder)
+        if len(pieces) - 1 != len(sizes):
+            raise XmasError(
+                f"record {record.get('id')!r}: its text holds {len(pieces) - 1} image tokens ({placeholder}) "
+                f"for {len(sizes)} images"
+            )
+        written, growth, at = [pieces[0]], [], len(pieces[0])
+        for (width, height), piece in zip(sizes, pieces[1:]):
+            run = self.images.text(width, height, len(sizes))
+            growth.append((at, len(run) - len(placeholder)))
+            written += [run, piece]
+            at += len(placeholder) + len(piece)
+        return "".join(written), growth
+
+    def answer_mask(
+        self, text: str, spans: list[tuple[int, int]], sizes: list[tuple[int, int]], record: dict
+    ) -> tuple[list[int], list[bool]]:
+        """The text's ids and which of them the answer ``spans`` cover; a layout ``in_text`` has its images'
+        runs written into the text first (the spans moved with them)."""
+        if self.in_text:
+            text, growth = self.expanded(text, sizes, record)
+            spans = [tuple(edge + sum(g for at, g in growth if at < edge) for edge in span) for span in spans]
+        encoded = self.tokenizer(text, add_special_tokens=self.special_tokens, return_offsets_mapping=True)
         mask = [any(start <= begin < end for start, end in spans) for begin, _ in encoded["offset_mapping"]]
         return encoded["input_ids"], mask
 
@@ -221,7 +268,7 @@ class ConversationEncoder:
         """``ids`` with each image placeholder replaced by its run; the mask carried over (False on images)."""
         expanded, expanded_mask, images = [], [], iter(runs)
         for token, flag in zip(ids, mask):
-            if token == self.image_token_id:
+            if token == self.placeholder_id:
                 run = next(images)
                 expanded += run.ids
                 expanded_mask += [False] * len(run.ids)
@@ -234,17 +281,18 @@ class ConversationEncoder:
         """The processor's output for one text and its images (a list of a sample's images, where the layout's
         processor takes them so: tiles, anyres)."""
         if not images:
-            return self.processor(text=[text], return_tensors="pt")
+            return self.processor(text=[text], return_tensors="pt", add_special_tokens=self.special_tokens)
         batched = [images] if self.images.layout.nested else images
-        return self.processor(text=[text], images=batched, return_tensors="pt")
+        return self.processor(text=[text], images=batched, return_tensors="pt", add_special_tokens=self.special_tokens)
 
     def item(
         self, record: dict, text: str, spans: list[tuple[int, int]] | None, images: list[Image.Image], cut: bool = True
     ) -> dict[str, torch.Tensor]:
         """One sample's inputs: the processor's, checked token by token against the runs its images should
         become; cut to ``max_length`` (``cut``); labels on the ``spans`` (None: no labels)."""
-        ids, mask = self.answer_mask(text, spans or [])
-        expected, label_mask = self.expand(ids, mask, self.runs(ids, [image.size for image in images], record))
+        sizes = [image.size for image in images]
+        ids, mask = self.answer_mask(text, spans or [], sizes, record)
+        expected, label_mask = (ids, mask) if self.in_text else self.expand(ids, mask, self.runs(ids, sizes, record))
         encoded = dict(self.processed(text, images))
         written = encoded.pop("input_ids")[0]
         encoded.pop("attention_mask", None)

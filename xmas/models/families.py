@@ -35,6 +35,7 @@ class Family:
     token_inputs: tuple[str, ...] = ()
     # The chat template ends an image's line itself (``<image>\n``): the newline after a record's <image> tag goes.
     image_line: bool = False
+    flash_attention: bool = True  # flash-attn 2 can run its attention (not Gemma 3's masks)
     source: str = ""
 
     def transformers_class(self, attribute: str):
@@ -146,8 +147,26 @@ LLAVA_ONEVISION = Family(
     source="LLaVA-OneVision (-hf): SigLIP tiles of the best anyres grid with a newline per row, Qwen2",
 )
 
+GEMMA3 = Family(
+    name="gemma3",
+    model_types=("gemma3",),
+    model_class="Gemma3ForConditionalGeneration",
+    processor_class="Gemma3Processor",
+    image_processor_class="Gemma3ImageProcessorPil",
+    vision_tower="model.vision_tower",
+    projector=("model.multi_modal_projector",),
+    language_model="model.language_model",
+    image_token="<image_soft_token>",  # the template writes <start_of_image>; the processor adds these after it
+    layout="framed",
+    lmms_eval_model="xmas_gemma3",  # lmms-eval's gemma3, loading images as training did
+    token_inputs=("token_type_ids",),  # marks the image tokens, which attend to each other both ways
+    flash_attention=False,
+    source="Gemma 3 (4B and up): SigLIP at 896 px pooled to 256 tokens, bidirectional image blocks, sliding windows",
+)
+
 FAMILIES: dict[str, Family] = {
-    family.name: family for family in (LLAVA, QWEN2_5_VL, QWEN3_VL, IDEFICS3, SMOLVLM, INTERNVL, LLAVA_ONEVISION)
+    family.name: family
+    for family in (LLAVA, QWEN2_5_VL, QWEN3_VL, IDEFICS3, SMOLVLM, INTERNVL, LLAVA_ONEVISION, GEMMA3)
 }
 
 

@@ -257,7 +257,42 @@ class Anyres:
         return {}
 
 
-LAYOUTS = {"fixed": Fixed, "dynamic": Dynamic, "tiles": Tiles, "crops": Crops, "anyres": Anyres}
+class Framed:
+    """Gemma 3's: every image resized to one size, one fixed run of soft tokens between ``<start_of_image>``
+    (what the chat template writes) and ``<end_of_image>``, a blank line before and after. The processor writes
+    the run into the text before tokenizing, and its newlines join the text's around them into one token: the
+    encoder expands these runs in the text (``in_text``), not token by token."""
+
+    nested = True
+    in_text = True
+
+    @staticmethod
+    def key(image_processor, width: int, height: int, images: int = 1):
+        return None
+
+    @staticmethod
+    def replacement(processor, key) -> str:
+        return processor.full_image_sequence
+
+    @staticmethod
+    def smallest_side(image_processor) -> int:
+        return image_processor.size["height"]
+
+    largest_side = smallest_side
+
+    @staticmethod
+    def bounded(settings: dict, family: Family, min_pixels: int | None, max_pixels: int | None) -> dict:
+        raise XmasError(
+            f"min_pixels/max_pixels: a {family.name} model resizes every image to one size (pan and scan, which "
+            "would crop large ones, is off as in its processor); leave them null"
+        )
+
+    @staticmethod
+    def bounds(image_processor) -> dict[str, int]:
+        return {}
+
+
+LAYOUTS = {"fixed": Fixed, "dynamic": Dynamic, "tiles": Tiles, "crops": Crops, "anyres": Anyres, "framed": Framed}
 
 
 class ImageTokens:
@@ -268,12 +303,20 @@ class ImageTokens:
         self.family: Family = family_of(processor)
         self.layout = LAYOUTS[self.family.layout]
         self.tokenizer = processor.tokenizer
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        # what the chat template writes for an image, and the token of its columns (Gemma's differ)
+        self.placeholder_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.family.image_token)
         self._runs = functools.lru_cache(maxsize=4096)(self._run_of_key)
 
     def run(self, width: int, height: int, images: int = 1) -> Run:
         """The run of an image of ``width`` x ``height``, one of ``images`` in its record."""
         return self._runs(self.layout.key(self.processor.image_processor, width, height, images))
+
+    def text(self, width: int, height: int, images: int = 1) -> str:
+        """The text the processor writes for such an image in place of its placeholder."""
+        return self.layout.replacement(
+            self.processor, self.layout.key(self.processor.image_processor, width, height, images)
+        )
 
     def _run_of_key(self, key) -> Run:
         ids = tuple(self.tokenizer(self.layout.replacement(self.processor, key), add_special_tokens=False)["input_ids"])

@@ -701,6 +701,117 @@ def llava_onevision(out: Path, tie_word_embeddings: bool) -> None:
     model.to(torch.float16).save_pretrained(out)  # llava-hf's are float16
 
 
+def gemma_tokenizer(template: str):
+    """GemmaTokenizer as Gemma 3's repos have it: <pad> 0, <eos> 1, <bos> 2 (added), byte fallback, the turn
+    markers, runs of newlines as tokens of their own (Gemma keeps whitespace), and <start_of_image>,
+    <end_of_image>, <image_soft_token> named for the processor."""
+    from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
+
+    vocab = {token: position for position, token in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"])}
+    vocab.update({f"<0x{byte:02X}>": len(vocab) + byte for byte in range(256)})
+    for token in ["<start_of_turn>", "<end_of_turn>", "\n", "\n\n", "\n\n\n", "\n\n\n\n"]:
+        vocab[token] = len(vocab)
+    merges = [("\n", "\n"), ("\n\n", "\n"), ("\n\n", "\n\n")]
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
+    bpe.train_from_iterator(CORPUS.split(". ") * 20, trainers.BpeTrainer(vocab_size=600, show_progress=False))
+    trained = json.loads(bpe.to_str())["model"]
+    for piece in trained["vocab"]:
+        vocab.setdefault(piece, len(vocab))
+    merges += [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in trained["merges"]]
+    image_tokens = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]
+    vocab.update({token: len(vocab) + position for position, token in enumerate(image_tokens)})
+    tokenizer = GemmaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        add_bos_token=True,
+        add_eos_token=False,
+        extra_special_tokens={
+            "image_token": "<image_soft_token>",
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+        },
+        chat_template=template,
+    )
+    tokenizer.add_tokens(
+        [
+            AddedToken(token, special=True, normalized=False)
+            for token in ["<start_of_turn>", "<end_of_turn>", *image_tokens]
+        ],
+        special_tokens=True,
+    )
+    return tokenizer
+
+
+def gemma3(out: Path) -> None:
+    """Gemma 3 (4B and up, -it): GemmaTokenizer, the repo's chat template (it writes <bos> itself), SigLIP at 56 px
+    with 7 px patches pooled to 16 soft tokens an image (the real: 896 px, 14 px patches, 256 tokens), and a
+    language model of 6 layers, 5 with a sliding window (of 8 tokens; the real: 1024) and 1 global, as the real
+    one alternates them, with its query scaling and no soft-capping."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil
+
+    template = chat_template_of("gemma3")
+    tokenizer = gemma_tokenizer(template)
+    tokenizer.save_pretrained(out, save_jinja_files=False)
+    side, patch, image_tokens = 56, 7, 16
+    Gemma3ImageProcessorPil(
+        size={"height": side, "width": side}, resample=2, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(out)
+    (out / "processor_config.json").write_text(
+        json.dumps({"image_seq_length": image_tokens, "processor_class": "Gemma3Processor"}, indent=2) + "\n"
+    )
+    save_chat_template_json(template, out)
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<start_of_image>", "<end_of_image>")}
+    config = Gemma3Config(
+        vision_config={
+            "model_type": "siglip_vision_model",
+            "hidden_size": VISION_HIDDEN,
+            "intermediate_size": 2 * VISION_HIDDEN,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": side,
+            "patch_size": patch,
+            "vision_use_head": False,
+            "hidden_act": "gelu_pytorch_tanh",
+            "layer_norm_eps": 1e-6,
+        },
+        text_config={
+            "vocab_size": len(tokenizer),
+            "hidden_size": LANGUAGE_HIDDEN,
+            "intermediate_size": 2 * LANGUAGE_HIDDEN,
+            "num_hidden_layers": 6,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "query_pre_attn_scalar": 24,
+            "sliding_window": 8,
+            "sliding_window_pattern": 6,
+            "max_position_embeddings": 8192,
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+            "attn_logit_softcapping": None,
+            "final_logit_softcapping": None,
+            "pad_token_id": 0,
+            "eos_token_id": 1,
+            "bos_token_id": 2,
+        },
+        mm_tokens_per_image=image_tokens,
+        boi_token_index=ids["<start_of_image>"],
+        eoi_token_index=ids["<end_of_image>"],
+        image_token_index=tokenizer.convert_tokens_to_ids("<image_soft_token>"),
+        eos_token_id=[1, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
+    )
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # transformers starts the projection at zeros: images would all look alike
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.2)
+    model.generation_config.update(bos_token_id=2, pad_token_id=0, eos_token_id=config.eos_token_id)
+    model.to(torch.bfloat16).save_pretrained(out)
+
+
 # stand-in name (the folder) -> (the Hub id it stands for, what writes it)
 STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "vicuna-7b-v1.5": ("lmsys/vicuna-7b-v1.5", vicuna),
@@ -741,6 +852,8 @@ STANDINS: dict[str, tuple[str, Callable[[Path], None]]] = {
         "llava-hf/llava-onevision-qwen2-7b-ov-hf",
         lambda out: llava_onevision(out, tie_word_embeddings=False),
     ),
+    "gemma-3-4b-it": ("google/gemma-3-4b-it", gemma3),
+    "gemma-3-12b-it": ("google/gemma-3-12b-it", gemma3),
 }
 
 

@@ -26,6 +26,7 @@ from xmas.errors import XmasError
 from xmas.io import atomic_path, load_torch, verify
 from xmas.models.checkpoints import load_checkpoint, model_config
 from xmas.models.encoding import ConversationEncoder, Encoding
+from xmas.models.families import family_of
 from xmas.models.recipe import freeze_vision_tower
 from xmas.progress import StageStats, add_input_arguments, add_threads_argument, use_threads
 from xmas.settings import add_settings, settings_of
@@ -76,7 +77,8 @@ def load_state(previous: Path, settings: dict, checkpoint: int) -> dict | None:
 
 def load_model(previous: Path, settings, device: torch.device):
     """The previous checkpoint in float32 (the master weights), with the requested attention."""
-    implementation = attention_implementation(settings.attn_implementation, device)
+    family = family_of(model_config(previous))
+    implementation = attention_implementation(settings.attn_implementation, device, family)
     model, processor = load_checkpoint(previous, attn_implementation=implementation)
     return model.to(device), processor
 

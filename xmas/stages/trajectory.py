@@ -129,7 +129,7 @@ def load_signal(model_path: Path, image_root: Path | None, settings, signal: str
     layers = parse_layers(settings.layers)
     if settings.definition == "upstream":
         return UpstreamSingularValues(UpstreamAttention(model, layers, settings.layer_reduce), encoder, settings.top_k)
-    output = capture_output(settings.attn_implementation, device, dtype)
+    output = capture_output(settings.attn_implementation, device, dtype, encoder.family)
     attention = CrossModalAttention(model, layers, settings.head_reduce, settings.layer_reduce, output=output)
     return SingularValues(attention, encoder, settings.top_k)
 

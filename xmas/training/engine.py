@@ -47,13 +47,20 @@ def flash_attention_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def attention_implementation(requested: str, device: torch.device | str) -> str:
-    """The transformers attention implementation: ``auto`` is flash-attn 2 on CUDA when installed, else SDPA."""
+def attention_implementation(requested: str, device: torch.device | str, family=None) -> str:
+    """The transformers attention implementation: ``auto`` is flash-attn 2 on CUDA when installed, else SDPA (and
+    SDPA for a ``family`` that flash-attn cannot run: Gemma 3's image blocks and sliding windows)."""
     if requested not in ATTENTION_CHOICES:
         raise XmasError(f"attn_implementation {requested!r}: use one of {', '.join(ATTENTION_CHOICES)}")
     on_cuda = torch.device(device).type == "cuda"
+    flash_runs = family is None or family.flash_attention
     if requested == "auto":
-        return "flash_attention_2" if on_cuda and flash_attention_installed() else "sdpa"
+        return "flash_attention_2" if on_cuda and flash_attention_installed() and flash_runs else "sdpa"
+    if requested == "flash_attention_2" and not flash_runs:
+        raise XmasError(
+            f"attn_implementation flash_attention_2: {family.name} models attend with masks flash-attn cannot "
+            "apply (transformers refuses it for them); choose auto or sdpa"
+        )
     if requested == "flash_attention_2":
         if not flash_attention_installed():
             raise XmasError(

@@ -28,6 +28,7 @@ from xmas.errors import XmasError
 from xmas.io import atomic_path, damage_of, read_json, seal_path, verify, write_seal
 from xmas.models.checkpoints import FINETUNE_RUN_FILE, load_checkpoint, model_config
 from xmas.models.encoding import ConversationEncoder, Encoding
+from xmas.models.families import family_of
 from xmas.models.recipe import freeze_vision_tower, train_projector_only, with_lora
 from xmas.progress import StageStats, log, progress
 from xmas.training.engine import (
@@ -106,7 +107,9 @@ def prepare_model(base: Path, settings, context, seed: int, projector_only: bool
     """
     half = settings.precision != "fp32" and (settings.lora_r or settings.deepspeed)
     dtype = resolve_dtype(settings.precision) if half else torch.float32
-    implementation = attention_implementation(settings.attn_implementation, context.device)
+    implementation = attention_implementation(
+        settings.attn_implementation, context.device, family_of(model_config(base))
+    )
     model, processor = load_checkpoint(base, dtype, attn_implementation=implementation)
     log.info(
         "base loaded in %s; this process holds %.0f%% of its %d parameters",
