@@ -105,6 +105,12 @@ def test_report_is_self_contained_and_shows_the_run(report):
         "Reference VLM of coincide, semdedup: the proxy&#x27;s last checkpoint, trained on these records"
         in first_screen
     )
+    # which models selected the data, and what shaped their inputs (checkpoint 0's stats)
+    proxy = json.loads((report.parent.parent / "logs/stats/proxy/checkpoint-0.json").read_text())
+    assert f"Proxy: demo-tiny (llava, {proxy['parameters'] / 1e6:.1f}M parameters; conversation demo" in first_screen
+    assert (
+        "images native" in first_screen and "max_length" in first_screen and "trained on these records" in first_screen
+    )
     premise = page.split("<h2>Does XMAS's premise hold on this data?</h2>")[1].split("<h2>")[0]
     assert "Mean cosine inside clusters" in premise and "random groupings of the same sizes" in premise
 
@@ -167,3 +173,28 @@ def test_progress_in_a_log_file_is_a_line_every_tenth(capfd):
     lines = capfd.readouterr().err.strip().splitlines()
     assert len(lines) == 10 and "\r" not in "".join(lines)
     assert "work: 5/50 item (10%" in lines[0] and "work: 50/50 item (100%" in lines[-1]
+
+
+def test_a_target_set_up_already_is_described_with_the_proxy(tmp_path):
+    """The first screen names both models: family, size and what shaped their inputs, from checkpoint 0's stats."""
+    from xmas.stages.report import models_text
+
+    def checkpoint_stats(path, **facts):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(json.dumps(facts))
+
+    encoding = {"max_length": 2048, "image_position": "front", "image_preprocessing": "native"}
+    checkpoint_stats("proxy/checkpoint-0.json", model="smolvlm-256m", family="idefics3", parameters=256_484_000,
+                     encoding={**encoding, "conversation": "model", "max_pixels": 4194304,
+                               "image_tokens": {"fewest": 64, "most": 1088}})  # fmt: skip
+    config = {"proxy": {"model": "smolvlm-256m"}, "target": {"model": "qwen2.5-vl-7b"}}
+    assert models_text(config, ["xmas"], tmp_path) == (
+        "Proxy: smolvlm-256m (idefics3, 256.5M parameters; its own chat template, images native, max_pixels 4194304, "
+        "64 to 1088 image tokens, max_length 2048), trained on these records. Target: qwen2.5-vl-7b."
+    )
+    checkpoint_stats("target/base.json", model="qwen2.5-vl-7b", family="qwen2_5_vl", parameters=8_292_166_656,
+                     encoding={**encoding, "conversation": "model", "min_pixels": 1024, "max_pixels": 262144,
+                               "image_tokens": {"fewest": 4, "most": 334}})  # fmt: skip
+    assert "Target: qwen2.5-vl-7b (qwen2_5_vl, 8.29B parameters; its own chat template, images native, " in (
+        models_text(config, ["xmas"], tmp_path)
+    )

@@ -63,7 +63,9 @@ def test_a_smolvlm_proxy_selects_for_a_qwen_target_through_the_whole_dag(modern)
     assert (family_of(proxy).name, family_of(target).name) == ("idefics3", "qwen2_5_vl")
     summary = pd.read_csv(modern / "results/eval/summary.tsv", sep="\t")
     assert len(summary.drop_duplicates(["method", "budget", "seed"])) == 7
-    assert (modern / "results/report.html").stat().st_size > 0
+    first_screen = (modern / "results/report.html").read_text().split("<h2>Subsets</h2>")[0]
+    assert "Proxy: smolvlm-256m (idefics3, " in first_screen and "its own chat template" in first_screen
+    assert "Target: qwen2.5-vl-7b" in first_screen  # described in full once its checkpoint 0 is made
     for budget in ("0.2", "0.5"):
         sampled = stats(modern, f"sample/xmas/seed-0/{budget}")
         assert sampled["counts"]["selected"] == sampled["counts"]["target"], budget

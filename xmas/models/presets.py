@@ -382,6 +382,7 @@ def conventions_of(spec: dict, settings) -> dict:
     bounds (None: the model's own); the config's where it names them, else the preset's."""
     conversation = settings.conversation or spec.get("conversation") or OWN_TEMPLATE
     return {
+        "conversation": conversation,
         "template": None if conversation == OWN_TEMPLATE else chat_template(conversation),
         "image_preprocessing": settings.image_preprocessing or spec.get("image_preprocessing") or "native",
         "min_pixels": settings.min_pixels or spec.get("min_pixels"),
@@ -433,6 +434,7 @@ def init_model(settings, presets: dict, annotations: list[Path], out: Path, stat
         "encoding",
         {
             **vars(encoding),
+            "conversation": conventions["conversation"],
             "image_preprocessing": conventions["image_preprocessing"],
             **pixel_bounds(processor.image_processor, family),
             "image_tokens": {"fewest": images.fewest(), "most": images.most()},

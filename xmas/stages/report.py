@@ -345,7 +345,9 @@ def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageSta
             f"{len(examples)} source records, {len(usable)} usable "
             f"({int(usable.has_image.sum())} with an image), {clusters.cluster.max() + 1} clusters."
         ),
-        models=html.escape(models_text(run_config, list(dict.fromkeys(subset.method for subset in subsets)))),
+        models=html.escape(
+            models_text(run_config, list(dict.fromkeys(subset.method for subset in subsets)), inputs["stats_dir"])
+        ),
         subsets=table_html(subset_table(subsets, len(usable))),
         figures="\n".join(figure.html() for figure in figures),
         evaluation=evaluation,
@@ -358,10 +360,20 @@ def build(inputs: dict, subsets: list[Subset], run_config: dict, stats: StageSta
     )
 
 
-def models_text(run_config: dict, methods: list[str]) -> str:
-    """Which models selected the data: the proxy, the target, and the feature methods' reference."""
-    proxy, target = run_config.get("proxy", {}), run_config.get("target", {})
-    text = f"Proxy: {proxy.get('model', '?')}, trained on these records. Target: {target.get('model', '?')}."
+# Where checkpoint 0 of each model records what it is (xmas.models.presets.init_model), under logs/stats.
+MODEL_STATS = {"proxy": "proxy/checkpoint-0.json", "target": "target/base.json"}
+
+
+def models_text(run_config: dict, methods: list[str], stats_dir: Path) -> str:
+    """Which models selected the data, and for which: the proxy and the target, each with its family, size and
+    the settings that shaped its inputs; and the feature methods' reference."""
+    parts = []
+    for role, trained in (("Proxy", ", trained on these records"), ("Target", "")):
+        given = run_config.get(role.lower(), {}).get("model", "?")
+        path = stats_dir / MODEL_STATS[role.lower()]
+        described = model_description(read_json(path)) if path.is_file() else given
+        parts.append(f"{role}: {described}{trained}.")
+    text = " ".join(parts)
     feature_methods = [method for method in methods if METHODS[method].features]
     if feature_methods:
         reference = run_config.get("features", {}).get("reference", "proxy")
@@ -373,6 +385,27 @@ def models_text(run_config: dict, methods: list[str]) -> str:
         )
         text += f" Reference VLM of {', '.join(feature_methods)}: {which}."
     return text
+
+
+def model_description(stats: dict) -> str:
+    """A checkpoint 0 from its stats: "qwen2.5-vl-3b (qwen2_5_vl, 3.75B parameters; its own chat template, images
+    native, 12544 to 451584 pixels, 16 to 576 image tokens, max_length 2048)"."""
+    encoding, parameters = stats.get("encoding", {}), stats.get("parameters", 0)
+    size = f"{parameters / 1e9:.2f}B" if parameters >= 1e9 else f"{parameters / 1e6:.1f}M"
+    conversation = encoding.get("conversation")
+    shaped = [
+        "its own chat template" if conversation == "model" else f"conversation {conversation}",
+        f"images {encoding.get('image_preprocessing')}",
+        *(f"{name} {value}" for name, value in encoding.items() if name in PIXEL_BOUNDS),
+        "{fewest} to {most} image tokens".format(**encoding["image_tokens"]) if "image_tokens" in encoding else "",
+        f"max_length {encoding.get('max_length')}",
+    ]
+    return (
+        f"{stats.get('model', '?')} ({stats.get('family', '?')}, {size} parameters; {', '.join(filter(None, shaped))})"
+    )
+
+
+PIXEL_BOUNDS = ("min_pixels", "max_pixels", "min_patches", "max_patches")
 
 
 def question_types(source: Source | Path, usable: pd.DataFrame) -> pd.Series | None:
