@@ -458,12 +458,7 @@ FAMILY_SHAPES = {
         {
             "tiny": {
                 "text": QWEN_TINY["text"],
-                "vision": {
-                    "hidden_size": 128,
-                    "intermediate_size": 256,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 4,
-                },
+                "vision": SMOLVLM_TINY["vision"],  # a ViT of the tiny widths
             },
             "paper": {  # InternVL3-1B: InternViT-300M (448 px crops, 256 tokens each) and Qwen2.5-0.5B
                 "text": {
@@ -492,12 +487,7 @@ FAMILY_SHAPES = {
         {
             "tiny": {
                 "text": QWEN_TINY["text"],
-                "vision": {
-                    "hidden_size": 128,
-                    "intermediate_size": 256,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 4,
-                },
+                "vision": SMOLVLM_TINY["vision"],  # a ViT of the tiny widths
             },
             "paper": {  # OneVision-0.5B: SigLIP-so400m less its last layer (384 px tiles, 729 tokens), Qwen2-0.5B
                 "text": {
@@ -530,12 +520,7 @@ FAMILY_SHAPES = {
         {
             "tiny": {
                 "text": {**QWEN_TINY["text"], "head_dim": 32, "num_hidden_layers": 6},
-                "vision": {
-                    "hidden_size": 128,
-                    "intermediate_size": 256,
-                    "num_hidden_layers": 2,
-                    "num_attention_heads": 4,
-                },
+                "vision": SMOLVLM_TINY["vision"],  # a ViT of the tiny widths
             },
             "paper": {  # Gemma-3-4B-it: SigLIP at 896 px pooled to 256 tokens; 34 layers, 5 in 6 of 1024-token windows
                 "text": {

@@ -536,6 +536,41 @@ def smolvlm(out: Path, family: str) -> None:
     model.to(torch.bfloat16).save_pretrained(out)
 
 
+def qwen2_text(tokenizer, tie_word_embeddings: bool, **changes) -> dict:
+    """A 2-layer Qwen2 language model's config over ``tokenizer`` (InternVL3's and LLaVA-OneVision's are Qwen2s)."""
+    return {
+        "model_type": "qwen2",
+        "vocab_size": len(tokenizer),
+        "hidden_size": LANGUAGE_HIDDEN,
+        "intermediate_size": 2 * LANGUAGE_HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1_000_000.0,
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.eos_token_id,
+        "tie_word_embeddings": tie_word_embeddings,
+        **changes,
+    }
+
+
+def siglip_vision(image_size: int, patch_size: int) -> dict:
+    """A 2-layer SigLIP vision tower's config without its pooling head (LLaVA-OneVision's and Gemma 3's)."""
+    return {
+        "model_type": "siglip_vision_model",
+        "hidden_size": VISION_HIDDEN,
+        "intermediate_size": 2 * VISION_HIDDEN,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "vision_use_head": False,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+    }
+
+
 # InternVL's tokens after Qwen's, in the -hf repos' order (<img> 151665, <IMG_CONTEXT> 151667 in InternVL3's),
 # named by the converter as the processor reads them.
 INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
@@ -579,20 +614,7 @@ def internvl(out: Path, tie_word_embeddings: bool) -> None:
         json.dumps({"image_seq_length": 4, "processor_class": "InternVLProcessor"}, indent=2) + "\n"
     )
     (out / "chat_template.jinja").write_text(template)
-    text = {
-        "model_type": "qwen2",
-        "vocab_size": len(tokenizer),
-        "hidden_size": LANGUAGE_HIDDEN,
-        "intermediate_size": 2 * LANGUAGE_HIDDEN,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 32768,
-        "rope_theta": 1_000_000.0,
-        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        "eos_token_id": tokenizer.eos_token_id,
-        "tie_word_embeddings": tie_word_embeddings,
-    }
+    text = qwen2_text(tokenizer, tie_word_embeddings)
     vision = {
         "hidden_size": VISION_HIDDEN,
         "intermediate_size": 2 * VISION_HIDDEN,
@@ -659,34 +681,8 @@ def llava_onevision(out: Path, tie_word_embeddings: bool) -> None:
     save_chat_template_json(template, out)
     ids = {name: tokenizer.convert_tokens_to_ids(f"<{name}>") for name in ("image", "video")}
     config = LlavaOnevisionConfig(
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": VISION_HIDDEN,
-            "intermediate_size": 2 * VISION_HIDDEN,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": tile,
-            "patch_size": patch,
-            "vision_use_head": False,
-            "hidden_act": "gelu_pytorch_tanh",
-            "layer_norm_eps": 1e-6,
-        },
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": len(tokenizer),
-            "hidden_size": LANGUAGE_HIDDEN,
-            "intermediate_size": 2 * LANGUAGE_HIDDEN,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "max_position_embeddings": 32768,
-            "rope_theta": 1_000_000.0,
-            "rms_norm_eps": 1e-6,
-            "use_sliding_window": False,
-            "tie_word_embeddings": tie_word_embeddings,
-            "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-            "eos_token_id": tokenizer.eos_token_id,
-        },
+        vision_config=siglip_vision(tile, patch),
+        text_config=qwen2_text(tokenizer, tie_word_embeddings, rms_norm_eps=1e-6, use_sliding_window=False),
         image_token_index=ids["image"],
         video_token_index=ids["video"],
         vision_feature_layer=-1,  # LLaVA-NeXT's mm_vision_select_layer -2 of SigLIP, whose last layer is dropped
@@ -765,18 +761,7 @@ def gemma3(out: Path) -> None:
     save_chat_template_json(template, out)
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in ("<start_of_image>", "<end_of_image>")}
     config = Gemma3Config(
-        vision_config={
-            "model_type": "siglip_vision_model",
-            "hidden_size": VISION_HIDDEN,
-            "intermediate_size": 2 * VISION_HIDDEN,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "image_size": side,
-            "patch_size": patch,
-            "vision_use_head": False,
-            "hidden_act": "gelu_pytorch_tanh",
-            "layer_norm_eps": 1e-6,
-        },
+        vision_config=siglip_vision(side, patch),
         text_config={
             "vocab_size": len(tokenizer),
             "hidden_size": LANGUAGE_HIDDEN,
