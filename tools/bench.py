@@ -397,6 +397,14 @@ SMOLVLM_256M = {
     "image_processor": {"size": {"longest_edge": 2048}, "max_image_size": {"longest_edge": 512}},
     "processor": {"image_seq_len": 64},
 }
+# Qwen2-0.5B's and Qwen2.5-0.5B's widths (LLaVA-OneVision-0.5B's and InternVL3-1B's language models)
+QWEN_HALF_B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+}
 FAMILY_SHAPES = {
     "qwen2_5_vl": (
         "Qwen2.5-VL-3B-Instruct",
@@ -461,14 +469,7 @@ FAMILY_SHAPES = {
                 "vision": SMOLVLM_TINY["vision"],  # a ViT of the tiny widths
             },
             "paper": {  # InternVL3-1B: InternViT-300M (448 px crops, 256 tokens each) and Qwen2.5-0.5B
-                "text": {
-                    "hidden_size": 896,
-                    "intermediate_size": 4864,
-                    "num_hidden_layers": 24,
-                    "num_attention_heads": 14,
-                    "num_key_value_heads": 2,
-                    "vocab_size": 151674,
-                },
+                "text": {**QWEN_HALF_B, "vocab_size": 151674},
                 "vision": {
                     "hidden_size": 1024,
                     "intermediate_size": 4096,
@@ -490,14 +491,7 @@ FAMILY_SHAPES = {
                 "vision": SMOLVLM_TINY["vision"],  # a ViT of the tiny widths
             },
             "paper": {  # OneVision-0.5B: SigLIP-so400m less its last layer (384 px tiles, 729 tokens), Qwen2-0.5B
-                "text": {
-                    "hidden_size": 896,
-                    "intermediate_size": 4864,
-                    "num_hidden_layers": 24,
-                    "num_attention_heads": 14,
-                    "num_key_value_heads": 2,
-                    "vocab_size": 151936,
-                },
+                "text": {**QWEN_HALF_B, "vocab_size": 151936},
                 "vision": {
                     "hidden_size": 1152,
                     "intermediate_size": 4304,
