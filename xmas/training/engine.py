@@ -251,14 +251,15 @@ class Training:
             ) from None
 
     def _save_trainable(self, models, weights: list, folder: str) -> None:
+        """(DDP's path: DeepSpeed and FSDP keep their shards of the weights in their own files.)"""
         weights.clear()  # the checkpoint holds the whole model, or only what trains is kept, here
-        if self.trainable_file and self.context.is_main:
+        if self.trainable_file and self.strategy == "ddp" and self.context.is_main:
             trainable = {name: p.detach().cpu() for name, p in self.module.named_parameters() if p.requires_grad}
             torch.save(trainable, Path(folder) / self.trainable_file)
 
     def _load_trainable(self, models, folder: str) -> None:
         models.clear()  # the weights came with the checkpoint, or come from the trainable file, here
-        if self.trainable_file:
+        if self.trainable_file and self.strategy == "ddp":
             parameters = dict(self.module.named_parameters())
             with torch.no_grad():
                 for name, value in load_torch(Path(folder) / self.trainable_file).items():
