@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +151,16 @@ def test_two_processes_with_gloo_match_one_process(tiny_checkpoint, small_demo, 
     )
 
 
+def wait_for_listener(port, process, timeout):
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"the first node never listened on port {port} (exit {process.poll()})")
+
+
 def test_two_nodes_meeting_at_the_first_match_one_process(tiny_checkpoint, small_demo, small_examples, tmp_path):
     """The command of a job of several nodes (xmas.training.launch), as srun starts it on each node, here twice on
     this machine: each launcher with its node's rank, the job's node list (this machine) and id (its port), one
@@ -160,22 +172,32 @@ def test_two_nodes_meeting_at_the_first_match_one_process(tiny_checkpoint, small
     port = next(port for port in iter(free_port, None) if 29500 <= port < 49500)
     stage = segment_options(tiny_checkpoint, small_demo, small_examples, out, stats)
     logs = [tmp_path / f"node-{rank}.log" for rank in range(2)]
-    nodes = [
-        subprocess.Popen(
+
+    def start(rank):
+        return subprocess.Popen(
             [shell, flag, per_node.strip("'"), name, *stage],
-            stderr=log.open("w"),
+            stderr=logs[rank].open("w"),
             env=workflow_environment(
                 OMP_NUM_THREADS="1",
                 SLURM_NODEID=str(rank),
                 SLURM_JOB_NODELIST="localhost",
                 SLURM_JOB_ID=str(port - 29500),
+                # Each "node" is this machine, known by loopback whether or not its hostname resolves.
+                PET_LOCAL_ADDR="127.0.0.1",
+                GLOO_SOCKET_IFNAME="lo",
             ),
         )
-        for rank, log in enumerate(logs)
-    ]
+
+    # On a cluster only the first node can host the rendezvous at its own address; here both are "localhost", so
+    # the second starts once the first holds the port (else it may host it first, and the first refuses the port).
+    nodes = [start(0)]
     try:
+        wait_for_listener(port, nodes[0], timeout=120)
+        nodes.append(start(1))
         for node in nodes:
             node.wait(timeout=300)
+    except subprocess.TimeoutExpired as timeout:
+        raise AssertionError("".join(log.read_text()[-3000:] for log in logs)) from timeout
     finally:
         for node in nodes:
             node.kill()
